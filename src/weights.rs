@@ -1,0 +1,236 @@
+//! Reading Hugging Face checkpoints: a directory with `config.json` and `model.safetensors` (or a
+//! sharded `model.safetensors.index.json`), or a single `.safetensors` file with `config.json`
+//! beside it. Files are memory-mapped and validated up front; each tensor is converted to f32 when
+//! it is asked for, so a caller can hold one block at a time.
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use candle_core::{Device, Tensor};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, Metadata, SafeTensors};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// Where a model's files live.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub weights: Vec<PathBuf>,
+    pub tokenizer: Option<PathBuf>,
+}
+
+impl ModelFiles {
+    /// Resolves a user-given model path (directory or `.safetensors` file).
+    pub fn locate(path: &Path) -> Result<Self> {
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        let (dir, weights) = if meta.is_dir() {
+            let index = path.join("model.safetensors.index.json");
+            let single = path.join("model.safetensors");
+            let weights = if index.exists() {
+                shards_from_index(&index)?
+            } else if single.exists() {
+                vec![single]
+            } else {
+                return Err(Error::format(
+                    path,
+                    "no model.safetensors or model.safetensors.index.json in this directory",
+                ));
+            };
+            (path.to_path_buf(), weights)
+        } else {
+            let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+            let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+            (dir, vec![path.to_path_buf()])
+        };
+        let config = dir.join("config.json");
+        if !config.exists() {
+            return Err(Error::format(&config, "missing: a model needs config.json beside its weights"));
+        }
+        let tokenizer = Some(dir.join("tokenizer.json")).filter(|p| p.exists());
+        Ok(ModelFiles { dir, config, weights, tokenizer })
+    }
+}
+
+fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::format(index, format!("invalid JSON: {e}")))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::format(index, "no `weight_map` object"))?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<String> =
+        map.values().filter_map(|f| f.as_str().map(str::to_string)).collect();
+    files.sort();
+    files.dedup();
+    if files.is_empty() {
+        return Err(Error::format(index, "`weight_map` lists no files"));
+    }
+    let mut out = Vec::new();
+    for f in files {
+        if f.contains('/') || f.contains('\\') || f.starts_with("..") {
+            return Err(Error::format(index, format!("shard name `{f}` is not a plain file name")));
+        }
+        let p = dir.join(&f);
+        if !p.exists() {
+            return Err(Error::format(index, format!("lists shard `{f}`, which is missing")));
+        }
+        out.push(p);
+    }
+    Ok(out)
+}
+
+struct Shard {
+    path: PathBuf,
+    mmap: Mmap,
+    data_start: usize,
+    meta: Metadata,
+}
+
+/// Memory-mapped safetensors files with a name → shard index.
+pub struct TensorStore {
+    shards: Vec<Shard>,
+    index: HashMap<String, usize>,
+}
+
+/// Element type and shape of a stored tensor, plus its raw little-endian bytes.
+pub struct RawTensor<'a> {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub data: &'a [u8],
+}
+
+impl TensorStore {
+    pub fn open(paths: &[PathBuf]) -> Result<Self> {
+        let mut shards = Vec::new();
+        let mut index = HashMap::new();
+        for path in paths {
+            let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+            // SAFETY: the file is only read; affq never writes into its inputs. A concurrent
+            // truncation by another process is outside what any mmap reader can defend against.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+            let (n, meta) = SafeTensors::read_metadata(&mmap[..]).map_err(|e| {
+                let detail = match e {
+                    safetensors::SafeTensorError::MetadataIncompleteBuffer => format!(
+                        "truncated or padded safetensors file: the header's tensors do not end \
+                         at the end of the file ({} bytes)",
+                        mmap.len()
+                    ),
+                    safetensors::SafeTensorError::HeaderTooSmall => {
+                        "not a safetensors file: shorter than its 8-byte header length".into()
+                    }
+                    safetensors::SafeTensorError::InvalidHeaderLength => format!(
+                        "truncated safetensors file: header length exceeds the file size ({} bytes)",
+                        mmap.len()
+                    ),
+                    other => format!("invalid safetensors header: {other}"),
+                };
+                Error::format(path, detail)
+            })?;
+            let shard_id = shards.len();
+            for name in meta.tensors().keys() {
+                index.insert(name.clone(), shard_id);
+            }
+            shards.push(Shard { path: path.clone(), mmap, data_start: 8 + n, meta });
+        }
+        Ok(TensorStore { shards, index })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.index.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// The file holding `name` (for error messages).
+    pub fn path_of(&self, name: &str) -> Option<&Path> {
+        self.index.get(name).map(|&i| self.shards[i].path.as_path())
+    }
+
+    pub fn first_path(&self) -> &Path {
+        &self.shards[0].path
+    }
+
+    pub fn metadata(&self) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        for s in &self.shards {
+            if let Some(m) = s.meta.metadata() {
+                out.extend(m.iter().map(|(k, v)| (k.clone(), v.clone())));
+            }
+        }
+        out
+    }
+
+    pub fn raw(&self, name: &str) -> Result<RawTensor<'_>> {
+        let &i = self.index.get(name).ok_or_else(|| {
+            Error::format(self.first_path(), format!("missing tensor `{name}`"))
+        })?;
+        let s = &self.shards[i];
+        let info = s.meta.info(name).expect("indexed name has metadata");
+        let (b, e) = info.data_offsets;
+        Ok(RawTensor {
+            dtype: info.dtype,
+            shape: info.shape.clone(),
+            data: &s.mmap[s.data_start + b..s.data_start + e],
+        })
+    }
+
+    /// Loads `name` as f32, checking its shape against `expected` (derived from config.json).
+    pub fn f32(&self, name: &str, expected: &[usize]) -> Result<Tensor> {
+        let raw = self.raw(name)?;
+        let path = self.path_of(name).unwrap_or(self.first_path());
+        if raw.shape != expected {
+            return Err(Error::format(
+                path,
+                format!(
+                    "tensor `{name}` has shape {:?} but config.json implies {:?}",
+                    raw.shape, expected
+                ),
+            ));
+        }
+        let values = decode_f32(raw.dtype, raw.data)
+            .ok_or_else(|| Error::format(path, format!(
+                "tensor `{name}` has dtype {:?}; model weights must be F32, F16 or BF16",
+                raw.dtype
+            )))?;
+        Ok(Tensor::from_vec(values, expected, &Device::Cpu)?)
+    }
+}
+
+/// Decodes little-endian F32/F16/BF16 bytes to f32; `None` for other dtypes.
+pub fn decode_f32(dtype: Dtype, data: &[u8]) -> Option<Vec<f32>> {
+    Some(match dtype {
+        Dtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::F16 => data
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => data
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        _ => return None,
+    })
+}
+
+/// Configuration and weights of one model, ready to be turned into a decoder.
+pub struct Checkpoint {
+    pub files: ModelFiles,
+    pub config: ModelConfig,
+    pub store: TensorStore,
+}
+
+impl Checkpoint {
+    pub fn open(path: &Path) -> Result<Self> {
+        let files = ModelFiles::locate(path)?;
+        let config = ModelConfig::from_file(&files.config)?;
+        let store = TensorStore::open(&files.weights)?;
+        Ok(Checkpoint { files, config, store })
+    }
+}
