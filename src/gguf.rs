@@ -436,7 +436,12 @@ pub fn import(gguf_path: &Path, out: &Path, dtype: ImportDtype, force: bool) -> 
     let ctx = g.get(&key("context_length")).and_then(Value::as_u64).unwrap_or(2048);
     let embd = g.tensor("token_embd.weight").ok_or_else(|| Error::format(gguf_path, "missing tensor `token_embd.weight`"))?;
     let vocab = embd.shape[0];
-    let tied = g.tensor("output.weight").is_none();
+    // A stored head identical to the embedding (llama2.c conversions write both) is written as a
+    // tied model, as transformers would save it.
+    let tied = match g.tensor("output.weight") {
+        None => true,
+        Some(out) => out.shape == embd.shape && g.dequantize(out)? == g.dequantize(embd)?,
+    };
 
     if out.exists() && !force {
         return Err(Error::Usage(format!("{} already exists (use --force to replace it)", out.display())));
@@ -448,6 +453,9 @@ pub fn import(gguf_path: &Path, out: &Path, dtype: ImportDtype, force: bool) -> 
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     let mut params = 0usize;
     for t in &g.tensors {
+        if tied && t.name == "output.weight" {
+            continue;
+        }
         let name = hf_name(&t.name).ok_or_else(|| {
             Error::Unsupported(format!("{}: unexpected tensor `{}` for architecture {arch}", gguf_path.display(), t.name))
         })?;

