@@ -14,8 +14,12 @@ pub enum Architecture {
 }
 
 impl Architecture {
-    pub const SUPPORTED: [&'static str; 4] =
-        ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"];
+    pub const SUPPORTED: [&'static str; 4] = [
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+    ];
 
     pub fn parse(name: &str) -> Option<Self> {
         Some(match name {
@@ -142,7 +146,7 @@ impl ModelConfig {
                 return Err(format!("{name} must be positive"));
             }
         }
-        if raw.num_attention_heads % num_kv_heads != 0 {
+        if !raw.num_attention_heads.is_multiple_of(num_kv_heads) {
             return Err(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {num_kv_heads}",
                 raw.num_attention_heads
@@ -151,7 +155,7 @@ impl ModelConfig {
         let head_dim = match raw.head_dim {
             Some(d) => d,
             None => {
-                if raw.hidden_size % raw.num_attention_heads != 0 {
+                if !raw.hidden_size.is_multiple_of(raw.num_attention_heads) {
                     return Err(format!(
                         "hidden_size {} is not divisible by num_attention_heads {}",
                         raw.hidden_size, raw.num_attention_heads
@@ -161,7 +165,9 @@ impl ModelConfig {
             }
         };
         if head_dim == 0 || head_dim % 2 != 0 {
-            return Err(format!("head_dim {head_dim} must be even and positive for RoPE"));
+            return Err(format!(
+                "head_dim {head_dim} must be even and positive for RoPE"
+            ));
         }
         let rope_scaling = match &raw.rope_scaling {
             None | Some(serde_json::Value::Null) => None,
@@ -184,9 +190,11 @@ impl ModelConfig {
         let attention_bias = raw.attention_bias.unwrap_or(false);
         let is_qwen2 = architecture == Architecture::Qwen2ForCausalLM;
         let sliding_window = match architecture {
-            Architecture::MistralForCausalLM => {
-                raw.sliding_window.as_ref().and_then(|v| v.as_u64()).map(|v| v as usize)
-            }
+            Architecture::MistralForCausalLM => raw
+                .sliding_window
+                .as_ref()
+                .and_then(|v| v.as_u64())
+                .map(|v| v as usize),
             Architecture::Qwen2ForCausalLM | Architecture::Qwen3ForCausalLM
                 if raw.use_sliding_window == Some(true) =>
             {
@@ -221,9 +229,12 @@ impl ModelConfig {
     /// Inverse frequencies of RoPE, `θ^(−2i/d)`, with the Llama 3 rescaling applied when configured.
     pub fn rope_inv_freq(&self) -> Vec<f64> {
         let d = self.head_dim;
-        let base: Vec<f64> =
-            (0..d / 2).map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / d as f64)).collect();
-        let Some(s) = &self.rope_scaling else { return base };
+        let base: Vec<f64> = (0..d / 2)
+            .map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / d as f64))
+            .collect();
+        let Some(s) = &self.rope_scaling else {
+            return base;
+        };
         // Llama 3.1 (transformers `_compute_llama3_parameters`): long wavelengths are divided by
         // `factor`, short ones kept, and the band in between interpolated smoothly.
         let old = s.original_max_position_embeddings as f64;
@@ -237,8 +248,8 @@ impl ModelConfig {
                 } else if wavelen > low_wavelen {
                     f / s.factor
                 } else {
-                    let smooth =
-                        (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                    let smooth = (old / wavelen - s.low_freq_factor)
+                        / (s.high_freq_factor - s.low_freq_factor);
                     (1.0 - smooth) * f / s.factor + smooth * f
                 }
             })
@@ -265,7 +276,10 @@ mod tests {
                 "num_hidden_layers":1,"num_attention_heads":2,"vocab_size":4}"#,
         )
         .unwrap_err();
-        assert!(e.contains("GPT2LMHeadModel") && e.contains("Qwen3ForCausalLM"), "{e}");
+        assert!(
+            e.contains("GPT2LMHeadModel") && e.contains("Qwen3ForCausalLM"),
+            "{e}"
+        );
     }
 
     #[test]

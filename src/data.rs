@@ -25,10 +25,18 @@ impl DataFile {
 
     pub fn sha256(self) -> &'static str {
         match self {
-            DataFile::WikiTest => "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08",
-            DataFile::WikiValid => "4cd0f6876d07a413aa911261ff6d363c72d757d47f0fdd6015702014c89cb9c7",
-            DataFile::WikiTrain => "6707892fa3788b5ab9ed78ab5ff37d9fe825f6011a2ad4fcd6a6d467f0e7da57",
-            DataFile::C4Validation => "118ef726b71172521feff878ce0e91f9d2da2d7772d47eb7e90391997da09cb4",
+            DataFile::WikiTest => {
+                "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08"
+            }
+            DataFile::WikiValid => {
+                "4cd0f6876d07a413aa911261ff6d363c72d757d47f0fdd6015702014c89cb9c7"
+            }
+            DataFile::WikiTrain => {
+                "6707892fa3788b5ab9ed78ab5ff37d9fe825f6011a2ad4fcd6a6d467f0e7da57"
+            }
+            DataFile::C4Validation => {
+                "118ef726b71172521feff878ce0e91f9d2da2d7772d47eb7e90391997da09cb4"
+            }
         }
     }
 
@@ -37,7 +45,9 @@ impl DataFile {
             DataFile::WikiTest | DataFile::WikiValid | DataFile::WikiTrain => {
                 "a member of the wikitext-2-raw-v1 archive (Merity et al. 2016), LF line endings"
             }
-            DataFile::C4Validation => "the 2,000-document C4-en validation sample shipped in shared/data/calibration",
+            DataFile::C4Validation => {
+                "the 2,000-document C4-en validation sample shipped in shared/data/calibration"
+            }
         }
     }
 }
@@ -50,7 +60,9 @@ pub fn data_dir(flag: Option<&Path>) -> PathBuf {
     if let Some(p) = std::env::var_os("AFFQ_DATA_DIR").filter(|p| !p.is_empty()) {
         return PathBuf::from(p);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache/affq/data")
 }
 
@@ -73,7 +85,12 @@ pub fn locate(dir: &Path, file: DataFile) -> Result<PathBuf> {
 
 pub fn read_text(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    String::from_utf8(bytes).map_err(|e| Error::format(path, format!("not valid UTF-8 (byte {})", e.utf8_error().valid_up_to())))
+    String::from_utf8(bytes).map_err(|e| {
+        Error::format(
+            path,
+            format!("not valid UTF-8 (byte {})", e.utf8_error().valid_up_to()),
+        )
+    })
 }
 
 /// The rows of the Hugging Face `wikitext-2-raw-v1` split rebuilt from the raw file: lines split on
@@ -81,7 +98,15 @@ pub fn read_text(path: &Path) -> Result<String> {
 /// `""`, any other line becomes `line + "\n"`.
 pub fn wikitext_rows(raw: &str) -> Vec<String> {
     let body = raw.strip_suffix('\n').unwrap_or(raw);
-    body.split('\n').map(|l| if l == " " { String::new() } else { format!("{l}\n") }).collect()
+    body.split('\n')
+        .map(|l| {
+            if l == " " {
+                String::new()
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect()
 }
 
 /// Paper protocol text (GPTQ and successors): `"\n\n".join(rows)`.
@@ -109,10 +134,9 @@ pub fn jsonl_texts(path: &Path) -> Result<Vec<String>> {
         }
         let v: serde_json::Value = serde_json::from_str(line)
             .map_err(|e| Error::format(path, format!("line {}: invalid JSON: {e}", i + 1)))?;
-        let t = v
-            .get("text")
-            .and_then(|t| t.as_str())
-            .ok_or_else(|| Error::format(path, format!("line {}: no string field `text`", i + 1)))?;
+        let t = v.get("text").and_then(|t| t.as_str()).ok_or_else(|| {
+            Error::format(path, format!("line {}: no string field `text`", i + 1))
+        })?;
         out.push(t.to_string());
     }
     Ok(out)
@@ -121,7 +145,12 @@ pub fn jsonl_texts(path: &Path) -> Result<Vec<String>> {
 /// GPTQ's "c4" evaluation text: the first 1,100 validation documents joined with a space.
 pub fn c4_eval_text(path: &Path) -> Result<String> {
     let docs = jsonl_texts(path)?;
-    Ok(docs.iter().take(1100).map(String::as_str).collect::<Vec<_>>().join(" "))
+    Ok(docs
+        .iter()
+        .take(1100)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(" "))
 }
 
 #[cfg(test)]

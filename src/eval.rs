@@ -26,7 +26,11 @@ pub struct PplOptions {
 pub fn bos_policy(tok: &Tok) -> Result<Option<u32>> {
     let with = tok.encode("a", true)?;
     let without = tok.encode("a", false)?;
-    Ok(if with.len() > without.len() { with.first().copied() } else { None })
+    Ok(if with.len() > without.len() {
+        with.first().copied()
+    } else {
+        None
+    })
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -68,7 +72,10 @@ pub fn perplexity(
     }
     let n_win = opts.max_windows.map_or(available, |m| m.min(available));
     if n_win == 0 {
-        return Err(Error::Usage(format!("the text has {} tokens, fewer than one window of {l}", ids.len())));
+        return Err(Error::Usage(format!(
+            "the text has {} tokens, fewer than one window of {l}",
+            ids.len()
+        )));
     }
     let start = Instant::now();
     let mut nll_sum = 0.0;

@@ -17,9 +17,15 @@ impl TempDir {
             _ => PathBuf::from("."),
         };
         if !parent.is_dir() {
-            return Err(Error::Usage(format!("output directory {} does not exist", parent.display())));
+            return Err(Error::Usage(format!(
+                "output directory {} does not exist",
+                parent.display()
+            )));
         }
-        let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+        let name = out
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "out".into());
         let path = parent.join(format!(".{name}.affq-tmp-{}", std::process::id()));
         if path.exists() {
             std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
@@ -36,7 +42,10 @@ impl TempDir {
     pub fn persist(mut self, out: &Path, force: bool) -> Result<()> {
         if out.exists() {
             if !force {
-                return Err(Error::Usage(format!("{} already exists (use --force to replace it)", out.display())));
+                return Err(Error::Usage(format!(
+                    "{} already exists (use --force to replace it)",
+                    out.display()
+                )));
             }
             let meta = std::fs::symlink_metadata(out).map_err(|e| Error::io(out, e))?;
             if meta.is_dir() {

@@ -89,7 +89,11 @@ const TYPES: &[(u32, &str, GgmlDType)] = &[
 ];
 
 fn type_name(id: u32) -> String {
-    TYPES.iter().find(|t| t.0 == id).map(|t| t.1.to_string()).unwrap_or_else(|| format!("type {id}"))
+    TYPES
+        .iter()
+        .find(|t| t.0 == id)
+        .map(|t| t.1.to_string())
+        .unwrap_or_else(|| format!("type {id}"))
 }
 
 #[derive(Debug, Clone)]
@@ -120,12 +124,20 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or_else(|| {
-            Error::format(
-                self.path,
-                format!("truncated GGUF header: {what} at byte {} needs {n} bytes, file has {}", self.pos, self.buf.len()),
-            )
-        })?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or_else(|| {
+                Error::format(
+                    self.path,
+                    format!(
+                        "truncated GGUF header: {what} at byte {} needs {n} bytes, file has {}",
+                        self.pos,
+                        self.buf.len()
+                    ),
+                )
+            })?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -143,7 +155,7 @@ impl<'a> Cursor<'a> {
         if n.saturating_mul(min_size as u64) > remaining {
             return Err(Error::format(
                 self.path,
-                format!("corrupt GGUF header: {what} = {n} cannot fit in the remaining {remaining} bytes"),
+                format!("truncated or corrupt GGUF header: {what} = {n} cannot fit in the remaining {remaining} bytes"),
             ));
         }
         Ok(n as usize)
@@ -174,7 +186,7 @@ impl<'a> Cursor<'a> {
                 let min = match et {
                     0 | 1 | 7 => 1,
                     2 | 3 => 2,
-                    4 | 5 | 6 => 4,
+                    4..=6 => 4,
                     _ => 8,
                 };
                 let n = self.count(min, "array length")?;
@@ -188,7 +200,10 @@ impl<'a> Cursor<'a> {
             11 => Value::I64(self.u64(w)? as i64),
             12 => Value::F64(f64::from_bits(self.u64(w)?)),
             other => {
-                return Err(Error::format(self.path, format!("unknown GGUF metadata value type {other}")))
+                return Err(Error::format(
+                    self.path,
+                    format!("unknown GGUF metadata value type {other}"),
+                ))
             }
         })
     }
@@ -200,7 +215,13 @@ impl GgufFile {
         // SAFETY: read-only mapping of an input file.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         let (version, metadata, tensors) = Self::parse(path, &mmap)?;
-        Ok(GgufFile { path: path.to_path_buf(), mmap, version, metadata, tensors })
+        Ok(GgufFile {
+            path: path.to_path_buf(),
+            mmap,
+            version,
+            metadata,
+            tensors,
+        })
     }
 
     #[allow(clippy::type_complexity)]
@@ -208,11 +229,20 @@ impl GgufFile {
         let mut c = Cursor { buf, pos: 0, path };
         let magic = c.take(4, "magic")?;
         if magic != b"GGUF" {
-            return Err(Error::format(path, format!("not a GGUF file (magic {:?}, expected \"GGUF\")", String::from_utf8_lossy(magic))));
+            return Err(Error::format(
+                path,
+                format!(
+                    "not a GGUF file (magic {:?}, expected \"GGUF\")",
+                    String::from_utf8_lossy(magic)
+                ),
+            ));
         }
         let version = c.u32("version")?;
         if !(2..=3).contains(&version) {
-            return Err(Error::format(path, format!("unsupported GGUF version {version} (2 and 3 are supported)")));
+            return Err(Error::format(
+                path,
+                format!("unsupported GGUF version {version} (2 and 3 are supported)"),
+            ));
         }
         let n_tensors = c.count(24, "tensor count")?;
         let n_kv = c.count(12, "metadata count")?;
@@ -228,7 +258,10 @@ impl GgufFile {
             let name = c.string("tensor name")?;
             let n_dims = c.u32("tensor n_dims")? as usize;
             if n_dims == 0 || n_dims > 4 {
-                return Err(Error::format(path, format!("tensor `{name}` has {n_dims} dimensions (1..4 allowed)")));
+                return Err(Error::format(
+                    path,
+                    format!("tensor `{name}` has {n_dims} dimensions (1..4 allowed)"),
+                ));
             }
             let mut ne = Vec::with_capacity(n_dims);
             for _ in 0..n_dims {
@@ -242,7 +275,12 @@ impl GgufFile {
             None => 32,
             Some(v) => match v.as_u64() {
                 Some(a) if a > 0 && a.is_power_of_two() && a <= 1 << 20 => a as usize,
-                _ => return Err(Error::format(path, "general.alignment must be a power of two")),
+                _ => {
+                    return Err(Error::format(
+                        path,
+                        "general.alignment must be a power of two",
+                    ))
+                }
             },
         };
         let data_start = c.pos.div_ceil(alignment) * alignment;
@@ -252,12 +290,22 @@ impl GgufFile {
                 let names: Vec<&str> = TYPES.iter().map(|t| t.1).collect();
                 return Err(Error::format(
                     path,
-                    format!("tensor `{name}` has unsupported GGML type {} (supported: {})", type_name(ty), names.join(", ")),
+                    format!(
+                        "tensor `{name}` has unsupported GGML type {} (supported: {})",
+                        type_name(ty),
+                        names.join(", ")
+                    ),
                 ));
             };
-            let elems = ne.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).filter(|&e| e < 1 << 40);
+            let elems = ne
+                .iter()
+                .try_fold(1u64, |a, &d| a.checked_mul(d))
+                .filter(|&e| e < 1 << 40);
             let Some(elems) = elems else {
-                return Err(Error::format(path, format!("tensor `{name}` has absurd dimensions {ne:?}")));
+                return Err(Error::format(
+                    path,
+                    format!("tensor `{name}` has absurd dimensions {ne:?}"),
+                ));
             };
             let bs = dt.block_size() as u64;
             if ne[0] % bs != 0 {
@@ -272,20 +320,24 @@ impl GgufFile {
             match (start, end) {
                 (Some(s), Some(e)) if e <= buf.len() => {
                     let shape = ne.iter().rev().map(|&d| d as usize).collect();
-                    tensors.push(TensorInfo { name, shape, ggml_type: ty, start: s, len });
+                    tensors.push(TensorInfo {
+                        name,
+                        shape,
+                        ggml_type: ty,
+                        start: s,
+                        len,
+                    });
                     let _ = e;
                 }
-                _ => {
-                    return Err(Error::format(
-                        path,
-                        format!(
-                            "truncated tensor data: `{name}` needs bytes {}..{} but the file has {}",
-                            data_start as u64 + offset,
-                            data_start as u64 + offset + len as u64,
-                            buf.len()
-                        ),
-                    ))
-                }
+                _ => return Err(Error::format(
+                    path,
+                    format!(
+                        "truncated tensor data: `{name}` needs bytes {}..{} but the file has {}",
+                        data_start as u64 + offset,
+                        data_start as u64 + offset + len as u64,
+                        buf.len()
+                    ),
+                )),
             }
         }
         Ok((version, metadata, tensors))
@@ -302,28 +354,43 @@ impl GgufFile {
     /// Decodes a tensor to f32 values in PyTorch row-major order.
     pub fn dequantize(&self, t: &TensorInfo) -> Result<Vec<f32>> {
         let bytes = &self.mmap[t.start..t.start + t.len];
-        let &(_, _, dt) = TYPES.iter().find(|x| x.0 == t.ggml_type).expect("checked at parse");
+        let &(_, _, dt) = TYPES
+            .iter()
+            .find(|x| x.0 == t.ggml_type)
+            .expect("checked at parse");
         let out = match dt {
-            GgmlDType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
-            GgmlDType::F16 => {
-                bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
-            }
-            GgmlDType::BF16 => {
-                bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
-            }
+            GgmlDType::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+            GgmlDType::F16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            GgmlDType::BF16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
             _ => {
                 // candle reinterprets the bytes as block structs: give it an owned, aligned copy.
                 let owned = bytes.to_vec();
                 let q = qtensor_from_ggml(dt, &owned, t.shape.clone(), &Device::Cpu)
                     .map_err(|e| Error::format(&self.path, format!("tensor `{}`: {e}", t.name)))?;
-                q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?
+                q.dequantize(&Device::Cpu)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
             }
         };
         Ok(out)
     }
 
     fn meta_u64(&self, key: &str) -> Result<u64> {
-        self.get(key).and_then(Value::as_u64).ok_or_else(|| Error::format(&self.path, format!("missing or non-integer metadata `{key}`")))
+        self.get(key).and_then(Value::as_u64).ok_or_else(|| {
+            Error::format(
+                &self.path,
+                format!("missing or non-integer metadata `{key}`"),
+            )
+        })
     }
 }
 
@@ -397,7 +464,12 @@ pub struct ImportReport {
 
 /// Imports a GGUF file into `out` (a Hugging Face directory). Writes into a temporary sibling
 /// directory and renames it into place at the end.
-pub fn import(gguf_path: &Path, out: &Path, dtype: ImportDtype, force: bool) -> Result<ImportReport> {
+pub fn import(
+    gguf_path: &Path,
+    out: &Path,
+    dtype: ImportDtype,
+    force: bool,
+) -> Result<ImportReport> {
     let g = GgufFile::open(gguf_path)?;
     let arch = g
         .get("general.architecture")
@@ -408,12 +480,10 @@ pub fn import(gguf_path: &Path, out: &Path, dtype: ImportDtype, force: bool) -> 
         "llama" => ("LlamaForCausalLM", true),
         "qwen2" => ("Qwen2ForCausalLM", false),
         "qwen3" => ("Qwen3ForCausalLM", false),
-        other => {
-            return Err(Error::Unsupported(format!(
-                "{}: GGUF architecture `{other}` cannot be imported (supported: llama, qwen2, qwen3)",
-                gguf_path.display()
-            )))
-        }
+        other => return Err(Error::Unsupported(format!(
+            "{}: GGUF architecture `{other}` cannot be imported (supported: llama, qwen2, qwen3)",
+            gguf_path.display()
+        ))),
     };
     if g.tensor("rope_freqs.weight").is_some() {
         return Err(Error::Unsupported(format!(
@@ -426,15 +496,37 @@ pub fn import(gguf_path: &Path, out: &Path, dtype: ImportDtype, force: bool) -> 
     let hidden = g.meta_u64(&key("embedding_length"))? as usize;
     let ffn = g.meta_u64(&key("feed_forward_length"))? as usize;
     let n_head = g.meta_u64(&key("attention.head_count"))? as usize;
-    let n_kv = g.get(&key("attention.head_count_kv")).and_then(Value::as_u64).map(|v| v as usize).unwrap_or(n_head);
+    let n_kv = g
+        .get(&key("attention.head_count_kv"))
+        .and_then(Value::as_u64)
+        .map(|v| v as usize)
+        .unwrap_or(n_head);
     if n_head == 0 || n_kv == 0 || n_layers == 0 {
-        return Err(Error::format(gguf_path, "head counts and block count must be positive"));
+        return Err(Error::format(
+            gguf_path,
+            "head counts and block count must be positive",
+        ));
     }
-    let head_dim = g.get(&key("attention.key_length")).and_then(Value::as_u64).map(|v| v as usize).unwrap_or(hidden / n_head);
-    let eps = g.get(&key("attention.layer_norm_rms_epsilon")).and_then(Value::as_f64).unwrap_or(1e-5);
-    let theta = g.get(&key("rope.freq_base")).and_then(Value::as_f64).unwrap_or(10000.0);
-    let ctx = g.get(&key("context_length")).and_then(Value::as_u64).unwrap_or(2048);
-    let embd = g.tensor("token_embd.weight").ok_or_else(|| Error::format(gguf_path, "missing tensor `token_embd.weight`"))?;
+    let head_dim = g
+        .get(&key("attention.key_length"))
+        .and_then(Value::as_u64)
+        .map(|v| v as usize)
+        .unwrap_or(hidden / n_head);
+    let eps = g
+        .get(&key("attention.layer_norm_rms_epsilon"))
+        .and_then(Value::as_f64)
+        .unwrap_or(1e-5);
+    let theta = g
+        .get(&key("rope.freq_base"))
+        .and_then(Value::as_f64)
+        .unwrap_or(10000.0);
+    let ctx = g
+        .get(&key("context_length"))
+        .and_then(Value::as_u64)
+        .unwrap_or(2048);
+    let embd = g
+        .tensor("token_embd.weight")
+        .ok_or_else(|| Error::format(gguf_path, "missing tensor `token_embd.weight`"))?;
     let vocab = embd.shape[0];
     // A stored head identical to the embedding (llama2.c conversions write both) is written as a
     // tied model, as transformers would save it.
@@ -444,7 +536,10 @@ pub fn import(gguf_path: &Path, out: &Path, dtype: ImportDtype, force: bool) -> 
     };
 
     if out.exists() && !force {
-        return Err(Error::Usage(format!("{} already exists (use --force to replace it)", out.display())));
+        return Err(Error::Usage(format!(
+            "{} already exists (use --force to replace it)",
+            out.display()
+        )));
     }
     let tmp = crate::fsutil::TempDir::beside(out)?;
 
@@ -457,22 +552,31 @@ pub fn import(gguf_path: &Path, out: &Path, dtype: ImportDtype, force: bool) -> 
             continue;
         }
         let name = hf_name(&t.name).ok_or_else(|| {
-            Error::Unsupported(format!("{}: unexpected tensor `{}` for architecture {arch}", gguf_path.display(), t.name))
+            Error::Unsupported(format!(
+                "{}: unexpected tensor `{}` for architecture {arch}",
+                gguf_path.display(),
+                t.name
+            ))
         })?;
         *tensor_types.entry(type_name(t.ggml_type)).or_insert(0) += 1;
         let mut v = g.dequantize(t)?;
-        let cols = *t.shape.last().unwrap();
-        if permute_qk && t.shape.len() >= 1 {
-            if t.name.ends_with("attn_q.weight") || t.name.ends_with("attn_q.bias") {
-                v = unpermute_rows(&v, n_head, if t.shape.len() == 2 { cols } else { 1 });
-            } else if t.name.ends_with("attn_k.weight") || t.name.ends_with("attn_k.bias") {
-                v = unpermute_rows(&v, n_kv, if t.shape.len() == 2 { cols } else { 1 });
-            }
+        // Weights and biases of Q/K are stored with llama.cpp's interleaved RoPE row order.
+        let heads = match name.rsplit('.').nth(1) {
+            Some("q_proj") if permute_qk => Some(n_head),
+            Some("k_proj") if permute_qk => Some(n_kv),
+            _ => None,
+        };
+        if let Some(heads) = heads {
+            let row_len = if t.shape.len() == 2 { t.shape[1] } else { 1 };
+            v = unpermute_rows(&v, heads, row_len);
         }
         params += v.len();
         let bytes: Vec<u8> = match dtype {
             ImportDtype::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            ImportDtype::F16 => v.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
+            ImportDtype::F16 => v
+                .iter()
+                .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                .collect(),
         };
         tensors.push((name, t.shape.clone(), bytes));
     }
@@ -485,9 +589,15 @@ pub fn import(gguf_path: &Path, out: &Path, dtype: ImportDtype, force: bool) -> 
     meta.insert("format".to_string(), "pt".to_string());
     meta.insert(
         "source".to_string(),
-        gguf_path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
+        gguf_path
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default(),
     );
-    meta.insert("note".to_string(), "dequantized from GGUF by affq import; not original weights".to_string());
+    meta.insert(
+        "note".to_string(),
+        "dequantized from GGUF by affq import; not original weights".to_string(),
+    );
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
         .map(|(n, s, b)| {
@@ -497,7 +607,8 @@ pub fn import(gguf_path: &Path, out: &Path, dtype: ImportDtype, force: bool) -> 
         })
         .collect::<Result<_>>()?;
     let st_path = tmp.path().join("model.safetensors");
-    safetensors::serialize_to_file(views, Some(meta), &st_path).map_err(|e| Error::Runtime(format!("{}: {e}", st_path.display())))?;
+    safetensors::serialize_to_file(views, Some(meta), &st_path)
+        .map_err(|e| Error::Runtime(format!("{}: {e}", st_path.display())))?;
 
     let bos = g.get("tokenizer.ggml.bos_token_id").and_then(Value::as_u64);
     let eos = g.get("tokenizer.ggml.eos_token_id").and_then(Value::as_u64);

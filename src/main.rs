@@ -12,7 +12,11 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(Parser)]
-#[command(name = "affq", version, about = "Post-training quantization of LLMs with learned affine transforms")]
+#[command(
+    name = "affq",
+    version,
+    about = "Post-training quantization of LLMs with learned affine transforms"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -99,7 +103,10 @@ fn init_threads(common: &Common) -> anyhow::Result<()> {
         if n == 0 {
             return Err(affq::Error::Usage("--threads must be at least 1".into()).into());
         }
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("cannot start the thread pool")?;
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("cannot start the thread pool")?;
     }
     Ok(())
 }
@@ -146,12 +153,17 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
     let t_load = Instant::now();
     let ckpt = Checkpoint::open(&a.model)?;
     let tok_path = ckpt.files.tokenizer.clone().ok_or_else(|| {
-        affq::Error::format(ckpt.files.dir.join("tokenizer.json"), "missing: evaluation needs the model's tokenizer")
+        affq::Error::format(
+            ckpt.files.dir.join("tokenizer.json"),
+            "missing: evaluation needs the model's tokenizer",
+        )
     })?;
     let tok = Tok::load(&tok_path)?;
     let text = match (a.ppl, protocol) {
         (PplSet::Wikitext2, Protocol::Paper) => data::paper_text(&data::read_text(&data_path)?),
-        (PplSet::Wikitext2, Protocol::Llamacpp) => data::llamacpp_text(&data::read_text(&data_path)?),
+        (PplSet::Wikitext2, Protocol::Llamacpp) => {
+            data::llamacpp_text(&data::read_text(&data_path)?)
+        }
         (PplSet::C4, _) => data::c4_eval_text(&data_path)?,
     };
     let bos = eval::bos_policy(&tok)?;
@@ -163,11 +175,17 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
     }
     let model = Model::load(&ckpt, a.seqlen)?;
     let load_s = t_load.elapsed().as_secs_f64();
-    let opts = PplOptions { seqlen: a.seqlen, max_windows: a.max_windows, protocol };
+    let opts = PplOptions {
+        seqlen: a.seqlen,
+        max_windows: a.max_windows,
+        protocol,
+    };
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} windows  ppl {msg}  [{elapsed}<{eta}]")
-            .expect("valid template"),
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} windows  ppl {msg}  [{elapsed}<{eta}]",
+        )
+        .expect("valid template"),
     );
     let res = eval::perplexity(&model, &ids, &opts, bos, |done, total, ppl| {
         bar.set_length(total as u64);
@@ -212,7 +230,9 @@ fn main() {
         Command::Eval(a) => run_eval(a),
     };
     if let Err(e) = result {
-        let code = e.downcast_ref::<affq::Error>().map_or(1, affq::Error::exit_code);
+        let code = e
+            .downcast_ref::<affq::Error>()
+            .map_or(1, affq::Error::exit_code);
         eprintln!("error: {e:#}");
         std::process::exit(code);
     }

@@ -303,7 +303,13 @@ impl Block {
     }
 
     /// `x`: `[B, T, hidden]` → `[B, T, hidden]`.
-    pub fn forward(&self, x: &Tensor, rope: &Rope, mode: Mode, hook: &mut dyn BlockHook) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        mode: Mode,
+        hook: &mut dyn BlockHook,
+    ) -> Result<Tensor> {
         let c = &*self.config;
         let eps = c.rms_norm_eps;
         let h = rms_norm(x, &self.input_norm, eps, mode)?;
@@ -318,7 +324,13 @@ impl Block {
     }
 
     /// Self-attention on normed input `h` `[B, T, hidden]`; returns the o_proj input `[B, T, H·D]`.
-    fn attention(&self, h: &Tensor, rope: &Rope, mode: Mode, hook: &mut dyn BlockHook) -> Result<Tensor> {
+    fn attention(
+        &self,
+        h: &Tensor,
+        rope: &Rope,
+        mode: Mode,
+        hook: &mut dyn BlockHook,
+    ) -> Result<Tensor> {
         let c = &*self.config;
         let (b, t, _) = h.dims3()?;
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
@@ -327,7 +339,10 @@ impl Block {
         let k = self.lin(LinearKind::K, h, hook)?.reshape((b, t, nkv, hd))?;
         let v = self.lin(LinearKind::V, h, hook)?.reshape((b, t, nkv, hd))?;
         let (q, k) = match (&self.q_norm, &self.k_norm) {
-            (Some(qn), Some(kn)) => (rms_norm(&q, qn, c.rms_norm_eps, mode)?, rms_norm(&k, kn, c.rms_norm_eps, mode)?),
+            (Some(qn), Some(kn)) => (
+                rms_norm(&q, qn, c.rms_norm_eps, mode)?,
+                rms_norm(&k, kn, c.rms_norm_eps, mode)?,
+            ),
             _ => (q, k),
         };
         let q = rope.apply(&q.transpose(1, 2)?.contiguous()?, mode)?; // [B, H, T, D]
@@ -335,7 +350,13 @@ impl Block {
         let v = v.transpose(1, 2)?.contiguous()?;
         let scale = 1.0 / (hd as f64).sqrt();
         if mode == Mode::Eval {
-            return Ok(crate::kernels::attention::causal_attention(&q, &k, &v, scale as f32, c.sliding_window)?);
+            return Ok(crate::kernels::attention::causal_attention(
+                &q,
+                &k,
+                &v,
+                scale as f32,
+                c.sliding_window,
+            )?);
         }
         // Differentiable path. Query head h reads KV head h / g: view q as [B, Hkv, g·T, D] so one
         // batched matmul per KV head serves its g query heads without repeating K and V.
@@ -344,7 +365,9 @@ impl Block {
         let scores = scores.broadcast_add(&attention_mask(g, t, c.sliding_window)?)?;
         let p = candle_nn::ops::softmax(&scores, D::Minus1)?;
         let o = p.matmul(&v)?; // [B, Hkv, g·T, D]
-        Ok(o.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?)
+        Ok(o.reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?)
     }
 }
 
@@ -380,7 +403,14 @@ impl Model {
             ));
         };
         let rope = Rope::new(c, max_len.max(1))?;
-        Ok(Model { config, embed, blocks, norm, lm_head, rope })
+        Ok(Model {
+            config,
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            rope,
+        })
     }
 
     pub fn head_weight(&self) -> &Tensor {
@@ -391,7 +421,10 @@ impl Model {
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let flat = ids.flatten_all()?;
-        Ok(self.embed.index_select(&flat, 0)?.reshape((b, t, self.config.hidden_size))?)
+        Ok(self
+            .embed
+            .index_select(&flat, 0)?
+            .reshape((b, t, self.config.hidden_size))?)
     }
 
     /// Final-normed hidden states `[B, T, hidden]` for token ids `[B, T]`.
@@ -419,7 +452,11 @@ impl Model {
         }
         let ids_t = Tensor::from_slice(ids, (1, t), &Device::Cpu)?;
         let h = self.hidden_states(&ids_t, Mode::Eval)?.squeeze(0)?;
-        nll_from_hidden(&h.narrow(0, first, t - 1 - first)?, self.head_weight(), &ids[first + 1..])
+        nll_from_hidden(
+            &h.narrow(0, first, t - 1 - first)?,
+            self.head_weight(),
+            &ids[first + 1..],
+        )
     }
 }
 
@@ -432,14 +469,22 @@ pub fn nll_from_hidden(h: &Tensor, head: &Tensor, targets: &[u32]) -> Result<Vec
     let mut s = 0;
     while s < n {
         let r = ROWS.min(n - s);
-        let logits = h.narrow(0, s, r)?.matmul(&head.t()?)?.to_dtype(DType::F32)?;
+        let logits = h
+            .narrow(0, s, r)?
+            .matmul(&head.t()?)?
+            .to_dtype(DType::F32)?;
         let flat: Vec<f32> = logits.flatten_all()?.to_vec1()?;
         let rows: Vec<&[f32]> = flat.chunks_exact(vocab).collect();
-        let lse: Vec<f64> = rows.par_iter().map(|row| crate::kernels::fastmath::logsumexp(row)).collect();
+        let lse: Vec<f64> = rows
+            .par_iter()
+            .map(|row| crate::kernels::fastmath::logsumexp(row))
+            .collect();
         for (i, row) in rows.iter().enumerate() {
             let target = targets[s + i] as usize;
             if target >= vocab {
-                return Err(Error::Runtime(format!("token id {target} outside the vocabulary ({vocab})")));
+                return Err(Error::Runtime(format!(
+                    "token id {target} outside the vocabulary ({vocab})"
+                )));
             }
             out.push(lse[i] - row[target] as f64);
         }

@@ -18,15 +18,17 @@ impl Tok {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let inner = tokenizers::Tokenizer::from_bytes(&bytes)
             .map_err(|e| Error::format(path, format!("cannot load tokenizer: {e}")))?;
-        Ok(Tok { inner, path: path.to_path_buf() })
+        Ok(Tok {
+            inner,
+            path: path.to_path_buf(),
+        })
     }
 
     /// Token ids of `text`; `add_special` runs the post-processor (e.g. adds BOS for Llama 2).
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, add_special)
-            .map_err(|e| Error::Runtime(format!("{}: tokenization failed: {e}", self.path.display())))?;
+        let enc = self.inner.encode(text, add_special).map_err(|e| {
+            Error::Runtime(format!("{}: tokenization failed: {e}", self.path.display()))
+        })?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -55,7 +57,10 @@ fn str_array<'a>(g: &'a GgufFile, key: &str) -> Result<Vec<&'a str>> {
         .and_then(Value::as_array)
         .ok_or_else(|| Error::format(&g.path, format!("missing tokenizer array `{key}`")))?;
     arr.iter()
-        .map(|v| v.as_str().ok_or_else(|| Error::format(&g.path, format!("`{key}` must hold strings"))))
+        .map(|v| {
+            v.as_str()
+                .ok_or_else(|| Error::format(&g.path, format!("`{key}` must hold strings")))
+        })
         .collect()
 }
 
@@ -102,7 +107,10 @@ pub fn from_gguf(g: &GgufFile) -> Result<BuiltTokenizer> {
                     json!([a, b])
                 })
                 .collect();
-            let pre = g.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
+            let pre = g
+                .get("tokenizer.ggml.pre")
+                .and_then(Value::as_str)
+                .unwrap_or("default");
             let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
             let pre_tokenizer = match pre {
                 "smollm" => json!({"type": "Sequence", "pretokenizers": [
@@ -138,7 +146,11 @@ pub fn from_gguf(g: &GgufFile) -> Result<BuiltTokenizer> {
                 "bos_token": tok_name(bos), "eos_token": tok_name(eos), "unk_token": tok_name(unk),
                 "tokenizer_class": "GPT2Tokenizer", "clean_up_tokenization_spaces": false,
             });
-            Ok(BuiltTokenizer { kind: format!("gpt2 byte-level BPE (pre-tokenizer {pre})"), json, config })
+            Ok(BuiltTokenizer {
+                kind: format!("gpt2 byte-level BPE (pre-tokenizer {pre})"),
+                json,
+                config,
+            })
         }
         "llama" => {
             let scores: Vec<f64> = match g.get("tokenizer.ggml.scores").and_then(Value::as_array) {
@@ -146,9 +158,16 @@ pub fn from_gguf(g: &GgufFile) -> Result<BuiltTokenizer> {
                 None => (0..tokens.len()).map(|i| -(i as f64)).collect(),
             };
             let merges = spm_merges(&tokens, &scores, &types);
-            let add_bos = g.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool).unwrap_or(true);
-            let add_space = g.get("tokenizer.ggml.add_space_prefix").and_then(Value::as_bool).unwrap_or(true);
-            let replace = json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
+            let add_bos = g
+                .get("tokenizer.ggml.add_bos_token")
+                .and_then(Value::as_bool)
+                .unwrap_or(true);
+            let add_space = g
+                .get("tokenizer.ggml.add_space_prefix")
+                .and_then(Value::as_bool)
+                .unwrap_or(true);
+            let replace =
+                json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
             let normalizer = if add_space {
                 json!({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u{2581}"}, replace]})
             } else {
@@ -186,7 +205,11 @@ pub fn from_gguf(g: &GgufFile) -> Result<BuiltTokenizer> {
                 "bos_token": tok_name(bos), "eos_token": tok_name(eos), "unk_token": tok_name(unk),
                 "tokenizer_class": "LlamaTokenizerFast", "legacy": true, "clean_up_tokenization_spaces": false,
             });
-            Ok(BuiltTokenizer { kind: "llama SentencePiece BPE (byte fallback)".into(), json, config })
+            Ok(BuiltTokenizer {
+                kind: "llama SentencePiece BPE (byte fallback)".into(),
+                json,
+                config,
+            })
         }
         other => Err(Error::Unsupported(format!(
             "{}: GGUF tokenizer model `{other}` is not supported (gpt2, llama)",
@@ -215,6 +238,13 @@ fn spm_merges(tokens: &[&str], scores: &[f64], types: &[i64]) -> Vec<serde_json:
             merges.push((merges.len(), l, r, scores.get(i).copied().unwrap_or(0.0)));
         }
     }
-    merges.sort_by(|a, b| b.3.partial_cmp(&a.3).unwrap_or(std::cmp::Ordering::Equal).then(a.0.cmp(&b.0)));
-    merges.into_iter().map(|(_, l, r, _)| json!([tokens[l], tokens[r]])).collect()
+    merges.sort_by(|a, b| {
+        b.3.partial_cmp(&a.3)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.0.cmp(&b.0))
+    });
+    merges
+        .into_iter()
+        .map(|(_, l, r, _)| json!([tokens[l], tokens[r]]))
+        .collect()
 }

@@ -39,16 +39,31 @@ impl ModelFiles {
             };
             (path.to_path_buf(), weights)
         } else {
-            let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-            let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+            let dir = path
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from("."));
+            let dir = if dir.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                dir
+            };
             (dir, vec![path.to_path_buf()])
         };
         let config = dir.join("config.json");
         if !config.exists() {
-            return Err(Error::format(&config, "missing: a model needs config.json beside its weights"));
+            return Err(Error::format(
+                &config,
+                "missing: a model needs config.json beside its weights",
+            ));
         }
         let tokenizer = Some(dir.join("tokenizer.json")).filter(|p| p.exists());
-        Ok(ModelFiles { dir, config, weights, tokenizer })
+        Ok(ModelFiles {
+            dir,
+            config,
+            weights,
+            tokenizer,
+        })
     }
 }
 
@@ -61,8 +76,10 @@ fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
         .and_then(|m| m.as_object())
         .ok_or_else(|| Error::format(index, "no `weight_map` object"))?;
     let dir = index.parent().unwrap_or(Path::new("."));
-    let mut files: Vec<String> =
-        map.values().filter_map(|f| f.as_str().map(str::to_string)).collect();
+    let mut files: Vec<String> = map
+        .values()
+        .filter_map(|f| f.as_str().map(str::to_string))
+        .collect();
     files.sort();
     files.dedup();
     if files.is_empty() {
@@ -71,11 +88,17 @@ fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for f in files {
         if f.contains('/') || f.contains('\\') || f.starts_with("..") {
-            return Err(Error::format(index, format!("shard name `{f}` is not a plain file name")));
+            return Err(Error::format(
+                index,
+                format!("shard name `{f}` is not a plain file name"),
+            ));
         }
         let p = dir.join(&f);
         if !p.exists() {
-            return Err(Error::format(index, format!("lists shard `{f}`, which is missing")));
+            return Err(Error::format(
+                index,
+                format!("lists shard `{f}`, which is missing"),
+            ));
         }
         out.push(p);
     }
@@ -133,7 +156,12 @@ impl TensorStore {
             for name in meta.tensors().keys() {
                 index.insert(name.clone(), shard_id);
             }
-            shards.push(Shard { path: path.clone(), mmap, data_start: 8 + n, meta });
+            shards.push(Shard {
+                path: path.clone(),
+                mmap,
+                data_start: 8 + n,
+                meta,
+            });
         }
         Ok(TensorStore { shards, index })
     }
@@ -168,9 +196,10 @@ impl TensorStore {
     }
 
     pub fn raw(&self, name: &str) -> Result<RawTensor<'_>> {
-        let &i = self.index.get(name).ok_or_else(|| {
-            Error::format(self.first_path(), format!("missing tensor `{name}`"))
-        })?;
+        let &i = self
+            .index
+            .get(name)
+            .ok_or_else(|| Error::format(self.first_path(), format!("missing tensor `{name}`")))?;
         let s = &self.shards[i];
         let info = s.meta.info(name).expect("indexed name has metadata");
         let (b, e) = info.data_offsets;
@@ -194,11 +223,15 @@ impl TensorStore {
                 ),
             ));
         }
-        let values = decode_f32(raw.dtype, raw.data)
-            .ok_or_else(|| Error::format(path, format!(
-                "tensor `{name}` has dtype {:?}; model weights must be F32, F16 or BF16",
-                raw.dtype
-            )))?;
+        let values = decode_f32(raw.dtype, raw.data).ok_or_else(|| {
+            Error::format(
+                path,
+                format!(
+                    "tensor `{name}` has dtype {:?}; model weights must be F32, F16 or BF16",
+                    raw.dtype
+                ),
+            )
+        })?;
         Ok(Tensor::from_vec(values, expected, &Device::Cpu)?)
     }
 }
@@ -206,7 +239,10 @@ impl TensorStore {
 /// Decodes little-endian F32/F16/BF16 bytes to f32; `None` for other dtypes.
 pub fn decode_f32(dtype: Dtype, data: &[u8]) -> Option<Vec<f32>> {
     Some(match dtype {
-        Dtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
         Dtype::F16 => data
             .chunks_exact(2)
             .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
@@ -231,6 +267,10 @@ impl Checkpoint {
         let files = ModelFiles::locate(path)?;
         let config = ModelConfig::from_file(&files.config)?;
         let store = TensorStore::open(&files.weights)?;
-        Ok(Checkpoint { files, config, store })
+        Ok(Checkpoint {
+            files,
+            config,
+            store,
+        })
     }
 }

@@ -28,14 +28,34 @@ fn stories260k_greedy_and_logits_match_reference() {
     let refs = read_json(&stories_dir().join("reference_outputs.json"));
     let (model, _) = load(&stories_dir().join("hf"), 512);
     let g = &refs["greedy_from_bos"];
-    let want: Vec<u32> = g["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let want: Vec<u32> = g["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
     // Logits at position 0 (after BOS): the reference is float64; f32 accumulation over 64-wide
     // dot products in 5 layers leaves ~1e-5 absolute error, and the values are printed to 5 decimals.
     let bos = Tensor::new(&[[1u32]], &Device::Cpu).unwrap();
-    let logits: Vec<f32> = model.logits(&bos, Mode::Eval).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-    for (i, w) in g["logits_at_pos0_first8"].as_array().unwrap().iter().enumerate() {
+    let logits: Vec<f32> = model
+        .logits(&bos, Mode::Eval)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    for (i, w) in g["logits_at_pos0_first8"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
         let w = w.as_f64().unwrap();
-        assert!((logits[i] as f64 - w).abs() < 1e-4, "logit {i}: {} vs {w}", logits[i]);
+        assert!(
+            (logits[i] as f64 - w).abs() < 1e-4,
+            "logit {i}: {} vs {w}",
+            logits[i]
+        );
     }
     // Greedy decoding, recomputing the full prefix at each step (no cache involved).
     let mut ids = vec![1u32];
@@ -58,15 +78,28 @@ fn stories260k_wikitext_ppl_and_tokens_match_reference() {
     let ids = tok.encode(&wiki_test_raw(), true).unwrap();
     assert_eq!(ids.len() as u64, r["n_tokens_with_bos"].as_u64().unwrap());
     assert_eq!(id_checksum(&ids), 18369262458724078410);
-    let opts = PplOptions { seqlen: 512, max_windows: Some(8), protocol: Protocol::Paper };
+    let opts = PplOptions {
+        seqlen: 512,
+        max_windows: Some(8),
+        protocol: Protocol::Paper,
+    };
     let res = perplexity(&model, &ids, &opts, None, |_, _, _| {}).unwrap();
     let w0 = r["window0_ppl"].as_f64().unwrap();
     let f8 = r["first8_ppl"].as_f64().unwrap();
     // f32 forward vs the float64 reference: a few 1e-6 relative in PPL.
-    assert!((res.window_ppl[0] / w0 - 1.0).abs() < 1e-4, "{} vs {w0}", res.window_ppl[0]);
+    assert!(
+        (res.window_ppl[0] / w0 - 1.0).abs() < 1e-4,
+        "{} vs {w0}",
+        res.window_ppl[0]
+    );
     assert!((res.ppl / f8 - 1.0).abs() < 1e-4, "{} vs {f8}", res.ppl);
     let nll = model.nll(&ids[..512], 0).unwrap();
-    for (i, w) in r["window0_nll_first8"].as_array().unwrap().iter().enumerate() {
+    for (i, w) in r["window0_nll_first8"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
         assert!((nll[i] - w.as_f64().unwrap()).abs() < 1e-4, "nll {i}");
     }
 }
@@ -79,8 +112,21 @@ fn eval_and_train_paths_agree() {
     let t = Tensor::from_slice(&ids[..300], (1, 300), &Device::Cpu).unwrap();
     let a = model.logits(&t, Mode::Eval).unwrap();
     let b = model.logits(&t, Mode::Train).unwrap();
-    let diff = (a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = (a - &b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let scale = b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(diff / scale < 1e-5, "max diff {diff} (scale {scale})");
 }
 
@@ -88,22 +134,50 @@ fn eval_and_train_paths_agree() {
 fn imported_stories260k_gguf_equals_reference_conversion() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("s260");
-    affq::gguf::import(&stories_dir().join("stories260K.gguf"), &out, affq::gguf::ImportDtype::F32, false).unwrap();
+    affq::gguf::import(
+        &stories_dir().join("stories260K.gguf"),
+        &out,
+        affq::gguf::ImportDtype::F32,
+        false,
+    )
+    .unwrap();
     let mine = Checkpoint::open(&out).unwrap();
     let refc = Checkpoint::open(&stories_dir().join("hf")).unwrap();
     assert_eq!(mine.store.names(), refc.store.names());
     for name in refc.store.names() {
-        let (a, b) = (mine.store.raw(&name).unwrap(), refc.store.raw(&name).unwrap());
+        let (a, b) = (
+            mine.store.raw(&name).unwrap(),
+            refc.store.raw(&name).unwrap(),
+        );
         assert_eq!(a.shape, b.shape, "{name}");
         assert_eq!(a.dtype, b.dtype, "{name}");
         assert!(a.data == b.data, "{name} differs");
     }
     let (a, b) = (&mine.config, &refc.config);
     assert_eq!(
-        (a.architecture, a.hidden_size, a.intermediate_size, a.num_layers, a.num_heads, a.num_kv_heads, a.head_dim),
-        (b.architecture, b.hidden_size, b.intermediate_size, b.num_layers, b.num_heads, b.num_kv_heads, b.head_dim)
+        (
+            a.architecture,
+            a.hidden_size,
+            a.intermediate_size,
+            a.num_layers,
+            a.num_heads,
+            a.num_kv_heads,
+            a.head_dim
+        ),
+        (
+            b.architecture,
+            b.hidden_size,
+            b.intermediate_size,
+            b.num_layers,
+            b.num_heads,
+            b.num_kv_heads,
+            b.head_dim
+        )
     );
-    assert_eq!((a.rope_theta, a.tie_word_embeddings, a.vocab_size), (b.rope_theta, b.tie_word_embeddings, b.vocab_size));
+    assert_eq!(
+        (a.rope_theta, a.tie_word_embeddings, a.vocab_size),
+        (b.rope_theta, b.tie_word_embeddings, b.vocab_size)
+    );
     assert!((a.rms_norm_eps - b.rms_norm_eps).abs() < 1e-12);
     // The tokenizer built from the GGUF vocabulary tokenizes like the reference tokenizer.json.
     let t_mine = Tok::load(&out.join("tokenizer.json")).unwrap();
@@ -111,7 +185,10 @@ fn imported_stories260k_gguf_equals_reference_conversion() {
     assert_eq!(ids.len(), 809_290);
     assert_eq!(id_checksum(&ids), 18369262458724078410);
     let text = t_mine.decode(&ids[1..200]).unwrap();
-    assert!(wiki_test_raw().starts_with(&text), "decode round trip: {text:?}");
+    assert!(
+        wiki_test_raw().starts_with(&text),
+        "decode round trip: {text:?}"
+    );
 }
 
 mod smollm2 {
@@ -126,8 +203,18 @@ mod smollm2 {
         let tok = Tok::load(&smollm2_dir().join("tokenizer.json")).unwrap();
         let raw = wiki_test_raw();
         for (name, text, count, sum) in [
-            ("oracle", data::nonblank_rows_text(&raw), 301_948, 654879207665191243u64),
-            ("paper", data::paper_text(&raw), 304_978, 1517955485722653245),
+            (
+                "oracle",
+                data::nonblank_rows_text(&raw),
+                301_948,
+                654879207665191243u64,
+            ),
+            (
+                "paper",
+                data::paper_text(&raw),
+                304_978,
+                1517955485722653245,
+            ),
             ("verbatim", raw.clone(), 303_415, 13187966137288608152),
         ] {
             let ids = tok.encode(&text, false).unwrap();
@@ -140,27 +227,61 @@ mod smollm2 {
     fn oracle_window_nll_logits_and_ppl() {
         let o = oracle();
         let (model, tok) = load(&smollm2_dir(), 512);
-        let ids = tok.encode(&data::nonblank_rows_text(&wiki_test_raw()), false).unwrap();
+        let ids = tok
+            .encode(&data::nonblank_rows_text(&wiki_test_raw()), false)
+            .unwrap();
         assert_eq!(ids.len() as u64, o["total_tokens"].as_u64().unwrap());
         let w0 = &o["windows"][0];
-        let first: Vec<u32> = w0["first_32_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let first: Vec<u32> = w0["first_32_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
         assert_eq!(&ids[..32], &first[..]);
 
         // Logits at positions 0..3, vocab 0..7, within 5e-3 (test-data.md §4.2, f16-rounded weights).
         let t = Tensor::from_slice(&ids[..512], (1, 512), &Device::Cpu).unwrap();
-        let h = model.hidden_states(&t, Mode::Eval).unwrap().squeeze(0).unwrap();
-        let logits = h.narrow(0, 0, 16).unwrap().matmul(&model.head_weight().t().unwrap()).unwrap();
+        let h = model
+            .hidden_states(&t, Mode::Eval)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let logits = h
+            .narrow(0, 0, 16)
+            .unwrap()
+            .matmul(&model.head_weight().t().unwrap())
+            .unwrap();
         let lv: Vec<Vec<f32>> = logits.to_vec2().unwrap();
-        for (p, row) in w0["first_4_positions_logits_first_8_vocab"].as_array().unwrap().iter().enumerate() {
+        for (p, row) in w0["first_4_positions_logits_first_8_vocab"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+        {
             for (v, w) in row.as_array().unwrap().iter().enumerate() {
                 let w = w.as_f64().unwrap();
-                assert!((lv[p][v] as f64 - w).abs() < 5e-3, "logit[{p}][{v}] {} vs {w}", lv[p][v]);
+                assert!(
+                    (lv[p][v] as f64 - w).abs() < 5e-3,
+                    "logit[{p}][{v}] {} vs {w}",
+                    lv[p][v]
+                );
             }
         }
-        let argmax: Vec<u32> = w0["first_16_argmax"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let argmax: Vec<u32> = w0["first_16_argmax"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
         let mine: Vec<u32> = lv
             .iter()
-            .map(|r| r.iter().enumerate().fold((0, f32::MIN), |a, (i, &x)| if x > a.1 { (i, x) } else { a }).0 as u32)
+            .map(|r| {
+                r.iter()
+                    .enumerate()
+                    .fold((0, f32::MIN), |a, (i, &x)| if x > a.1 { (i, x) } else { a })
+                    .0 as u32
+            })
             .collect();
         assert_eq!(mine, argmax);
 
@@ -172,13 +293,21 @@ mod smollm2 {
         }
 
         // 8 × 512 PPL within 0.01 (and each window's PPL within 1e-4 relative).
-        let opts = PplOptions { seqlen: 512, max_windows: Some(8), protocol: Protocol::Paper };
+        let opts = PplOptions {
+            seqlen: 512,
+            max_windows: Some(8),
+            protocol: Protocol::Paper,
+        };
         let res = perplexity(&model, &ids, &opts, None, |_, _, _| {}).unwrap();
         let want = o["ppl_8x512"].as_f64().unwrap();
         assert!((res.ppl - want).abs() < 0.01, "{} vs {want}", res.ppl);
         for (w, win) in o["windows"].as_array().unwrap().iter().enumerate() {
             let p = win["ppl"].as_f64().unwrap();
-            assert!((res.window_ppl[w] / p - 1.0).abs() < 1e-4, "window {w}: {} vs {p}", res.window_ppl[w]);
+            assert!(
+                (res.window_ppl[w] / p - 1.0).abs() < 1e-4,
+                "window {w}: {} vs {p}",
+                res.window_ppl[w]
+            );
         }
     }
 
@@ -186,8 +315,20 @@ mod smollm2 {
     fn paper_protocol_through_the_binary() {
         // test-data.md §4.4: paper protocol at 512 × 8 windows gives 30.641 (transformers, f32).
         let dir = smollm2_dir();
-        let out = affq(&["eval", dir.to_str().unwrap(), "--seqlen", "512", "--max-windows", "8", "--json"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = affq(&[
+            "eval",
+            dir.to_str().unwrap(),
+            "--seqlen",
+            "512",
+            "--max-windows",
+            "8",
+            "--json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         for k in ["ppl", "windows", "seqlen", "tokens", "seconds", "tok_per_s"] {
             assert!(v.get(k).is_some(), "missing key {k}");

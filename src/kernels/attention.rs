@@ -53,9 +53,18 @@ impl CustomOp3 for CausalAttention {
         let (b, h, t, d) = lq.shape().dims4()?;
         let (bk, hkv, tk, dk) = lk.shape().dims4()?;
         if (bk, tk, dk) != (b, t, d) || lv.shape() != lk.shape() || h % hkv != 0 {
-            candle_core::bail!("causal attention: shapes q {:?} k {:?} v {:?}", lq.shape(), lk.shape(), lv.shape());
+            candle_core::bail!(
+                "causal attention: shapes q {:?} k {:?} v {:?}",
+                lq.shape(),
+                lk.shape(),
+                lv.shape()
+            );
         }
-        let (q, k, v) = (slice(sq, lq, "q")?, slice(sk, lk, "k")?, slice(sv, lv, "v")?);
+        let (q, k, v) = (
+            slice(sq, lq, "q")?,
+            slice(sk, lk, "k")?,
+            slice(sv, lv, "v")?,
+        );
         let g = h / hkv;
         let mut out = vec![0f32; b * t * h * d];
         let out_ptr = SendPtr(out.as_mut_ptr());
@@ -84,11 +93,24 @@ impl CustomOp3 for CausalAttention {
                 // k/v rows [nk × d], s [rows × nk]; gemm reads/writes exactly those extents.
                 unsafe {
                     gemm::gemm(
-                        rows, nk, d,
-                        s.as_mut_ptr(), 1, nk as isize, false,
-                        qb.as_ptr(), 1, d as isize,
-                        kb.as_ptr(), d as isize, 1,
-                        0.0, self.scale, false, false, false,
+                        rows,
+                        nk,
+                        d,
+                        s.as_mut_ptr(),
+                        1,
+                        nk as isize,
+                        false,
+                        qb.as_ptr(),
+                        1,
+                        d as isize,
+                        kb.as_ptr(),
+                        d as isize,
+                        1,
+                        0.0,
+                        self.scale,
+                        false,
+                        false,
+                        false,
                         gemm::Parallelism::None,
                     );
                 }
@@ -111,11 +133,24 @@ impl CustomOp3 for CausalAttention {
                 let ob = unsafe { out_ptr.get().add((bi * t + r0) * row_stride + hi * d) };
                 unsafe {
                     gemm::gemm(
-                        rows, d, nk,
-                        ob, 1, row_stride as isize, false,
-                        s.as_ptr(), 1, nk as isize,
-                        vb.as_ptr(), 1, d as isize,
-                        0.0, 1.0, false, false, false,
+                        rows,
+                        d,
+                        nk,
+                        ob,
+                        1,
+                        row_stride as isize,
+                        false,
+                        s.as_ptr(),
+                        1,
+                        nk as isize,
+                        vb.as_ptr(),
+                        1,
+                        d as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
                         gemm::Parallelism::None,
                     );
                     for (r, &sum) in sums.iter().enumerate().take(rows) {
@@ -131,6 +166,16 @@ impl CustomOp3 for CausalAttention {
 }
 
 /// Causal attention over `q` `[B, H, T, D]`, `k`/`v` `[B, Hkv, T, D]` → `[B, T, H·D]`.
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, window: Option<usize>) -> Result<Tensor> {
-    q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &CausalAttention { scale, window })
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    window: Option<usize>,
+) -> Result<Tensor> {
+    q.contiguous()?.apply_op3_no_bwd(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        &CausalAttention { scale, window },
+    )
 }

@@ -141,7 +141,9 @@ mod tests {
 
     #[test]
     fn logsumexp_matches_f64() {
-        let xs: Vec<f32> = (0..49_157).map(|i| ((i * 7919) % 1000) as f32 / 37.0 - 13.0).collect();
+        let xs: Vec<f32> = (0..49_157)
+            .map(|i| ((i * 7919) % 1000) as f32 / 37.0 - 13.0)
+            .collect();
         let m = xs.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
         let want = m + xs.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
         let got = super::logsumexp(&xs);

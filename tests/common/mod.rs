@@ -26,8 +26,10 @@ pub fn stories_dir() -> PathBuf {
 }
 
 pub fn read_json(p: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
-        .unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+    )
+    .unwrap()
 }
 
 /// The imported SmolLM2-135M directory: `$AFFQ_SMOLLM2_DIR`, else `target/affq-models/smollm2`,
@@ -40,7 +42,12 @@ pub fn smollm2_dir() -> PathBuf {
     let lock = repo().join("target/affq-models/.fetch-lock");
     std::fs::create_dir_all(lock.parent().unwrap()).unwrap();
     // Tests run in parallel threads and processes: serialize the fetch with an exclusive lock file.
-    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock)
+        .unwrap();
     f.lock().unwrap();
     if !dir.join("model.safetensors").exists() {
         let st = Command::new("bash")
@@ -49,7 +56,10 @@ pub fn smollm2_dir() -> PathBuf {
             .env("AFFQ_BIN", env!("CARGO_BIN_EXE_affq"))
             .status()
             .expect("run scripts/fetch-smollm2.sh");
-        assert!(st.success(), "scripts/fetch-smollm2.sh failed; set AFFQ_SMOLLM2_DIR to an imported copy");
+        assert!(
+            st.success(),
+            "scripts/fetch-smollm2.sh failed; set AFFQ_SMOLLM2_DIR to an imported copy"
+        );
     }
     f.unlock().unwrap();
     dir
