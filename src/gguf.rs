@@ -329,15 +329,17 @@ impl GgufFile {
                     });
                     let _ = e;
                 }
-                _ => return Err(Error::format(
-                    path,
-                    format!(
+                _ => {
+                    return Err(Error::format(
+                        path,
+                        format!(
                         "truncated tensor data: `{name}` needs bytes {}..{} but the file has {}",
                         data_start as u64 + offset,
                         data_start as u64 + offset + len as u64,
                         buf.len()
                     ),
-                )),
+                    ))
+                }
             }
         }
         Ok((version, metadata, tensors))
@@ -480,10 +482,12 @@ pub fn import(
         "llama" => ("LlamaForCausalLM", true),
         "qwen2" => ("Qwen2ForCausalLM", false),
         "qwen3" => ("Qwen3ForCausalLM", false),
-        other => return Err(Error::Unsupported(format!(
+        other => {
+            return Err(Error::Unsupported(format!(
             "{}: GGUF architecture `{other}` cannot be imported (supported: llama, qwen2, qwen3)",
             gguf_path.display()
-        ))),
+        )))
+        }
     };
     if g.tensor("rope_freqs.weight").is_some() {
         return Err(Error::Unsupported(format!(

@@ -339,3 +339,80 @@ mod smollm2 {
         assert!((ppl - 30.641).abs() < 0.01, "{ppl}");
     }
 }
+
+fn eval_json(args: &[&str]) -> serde_json::Value {
+    let out = affq(args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn llamacpp_protocol_replaces_bos_and_scores_second_half() {
+    let dir = stories_dir().join("hf");
+    let v = eval_json(&[
+        "eval",
+        dir.to_str().unwrap(),
+        "--protocol",
+        "llamacpp",
+        "--seqlen",
+        "128",
+        "--max-windows",
+        "3",
+        "--json",
+    ]);
+    assert_eq!(v["predictions"], 3 * (128 - 1 - 64));
+    // The same computation by hand: verbatim text minus one trailing newline, BOS added by the
+    // vocabulary; each chunk's first token replaced by BOS; positions 64..126 scored.
+    let (model, tok) = load(&dir, 128);
+    let ids = tok
+        .encode(&data::llamacpp_text(&wiki_test_raw()), true)
+        .unwrap();
+    assert_eq!(ids[0], 1);
+    let mut sum = 0.0;
+    for c in 0..3 {
+        let mut w = ids[c * 128..(c + 1) * 128].to_vec();
+        w[0] = 1;
+        sum += model.nll(&w, 64).unwrap().iter().sum::<f64>();
+    }
+    let want = (sum / 189.0).exp();
+    let got = v["ppl"].as_f64().unwrap();
+    assert!((got / want - 1.0).abs() < 1e-12, "{got} vs {want}");
+}
+
+#[test]
+fn c4_uses_first_1100_documents() {
+    let dir = stories_dir().join("hf");
+    let v = eval_json(&[
+        "eval",
+        dir.to_str().unwrap(),
+        "--ppl",
+        "c4",
+        "--seqlen",
+        "128",
+        "--max-windows",
+        "2",
+        "--json",
+    ]);
+    let (model, tok) = load(&dir, 128);
+    let text = data::c4_eval_text(&data_dir().join("calibration/c4_validation_2k.jsonl")).unwrap();
+    let ids = tok.encode(&text, false).unwrap();
+    assert_eq!(
+        v["text_tokens"].as_u64().unwrap() as usize,
+        ids.len().min(256 * 128)
+    );
+    let sum: f64 = (0..2)
+        .map(|c| {
+            model
+                .nll(&ids[c * 128..(c + 1) * 128], 0)
+                .unwrap()
+                .iter()
+                .sum::<f64>()
+        })
+        .sum();
+    let want = (sum / 254.0).exp();
+    assert!((v["ppl"].as_f64().unwrap() / want - 1.0).abs() < 1e-12);
+}
