@@ -4,6 +4,7 @@
 //! `eval` (perplexity); `gguf` + `tokenizer` import llama.cpp files; `data` finds texts;
 //! `fsutil` makes every output crash-safe.
 
+pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod error;
@@ -11,8 +12,11 @@ pub mod eval;
 pub mod fsutil;
 pub mod gguf;
 pub mod kernels;
+pub mod methods;
 pub mod model;
+pub mod quant;
 pub mod tokenizer;
+pub mod transforms;
 pub mod weights;
 
 pub use error::{Error, Result};

@@ -6,9 +6,13 @@
 //! Two numerically equivalent paths: `Mode::Eval` uses candle's fused kernels (rms_norm, rope,
 //! softmax_last_dim) and causal chunking; `Mode::Train` uses only ops with gradients (candle.md §2).
 
+use crate::checkpoint::QuantConfig;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::weights::{Checkpoint, TensorStore};
+use crate::quant::ops::fake_quant;
+use crate::quant::{QuantLinear, QuantSpec};
+use crate::transforms::KroneckerTransform;
+use crate::weights::{Checkpoint, StoredTensor, TensorStore};
 use candle_core::{DType, Device, Tensor, D};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -95,6 +99,8 @@ pub trait LinearLayer: Send + Sync {
     /// The effective weight `[out, in]` in f32 (dequantized for quantized layers).
     fn weight(&self) -> Result<Tensor>;
     fn bias(&self) -> Option<&Tensor>;
+    /// Tensors to store under `prefix` (e.g. `model.layers.0.self_attn.q_proj`).
+    fn export(&self, prefix: &str) -> Result<Vec<(String, StoredTensor)>>;
 }
 
 /// A full-precision linear layer.
@@ -134,6 +140,67 @@ impl LinearLayer for DenseLinear {
     fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }
+    fn export(&self, prefix: &str) -> Result<Vec<(String, StoredTensor)>> {
+        let mut v = vec![(
+            format!("{prefix}.weight"),
+            StoredTensor::from_f32(&self.weight)?,
+        )];
+        if let Some(b) = &self.bias {
+            v.push((format!("{prefix}.bias"), StoredTensor::from_f32(b)?));
+        }
+        Ok(v)
+    }
+}
+
+/// Where an online transform can sit: the input of a group of linears sharing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Site {
+    /// `input_layernorm` output → q, k, v.
+    AttnIn,
+    /// Attention output → o_proj.
+    OIn,
+    /// `post_attention_layernorm` output → gate, up.
+    MlpIn,
+    /// `silu(gate)·up` → down_proj.
+    DownIn,
+}
+
+impl Site {
+    pub const ALL: [Site; 4] = [Site::AttnIn, Site::OIn, Site::MlpIn, Site::DownIn];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Site::AttnIn => "attn_in",
+            Site::OIn => "o_in",
+            Site::MlpIn => "mlp_in",
+            Site::DownIn => "down_in",
+        }
+    }
+
+    pub fn dim(self, c: &ModelConfig) -> usize {
+        match self {
+            Site::AttnIn | Site::MlpIn => c.hidden_size,
+            Site::OIn => c.q_dim(),
+            Site::DownIn => c.intermediate_size,
+        }
+    }
+
+    pub fn linears(self) -> &'static [LinearKind] {
+        match self {
+            Site::AttnIn => &[LinearKind::Q, LinearKind::K, LinearKind::V],
+            Site::OIn => &[LinearKind::O],
+            Site::MlpIn => &[LinearKind::Gate, LinearKind::Up],
+            Site::DownIn => &[LinearKind::Down],
+        }
+    }
+}
+
+/// Per-head transforms of queries and keys after RoPE, `q ← q·Q`, `k ← k·K` with `Q·Kᵀ = I` so
+/// that `q·kᵀ` is unchanged; they shape the key distribution for KV-cache quantization.
+#[derive(Clone)]
+pub struct QkTransform {
+    pub q: Tensor,
+    pub k: Tensor,
 }
 
 /// Which implementation of the shared ops to use.
@@ -237,25 +304,38 @@ pub struct Block {
     pub q_norm: Option<Tensor>,
     pub k_norm: Option<Tensor>,
     linears: Vec<Box<dyn LinearLayer>>,
+    /// Online transforms at the four input sites, indexed like `Site::ALL`.
+    pub online: [Option<KroneckerTransform>; 4],
+    pub qk_transform: Option<QkTransform>,
+    /// Per-(token, head) quantization of keys and values.
+    pub kv_quant: Option<QuantSpec>,
 }
 
 impl Block {
-    /// Loads layer `i` from `store` as full-precision linears.
-    pub fn load(store: &TensorStore, config: Arc<ModelConfig>, i: usize) -> Result<Self> {
+    /// Loads layer `i` from `store`: full-precision linears, or packed quantized ones when the
+    /// checkpoint carries them (`quant` is its quantization_config).
+    pub fn load(
+        store: &TensorStore,
+        config: Arc<ModelConfig>,
+        i: usize,
+        quant: Option<&QuantConfig>,
+    ) -> Result<Self> {
         let c = &*config;
         let p = format!("model.layers.{i}");
+        let act = quant.and_then(|q| q.activations);
         let mut linears: Vec<Box<dyn LinearLayer>> = Vec::with_capacity(7);
         for kind in LinearKind::ALL {
             let (o, n) = kind.shape(c);
             let name = format!("{p}.{}", kind.hf_name());
-            let weight = store.f32(&format!("{name}.weight"), &[o, n])?;
-            let bias_name = format!("{name}.bias");
-            let bias = if kind.has_bias(c) || store.contains(&bias_name) {
-                Some(store.f32(&bias_name, &[o])?)
-            } else {
-                None
-            };
-            linears.push(Box::new(DenseLinear { weight, bias }));
+            linears.push(load_linear(
+                store,
+                &name,
+                o,
+                n,
+                kind.has_bias(c),
+                quant,
+                act,
+            )?);
         }
         let d = c.hidden_size;
         let (q_norm, k_norm) = if c.qk_norm {
@@ -266,6 +346,24 @@ impl Block {
         } else {
             (None, None)
         };
+        let mut online: [Option<KroneckerTransform>; 4] = Default::default();
+        for (slot, site) in online.iter_mut().zip(Site::ALL) {
+            *slot = KroneckerTransform::load(
+                store,
+                &format!("{p}.online.{}", site.name()),
+                site.dim(c),
+            )?;
+        }
+        let qk_name = format!("{p}.self_attn.qk_transform");
+        let qk_transform = if store.contains(&format!("{qk_name}.q")) {
+            let hd = c.head_dim;
+            Some(QkTransform {
+                q: store.f32(&format!("{qk_name}.q"), &[hd, hd])?,
+                k: store.f32(&format!("{qk_name}.k"), &[hd, hd])?,
+            })
+        } else {
+            None
+        };
         Ok(Block {
             index: i,
             input_norm: store.f32(&format!("{p}.input_layernorm.weight"), &[d])?,
@@ -273,8 +371,73 @@ impl Block {
             q_norm,
             k_norm,
             linears,
+            online,
+            qk_transform,
+            kv_quant: quant.and_then(|q| q.kv_cache),
             config,
         })
+    }
+
+    /// Tensors of this block for a checkpoint.
+    pub fn export(&self) -> Result<Vec<(String, StoredTensor)>> {
+        let p = format!("model.layers.{}", self.index);
+        let mut v = vec![
+            (
+                format!("{p}.input_layernorm.weight"),
+                StoredTensor::from_f32(&self.input_norm)?,
+            ),
+            (
+                format!("{p}.post_attention_layernorm.weight"),
+                StoredTensor::from_f32(&self.post_norm)?,
+            ),
+        ];
+        if let (Some(q), Some(k)) = (&self.q_norm, &self.k_norm) {
+            v.push((
+                format!("{p}.self_attn.q_norm.weight"),
+                StoredTensor::from_f32(q)?,
+            ));
+            v.push((
+                format!("{p}.self_attn.k_norm.weight"),
+                StoredTensor::from_f32(k)?,
+            ));
+        }
+        for kind in LinearKind::ALL {
+            v.extend(
+                self.linear(kind)
+                    .export(&format!("{p}.{}", kind.hf_name()))?,
+            );
+        }
+        for (t, site) in self.online.iter().zip(Site::ALL) {
+            if let Some(t) = t {
+                v.extend(t.export(&format!("{p}.online.{}", site.name()))?);
+            }
+        }
+        if let Some(qk) = &self.qk_transform {
+            v.push((
+                format!("{p}.self_attn.qk_transform.q"),
+                StoredTensor::from_f32(&qk.q)?,
+            ));
+            v.push((
+                format!("{p}.self_attn.qk_transform.k"),
+                StoredTensor::from_f32(&qk.k)?,
+            ));
+        }
+        Ok(v)
+    }
+
+    pub fn site(&self, site: Site) -> Option<&KroneckerTransform> {
+        self.online[site as usize].as_ref()
+    }
+
+    pub fn set_site(&mut self, site: Site, t: Option<KroneckerTransform>) {
+        self.online[site as usize] = t;
+    }
+
+    fn apply_site(&self, site: Site, x: &Tensor) -> Result<Tensor> {
+        match self.site(site) {
+            Some(t) => t.apply(x),
+            None => Ok(x.clone()),
+        }
     }
 
     pub fn linear(&self, kind: LinearKind) -> &dyn LinearLayer {
@@ -312,13 +475,13 @@ impl Block {
     ) -> Result<Tensor> {
         let c = &*self.config;
         let eps = c.rms_norm_eps;
-        let h = rms_norm(x, &self.input_norm, eps, mode)?;
-        let attn = self.attention(&h, rope, mode, hook)?;
+        let h = self.apply_site(Site::AttnIn, &rms_norm(x, &self.input_norm, eps, mode)?)?;
+        let attn = self.apply_site(Site::OIn, &self.attention(&h, rope, mode, hook)?)?;
         let x = (x + self.lin(LinearKind::O, &attn, hook)?)?;
-        let h = rms_norm(&x, &self.post_norm, eps, mode)?;
+        let h = self.apply_site(Site::MlpIn, &rms_norm(&x, &self.post_norm, eps, mode)?)?;
         let gate = self.lin(LinearKind::Gate, &h, hook)?;
         let up = self.lin(LinearKind::Up, &h, hook)?;
-        let act = (candle_nn::ops::silu(&gate)? * up)?;
+        let act = self.apply_site(Site::DownIn, &(candle_nn::ops::silu(&gate)? * up)?)?;
         let down = self.lin(LinearKind::Down, &act, hook)?;
         Ok((x + down)?)
     }
@@ -348,6 +511,14 @@ impl Block {
         let q = rope.apply(&q.transpose(1, 2)?.contiguous()?, mode)?; // [B, H, T, D]
         let k = rope.apply(&k.transpose(1, 2)?.contiguous()?, mode)?; // [B, Hkv, T, D]
         let v = v.transpose(1, 2)?.contiguous()?;
+        let (q, k) = match &self.qk_transform {
+            Some(t) => (q.broadcast_matmul(&t.q)?, k.broadcast_matmul(&t.k)?),
+            None => (q, k),
+        };
+        let (k, v) = match &self.kv_quant {
+            Some(spec) => (fake_quant(&k, spec, hd)?, fake_quant(&v, spec, hd)?),
+            None => (k, v),
+        };
         let scale = 1.0 / (hd as f64).sqrt();
         if mode == Mode::Eval {
             return Ok(crate::kernels::attention::causal_attention(
@@ -371,15 +542,58 @@ impl Block {
     }
 }
 
+/// Loads one linear layer: packed quantized (`{name}.weight_packed`), dense with input
+/// quantization, or plain dense.
+fn load_linear(
+    store: &TensorStore,
+    name: &str,
+    out: usize,
+    inp: usize,
+    has_bias: bool,
+    quant: Option<&QuantConfig>,
+    act: Option<QuantSpec>,
+) -> Result<Box<dyn LinearLayer>> {
+    if store.contains(&format!("{name}.weight_packed")) {
+        let spec = quant
+            .and_then(|q| q.weights.as_ref())
+            .map(|w| w.spec)
+            .ok_or_else(|| {
+                Error::format(
+                    store.first_path(),
+                    format!(
+                        "`{name}.weight_packed` present but config.json has no weight quantization"
+                    ),
+                )
+            })?;
+        return Ok(Box::new(QuantLinear::load(
+            store, name, out, inp, &spec, act,
+        )?));
+    }
+    let weight = store.f32(&format!("{name}.weight"), &[out, inp])?;
+    let bias_name = format!("{name}.bias");
+    let bias = if has_bias || store.contains(&bias_name) {
+        Some(store.f32(&bias_name, &[out])?)
+    } else {
+        None
+    };
+    Ok(match act {
+        Some(_) => Box::new(QuantLinear::new(None, weight, bias, act)?),
+        None => Box::new(DenseLinear { weight, bias }),
+    })
+}
+
 /// A whole causal LM: embedding, blocks, final norm and head.
 pub struct Model {
     pub config: Arc<ModelConfig>,
     pub embed: Tensor,
     pub blocks: Vec<Block>,
     pub norm: Tensor,
-    /// `None` when the head is tied to the embedding.
-    pub lm_head: Option<Tensor>,
+    pub head: Box<dyn LinearLayer>,
+    /// The head is the embedding matrix (not stored separately).
+    pub tied_head: bool,
     pub rope: Rope,
+    /// The checkpoint's quantization_config, when it is a quantized checkpoint.
+    pub quant: Option<QuantConfig>,
 }
 
 impl Model {
@@ -387,15 +601,38 @@ impl Model {
         let config = Arc::new(ckpt.config.clone());
         let c = &*config;
         let store = &ckpt.store;
+        let quant = ckpt.quant.clone();
         let embed = store.f32("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
         let blocks = (0..c.num_layers)
-            .map(|i| Block::load(store, config.clone(), i))
+            .map(|i| Block::load(store, config.clone(), i, quant.as_ref()))
             .collect::<Result<Vec<_>>>()?;
         let norm = store.f32("model.norm.weight", &[c.hidden_size])?;
-        let lm_head = if store.contains("lm_head.weight") {
-            Some(store.f32("lm_head.weight", &[c.vocab_size, c.hidden_size])?)
+        let head_act = quant
+            .as_ref()
+            .filter(|q| q.quantize_head)
+            .and_then(|q| q.activations);
+        let has_head = store.contains("lm_head.weight") || store.contains("lm_head.weight_packed");
+        let (head, tied_head): (Box<dyn LinearLayer>, bool) = if has_head {
+            (
+                load_linear(
+                    store,
+                    "lm_head",
+                    c.vocab_size,
+                    c.hidden_size,
+                    false,
+                    quant.as_ref(),
+                    head_act,
+                )?,
+                false,
+            )
         } else if c.tie_word_embeddings {
-            None
+            (
+                Box::new(DenseLinear {
+                    weight: embed.clone(),
+                    bias: None,
+                }),
+                true,
+            )
         } else {
             return Err(Error::format(
                 store.first_path(),
@@ -408,13 +645,36 @@ impl Model {
             embed,
             blocks,
             norm,
-            lm_head,
+            head,
+            tied_head,
             rope,
+            quant,
         })
     }
 
-    pub fn head_weight(&self) -> &Tensor {
-        self.lm_head.as_ref().unwrap_or(&self.embed)
+    pub fn head_weight(&self) -> Tensor {
+        self.head.weight().expect("head weight")
+    }
+
+    /// Every tensor of the model for a checkpoint (the head only when not tied).
+    pub fn export(&self) -> Result<Vec<(String, StoredTensor)>> {
+        let mut v = vec![
+            (
+                "model.embed_tokens.weight".to_string(),
+                StoredTensor::from_f32(&self.embed)?,
+            ),
+            (
+                "model.norm.weight".to_string(),
+                StoredTensor::from_f32(&self.norm)?,
+            ),
+        ];
+        if !self.tied_head {
+            v.extend(self.head.export("lm_head")?);
+        }
+        for b in &self.blocks {
+            v.extend(b.export()?);
+        }
+        Ok(v)
     }
 
     /// Hidden states entering block 0: `[B, T, hidden]`.
@@ -439,7 +699,7 @@ impl Model {
     /// Logits `[B, T, vocab]` (for tests and small inputs; PPL uses `nll` to bound memory).
     pub fn logits(&self, ids: &Tensor, mode: Mode) -> Result<Tensor> {
         let h = self.hidden_states(ids, mode)?;
-        linear_forward(&h, self.head_weight(), None)
+        self.head.forward(&h)
     }
 
     /// Negative log-likelihood of `ids[t+1]` given `ids[..=t]` for one sequence, for the
@@ -454,25 +714,22 @@ impl Model {
         let h = self.hidden_states(&ids_t, Mode::Eval)?.squeeze(0)?;
         nll_from_hidden(
             &h.narrow(0, first, t - 1 - first)?,
-            self.head_weight(),
+            self.head.as_ref(),
             &ids[first + 1..],
         )
     }
 }
 
 /// NLL of `targets[r]` under logits `h[r]·Wᵀ`, log-softmax accumulated in f64.
-pub fn nll_from_hidden(h: &Tensor, head: &Tensor, targets: &[u32]) -> Result<Vec<f64>> {
+pub fn nll_from_hidden(h: &Tensor, head: &dyn LinearLayer, targets: &[u32]) -> Result<Vec<f64>> {
     const ROWS: usize = 256;
     let n = h.dim(0)?;
-    let vocab = head.dim(0)?;
+    let vocab = head.out_features();
     let mut out = Vec::with_capacity(n);
     let mut s = 0;
     while s < n {
         let r = ROWS.min(n - s);
-        let logits = h
-            .narrow(0, s, r)?
-            .matmul(&head.t()?)?
-            .to_dtype(DType::F32)?;
+        let logits = head.forward(&h.narrow(0, s, r)?)?.to_dtype(DType::F32)?;
         let flat: Vec<f32> = logits.flatten_all()?.to_vec1()?;
         let rows: Vec<&[f32]> = flat.chunks_exact(vocab).collect();
         let lse: Vec<f64> = rows

@@ -259,6 +259,8 @@ pub fn decode_f32(dtype: Dtype, data: &[u8]) -> Option<Vec<f32>> {
 pub struct Checkpoint {
     pub files: ModelFiles,
     pub config: ModelConfig,
+    /// `quantization_config` of an affq checkpoint.
+    pub quant: Option<crate::checkpoint::QuantConfig>,
     pub store: TensorStore,
 }
 
@@ -266,11 +268,90 @@ impl Checkpoint {
     pub fn open(path: &Path) -> Result<Self> {
         let files = ModelFiles::locate(path)?;
         let config = ModelConfig::from_file(&files.config)?;
+        let text =
+            std::fs::read_to_string(&files.config).map_err(|e| Error::io(&files.config, e))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::format(&files.config, e.to_string()))?;
+        let quant = crate::checkpoint::QuantConfig::from_config_json(&files.config, &json)?;
         let store = TensorStore::open(&files.weights)?;
         Ok(Checkpoint {
             files,
             config,
+            quant,
             store,
         })
+    }
+}
+
+/// A tensor ready to be written to safetensors.
+#[derive(Debug, Clone)]
+pub struct StoredTensor {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+impl StoredTensor {
+    pub fn from_f32(t: &Tensor) -> Result<Self> {
+        let v: Vec<f32> = t
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1()?;
+        Ok(StoredTensor {
+            dtype: Dtype::F32,
+            shape: t.dims().to_vec(),
+            bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        })
+    }
+
+    pub fn f32(v: &[f32], shape: &[usize]) -> Self {
+        StoredTensor {
+            dtype: Dtype::F32,
+            shape: shape.to_vec(),
+            bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
+    }
+
+    pub fn i32(v: &[i32], shape: &[usize]) -> Self {
+        StoredTensor {
+            dtype: Dtype::I32,
+            shape: shape.to_vec(),
+            bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
+    }
+
+    pub fn i64(v: &[i64], shape: &[usize]) -> Self {
+        StoredTensor {
+            dtype: Dtype::I64,
+            shape: shape.to_vec(),
+            bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
+    }
+}
+
+impl TensorStore {
+    /// Raw integer tensor of the given dtype and shape (packed codes, zero points).
+    pub fn i32s(&self, name: &str, expected: &[usize]) -> Result<Vec<i32>> {
+        let raw = self.raw(name)?;
+        let path = self.path_of(name).unwrap_or(self.first_path());
+        if raw.dtype != Dtype::I32 || raw.shape != expected {
+            return Err(Error::format(
+                path,
+                format!(
+                    "tensor `{name}` is {:?} {:?}, expected I32 {:?}",
+                    raw.dtype, raw.shape, expected
+                ),
+            ));
+        }
+        Ok(raw
+            .data
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+
+    /// Shape of a stored tensor.
+    pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        Ok(self.raw(name)?.shape)
     }
 }

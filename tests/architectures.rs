@@ -156,7 +156,7 @@ fn qwen3_uses_qk_norm_and_explicit_head_dim() {
     write_model(tmp.path(), c, 2);
     let mut model = open(tmp.path());
     assert_eq!(model.config.q_dim(), 64);
-    assert!(model.lm_head.is_none());
+    assert!(model.tied_head);
     check_paths_agree(&model);
     let ids: Vec<u32> = (0..20).collect();
     let before = logits(&model, &ids, Mode::Eval);

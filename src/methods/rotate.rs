@@ -1,0 +1,212 @@
+//! The QuaRot-style rotation baseline (algorithms.md §4.2): an exact reparameterisation of the
+//! full-precision model that spreads outliers before quantization.
+//!
+//! 1. Untie the head; fold every RMSNorm gain into the linears that read it (norms become 1).
+//! 2. Rotate the residual stream by `Q = D·H/√d` (random signs `D`, Hadamard `H`; a random
+//!    orthogonal matrix where no Hadamard of that order is constructible).
+//! 3. An online rotation in front of down_proj (merged into its weight).
+//! 4. Values rotated per head (merged into v_proj), an online head mixer on the o_proj input
+//!    (merged into o_proj), and queries/keys rotated per head after RoPE.
+//!
+//! All merges are computed in f64. With quantization off, logits equal the original's up to f32
+//! rounding (tests/rotate.rs).
+
+use crate::error::Result;
+use crate::model::{DenseLinear, LinearKind, LinearLayer, Model, QkTransform, Site};
+use crate::transforms::hadamard::hadamard_factors;
+use crate::transforms::linalg::{kron, random_orthogonal, Rng};
+use crate::transforms::KroneckerTransform;
+use candle_core::{DType, Device, Tensor};
+
+/// An orthogonal `n × n` matrix with a description: a normalised Hadamard `H_K ⊗ H_2^m` where one
+/// exists, else Haar-random. Returned as Kronecker factors (n1, p1, n2, p2).
+struct Rotation {
+    n1: usize,
+    p1: Vec<f64>,
+    n2: usize,
+    p2: Vec<f64>,
+    what: String,
+}
+
+impl Rotation {
+    fn new(n: usize, rng: &mut Rng) -> Self {
+        match hadamard_factors(n) {
+            Some((hk, k, hp, p)) => {
+                let (sk, sp) = (1.0 / (k as f64).sqrt(), 1.0 / (p as f64).sqrt());
+                Rotation {
+                    n1: k,
+                    p1: hk.iter().map(|x| x * sk).collect(),
+                    n2: p,
+                    p2: hp.iter().map(|x| x * sp).collect(),
+                    what: if k == 1 {
+                        format!("Hadamard {n}")
+                    } else {
+                        format!("Hadamard {n} = H{k} ⊗ H{p}")
+                    },
+                }
+            }
+            None => Rotation {
+                n1: 1,
+                p1: vec![1.0],
+                n2: n,
+                p2: random_orthogonal(n, rng),
+                what: format!("random orthogonal {n} (no Hadamard of order {n})"),
+            },
+        }
+    }
+
+    fn dense(&self) -> Vec<f64> {
+        kron(&self.p1, self.n1, &self.p2, self.n2)
+    }
+
+    fn online(&self) -> Result<KroneckerTransform> {
+        let p1 = (self.n1 > 1).then_some(self.p1.as_slice());
+        KroneckerTransform::new(self.n1, p1, self.n2, Some(&self.p2))
+    }
+}
+
+fn f64_tensor(m: &[f64], rows: usize, cols: usize) -> Result<Tensor> {
+    Ok(Tensor::from_slice(m, (rows, cols), &Device::Cpu)?)
+}
+
+fn to_f64(t: &Tensor) -> Result<Tensor> {
+    Ok(t.to_dtype(DType::F64)?)
+}
+
+fn to_f32(t: &Tensor) -> Result<Tensor> {
+    Ok(t.to_dtype(DType::F32)?.contiguous()?)
+}
+
+fn scale_columns(w: &Tensor, g: &Tensor) -> Result<Tensor> {
+    Ok(w.broadcast_mul(&to_f64(g)?.unsqueeze(0)?)?)
+}
+
+/// Replaces a dense layer by `W' = f(W)` (f64), bias `b' = g(b)`.
+fn rewrite(
+    layer: &dyn LinearLayer,
+    f: impl Fn(&Tensor) -> Result<Tensor>,
+    g: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<DenseLinear> {
+    let w = to_f32(&f(&to_f64(&layer.weight()?)?)?)?;
+    let bias = layer
+        .bias()
+        .map(|b| g(&to_f64(b)?).and_then(|x| to_f32(&x)))
+        .transpose()?;
+    Ok(DenseLinear { weight: w, bias })
+}
+
+/// Applies the rotation baseline to a full-precision model; returns what was done, one line each.
+pub fn rotate(model: &mut Model, seed: u64) -> Result<Vec<String>> {
+    let c = model.config.clone();
+    let (d, hd, nh) = (c.hidden_size, c.head_dim, c.num_heads);
+    let mut rng = Rng::new(seed);
+    let mut log = Vec::new();
+
+    // Residual rotation Q = D·H, with random signs D on the rows.
+    let res = Rotation::new(d, &mut rng);
+    let signs: Vec<f64> = (0..d).map(|_| rng.sign()).collect();
+    let mut q = res.dense();
+    for (i, s) in signs.iter().enumerate() {
+        q[i * d..(i + 1) * d].iter_mut().for_each(|x| *x *= s);
+    }
+    let q = f64_tensor(&q, d, d)?;
+    log.push(format!("residual stream: random signs × {}", res.what));
+    let ffn = Rotation::new(c.intermediate_size, &mut rng);
+    log.push(format!("down_proj input: online {}", ffn.what));
+    let head_mix = Rotation::new(nh, &mut rng);
+    let hdrot = Rotation::new(hd, &mut rng);
+    log.push(format!(
+        "o_proj input: online {} across heads; values: {} per head, merged",
+        head_mix.what, hdrot.what
+    ));
+    log.push(format!(
+        "queries and keys: {} per head after RoPE",
+        hdrot.what
+    ));
+    let h_hd = f64_tensor(&hdrot.dense(), hd, hd)?;
+    let o_mix = f64_tensor(
+        &kron(&head_mix.dense(), nh, &hdrot.dense(), hd),
+        nh * hd,
+        nh * hd,
+    )?;
+    let t_ffn = f64_tensor(&ffn.dense(), c.intermediate_size, c.intermediate_size)?;
+
+    // Untie, fold the final norm into the head, rotate embedding and head.
+    let head_w = rewrite(
+        model.head.as_ref(),
+        |w| {
+            scale_columns(w, &model.norm)?
+                .matmul(&q)
+                .map_err(Into::into)
+        },
+        |b| Ok(b.clone()),
+    )?;
+    model.head = Box::new(head_w);
+    model.tied_head = false;
+    model.embed = to_f32(&to_f64(&model.embed)?.matmul(&q)?)?;
+    model.norm = model.norm.ones_like()?;
+
+    for block in &mut model.blocks {
+        let g_in = block.input_norm.clone();
+        let g_post = block.post_norm.clone();
+        for kind in LinearKind::ALL {
+            let layer = block.linear(kind);
+            let new = match kind {
+                LinearKind::Q | LinearKind::K => rewrite(
+                    layer,
+                    |w| Ok(scale_columns(w, &g_in)?.matmul(&q)?),
+                    |b| Ok(b.clone()),
+                )?,
+                LinearKind::V => rewrite(
+                    layer,
+                    // W_v ← (I ⊗ Hᵀ)·W_v·diag(γ)·Q: each KV head's rows mixed by Hᵀ.
+                    |w| {
+                        let w = scale_columns(w, &g_in)?.matmul(&q)?;
+                        let (out, n) = w.dims2()?;
+                        let heads = w.reshape((out / hd, hd, n))?;
+                        Ok(h_hd
+                            .t()?
+                            .unsqueeze(0)?
+                            .broadcast_matmul(&heads)?
+                            .reshape((out, n))?)
+                    },
+                    |b| {
+                        Ok(b.reshape((b.dim(0)? / hd, hd))?
+                            .matmul(&h_hd)?
+                            .flatten_all()?)
+                    },
+                )?,
+                LinearKind::O => rewrite(
+                    layer,
+                    |w| Ok(q.t()?.matmul(&w.matmul(&o_mix)?)?),
+                    |b| Ok(b.unsqueeze(0)?.matmul(&q)?.squeeze(0)?),
+                )?,
+                LinearKind::Gate | LinearKind::Up => rewrite(
+                    layer,
+                    |w| Ok(scale_columns(w, &g_post)?.matmul(&q)?),
+                    |b| Ok(b.clone()),
+                )?,
+                LinearKind::Down => rewrite(
+                    layer,
+                    |w| Ok(q.t()?.matmul(&w.matmul(&t_ffn)?)?),
+                    |b| Ok(b.unsqueeze(0)?.matmul(&q)?.squeeze(0)?),
+                )?,
+            };
+            block.set_linear(kind, Box::new(new))?;
+        }
+        block.input_norm = g_in.ones_like()?;
+        block.post_norm = g_post.ones_like()?;
+        block.set_site(Site::DownIn, Some(ffn.online()?));
+        let p1 = (nh > 1).then_some(head_mix.dense());
+        block.set_site(
+            Site::OIn,
+            Some(KroneckerTransform::new(nh, p1.as_deref(), hd, None)?),
+        );
+        let hq = to_f32(&h_hd)?;
+        block.qk_transform = Some(QkTransform {
+            q: hq.clone(),
+            k: hq,
+        });
+    }
+    Ok(log)
+}

@@ -1,0 +1,281 @@
+//! Uniform integer quantizers (algorithms.md §1): one implementation for weights (per tensor,
+//! per output channel, per group), activations (per token) and the KV cache (per token and head).
+//! A "unit" is a run of consecutive values sharing one scale: a weight row or group, a token row,
+//! a (token, head) slice.
+
+use serde::{Deserialize, Serialize};
+
+/// How the scale of a symmetric grid is derived from `amax = max |x|` over a unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SymScale {
+    /// `s = amax / (2^(b−1) − 1)` (amax/7 at 4 bits): FlatQuant, QuaRot, OmniQuant. Code −2^(b−1)
+    /// is reached only when clipping. **affq's default.**
+    MaxPos,
+    /// `s = amax / ((2^b − 1)/2)` (amax/7.5): the GPTQ repository and compressed-tensors observers.
+    HalfRange,
+}
+
+/// How an asymmetric grid is anchored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AsymZero {
+    /// Range widened to include 0; integer zero point `z = round(−xmin/s)`, `x̂ = s·(q − z)`.
+    /// FlatQuant, QuaRot, GPTQ. **affq's default.**
+    Integer,
+    /// No widening; float offset `m = xmin`, `x̂ = s·q + m` (GGUF Q4_1 style).
+    FloatOffset,
+}
+
+/// A quantization grid.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct QuantSpec {
+    pub bits: u8,
+    pub symmetric: bool,
+    pub sym_scale: SymScale,
+    pub asym_zero: AsymZero,
+    /// Multiplies `xmin` and `xmax` before the scale is computed (1.0 = no clipping).
+    pub clip: f32,
+}
+
+impl QuantSpec {
+    pub fn sym(bits: u8) -> Self {
+        QuantSpec {
+            bits,
+            symmetric: true,
+            sym_scale: SymScale::MaxPos,
+            asym_zero: AsymZero::Integer,
+            clip: 1.0,
+        }
+    }
+
+    pub fn asym(bits: u8) -> Self {
+        QuantSpec {
+            symmetric: false,
+            ..Self::sym(bits)
+        }
+    }
+
+    /// Largest unsigned code, `2^b − 1`.
+    pub fn qmax(&self) -> u32 {
+        (1u32 << self.bits) - 1
+    }
+
+    /// Parameters of one unit from its extremes.
+    pub fn params(&self, xmin: f32, xmax: f32) -> UnitParams {
+        let (xmin, xmax) = (xmin * self.clip, xmax * self.clip);
+        let half = (1u32 << (self.bits - 1)) as f32;
+        if self.symmetric {
+            let amax = xmax.max(-xmin).max(0.0);
+            let div = match self.sym_scale {
+                SymScale::MaxPos => half - 1.0,
+                SymScale::HalfRange => self.qmax() as f32 / 2.0,
+            };
+            // An all-zero unit gets s = 1 (its codes are 0 under any positive scale).
+            let s = if amax > 0.0 { amax / div } else { 1.0 };
+            UnitParams {
+                scale: s,
+                zero: half,
+                offset: 0.0,
+            }
+        } else {
+            let q = self.qmax() as f32;
+            match self.asym_zero {
+                AsymZero::Integer => {
+                    let (mut lo, mut hi) = (xmin.min(0.0), xmax.max(0.0));
+                    if hi - lo <= 0.0 {
+                        (lo, hi) = (-1.0, 1.0);
+                    }
+                    let s = (hi - lo) / q;
+                    UnitParams {
+                        scale: s,
+                        zero: (-lo / s).round_ties_even(),
+                        offset: 0.0,
+                    }
+                }
+                AsymZero::FloatOffset => {
+                    let s = if xmax > xmin { (xmax - xmin) / q } else { 1.0 };
+                    UnitParams {
+                        scale: s,
+                        zero: 0.0,
+                        offset: xmin,
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Scale `s`, zero point `z` (in code units) and float offset `m` of one unit:
+/// `code = clamp(round((x − m)/s) + z, 0, 2^b − 1)`, `x̂ = s·(code − z) + m`.
+/// Symmetric grids use `z = 2^(b−1)` (offset-binary codes), `m = 0`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UnitParams {
+    pub scale: f32,
+    pub zero: f32,
+    pub offset: f32,
+}
+
+impl UnitParams {
+    #[inline]
+    pub fn code(&self, x: f32, qmax: f32) -> u8 {
+        ((x - self.offset) / self.scale + self.zero)
+            .round_ties_even()
+            .clamp(0.0, qmax) as u8
+    }
+
+    #[inline]
+    pub fn value(&self, code: u8) -> f32 {
+        self.scale * (code as f32 - self.zero) + self.offset
+    }
+}
+
+fn min_max(xs: &[f32]) -> (f32, f32) {
+    xs.iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &x| {
+            (lo.min(x), hi.max(x))
+        })
+}
+
+/// Quantizes consecutive units of `unit` values each: writes codes, returns the parameters.
+pub fn quantize_units(
+    xs: &[f32],
+    unit: usize,
+    spec: &QuantSpec,
+    codes: &mut [u8],
+) -> Vec<UnitParams> {
+    let qmax = spec.qmax() as f32;
+    xs.chunks(unit)
+        .zip(codes.chunks_mut(unit))
+        .map(|(u, c)| {
+            let (lo, hi) = min_max(u);
+            let p = spec.params(lo, hi);
+            for (x, c) in u.iter().zip(c.iter_mut()) {
+                *c = p.code(*x, qmax);
+            }
+            p
+        })
+        .collect()
+}
+
+/// In-place quantize-dequantize of consecutive units (dynamic: parameters from each unit itself).
+pub fn fake_quant_units(xs: &mut [f32], unit: usize, spec: &QuantSpec) {
+    let qmax = spec.qmax() as f32;
+    for u in xs.chunks_mut(unit) {
+        let (lo, hi) = min_max(u);
+        let p = spec.params(lo, hi);
+        for x in u.iter_mut() {
+            *x = p.value(p.code(*x, qmax));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    #[test]
+    fn error_is_at_most_half_a_step_without_clipping() {
+        let mut seed = 7;
+        for bits in 2..=8u8 {
+            for spec in [
+                QuantSpec::sym(bits),
+                QuantSpec::asym(bits),
+                QuantSpec {
+                    sym_scale: SymScale::HalfRange,
+                    ..QuantSpec::sym(bits)
+                },
+                QuantSpec {
+                    asym_zero: AsymZero::FloatOffset,
+                    ..QuantSpec::asym(bits)
+                },
+            ] {
+                let xs: Vec<f32> = (0..999).map(|_| lcg(&mut seed) * 3.0 + 0.5).collect();
+                let mut codes = vec![0u8; xs.len()];
+                let params = quantize_units(&xs, 37, &spec, &mut codes);
+                for (i, (&x, &c)) in xs.iter().zip(&codes).enumerate() {
+                    let p = params[i / 37];
+                    assert!(c as u32 <= spec.qmax());
+                    let err = (p.value(c) - x).abs();
+                    // Half a step, plus float rounding of s·(q − z).
+                    assert!(
+                        err <= p.scale * 0.5 * (1.0 + 1e-5) + 1e-6,
+                        "{spec:?}: x {x} err {err} s {}",
+                        p.scale
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn symmetric_maxpos_is_amax_over_7_at_4_bits() {
+        let p = QuantSpec::sym(4).params(-3.5, 2.0);
+        assert_eq!(p.scale, 0.5);
+        assert_eq!(p.zero, 8.0);
+        let p = QuantSpec {
+            sym_scale: SymScale::HalfRange,
+            ..QuantSpec::sym(4)
+        }
+        .params(-3.75, 2.0);
+        assert_eq!(p.scale, 0.5);
+    }
+
+    #[test]
+    fn constant_and_zero_units() {
+        for spec in [
+            QuantSpec::sym(4),
+            QuantSpec::asym(4),
+            QuantSpec {
+                asym_zero: AsymZero::FloatOffset,
+                ..QuantSpec::asym(3)
+            },
+        ] {
+            for v in [0.0f32, 2.5, -1.25] {
+                let mut xs = vec![v; 10];
+                fake_quant_units(&mut xs, 10, &spec);
+                for x in xs {
+                    assert!(x.is_finite());
+                    assert!((x - v).abs() <= v.abs() / 7.0 + 1e-6, "{spec:?} {v} -> {x}");
+                }
+            }
+        }
+        // All-zero rows stay exactly zero.
+        let mut z = vec![0.0f32; 8];
+        fake_quant_units(&mut z, 8, &QuantSpec::asym(4));
+        assert!(z.iter().all(|&x| x == 0.0));
+    }
+
+    #[test]
+    fn rounds_half_to_even() {
+        // x/s = 2.5 → 2, 3.5 → 4 (PyTorch semantics).
+        let spec = QuantSpec::sym(8);
+        let p = UnitParams {
+            scale: 1.0,
+            zero: 128.0,
+            offset: 0.0,
+        };
+        assert_eq!(p.code(2.5, spec.qmax() as f32), 130);
+        assert_eq!(p.code(3.5, spec.qmax() as f32), 132);
+    }
+
+    #[test]
+    fn clipping_saturates() {
+        let spec = QuantSpec {
+            clip: 0.5,
+            ..QuantSpec::sym(4)
+        };
+        let mut xs = vec![-4.0, 4.0, 0.1];
+        fake_quant_units(&mut xs, 3, &spec);
+        // s = 2/7: codes clamp to −8..7.
+        assert!((xs[0] + 8.0 * 2.0 / 7.0).abs() < 1e-6);
+        assert!((xs[1] - 2.0).abs() < 1e-6);
+    }
+}
