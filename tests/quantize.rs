@@ -112,7 +112,8 @@ fn rtn_checkpoint_round_trip_gives_identical_logits() {
 
 #[test]
 fn rotation_without_quantization_preserves_the_function() {
-    for dir in [stories()] {
+    {
+        let dir = stories();
         let ckpt = Checkpoint::open(&dir).unwrap();
         let base = Model::load(&ckpt, 512).unwrap();
         let mut rot = Model::load(&ckpt, 512).unwrap();

@@ -70,7 +70,7 @@ impl QuantLinear {
         }
         let sshape = store.shape(&format!("{prefix}.weight_scale"))?;
         let ng = match sshape.as_slice() {
-            [o, g] if *o == out && *g > 0 && inp % *g == 0 => *g,
+            [o, g] if *o == out && *g > 0 && inp.is_multiple_of(*g) => *g,
             _ => return Err(Error::format(&path, format!("`{prefix}.weight_scale` has shape {sshape:?}, expected [{out}, groups dividing {inp}]"))),
         };
         let scale: Vec<f32> = store

@@ -10,7 +10,7 @@ pub fn words_per_row(n: usize, bits: u8) -> usize {
 
 /// Packs `rows × n` codes.
 pub fn pack(codes: &[u8], n: usize, bits: u8) -> Vec<u32> {
-    assert!((2..=8).contains(&bits) && n > 0 && codes.len() % n == 0);
+    assert!((2..=8).contains(&bits) && n > 0 && codes.len().is_multiple_of(n));
     let wpr = words_per_row(n, bits);
     let rows = codes.len() / n;
     let mut out = vec![0u32; rows * wpr];

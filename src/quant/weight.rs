@@ -83,7 +83,7 @@ impl QuantizedWeight {
         }
         let g = match granularity {
             Granularity::Group(g) => {
-                if g == 0 || inp % g != 0 {
+                if g == 0 || !inp.is_multiple_of(g) {
                     return Err(Error::Usage(format!(
                         "group size {g} does not divide the input size {inp} of {name}"
                     )));

@@ -3,7 +3,10 @@
 //! the odd part, combined by a Kronecker product. Entries are ±1; divide by √n to normalise.
 
 fn is_prime(q: usize) -> bool {
-    q >= 2 && (2..).take_while(|d| d * d <= q).all(|d| q % d != 0)
+    q >= 2
+        && (2..)
+            .take_while(|d| d * d <= q)
+            .all(|d| !q.is_multiple_of(d))
 }
 
 fn legendre(a: i64, q: i64) -> f64 {
@@ -67,7 +70,7 @@ fn paley(k: usize) -> Option<Vec<f64>> {
         }
         return Some(h);
     }
-    if k >= 12 && k % 2 == 0 && is_prime(k / 2 - 1) && (k / 2 - 1) % 4 == 1 {
+    if k >= 12 && k.is_multiple_of(2) && is_prime(k / 2 - 1) && (k / 2 - 1) % 4 == 1 {
         // Paley II: C = [[0, 1ᵀ], [1, J]], H = C ⊗ [[1, 1], [1, −1]] + I ⊗ [[1, −1], [−1, −1]].
         let q = k / 2 - 1;
         let m = q + 1;
@@ -95,7 +98,7 @@ pub fn hadamard_factors(n: usize) -> Option<(Vec<f64>, usize, Vec<f64>, usize)> 
         return None;
     }
     let mut p = 1;
-    while n % (p * 2) == 0 {
+    while n.is_multiple_of(p * 2) {
         p *= 2;
     }
     // Try the largest power of two first, moving factors of two into K as needed (e.g. 12 = 3·4).
