@@ -347,6 +347,7 @@ fn quant_plan(a: &QuantizeArgs) -> anyhow::Result<QuantPlan> {
                 sym_scale,
                 asym_zero,
                 clip: a.clip,
+                clip_min: a.clip,
                 ..base
             },
             granularity: match a.group_size {
@@ -369,6 +370,7 @@ fn quant_plan(a: &QuantizeArgs) -> anyhow::Result<QuantPlan> {
     let activations = bits_arg("--a-bits", a.a_bits)?.map(|b| QuantSpec {
         sym_scale,
         clip: a.a_clip,
+        clip_min: a.a_clip,
         ..QuantSpec::sym(b)
     });
     let kv_cache = bits_arg("--kv-bits", a.kv_bits)?.map(|b| {

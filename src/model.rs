@@ -9,8 +9,7 @@
 use crate::checkpoint::QuantConfig;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::quant::ops::fake_quant;
-use crate::quant::{QuantLinear, QuantSpec};
+use crate::quant::{ActQuantizer, QuantLinear, QuantSpec};
 use crate::transforms::KroneckerTransform;
 use crate::weights::{Checkpoint, StoredTensor, TensorStore};
 use candle_core::{DType, Device, Tensor, D};
@@ -303,12 +302,46 @@ pub struct Block {
     /// Per-head RMSNorm weights on q and k (Qwen3).
     pub q_norm: Option<Tensor>,
     pub k_norm: Option<Tensor>,
-    linears: Vec<Box<dyn LinearLayer>>,
+    linears: Vec<Arc<dyn LinearLayer>>,
     /// Online transforms at the four input sites, indexed like `Site::ALL`.
     pub online: [Option<KroneckerTransform>; 4],
     pub qk_transform: Option<QkTransform>,
-    /// Per-(token, head) quantization of keys and values.
-    pub kv_quant: Option<QuantSpec>,
+    /// Per-(token, head) quantization of keys (after RoPE and the Q/K transform) and values.
+    pub k_quant: Option<Arc<dyn ActQuantizer>>,
+    pub v_quant: Option<Arc<dyn ActQuantizer>>,
+}
+
+/// A KV quantizer from the checkpoint's grid and this layer's stored clip ratios, if any.
+fn load_kv_quant(
+    store: &TensorStore,
+    name: &str,
+    spec: Option<QuantSpec>,
+) -> Result<Option<Arc<dyn ActQuantizer>>> {
+    let Some(spec) = spec else { return Ok(None) };
+    Ok(Some(Arc::new(with_stored_clip(store, name, spec)?)))
+}
+
+/// Overrides a grid's clip ratios with `{name}` (F32 `[clip_max, clip_min]`) when stored.
+pub fn with_stored_clip(store: &TensorStore, name: &str, spec: QuantSpec) -> Result<QuantSpec> {
+    if !store.contains(name) {
+        return Ok(spec);
+    }
+    let v: Vec<f32> = store.f32(name, &[2])?.to_vec1()?;
+    if !v.iter().all(|c| c.is_finite() && *c > 0.0 && *c <= 1.0) {
+        return Err(Error::format(
+            store.path_of(name).unwrap_or(store.first_path()),
+            format!("`{name}` must hold two ratios in (0, 1]"),
+        ));
+    }
+    Ok(QuantSpec {
+        clip: v[0],
+        clip_min: v[1],
+        ..spec
+    })
+}
+
+fn clip_tensor(spec: &QuantSpec) -> StoredTensor {
+    StoredTensor::f32(&[spec.clip, spec.clip_min], &[2])
 }
 
 impl Block {
@@ -323,11 +356,11 @@ impl Block {
         let c = &*config;
         let p = format!("model.layers.{i}");
         let act = quant.and_then(|q| q.activations);
-        let mut linears: Vec<Box<dyn LinearLayer>> = Vec::with_capacity(7);
+        let mut linears: Vec<Arc<dyn LinearLayer>> = Vec::with_capacity(7);
         for kind in LinearKind::ALL {
             let (o, n) = kind.shape(c);
             let name = format!("{p}.{}", kind.hf_name());
-            linears.push(load_linear(
+            linears.push(Arc::from(load_linear(
                 store,
                 &name,
                 o,
@@ -335,7 +368,7 @@ impl Block {
                 kind.has_bias(c),
                 quant,
                 act,
-            )?);
+            )?));
         }
         let d = c.hidden_size;
         let (q_norm, k_norm) = if c.qk_norm {
@@ -373,7 +406,16 @@ impl Block {
             linears,
             online,
             qk_transform,
-            kv_quant: quant.and_then(|q| q.kv_cache),
+            k_quant: load_kv_quant(
+                store,
+                &format!("{p}.self_attn.k_quant.clip"),
+                quant.and_then(|q| q.kv_cache),
+            )?,
+            v_quant: load_kv_quant(
+                store,
+                &format!("{p}.self_attn.v_quant.clip"),
+                quant.and_then(|q| q.kv_cache),
+            )?,
             config,
         })
     }
@@ -422,6 +464,14 @@ impl Block {
                 StoredTensor::from_f32(&qk.k)?,
             ));
         }
+        for (name, qz) in [("k_quant", &self.k_quant), ("v_quant", &self.v_quant)] {
+            if let Some(qz) = qz {
+                v.push((
+                    format!("{p}.self_attn.{name}.clip"),
+                    clip_tensor(&qz.spec()?),
+                ));
+            }
+        }
         Ok(v)
     }
 
@@ -456,7 +506,7 @@ impl Block {
                 layer.in_features()
             )));
         }
-        self.linears[kind.index()] = layer;
+        self.linears[kind.index()] = Arc::from(layer);
         Ok(())
     }
 
@@ -515,9 +565,13 @@ impl Block {
             Some(t) => (q.broadcast_matmul(&t.q)?, k.broadcast_matmul(&t.k)?),
             None => (q, k),
         };
-        let (k, v) = match &self.kv_quant {
-            Some(spec) => (fake_quant(&k, spec, hd)?, fake_quant(&v, spec, hd)?),
-            None => (k, v),
+        let k = match &self.k_quant {
+            Some(qz) => qz.apply(&k, hd)?,
+            None => k,
+        };
+        let v = match &self.v_quant {
+            Some(qz) => qz.apply(&v, hd)?,
+            None => v,
         };
         let scale = 1.0 / (hd as f64).sqrt();
         if mode == Mode::Eval {
@@ -553,6 +607,9 @@ fn load_linear(
     quant: Option<&QuantConfig>,
     act: Option<QuantSpec>,
 ) -> Result<Box<dyn LinearLayer>> {
+    let act = act
+        .map(|a| with_stored_clip(store, &format!("{name}.input_clip"), a))
+        .transpose()?;
     if store.contains(&format!("{name}.weight_packed")) {
         let spec = quant
             .and_then(|q| q.weights.as_ref())

@@ -54,7 +54,10 @@ pub fn quantize(model: &mut Model, plan: &QuantPlan) -> Result<()> {
             let q = quantize_linear(block.linear(kind), &name, plan, plan.activations)?;
             block.set_linear(kind, Box::new(q))?;
         }
-        block.kv_quant = plan.kv_cache;
+        block.k_quant = plan
+            .kv_cache
+            .map(|s| std::sync::Arc::new(s) as std::sync::Arc<dyn crate::quant::ActQuantizer>);
+        block.v_quant = block.k_quant.clone();
     }
     if plan.quantize_head {
         let q = quantize_linear(model.head.as_ref(), "lm_head", plan, plan.activations)?;

@@ -208,6 +208,12 @@ impl LinearLayer for QuantLinear {
         if let Some(b) = &self.bias {
             out.push((format!("{prefix}.bias"), StoredTensor::from_f32(b)?));
         }
+        if let Some(a) = &self.act {
+            out.push((
+                format!("{prefix}.input_clip"),
+                StoredTensor::f32(&[a.clip, a.clip_min], &[2]),
+            ));
+        }
         Ok(out)
     }
 }

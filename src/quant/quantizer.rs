@@ -34,8 +34,15 @@ pub struct QuantSpec {
     pub symmetric: bool,
     pub sym_scale: SymScale,
     pub asym_zero: AsymZero,
-    /// Multiplies `xmin` and `xmax` before the scale is computed (1.0 = no clipping).
+    /// Multiplies `xmax` before the scale is computed (1.0 = no clipping).
     pub clip: f32,
+    /// Multiplies `xmin` (learned activation clipping has separate ratios for the two ends).
+    #[serde(default = "one")]
+    pub clip_min: f32,
+}
+
+fn one() -> f32 {
+    1.0
 }
 
 impl QuantSpec {
@@ -46,6 +53,7 @@ impl QuantSpec {
             sym_scale: SymScale::MaxPos,
             asym_zero: AsymZero::Integer,
             clip: 1.0,
+            clip_min: 1.0,
         }
     }
 
@@ -63,7 +71,7 @@ impl QuantSpec {
 
     /// Parameters of one unit from its extremes.
     pub fn params(&self, xmin: f32, xmax: f32) -> UnitParams {
-        let (xmin, xmax) = (xmin * self.clip, xmax * self.clip);
+        let (xmin, xmax) = (xmin * self.clip_min, xmax * self.clip);
         let half = (1u32 << (self.bits - 1)) as f32;
         if self.symmetric {
             let amax = xmax.max(-xmin).max(0.0);
@@ -270,6 +278,7 @@ mod tests {
     fn clipping_saturates() {
         let spec = QuantSpec {
             clip: 0.5,
+            clip_min: 0.5,
             ..QuantSpec::sym(4)
         };
         let mut xs = vec![-4.0, 4.0, 0.1];
