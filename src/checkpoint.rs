@@ -89,7 +89,8 @@ impl QuantConfig {
 }
 
 /// Writes `model` (quantized in memory) as a checkpoint in `out`, next to a copy of the source
-/// model's config and tokenizer files. Crash-safe: written to a temporary directory, then renamed.
+/// model's config and tokenizer files, plus `extra` files (name, contents) such as the calibration
+/// log. Crash-safe: written to a temporary directory, then renamed.
 pub fn write(
     model: &Model,
     src_dir: &Path,
@@ -97,6 +98,7 @@ pub fn write(
     qcfg: &QuantConfig,
     out: &Path,
     force: bool,
+    extra: &[(String, String)],
 ) -> Result<()> {
     if out.exists() && !force {
         return Err(Error::Usage(format!(
@@ -144,6 +146,10 @@ pub fn write(
         if p.is_file() {
             std::fs::copy(&p, tmp.path().join(f)).map_err(|e| Error::io(&p, e))?;
         }
+    }
+    for (name, contents) in extra {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, contents).map_err(|e| Error::io(&p, e))?;
     }
     tmp.persist(out, force)
 }

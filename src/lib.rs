@@ -4,6 +4,7 @@
 //! `eval` (perplexity); `gguf` + `tokenizer` import llama.cpp files; `data` finds texts;
 //! `fsutil` makes every output crash-safe.
 
+pub mod calib;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

@@ -1,5 +1,8 @@
 //! The `affq` binary: parses arguments into a validated plan and hands it to the library.
 
+use affq::calib::data::CalibSource;
+use affq::calib::flatquant::{FlatQuant, FlatQuantConfig};
+use affq::calib::recipe::Recipe;
 use affq::checkpoint::{QuantConfig, WeightScheme};
 use affq::data::{self, DataFile};
 use affq::eval::{self, PplOptions, Protocol};
@@ -51,6 +54,8 @@ enum MethodArg {
     Rtn,
     /// QuaRot-style rotations (Hadamard / random orthogonal), then round to nearest.
     Rotate,
+    /// Learned Kronecker affine transforms with learnable clipping, calibrated block by block.
+    Flatquant,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -78,15 +83,43 @@ struct QuantizeArgs {
     output: PathBuf,
     #[arg(long, value_enum, default_value = "rtn")]
     method: MethodArg,
-    /// Weight bits (2..8; 16 = keep full precision).
-    #[arg(long, default_value_t = 4)]
-    bits: u8,
-    /// Activation bits for every decoder linear input, per token (2..8; 16 = off).
-    #[arg(long, default_value_t = 16)]
-    a_bits: u8,
-    /// Key/value cache bits, per (token, head) (2..8; 16 = off).
-    #[arg(long, default_value_t = 16)]
-    kv_bits: u8,
+    /// Weight bits (2..8; 16 = keep full precision) [default: 4].
+    #[arg(long)]
+    bits: Option<u8>,
+    /// Activation bits for every decoder linear input, per token (2..8; 16 = off) [default: 16].
+    #[arg(long)]
+    a_bits: Option<u8>,
+    /// Key/value cache bits, per (token, head) (2..8; 16 = off) [default: 16].
+    #[arg(long)]
+    kv_bits: Option<u8>,
+    /// Calibration recipe: a built-in name (cpu, paper, flatquant-w4a4, flatquant-w4a4kv4) or a
+    /// .toml path. Flags override it.
+    #[arg(long)]
+    recipe: Option<String>,
+    /// Calibration text: wikitext2 (train split if present, else validation), c4, or a .txt/.jsonl file.
+    #[arg(long)]
+    calib: Option<String>,
+    /// Calibration windows.
+    #[arg(long)]
+    nsamples: Option<usize>,
+    /// Tokens per calibration window.
+    #[arg(long)]
+    calib_seqlen: Option<usize>,
+    /// Training epochs per block.
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Windows per optimisation step.
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Learning rate of the transforms (clip parameters: 10×).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Channel-scale init strength α (FlatQuant's diag_alpha).
+    #[arg(long)]
+    alpha: Option<f64>,
+    /// Directory with the calibration texts (default: $AFFQ_DATA_DIR, else ~/.cache/affq/data).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
     /// Weight group size along the input dimension (default: one group per output channel).
     #[arg(long)]
     group_size: Option<usize>,
@@ -322,7 +355,7 @@ fn bits_arg(flag: &str, b: u8) -> anyhow::Result<Option<u8>> {
 }
 
 /// Turns the flags into a validated plan.
-fn quant_plan(a: &QuantizeArgs) -> anyhow::Result<QuantPlan> {
+fn quant_plan(a: &QuantizeArgs, r: &Recipe) -> anyhow::Result<QuantPlan> {
     let sym_scale = match a.sym_scale {
         SymScaleArg::Maxpos => SymScale::MaxPos,
         SymScaleArg::Halfrange => SymScale::HalfRange,
@@ -332,7 +365,7 @@ fn quant_plan(a: &QuantizeArgs) -> anyhow::Result<QuantPlan> {
             return Err(affq::Error::Usage(format!("{flag} {r}: must be in (0, 1]")).into());
         }
     }
-    let weights = bits_arg("--bits", a.bits)?.map(|bits| {
+    let weights = bits_arg("--bits", r.bits.unwrap_or(4))?.map(|bits| {
         let base = if a.asym {
             QuantSpec::asym(bits)
         } else {
@@ -367,13 +400,13 @@ fn quant_plan(a: &QuantizeArgs) -> anyhow::Result<QuantPlan> {
     if a.group_size == Some(0) {
         return Err(affq::Error::Usage("--group-size must be positive".into()).into());
     }
-    let activations = bits_arg("--a-bits", a.a_bits)?.map(|b| QuantSpec {
+    let activations = bits_arg("--a-bits", r.a_bits.unwrap_or(16))?.map(|b| QuantSpec {
         sym_scale,
         clip: a.a_clip,
         clip_min: a.a_clip,
         ..QuantSpec::sym(b)
     });
-    let kv_cache = bits_arg("--kv-bits", a.kv_bits)?.map(|b| {
+    let kv_cache = bits_arg("--kv-bits", r.kv_bits.unwrap_or(16))?.map(|b| {
         if a.kv_sym {
             QuantSpec {
                 sym_scale,
@@ -391,9 +424,132 @@ fn quant_plan(a: &QuantizeArgs) -> anyhow::Result<QuantPlan> {
     })
 }
 
+/// Method preset, then `--recipe`, then flags.
+fn resolve_recipe(a: &QuantizeArgs) -> anyhow::Result<Recipe> {
+    let base = match a.method {
+        MethodArg::Flatquant => Recipe::load("cpu")?,
+        _ => Recipe::default(),
+    };
+    let base = match &a.recipe {
+        Some(r) => {
+            let r = Recipe::load(r)?;
+            if let Some(m) = &r.method {
+                let want = match a.method {
+                    MethodArg::Rtn => "rtn",
+                    MethodArg::Rotate => "rotate",
+                    MethodArg::Flatquant => "flatquant",
+                };
+                if m != want {
+                    return Err(affq::Error::Usage(format!("recipe is for --method {m}, not {want}")).into());
+                }
+            }
+            base.overridden_by(&r)
+        }
+        None => base,
+    };
+    let flags = Recipe {
+        method: None,
+        bits: a.bits,
+        a_bits: a.a_bits,
+        kv_bits: a.kv_bits,
+        nsamples: a.nsamples,
+        calib_seqlen: a.calib_seqlen,
+        epochs: a.epochs,
+        batch: a.batch,
+        lr: a.lr,
+        alpha: a.alpha,
+        calib: a.calib.clone(),
+    };
+    if a.method != MethodArg::Flatquant {
+        let calib_flags = [a.nsamples.is_some(), a.calib_seqlen.is_some(), a.epochs.is_some(), a.batch.is_some(), a.lr.is_some(), a.alpha.is_some(), a.calib.is_some()];
+        if calib_flags.iter().any(|&f| f) {
+            return Err(affq::Error::Usage("calibration flags (--calib, --nsamples, --calib-seqlen, --epochs, --batch, --lr, --alpha) need a calibrated method (--method flatquant)".into()).into());
+        }
+    }
+    Ok(base.overridden_by(&flags))
+}
+
+struct CalibOutcome {
+    csv: String,
+    transforms: Vec<String>,
+}
+
+fn run_flatquant(a: &QuantizeArgs, r: &Recipe, plan: &QuantPlan, ckpt: &Checkpoint, model: &mut Model) -> anyhow::Result<CalibOutcome> {
+    let dir = data::data_dir(a.data_dir.as_deref());
+    let source = match r.calib.as_deref().unwrap_or("wikitext2") {
+        "wikitext2" => CalibSource::Wikitext2,
+        "c4" => CalibSource::C4,
+        path => CalibSource::File(PathBuf::from(path)),
+    };
+    let (path, desc) = affq::calib::data::resolve(&source, &dir)?;
+    let tok_path = ckpt.files.tokenizer.clone().ok_or_else(|| affq::Error::format(ckpt.files.dir.join("tokenizer.json"), "missing: calibration needs the model's tokenizer"))?;
+    let tok = Tok::load(&tok_path)?;
+    let (n, l) = (r.nsamples.unwrap_or(16), r.calib_seqlen.unwrap_or(512));
+    let text = affq::calib::data::read(&path)?;
+    let tokens = affq::calib::data::windows(&tok, &text, &path, n, l, a.seed)?;
+    let epochs = r.epochs.unwrap_or(3);
+    if epochs == 0 {
+        return Err(affq::Error::Usage("--epochs must be at least 1".into()).into());
+    }
+    let cfg = FlatQuantConfig {
+        weights: plan.weights.as_ref().map(|w| w.spec),
+        activations: plan.activations,
+        kv_cache: plan.kv_cache,
+        epochs,
+        batch: r.batch.unwrap_or(1),
+        lr: r.lr.unwrap_or(5e-3),
+        clip_lr_mult: 10.0,
+        weight_decay: 0.01,
+        alpha: r.alpha.unwrap_or(0.3),
+        seed: a.seed,
+    };
+    let summary = format!("flatquant: calibrated on {desc}, {n} × {l} tokens, {epochs} epochs, batch {}, lr {}", cfg.batch, cfg.lr);
+    if !a.common.json {
+        eprintln!("{summary}");
+    }
+    let mut fq = FlatQuant::new(cfg)?;
+    let nblocks = model.blocks.len() as u64;
+    let bar = indicatif::ProgressBar::new(nblocks);
+    bar.set_style(indicatif::ProgressStyle::with_template("blocks {pos}/{len} {bar:30} [{elapsed}<{eta}] {msg}").expect("valid template"));
+    let mut csv = String::from("block,epoch,loss,seconds\n");
+    let mut epoch_rows = Vec::new();
+    let reports = affq::calib::calibrate_model(
+        model,
+        &tokens,
+        &mut fq,
+        |b, e| {
+            bar.set_message(format!("block {b} epoch {} loss {:.3e}", e.epoch, e.loss));
+            epoch_rows.push(format!("{b},{},{:.6e},{:.2}", e.epoch, e.loss, e.seconds));
+        },
+        |done, _, rep| {
+            bar.set_position(done as u64);
+            bar.suspend(|| eprintln!("block {:>2}: loss rtn {:.3e} -> flatquant {:.3e} ({:.1}s)", rep.block, rep.loss_rtn, rep.loss_final, rep.seconds));
+        },
+    )?;
+    bar.finish_and_clear();
+    for row in epoch_rows {
+        csv.push_str(&row);
+        csv.push('\n');
+    }
+    csv.push_str("\nblock,loss_rtn,loss_final,seconds\n");
+    let mut transforms = vec![summary];
+    for rep in &reports {
+        csv.push_str(&format!("{},{:.6e},{:.6e},{:.2}\n", rep.block, rep.loss_rtn, rep.loss_final, rep.seconds));
+        for note in &rep.notes {
+            eprintln!("warning: {note}");
+            transforms.push(note.clone());
+        }
+    }
+    Ok(CalibOutcome { csv, transforms })
+}
+
 fn run_quantize(a: QuantizeArgs) -> anyhow::Result<()> {
     init_threads(&a.common)?;
-    let plan = quant_plan(&a)?;
+    let recipe = resolve_recipe(&a)?;
+    let plan = quant_plan(&a, &recipe)?;
+    if a.method == MethodArg::Flatquant && plan.weights.as_ref().is_some_and(|w| w.granularity != Granularity::Channel) {
+        return Err(affq::Error::Usage("--method flatquant quantizes weights per channel; --group-size is not supported with it".into()).into());
+    }
     let t0 = Instant::now();
     let ckpt = Checkpoint::open(&a.model)?;
     if ckpt.quant.is_some() {
@@ -430,14 +586,23 @@ fn run_quantize(a: QuantizeArgs) -> anyhow::Result<()> {
         .into());
     }
     let mut model = Model::load(&ckpt, 1)?;
+    let mut extra = Vec::new();
     let transforms = match a.method {
         MethodArg::Rtn => Vec::new(),
+        MethodArg::Flatquant => {
+            let report = run_flatquant(&a, &recipe, &plan, &ckpt, &mut model)?;
+            extra.push(("calibration.csv".to_string(), report.csv));
+            report.transforms
+        }
         MethodArg::Rotate => methods::rotate::rotate(&mut model, a.seed)?,
     };
-    methods::quantize(&mut model, &plan)?;
+    if a.method != MethodArg::Flatquant {
+        methods::quantize(&mut model, &plan)?;
+    }
     let method = match a.method {
         MethodArg::Rtn => "rtn",
         MethodArg::Rotate => "rotate",
+        MethodArg::Flatquant => "flatquant",
     };
     let qcfg = QuantConfig {
         quant_method: "affq".into(),
@@ -459,6 +624,7 @@ fn run_quantize(a: QuantizeArgs) -> anyhow::Result<()> {
         &qcfg,
         &a.output,
         a.force,
+        &extra,
     )?;
     let secs = t0.elapsed().as_secs_f64();
     if a.common.json {
@@ -486,7 +652,19 @@ fn run_quantize(a: QuantizeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Keeps large tensor buffers in the malloc heap instead of fresh mmap/munmap pairs: every munmap
+/// costs page faults and a cross-core TLB shootdown, which dominated the calibration profile.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only adjusts glibc allocator thresholds; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20); // glibc maximum
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 4 << 30);
+    }
+}
+
 fn main() {
+    tune_allocator();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Import(a) => run_import(a),

@@ -293,7 +293,8 @@ fn attention_mask(g: usize, t: usize, window: Option<usize>) -> Result<Tensor> {
     Ok(Tensor::from_vec(m, (g * t, t), &Device::Cpu)?)
 }
 
-/// One decoder layer.
+/// One decoder layer. Cloning is cheap: tensors and layers are shared.
+#[derive(Clone)]
 pub struct Block {
     pub index: usize,
     pub config: Arc<ModelConfig>,
@@ -588,7 +589,11 @@ impl Block {
         let q = (q.reshape((b, nkv, g * t, hd))? * scale)?;
         let scores = q.matmul(&k.t()?)?;
         let scores = scores.broadcast_add(&attention_mask(g, t, c.sliding_window)?)?;
-        let p = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        // Softmax with the row max detached: it cancels mathematically, and its mask-based
+        // backward over the whole score tensor would be wasted work.
+        let m = scores.max_keepdim(D::Minus1)?.detach();
+        let e = scores.broadcast_sub(&m)?.exp()?;
+        let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
         let o = p.matmul(&v)?; // [B, Hkv, g·T, D]
         Ok(o.reshape((b, nh, t, hd))?
             .transpose(1, 2)?

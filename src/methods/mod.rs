@@ -44,20 +44,25 @@ fn quantize_linear(
     QuantLinear::new(qw, w, layer.bias().cloned(), act)
 }
 
+/// Round-to-nearest quantization of one block's linears with the activation and KV quantizers
+/// attached.
+pub fn quantize_block(block: &mut crate::model::Block, plan: &QuantPlan) -> Result<()> {
+    let i = block.index;
+    for kind in LinearKind::ALL {
+        let name = format!("model.layers.{i}.{}", kind.hf_name());
+        let q = quantize_linear(block.linear(kind), &name, plan, plan.activations)?;
+        block.set_linear(kind, Box::new(q))?;
+    }
+    block.k_quant = plan.kv_cache.map(|s| std::sync::Arc::new(s) as std::sync::Arc<dyn crate::quant::ActQuantizer>);
+    block.v_quant = block.k_quant.clone();
+    Ok(())
+}
+
 /// Round-to-nearest quantization of every decoder linear (and the head if asked), with the
 /// activation and KV quantizers attached.
 pub fn quantize(model: &mut Model, plan: &QuantPlan) -> Result<()> {
     for block in &mut model.blocks {
-        let i = block.index;
-        for kind in LinearKind::ALL {
-            let name = format!("model.layers.{i}.{}", kind.hf_name());
-            let q = quantize_linear(block.linear(kind), &name, plan, plan.activations)?;
-            block.set_linear(kind, Box::new(q))?;
-        }
-        block.k_quant = plan
-            .kv_cache
-            .map(|s| std::sync::Arc::new(s) as std::sync::Arc<dyn crate::quant::ActQuantizer>);
-        block.v_quant = block.k_quant.clone();
+        quantize_block(block, plan)?;
     }
     if plan.quantize_head {
         let q = quantize_linear(model.head.as_ref(), "lm_head", plan, plan.activations)?;

@@ -4,7 +4,7 @@
 use super::ops::fake_quant;
 use super::quantizer::QuantSpec;
 use crate::error::Result;
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 
 /// Quantize-dequantize of `x` in units of `unit` consecutive values along the last dimension.
 pub trait ActQuantizer: Send + Sync {
@@ -74,17 +74,8 @@ impl ActQuantizer for LearnedClip {
     fn apply(&self, x: &Tensor, unit: usize) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let x2 = x.reshape(((), unit))?;
-        let xmax = x2
-            .max_keepdim(D::Minus1)?
-            .relu()?
-            .broadcast_mul(&sigmoid(&self.alpha_max)?)?;
-        let xmin = x2
-            .min_keepdim(D::Minus1)?
-            .neg()?
-            .relu()?
-            .neg()?
-            .broadcast_mul(&sigmoid(&self.alpha_min)?)?;
-        Ok(fake_quant_graph(&x2, &xmin, &xmax, &self.spec)?.reshape(dims)?)
+        let out = super::clipquant::clip_quant(&x2, &self.alpha_max, &self.alpha_min, &self.spec, false)?;
+        Ok(out.reshape(dims)?)
     }
     fn spec(&self) -> Result<QuantSpec> {
         let r = |t: &Tensor| -> Result<f32> { Ok(sigmoid(t)?.flatten_all()?.to_vec1::<f32>()?[0]) };

@@ -1,6 +1,7 @@
 //! Quantizers, bit packing, quantized weights and the simulated quantized linear layer.
 
 pub mod act;
+pub mod clipquant;
 pub mod linear;
 pub mod ops;
 pub mod pack;

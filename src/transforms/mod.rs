@@ -2,6 +2,7 @@
 //! Kronecker-factored online transforms, and the small f64 linear algebra they need.
 
 pub mod hadamard;
+pub mod inverse;
 pub mod kronecker;
 pub mod linalg;
 

@@ -1,0 +1,489 @@
+//! FlatQuant (algorithms.md §2): per linear input a learned affine transform
+//! `T = diag(c)·(P1⊗P2)`, a head mixer `P_h` on the o_proj input, per-head `P_v` (values) and `P_k`
+//! (queries/keys after RoPE) when the KV cache is quantized, learnable weight clipping (LWC) per
+//! output row and learnable activation clipping (LAC) per quantizer, trained block by block to
+//! minimise the quantized block's output MSE.
+//!
+//! Factor parameterisation: each `P` is a plain matrix started at a random orthogonal matrix, with
+//! `P⁻ᵀ` from a differentiable f64 Gauss–Jordan inverse (FlatQuant's `--direct_inv` mode). One
+//! inverse per factor per step is cheaper than the SVD form's two Cayley solves, has the same
+//! expressive power, and an orthogonal start is perfectly conditioned; the small learning rate
+//! keeps it away from singularity, and the deployment step checks the pivot ratio in f64 and
+//! reports a near-singular factor instead of writing garbage.
+
+use super::{mse, run_block, BlockMethod, BlockReport, EpochLog, SiteStats};
+use crate::error::{Error, Result};
+use crate::methods::{quantize_block, QuantPlan};
+use crate::model::{linear_forward, Block, DenseLinear, LinearKind, LinearLayer, Mode, NoHook, QkTransform, Rope, Site};
+use crate::quant::act::sigmoid;
+use crate::quant::clipquant::clip_quant;
+use crate::quant::{ActQuantizer, Granularity, LearnedClip, QuantLinear, QuantSpec, QuantizedWeight};
+use crate::transforms::inverse::{inverse, inverse_f64};
+use crate::transforms::linalg::{random_orthogonal, Rng};
+use crate::transforms::KroneckerTransform;
+use crate::weights::StoredTensor;
+use candle_core::{DType, Device, Tensor, Var, D};
+use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Hyper-parameters (recipes in calib/*.toml).
+#[derive(Debug, Clone)]
+pub struct FlatQuantConfig {
+    pub weights: Option<QuantSpec>,
+    pub activations: Option<QuantSpec>,
+    pub kv_cache: Option<QuantSpec>,
+    pub epochs: usize,
+    pub batch: usize,
+    /// Learning rate of the transforms; the clip parameters use `clip_lr_mult ×` this.
+    pub lr: f64,
+    pub clip_lr_mult: f64,
+    pub weight_decay: f64,
+    /// SmoothQuant-style migration strength of the channel-scale init (§2.5).
+    pub alpha: f64,
+    pub seed: u64,
+}
+
+/// `n1` = the largest divisor of `n` not above √n (algorithms.md §2.2, affq's rule).
+pub fn kron_dims(n: usize) -> (usize, usize) {
+    let mut n1 = 1;
+    let mut d = 1;
+    while d * d <= n {
+        if n % d == 0 {
+            n1 = d;
+        }
+        d += 1;
+    }
+    (n1, n / n1)
+}
+
+fn var(v: &[f32], shape: &[usize]) -> Result<Var> {
+    Ok(Var::from_tensor(&Tensor::from_slice(v, shape, &Device::Cpu)?)?)
+}
+
+fn orthogonal_var(n: usize, rng: &mut Rng) -> Result<Var> {
+    let m: Vec<f32> = random_orthogonal(n, rng).iter().map(|&x| x as f32).collect();
+    var(&m, &[n, n])
+}
+
+/// `diag(c)·(P1⊗P2)` with trainable factors.
+struct Kron {
+    n1: usize,
+    n2: usize,
+    p1: Var,
+    p2: Var,
+    c: Var,
+}
+
+impl Kron {
+    fn new(n: usize, c: &[f32], rng: &mut Rng) -> Result<Self> {
+        let (n1, n2) = kron_dims(n);
+        Ok(Kron { n1, n2, p1: orthogonal_var(n1, rng)?, p2: orthogonal_var(n2, rng)?, c: var(c, &[n])? })
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        vec![self.p1.clone(), self.p2.clone(), self.c.clone()]
+    }
+
+    /// Activation side `x ↦ x·diag(c)·(P1⊗P2)` (training form, `c` online).
+    fn online(&self) -> KroneckerTransform {
+        KroneckerTransform { n1: self.n1, n2: self.n2, p1: Some(self.p1.as_tensor().clone()), p2: Some(self.p2.as_tensor().clone()), scale: Some(self.c.as_tensor().clone()) }
+    }
+
+    /// Weight side: rows `w ↦ w·diag(1/c)·(P1⁻ᵀ⊗P2⁻ᵀ)`.
+    fn weight_side(&self) -> Result<KroneckerTransform> {
+        Ok(KroneckerTransform {
+            n1: self.n1,
+            n2: self.n2,
+            p1: Some(inverse(self.p1.as_tensor())?.t()?),
+            p2: Some(inverse(self.p2.as_tensor())?.t()?),
+            scale: Some(self.c.as_tensor().recip()?),
+        })
+    }
+}
+
+/// Learnable clip of one quantizer: `(max, min)` logits, ratios `σ(·)`.
+struct Clip {
+    max: Var,
+    min: Var,
+}
+
+impl Clip {
+    fn new(shape: &[usize]) -> Result<Self> {
+        let n: usize = shape.iter().product();
+        Ok(Clip { max: var(&vec![4.0; n], shape)?, min: var(&vec![4.0; n], shape)? })
+    }
+    fn vars(&self) -> Vec<Var> {
+        vec![self.max.clone(), self.min.clone()]
+    }
+    fn learned(&self, spec: QuantSpec) -> LearnedClip {
+        LearnedClip { spec, alpha_max: self.max.as_tensor().clone(), alpha_min: self.min.as_tensor().clone() }
+    }
+}
+
+/// All trainable parameters of one block.
+struct Params {
+    attn: Kron,
+    mlp: Kron,
+    down: Kron,
+    head_mix: Var,
+    /// `(P_v, P_k)` when the KV cache is quantized.
+    kv: Option<(Var, Var)>,
+    /// LWC per linear, `[out, 1]`.
+    lwc: Vec<Clip>,
+    /// LAC per linear input.
+    lac: Vec<Clip>,
+    /// LAC of keys and values.
+    kv_lac: Option<(Clip, Clip)>,
+}
+
+impl Params {
+    fn transform_vars(&self) -> Vec<Var> {
+        let mut v = [self.attn.vars(), self.mlp.vars(), self.down.vars()].concat();
+        v.push(self.head_mix.clone());
+        if let Some((pv, pk)) = &self.kv {
+            v.push(pv.clone());
+            v.push(pk.clone());
+        }
+        v
+    }
+    fn clip_vars(&self) -> Vec<Var> {
+        let mut v: Vec<Var> = self.lwc.iter().chain(&self.lac).flat_map(Clip::vars).collect();
+        if let Some((k, vv)) = &self.kv_lac {
+            v.extend(k.vars());
+            v.extend(vv.vars());
+        }
+        v
+    }
+    fn snapshot(&self) -> Result<Vec<Tensor>> {
+        self.transform_vars().iter().chain(self.clip_vars().iter()).map(|v| Ok(v.as_tensor().copy()?)).collect()
+    }
+    fn restore(&self, snap: &[Tensor]) -> Result<()> {
+        for (v, t) in self.transform_vars().iter().chain(self.clip_vars().iter()).zip(snap) {
+            v.set(t)?;
+        }
+        Ok(())
+    }
+}
+
+/// A linear layer of the training graph: its weight already transformed and fake-quantized.
+struct TrainLinear {
+    w: Tensor,
+    bias: Option<Tensor>,
+    act: Option<LearnedClip>,
+}
+
+impl LinearLayer for TrainLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = match &self.act {
+            Some(a) => a.apply(x, self.in_features())?,
+            None => x.clone(),
+        };
+        linear_forward(&x, &self.w, self.bias.as_ref())
+    }
+    fn in_features(&self) -> usize {
+        self.w.dims()[1]
+    }
+    fn out_features(&self) -> usize {
+        self.w.dims()[0]
+    }
+    fn weight(&self) -> Result<Tensor> {
+        Ok(self.w.clone())
+    }
+    fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+    fn export(&self, _prefix: &str) -> Result<Vec<(String, StoredTensor)>> {
+        Err(Error::Runtime("a training-graph layer cannot be exported".into()))
+    }
+}
+
+/// Per-row extremes clipped by learned ratios: `(σ(γmin)·min(w, 0), σ(γmax)·max(w, 0))` per row.
+fn lwc_bounds(w: &Tensor, clip: &Clip) -> Result<(Tensor, Tensor)> {
+    let hi = w.max_keepdim(D::Minus1)?.broadcast_mul(&sigmoid(clip.max.as_tensor())?)?;
+    let lo = w.min_keepdim(D::Minus1)?.broadcast_mul(&sigmoid(clip.min.as_tensor())?)?;
+    Ok((lo, hi))
+}
+
+fn clamp_rows(w: &Tensor, lo: &Tensor, hi: &Tensor) -> Result<Tensor> {
+    Ok(w.broadcast_minimum(hi)?.broadcast_maximum(lo)?)
+}
+
+/// Rows of each head block of `w` (`[heads·hd, n]`) left-multiplied by `m` (`[hd, hd]`).
+fn mix_head_rows(w: &Tensor, m: &Tensor, hd: usize) -> Result<Tensor> {
+    let (out, n) = w.dims2()?;
+    Ok(m.unsqueeze(0)?.broadcast_matmul(&w.reshape((out / hd, hd, n))?)?.reshape((out, n))?)
+}
+
+pub struct FlatQuant {
+    pub cfg: FlatQuantConfig,
+    /// Clip logit whose sigmoid is 1 in f32: quantization without clipping.
+    no_clip: Tensor,
+}
+
+const LINEAR_SITE: [Site; 7] = [Site::AttnIn, Site::AttnIn, Site::AttnIn, Site::OIn, Site::MlpIn, Site::MlpIn, Site::DownIn];
+
+impl FlatQuant {
+    pub fn new(cfg: FlatQuantConfig) -> Result<Self> {
+        Ok(FlatQuant { cfg, no_clip: Tensor::new(&[[30f32]], &Device::Cpu)? })
+    }
+
+    fn plan(&self) -> QuantPlan {
+        QuantPlan {
+            weights: self.cfg.weights.map(|spec| crate::checkpoint::WeightScheme { spec, granularity: Granularity::Channel, clip_search: false, quantizer: "rtn".into() }),
+            activations: self.cfg.activations,
+            kv_cache: self.cfg.kv_cache,
+            quantize_head: false,
+        }
+    }
+
+    /// Channel-scale init `c_j = max_o|W[o,j]|^(1−α) / max_t|x[t,j]|^α` (§2.5).
+    fn init_scale(&self, block: &Block, kinds: &[LinearKind], act_max: Option<&Tensor>) -> Result<Vec<f32>> {
+        let ws = kinds.iter().map(|&k| block.linear(k).weight()).collect::<Result<Vec<_>>>()?;
+        let wmax: Vec<f32> = Tensor::cat(&ws, 0)?.abs()?.max(0)?.to_vec1()?;
+        let xmax: Vec<f32> = match act_max {
+            Some(t) => t.to_vec1()?,
+            None => vec![1.0; wmax.len()],
+        };
+        let a = self.cfg.alpha as f32;
+        Ok(wmax.iter().zip(&xmax).map(|(w, x)| (w.powf(1.0 - a) / x.max(1e-5).powf(a)).max(1e-5)).collect())
+    }
+
+    fn init_params(&self, block: &Block, stats: &SiteStats) -> Result<Params> {
+        let c = &*block.config;
+        let mut rng = Rng::new(self.cfg.seed.wrapping_mul(1000).wrapping_add(block.index as u64));
+        use LinearKind::*;
+        let attn_c = self.init_scale(block, &[Q, K, V], stats.attn_in.as_ref())?;
+        let mlp_c = self.init_scale(block, &[Up, Gate], stats.mlp_in.as_ref())?;
+        let down_c = self.init_scale(block, &[Down], stats.down_in.as_ref())?;
+        Ok(Params {
+            attn: Kron::new(c.hidden_size, &attn_c, &mut rng)?,
+            mlp: Kron::new(c.hidden_size, &mlp_c, &mut rng)?,
+            down: Kron::new(c.intermediate_size, &down_c, &mut rng)?,
+            head_mix: orthogonal_var(c.num_heads, &mut rng)?,
+            kv: match self.cfg.kv_cache {
+                Some(_) => Some((orthogonal_var(c.head_dim, &mut rng)?, orthogonal_var(c.head_dim, &mut rng)?)),
+                None => None,
+            },
+            lwc: LinearKind::ALL.iter().map(|k| Clip::new(&[k.shape(c).0, 1])).collect::<Result<_>>()?,
+            lac: LinearKind::ALL.iter().map(|_| Clip::new(&[1, 1])).collect::<Result<_>>()?,
+            kv_lac: match self.cfg.kv_cache {
+                Some(_) => Some((Clip::new(&[1, 1])?, Clip::new(&[1, 1])?)),
+                None => None,
+            },
+        })
+    }
+
+    /// The differentiable quantized block for the current parameters.
+    fn train_block(&self, block: &Block, p: &Params) -> Result<Block> {
+        let c = &*block.config;
+        let (nh, hd) = (c.num_heads, c.head_dim);
+        let mut b = block.clone();
+        let pv = p.kv.as_ref().map(|(pv, _)| pv.as_tensor());
+        let o_online = KroneckerTransform { n1: nh, n2: hd, p1: Some(p.head_mix.as_tensor().clone()), p2: None, scale: None };
+        let o_weight = KroneckerTransform {
+            n1: nh,
+            n2: hd,
+            p1: Some(inverse(p.head_mix.as_tensor())?.t()?),
+            p2: pv.map(|pv| inverse(pv).and_then(|i| Ok(i.t()?))).transpose()?,
+            scale: None,
+        };
+        let weight_side = [p.attn.weight_side()?, o_weight, p.mlp.weight_side()?, p.down.weight_side()?];
+        for (i, kind) in LinearKind::ALL.into_iter().enumerate() {
+            let layer = block.linear(kind);
+            let w = weight_side[LINEAR_SITE[i] as usize].apply(&layer.weight()?)?;
+            let mut bias = layer.bias().cloned();
+            let (lwc_hi, lwc_lo) = (p.lwc[i].max.as_tensor(), p.lwc[i].min.as_tensor());
+            let w = match (kind, pv, &self.cfg.weights) {
+                (LinearKind::V, Some(pv), spec) => {
+                    // Output side of v_proj: each head's values times P_v, after the clip (§2.6).
+                    let (lo, hi) = lwc_bounds(&w, &p.lwc[i])?;
+                    let w = mix_head_rows(&clamp_rows(&w, &lo, &hi)?, &pv.t()?, hd)?;
+                    bias = bias.map(|b| -> Result<Tensor> { Ok(b.reshape((b.dim(0)? / hd, hd))?.matmul(pv)?.flatten_all()?) }).transpose()?;
+                    match spec {
+                        Some(spec) => clip_quant(&w, &self.no_clip, &self.no_clip, spec, false)?,
+                        None => w,
+                    }
+                }
+                (_, _, Some(spec)) => clip_quant(&w, lwc_hi, lwc_lo, spec, true)?,
+                (_, _, None) => w,
+            };
+            let act = self.cfg.activations.map(|spec| p.lac[i].learned(spec));
+            b.set_linear(kind, Box::new(TrainLinear { w, bias, act }))?;
+        }
+        b.set_site(Site::AttnIn, Some(p.attn.online()));
+        b.set_site(Site::OIn, Some(o_online));
+        b.set_site(Site::MlpIn, Some(p.mlp.online()));
+        b.set_site(Site::DownIn, Some(p.down.online()));
+        if let Some((pv, pk)) = &p.kv {
+            let _ = pv;
+            b.qk_transform = Some(QkTransform { q: inverse(pk.as_tensor())?.t()?, k: pk.as_tensor().clone() });
+        }
+        if let (Some(spec), Some((kc, vc))) = (self.cfg.kv_cache, &p.kv_lac) {
+            b.k_quant = Some(Arc::new(kc.learned(spec)));
+            b.v_quant = Some(Arc::new(vc.learned(spec)));
+        }
+        Ok(b)
+    }
+
+    /// The deployed block: `c` merged into the norms and up_proj, transforms merged into the
+    /// weights in f64, learned clips applied, weights on the grid. With `quantize = false` the
+    /// result computes the original function (the equivalence test).
+    fn deploy(&self, block: &Block, p: &Params, quantize: bool, notes: &mut Vec<String>) -> Result<Block> {
+        let c = &*block.config;
+        let (nh, hd) = (c.num_heads, c.head_dim);
+        let f64v = |v: &Var| -> Result<Vec<f64>> { Ok(v.as_tensor().flatten_all()?.to_vec1::<f32>()?.into_iter().map(f64::from).collect()) };
+        let t64 = |m: &[f64], n: usize| -> Result<Tensor> { Ok(Tensor::from_slice(m, (n, n), &Device::Cpu)?) };
+        let mut inv_t = |v: &Var, n: usize, what: &str| -> Result<Tensor> {
+            let (inv, ratio) = inverse_f64(&f64v(v)?, n).ok_or_else(|| Error::Runtime(format!("block {}: {what} became singular", block.index)))?;
+            if ratio < 1e-6 {
+                notes.push(format!("block {}: {what} is ill-conditioned (pivot ratio {ratio:.1e})", block.index));
+            }
+            Ok(t64(&inv, n)?.t()?)
+        };
+        let kron64 = |k: &Kron, inv_t: &mut dyn FnMut(&Var, usize, &str) -> Result<Tensor>, what: &str| -> Result<KroneckerTransform> {
+            let cinv: Vec<f64> = f64v(&k.c)?.iter().map(|x| 1.0 / x).collect();
+            Ok(KroneckerTransform {
+                n1: k.n1,
+                n2: k.n2,
+                p1: Some(inv_t(&k.p1, k.n1, what)?),
+                p2: Some(inv_t(&k.p2, k.n2, what)?),
+                scale: Some(Tensor::from_vec(cinv, k.n1 * k.n2, &Device::Cpu)?),
+            })
+        };
+        let pv64 = p.kv.as_ref().map(|(pv, _)| -> Result<Tensor> { t64(&f64v(pv)?, hd) }).transpose()?;
+        let o_weight = KroneckerTransform {
+            n1: nh,
+            n2: hd,
+            p1: Some(inv_t(&p.head_mix, nh, "head mixer")?),
+            p2: p.kv.as_ref().map(|(pv, _)| inv_t(pv, hd, "P_v")).transpose()?,
+            scale: None,
+        };
+        let weight_side = [kron64(&p.attn, &mut inv_t, "attn_in factor")?, o_weight, kron64(&p.mlp, &mut inv_t, "mlp_in factor")?, kron64(&p.down, &mut inv_t, "down_in factor")?];
+        let c_down = f64v(&p.down.c)?;
+        let c_down_t = Tensor::from_slice(&c_down, (c_down.len(), 1), &Device::Cpu)?;
+        let sig = |v: &Var| -> Result<Tensor> { Ok(sigmoid(&v.as_tensor().to_dtype(DType::F64)?)?) };
+
+        let mut b = block.clone();
+        let plan = self.plan();
+        for (i, kind) in LinearKind::ALL.into_iter().enumerate() {
+            let layer = block.linear(kind);
+            let mut w = layer.weight()?.to_dtype(DType::F64)?;
+            let mut bias = layer.bias().map(|b| b.to_dtype(DType::F64)).transpose()?;
+            if kind == LinearKind::Up {
+                // c_d moves into up_proj's rows: silu(g)·(u⊙c) = (silu(g)·u)⊙c.
+                w = w.broadcast_mul(&c_down_t)?;
+                bias = bias.map(|b| b.mul(&c_down_t.flatten_all()?)).transpose()?;
+            }
+            let mut w = weight_side[LINEAR_SITE[i] as usize].apply(&w)?;
+            if quantize {
+                let hi = w.max_keepdim(D::Minus1)?.broadcast_mul(&sig(&p.lwc[i].max)?)?;
+                let lo = w.min_keepdim(D::Minus1)?.broadcast_mul(&sig(&p.lwc[i].min)?)?;
+                w = clamp_rows(&w, &lo, &hi)?;
+            }
+            if let (LinearKind::V, Some(pv)) = (kind, &pv64) {
+                w = mix_head_rows(&w, &pv.t()?, hd)?;
+                bias = bias.map(|b| -> Result<Tensor> { Ok(b.reshape((b.dim(0)? / hd, hd))?.matmul(pv)?.flatten_all()?) }).transpose()?;
+            }
+            let w = w.to_dtype(DType::F32)?;
+            let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
+            if !quantize {
+                b.set_linear(kind, Box::new(DenseLinear { weight: w, bias }))?;
+                continue;
+            }
+            let (out, inp) = w.dims2()?;
+            let name = format!("model.layers.{}.{}", block.index, kind.hf_name());
+            let qw = match &plan.weights {
+                Some(s) => Some(QuantizedWeight::quantize(&name, &w.flatten_all()?.to_vec1()?, out, inp, s.spec, s.granularity, false)?),
+                None => None,
+            };
+            let act = self.cfg.activations.map(|spec| p.lac[i].learned(spec).spec()).transpose()?;
+            b.set_linear(kind, Box::new(QuantLinear::new(qw, w, bias, act)?))?;
+        }
+        let f32t = |v: &Var| v.as_tensor().clone();
+        b.input_norm = (&block.input_norm * f32t(&p.attn.c))?;
+        b.post_norm = (&block.post_norm * f32t(&p.mlp.c))?;
+        let online = |k: &Kron| KroneckerTransform { n1: k.n1, n2: k.n2, p1: Some(f32t(&k.p1)), p2: Some(f32t(&k.p2)), scale: None };
+        b.set_site(Site::AttnIn, Some(online(&p.attn)));
+        b.set_site(Site::OIn, Some(KroneckerTransform { n1: nh, n2: hd, p1: Some(f32t(&p.head_mix)), p2: None, scale: None }));
+        b.set_site(Site::MlpIn, Some(online(&p.mlp)));
+        b.set_site(Site::DownIn, Some(online(&p.down)));
+        b.qk_transform = match &p.kv {
+            Some((_, pk)) => Some(QkTransform { q: inv_t(pk, hd, "P_k")?.to_dtype(DType::F32)?, k: f32t(pk) }),
+            None => None,
+        };
+        b.k_quant = None;
+        b.v_quant = None;
+        if let (true, Some(spec), Some((kc, vc))) = (quantize, self.cfg.kv_cache, &p.kv_lac) {
+            b.k_quant = Some(Arc::new(kc.learned(spec).spec()?));
+            b.v_quant = Some(Arc::new(vc.learned(spec).spec()?));
+        }
+        Ok(b)
+    }
+
+    /// Deploys freshly initialised (untrained) parameters without quantization: for tests of the
+    /// reparameterisation.
+    pub fn deploy_initial_unquantized(&self, block: &Block, stats: &SiteStats) -> Result<Block> {
+        let p = self.init_params(block, stats)?;
+        self.deploy(block, &p, false, &mut Vec::new())
+    }
+}
+
+fn cosine(step: usize, total: usize, lr: f64, min: f64) -> f64 {
+    min + (lr - min) * (1.0 + (std::f64::consts::PI * step as f64 / total.max(1) as f64).cos()) / 2.0
+}
+
+impl BlockMethod for FlatQuant {
+    fn calibrate(&mut self, block: &Block, rope: &Rope, x: &Tensor, y: &Tensor, stats: &SiteStats, on_epoch: &mut dyn FnMut(&EpochLog)) -> Result<(Block, BlockReport)> {
+        let n = x.dim(0)?;
+        let bs = self.cfg.batch.clamp(1, n);
+        let steps_per_epoch = n / bs;
+        let total = self.cfg.epochs * steps_per_epoch;
+        let mut notes = Vec::new();
+
+        let mut rtn = block.clone();
+        quantize_block(&mut rtn, &self.plan())?;
+        let loss_rtn = mse(&run_block(&rtn, rope, x, 4, &mut NoHook)?, y)?;
+
+        let p = self.init_params(block, stats)?;
+        let params = |lr: f64| ParamsAdamW { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: self.cfg.weight_decay };
+        let (lr, lr_clip) = (self.cfg.lr, self.cfg.lr * self.cfg.clip_lr_mult);
+        let mut opt_t = AdamW::new(p.transform_vars(), params(lr))?;
+        let mut opt_c = AdamW::new(p.clip_vars(), params(lr_clip))?;
+        let mut epochs = Vec::new();
+        let mut step = 0;
+        let mut good = p.snapshot()?;
+        'train: for e in 0..self.cfg.epochs {
+            let t0 = Instant::now();
+            let mut sum = 0.0;
+            for k in 0..steps_per_epoch {
+                let xb = x.narrow(0, k * bs, bs)?;
+                let yb = y.narrow(0, k * bs, bs)?;
+                let out = self.train_block(block, &p)?.forward(&xb, rope, Mode::Train, &mut NoHook)?;
+                let loss = (out - yb)?.sqr()?.mean_all()?;
+                let lv = loss.to_scalar::<f32>()? as f64;
+                if !lv.is_finite() {
+                    p.restore(&good)?;
+                    notes.push(format!("block {}: non-finite loss at epoch {e}; restored the parameters of the last finished epoch and stopped", block.index));
+                    break 'train;
+                }
+                sum += lv;
+                // loss / stopgrad(loss): the gradient of log(mse), independent of the MSE's scale.
+                let scaled = (&loss / lv)?;
+                let grads = scaled.backward()?;
+                opt_t.set_learning_rate(cosine(step, total, lr, lr * 1e-3));
+                opt_c.set_learning_rate(cosine(step, total, lr_clip, lr * 1e-3));
+                opt_t.step(&grads)?;
+                opt_c.step(&grads)?;
+                step += 1;
+            }
+            let log = EpochLog { epoch: e, loss: sum / steps_per_epoch as f64, seconds: t0.elapsed().as_secs_f64() };
+            on_epoch(&log);
+            epochs.push(log);
+            good = p.snapshot()?;
+        }
+        let deployed = self.deploy(block, &p, true, &mut notes)?;
+        let loss_final = mse(&run_block(&deployed, rope, x, 4, &mut NoHook)?, y)?;
+        Ok((deployed, BlockReport { block: block.index, loss_rtn, loss_final, epochs, seconds: 0.0, notes }))
+    }
+}

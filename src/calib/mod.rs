@@ -1,0 +1,121 @@
+//! The calibration engine: one loop for every learned method.
+//!
+//! Layer by layer: the full-precision inputs `X` of block `i` are run through the FP block to get
+//! its outputs `Y` (and per-channel activation statistics); a `BlockMethod` turns the FP block into
+//! its deployed quantized form by minimising the block-output MSE; `Y` becomes the next block's
+//! input (no error propagation, as FlatQuant and AffineQuant do). Only one block's activations are
+//! alive at a time.
+
+pub mod data;
+pub mod flatquant;
+pub mod recipe;
+
+use crate::error::{Error, Result};
+use crate::model::{Block, BlockHook, LinearKind, Mode, Model, Rope};
+use candle_core::{Tensor, D};
+use std::time::Instant;
+
+/// Per-channel running max of |x| at the three Kronecker sites' inputs (FlatQuant §2.5).
+#[derive(Default)]
+pub struct SiteStats {
+    pub attn_in: Option<Tensor>,
+    pub mlp_in: Option<Tensor>,
+    pub down_in: Option<Tensor>,
+}
+
+impl BlockHook for SiteStats {
+    fn linear_input(&mut self, kind: LinearKind, x: &Tensor) -> Result<()> {
+        let slot = match kind {
+            LinearKind::Q => &mut self.attn_in,
+            LinearKind::Gate => &mut self.mlp_in,
+            LinearKind::Down => &mut self.down_in,
+            _ => return Ok(()),
+        };
+        let n = x.dim(D::Minus1)?;
+        let m = x.abs()?.reshape(((), n))?.max(0)?;
+        *slot = Some(match slot.take() {
+            Some(prev) => prev.maximum(&m)?,
+            None => m,
+        });
+        Ok(())
+    }
+}
+
+/// One epoch's record for the log.
+#[derive(Debug, Clone)]
+pub struct EpochLog {
+    pub epoch: usize,
+    pub loss: f64,
+    pub seconds: f64,
+}
+
+/// What a method reports for a block.
+#[derive(Debug, Clone)]
+pub struct BlockReport {
+    pub block: usize,
+    /// Output MSE of plain RTN (no transform) on the calibration data.
+    pub loss_rtn: f64,
+    /// Output MSE of the deployed block (transforms merged, weights on the grid).
+    pub loss_final: f64,
+    pub epochs: Vec<EpochLog>,
+    pub seconds: f64,
+    /// Anything the method had to do about numerical trouble.
+    pub notes: Vec<String>,
+}
+
+/// A method that calibrates one block at a time.
+pub trait BlockMethod {
+    /// Returns the deployed block. `x` and `y`: `[N, L, hidden]` FP inputs and outputs.
+    fn calibrate(&mut self, block: &Block, rope: &Rope, x: &Tensor, y: &Tensor, stats: &SiteStats, on_epoch: &mut dyn FnMut(&EpochLog)) -> Result<(Block, BlockReport)>;
+}
+
+/// Runs `block` over `x` in chunks of `batch` samples (eval path) with `hook` observing.
+pub fn run_block(block: &Block, rope: &Rope, x: &Tensor, batch: usize, hook: &mut dyn BlockHook) -> Result<Tensor> {
+    let n = x.dim(0)?;
+    let mut outs = Vec::new();
+    let mut s = 0;
+    while s < n {
+        let b = batch.min(n - s);
+        outs.push(block.forward(&x.narrow(0, s, b)?, rope, Mode::Eval, hook)?);
+        s += b;
+    }
+    Ok(Tensor::cat(&outs, 0)?)
+}
+
+/// Mean squared error between two tensors, in f64.
+pub fn mse(a: &Tensor, b: &Tensor) -> Result<f64> {
+    Ok((a - b)?.sqr()?.mean_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
+}
+
+/// Calibrates every block of `model` on `tokens` `[N, L]` with `method`, replacing the blocks by
+/// their deployed form. `progress(done, total, report)` after each block.
+pub fn calibrate_model(
+    model: &mut Model,
+    tokens: &Tensor,
+    method: &mut dyn BlockMethod,
+    mut on_epoch: impl FnMut(usize, &EpochLog),
+    mut progress: impl FnMut(usize, usize, &BlockReport),
+) -> Result<Vec<BlockReport>> {
+    let (_, l) = tokens.dims2()?;
+    if l > model.rope.max_len() {
+        model.rope = Rope::new(&model.config, l)?;
+    }
+    let mut x = model.embed(tokens)?;
+    let total = model.blocks.len();
+    let mut reports = Vec::with_capacity(total);
+    for i in 0..total {
+        let t0 = Instant::now();
+        let mut stats = SiteStats::default();
+        let y = run_block(&model.blocks[i], &model.rope, &x, 4, &mut stats)?;
+        if !y.flatten_all()?.max(0)?.to_scalar::<f32>()?.is_finite() {
+            return Err(Error::Runtime(format!("block {i}: full-precision outputs are not finite")));
+        }
+        let (block, mut report) = method.calibrate(&model.blocks[i], &model.rope, &x, &y, &stats, &mut |e| on_epoch(i, e))?;
+        report.seconds = t0.elapsed().as_secs_f64();
+        model.blocks[i] = block;
+        progress(i + 1, total, &report);
+        reports.push(report);
+        x = y;
+    }
+    Ok(reports)
+}

@@ -1,0 +1,261 @@
+//! Fused fake quantization with learnable clipping (FlatQuant's LWC for weights, LAC for
+//! activations) and its straight-through backward, as one candle op.
+//!
+//! Per row `r` of `x` `[rows, n]`, with clip logits `a_hi`, `a_lo` (one per row, or one scalar):
+//!
+//! ```text
+//! hi = σ(a_hi)·max(max_j x, 0)       lo = σ(a_lo)·min(min_j x, 0)
+//! xc = clamp(x, lo, hi) (weights, LWC) or x (activations, LAC)
+//! symmetric:  s = max(hi, −lo)/D,  q = clamp(round(xc/s), −2^(b−1), 2^(b−1)−1),  out = s·q
+//! asymmetric: s = (hi − lo)/(2^b−1),  z = round(−lo/s) (constant),  out = s·(clamp(round(xc/s)+z, 0, 2^b−1) − z)
+//! ```
+//!
+//! Backward: `round` has gradient 1 (STE); clamps pass gradient only where not saturated; `s`
+//! receives `Σ g·(q − [unsat]·xc/s)`; the extremes `max/min_j x` route their gradient to every
+//! element equal to them (as candle's `max_keepdim` does). It replaces ~25 graph nodes per
+//! quantizer, whose backward dominated calibration time; `act::fake_quant_graph` is its test oracle.
+
+use super::quantizer::{QuantSpec, SymScale};
+use crate::error::Result;
+use candle_core::{CpuStorage, CustomOp3, Device, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+const MIN_SCALE: f32 = 1e-8;
+
+pub struct ClipQuant {
+    pub spec: QuantSpec,
+    /// Clamp `x` to `[lo, hi]` before rounding (LWC) rather than only saturating codes (LAC).
+    pub clamp_input: bool,
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// Everything the forward decides for one row.
+struct Row {
+    hi: f32,
+    lo: f32,
+    s: f32,
+    z: f32,
+    scale_clamped: bool,
+    max: f32,
+    min: f32,
+}
+
+impl ClipQuant {
+    fn row(&self, x: &[f32], a_hi: f32, a_lo: f32) -> Row {
+        let (min, max) = x.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+        let hi = sigmoid(a_hi) * max.max(0.0);
+        let lo = sigmoid(a_lo) * min.min(0.0);
+        let raw = if self.spec.symmetric {
+            let div = match self.spec.sym_scale {
+                SymScale::MaxPos => ((1u32 << (self.spec.bits - 1)) - 1) as f32,
+                SymScale::HalfRange => self.spec.qmax() as f32 / 2.0,
+            };
+            hi.max(-lo) / div
+        } else {
+            (hi - lo) / self.spec.qmax() as f32
+        };
+        let s = raw.max(MIN_SCALE);
+        let z = if self.spec.symmetric { 0.0 } else { (-lo / s).round() };
+        Row { hi, lo, s, z, scale_clamped: raw < MIN_SCALE, max, min }
+    }
+
+    /// (code range) for the rounded value `r` (symmetric: r itself; asymmetric: r + z).
+    fn bounds(&self) -> (f32, f32) {
+        if self.spec.symmetric {
+            let half = (1u32 << (self.spec.bits - 1)) as f32;
+            (-half, half - 1.0)
+        } else {
+            (0.0, self.spec.qmax() as f32)
+        }
+    }
+}
+
+fn contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("clip quant: inputs must be contiguous".into()))?;
+    Ok(&s.as_slice::<f32>()?[a..b])
+}
+
+impl CustomOp3 for ClipQuant {
+    fn name(&self) -> &'static str {
+        "affq-clip-quant"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, n) = l1.shape().dims2()?;
+        let (x, ah, al) = (contiguous(s1, l1)?, contiguous(s2, l2)?, contiguous(s3, l3)?);
+        let per_row = ah.len() == rows;
+        let (qlo, qhi) = self.bounds();
+        let mut out = vec![0f32; rows * n];
+        out.par_chunks_mut(n).zip(x.par_chunks(n)).enumerate().for_each(|(r, (o, xr))| {
+            let k = if per_row { r } else { 0 };
+            let p = self.row(xr, ah[k], al[k]);
+            for (o, &v) in o.iter_mut().zip(xr) {
+                let xc = if self.clamp_input { v.clamp(p.lo, p.hi) } else { v };
+                let c = ((xc / p.s).round() + p.z).clamp(qlo, qhi);
+                *o = (c - p.z) * p.s;
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, a_hi: &Tensor, a_lo: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (rows, n) = x.dims2()?;
+        let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let gv: Vec<f32> = grad.contiguous()?.flatten_all()?.to_vec1()?;
+        let ah: Vec<f32> = a_hi.flatten_all()?.to_vec1()?;
+        let al: Vec<f32> = a_lo.flatten_all()?.to_vec1()?;
+        let per_row = ah.len() == rows;
+        let (qlo, qhi) = self.bounds();
+        let qmax = self.spec.qmax() as f32;
+        let div = match self.spec.sym_scale {
+            SymScale::MaxPos => ((1u32 << (self.spec.bits - 1)) - 1) as f32,
+            SymScale::HalfRange => qmax / 2.0,
+        };
+        let mut dx = vec![0f32; rows * n];
+        // Per row: (d a_hi, d a_lo).
+        let da: Vec<(f32, f32)> = dx
+            .par_chunks_mut(n)
+            .enumerate()
+            .map(|(r, dxr)| {
+                let xr = &xv[r * n..(r + 1) * n];
+                let gr = &gv[r * n..(r + 1) * n];
+                let k = if per_row { r } else { 0 };
+                let p = self.row(xr, ah[k], al[k]);
+                let (mut ds, mut dhi, mut dlo) = (0f32, 0f32, 0f32);
+                for j in 0..n {
+                    let v = xr[j];
+                    let xc = if self.clamp_input { v.clamp(p.lo, p.hi) } else { v };
+                    let c_raw = (xc / p.s).round() + p.z;
+                    // Pass-through weight of the code clamp: 1 inside, 0 outside, ½ exactly on a
+                    // bound (candle's clamp splits ties; LWC puts the clipped maxima there).
+                    let unsat = if c_raw > qlo && c_raw < qhi {
+                        1.0
+                    } else if c_raw == qlo || c_raw == qhi {
+                        0.5
+                    } else {
+                        0.0
+                    };
+                    let c = c_raw.clamp(qlo, qhi);
+                    let dxc = gr[j] * unsat;
+                    ds += gr[j] * ((c - p.z) - unsat * xc / p.s);
+                    if self.clamp_input && v > p.hi {
+                        dhi += dxc;
+                    } else if self.clamp_input && v < p.lo {
+                        dlo += dxc;
+                    } else {
+                        dxr[j] = dxc;
+                    }
+                }
+                if !p.scale_clamped {
+                    if self.spec.symmetric {
+                        if p.hi >= -p.lo {
+                            dhi += ds / div;
+                        } else {
+                            dlo -= ds / div;
+                        }
+                    } else {
+                        dhi += ds / qmax;
+                        dlo -= ds / qmax;
+                    }
+                }
+                let (sh, sl) = (sigmoid(ah[k]), sigmoid(al[k]));
+                // hi = σ(a_hi)·max(M, 0): gradient to a_hi, and to the maximal elements of x.
+                if p.max > 0.0 {
+                    for j in 0..n {
+                        if xr[j] == p.max {
+                            dxr[j] += dhi * sh;
+                        }
+                    }
+                }
+                if p.min < 0.0 {
+                    for j in 0..n {
+                        if xr[j] == p.min {
+                            dxr[j] += dlo * sl;
+                        }
+                    }
+                }
+                (dhi * sh * (1.0 - sh) * p.max.max(0.0), dlo * sl * (1.0 - sl) * p.min.min(0.0))
+            })
+            .collect();
+        let shape = a_hi.dims().to_vec();
+        let (gh, gl): (Vec<f32>, Vec<f32>) = if per_row {
+            da.into_iter().unzip()
+        } else {
+            let (a, b) = da.iter().fold((0f32, 0f32), |(a, b), (x, y)| (a + x, b + y));
+            (vec![a], vec![b])
+        };
+        Ok((
+            Some(Tensor::from_vec(dx, (rows, n), &Device::Cpu)?),
+            Some(Tensor::from_vec(gh, shape.clone(), &Device::Cpu)?),
+            Some(Tensor::from_vec(gl, shape, &Device::Cpu)?),
+        ))
+    }
+}
+
+/// Fake-quantizes the rows of `x` `[rows, n]` with learnable clip logits `a_hi`, `a_lo`
+/// (`[rows, 1]` or `[1, 1]`).
+pub fn clip_quant(x: &Tensor, a_hi: &Tensor, a_lo: &Tensor, spec: &QuantSpec, clamp_input: bool) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op3(&a_hi.contiguous()?, &a_lo.contiguous()?, ClipQuant { spec: *spec, clamp_input })?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::act::{fake_quant_graph, sigmoid as sig};
+    use candle_core::{Var, D};
+
+    /// The same function composed of candle ops (the oracle).
+    fn graph(x: &Tensor, ah: &Tensor, al: &Tensor, spec: &QuantSpec, clamp_input: bool) -> Tensor {
+        let hi = x.max_keepdim(D::Minus1).unwrap().relu().unwrap().broadcast_mul(&sig(ah).unwrap()).unwrap();
+        let lo = x.min_keepdim(D::Minus1).unwrap().neg().unwrap().relu().unwrap().neg().unwrap().broadcast_mul(&sig(al).unwrap()).unwrap();
+        let xc = if clamp_input { x.broadcast_minimum(&hi).unwrap().broadcast_maximum(&lo).unwrap() } else { x.clone() };
+        fake_quant_graph(&xc, &lo, &hi, spec).unwrap()
+    }
+
+    #[test]
+    fn fused_op_matches_graph_values_and_gradients() {
+        let mut rng = crate::transforms::linalg::Rng::new(11);
+        for (spec, clamp_input, per_row) in [
+            (QuantSpec::sym(4), true, true),
+            (QuantSpec::sym(4), false, false),
+            (QuantSpec::asym(4), false, false),
+            (QuantSpec::sym(3), true, false),
+            (QuantSpec::asym(8), true, true),
+        ] {
+            let (rows, n) = (6, 40);
+            let xv: Vec<f32> = (0..rows * n).map(|i| rng.normal() as f32 * if i % 17 == 0 { 4.0 } else { 1.0 }).collect();
+            let k = if per_row { rows } else { 1 };
+            let ahv: Vec<f32> = (0..k).map(|i| 1.0 + i as f32 * 0.3).collect();
+            let alv: Vec<f32> = (0..k).map(|i| 2.0 - i as f32 * 0.2).collect();
+            let w: Vec<f32> = (0..rows * n).map(|_| rng.normal() as f32).collect();
+            let wt = Tensor::from_vec(w, (rows, n), &Device::Cpu).unwrap();
+            let run = |fused: bool| {
+                let x = Var::from_tensor(&Tensor::from_vec(xv.clone(), (rows, n), &Device::Cpu).unwrap()).unwrap();
+                let ah = Var::from_tensor(&Tensor::from_vec(ahv.clone(), (k, 1), &Device::Cpu).unwrap()).unwrap();
+                let al = Var::from_tensor(&Tensor::from_vec(alv.clone(), (k, 1), &Device::Cpu).unwrap()).unwrap();
+                let out = if fused {
+                    clip_quant(x.as_tensor(), ah.as_tensor(), al.as_tensor(), &spec, clamp_input).unwrap()
+                } else {
+                    graph(x.as_tensor(), ah.as_tensor(), al.as_tensor(), &spec, clamp_input)
+                };
+                let loss = (&out * &wt).unwrap().sum_all().unwrap();
+                let g = loss.backward().unwrap();
+                let v = |t: &Tensor| -> Vec<f32> { g.get(t).unwrap().flatten_all().unwrap().to_vec1().unwrap() };
+                (out.flatten_all().unwrap().to_vec1::<f32>().unwrap(), v(x.as_tensor()), v(ah.as_tensor()), v(al.as_tensor()))
+            };
+            let (a, b) = (run(true), run(false));
+            let close = |p: &[f32], q: &[f32], what: &str| {
+                for (i, (u, v)) in p.iter().zip(q).enumerate() {
+                    assert!((u - v).abs() <= 1e-4 * (1.0 + v.abs()), "{spec:?} {what}[{i}]: fused {u} vs graph {v}");
+                }
+            };
+            close(&a.0, &b.0, "out");
+            close(&a.1, &b.1, "dx");
+            close(&a.2, &b.2, "da_hi");
+            close(&a.3, &b.3, "da_lo");
+        }
+    }
+}
