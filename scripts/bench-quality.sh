@@ -43,3 +43,20 @@ W16A4 --bits 16 --a-bits 4
 W4A4 --bits 4 --a-bits 4
 W4A4KV4 --bits 4 --a-bits 4 --kv-bits 4
 GRID
+
+# FlatQuant with the CPU preset (calib/cpu.toml; calibrated on the WikiText-2 validation split
+# unless the data directory has the train split).
+echo
+printf '%-10s %10s %14s\n' scheme flatquant "calibrate s"
+while read -r name flags; do
+  t0=$(date +%s.%N)
+  # shellcheck disable=SC2086
+  "$bin" quantize "$model" -o "$work/q" --method flatquant $flags --force > /dev/null 2>&1
+  secs=$(python3 -c "import time; print('%.0f' % (time.time() - $t0))")
+  printf '%-10s %10s %14s\n' "$name" "$(ppl "$work/q")" "$secs"
+done <<'GRID'
+W4A16 --bits 4
+W4A8 --bits 4 --a-bits 8
+W4A4 --bits 4 --a-bits 4
+W4A4KV4 --bits 4 --a-bits 4 --kv-bits 4
+GRID

@@ -7,7 +7,6 @@ use crate::fsutil::{write_json, TempDir};
 use crate::model::Model;
 use crate::quant::{Granularity, QuantSpec};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::path::Path;
 
 pub const FORMAT: &str = "affq-packed";
@@ -109,24 +108,14 @@ pub fn write(
     let tmp = TempDir::beside(out)?;
     let mut tensors = model.export()?;
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
-        .iter()
-        .map(|(n, t)| {
-            safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.bytes)
-                .map(|v| (n.clone(), v))
-                .map_err(|e| Error::Runtime(format!("tensor {n}: {e}")))
-        })
-        .collect::<Result<_>>()?;
-    let mut meta = HashMap::new();
+    let mut meta = std::collections::BTreeMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     meta.insert("affq.version".to_string(), crate::VERSION.to_string());
     meta.insert(
         "affq.quantization".to_string(),
         serde_json::to_string(qcfg).unwrap_or_default(),
     );
-    let st = tmp.path().join("model.safetensors");
-    safetensors::serialize_to_file(views, Some(meta), &st)
-        .map_err(|e| Error::Runtime(format!("{}: {e}", st.display())))?;
+    crate::weights::write_safetensors(&tmp.path().join("model.safetensors"), &tensors, &meta)?;
 
     let text = std::fs::read_to_string(src_config).map_err(|e| Error::io(src_config, e))?;
     let mut cfg: serde_json::Value =

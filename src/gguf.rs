@@ -6,6 +6,7 @@
 
 use crate::error::{Error, Result};
 use crate::tokenizer;
+use crate::weights::StoredTensor;
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
 use candle_core::Device;
 use memmap2::Mmap;
@@ -549,7 +550,7 @@ pub fn import(
 
     // Tensors: dequantize, un-permute, rename; keep them as stored bytes for serialization.
     let mut tensor_types = BTreeMap::new();
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut tensors: Vec<(String, StoredTensor)> = Vec::new();
     let mut params = 0usize;
     for t in &g.tensors {
         if tied && t.name == "output.weight" {
@@ -582,14 +583,21 @@ pub fn import(
                 .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
                 .collect(),
         };
-        tensors.push((name, t.shape.clone(), bytes));
+        let dtype = match dtype {
+            ImportDtype::F32 => safetensors::Dtype::F32,
+            ImportDtype::F16 => safetensors::Dtype::F16,
+        };
+        tensors.push((
+            name,
+            StoredTensor {
+                dtype,
+                shape: t.shape.clone(),
+                bytes,
+            },
+        ));
     }
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    let st_dtype = match dtype {
-        ImportDtype::F32 => safetensors::Dtype::F32,
-        ImportDtype::F16 => safetensors::Dtype::F16,
-    };
-    let mut meta = std::collections::HashMap::new();
+    let mut meta = BTreeMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     meta.insert(
         "source".to_string(),
@@ -602,17 +610,7 @@ pub fn import(
         "note".to_string(),
         "dequantized from GGUF by affq import; not original weights".to_string(),
     );
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
-        .iter()
-        .map(|(n, s, b)| {
-            let v = safetensors::tensor::TensorView::new(st_dtype, s.clone(), b)
-                .map_err(|e| Error::Runtime(format!("tensor {n}: {e}")))?;
-            Ok((n.clone(), v))
-        })
-        .collect::<Result<_>>()?;
-    let st_path = tmp.path().join("model.safetensors");
-    safetensors::serialize_to_file(views, Some(meta), &st_path)
-        .map_err(|e| Error::Runtime(format!("{}: {e}", st_path.display())))?;
+    crate::weights::write_safetensors(&tmp.path().join("model.safetensors"), &tensors, &meta)?;
 
     let bos = g.get("tokenizer.ggml.bos_token_id").and_then(Value::as_u64);
     let eos = g.get("tokenizer.ggml.eos_token_id").and_then(Value::as_u64);

@@ -440,7 +440,10 @@ fn resolve_recipe(a: &QuantizeArgs) -> anyhow::Result<Recipe> {
                     MethodArg::Flatquant => "flatquant",
                 };
                 if m != want {
-                    return Err(affq::Error::Usage(format!("recipe is for --method {m}, not {want}")).into());
+                    return Err(affq::Error::Usage(format!(
+                        "recipe is for --method {m}, not {want}"
+                    ))
+                    .into());
                 }
             }
             base.overridden_by(&r)
@@ -461,7 +464,15 @@ fn resolve_recipe(a: &QuantizeArgs) -> anyhow::Result<Recipe> {
         calib: a.calib.clone(),
     };
     if a.method != MethodArg::Flatquant {
-        let calib_flags = [a.nsamples.is_some(), a.calib_seqlen.is_some(), a.epochs.is_some(), a.batch.is_some(), a.lr.is_some(), a.alpha.is_some(), a.calib.is_some()];
+        let calib_flags = [
+            a.nsamples.is_some(),
+            a.calib_seqlen.is_some(),
+            a.epochs.is_some(),
+            a.batch.is_some(),
+            a.lr.is_some(),
+            a.alpha.is_some(),
+            a.calib.is_some(),
+        ];
         if calib_flags.iter().any(|&f| f) {
             return Err(affq::Error::Usage("calibration flags (--calib, --nsamples, --calib-seqlen, --epochs, --batch, --lr, --alpha) need a calibrated method (--method flatquant)".into()).into());
         }
@@ -474,7 +485,13 @@ struct CalibOutcome {
     transforms: Vec<String>,
 }
 
-fn run_flatquant(a: &QuantizeArgs, r: &Recipe, plan: &QuantPlan, ckpt: &Checkpoint, model: &mut Model) -> anyhow::Result<CalibOutcome> {
+fn run_flatquant(
+    a: &QuantizeArgs,
+    r: &Recipe,
+    plan: &QuantPlan,
+    ckpt: &Checkpoint,
+    model: &mut Model,
+) -> anyhow::Result<CalibOutcome> {
     let dir = data::data_dir(a.data_dir.as_deref());
     let source = match r.calib.as_deref().unwrap_or("wikitext2") {
         "wikitext2" => CalibSource::Wikitext2,
@@ -482,7 +499,12 @@ fn run_flatquant(a: &QuantizeArgs, r: &Recipe, plan: &QuantPlan, ckpt: &Checkpoi
         path => CalibSource::File(PathBuf::from(path)),
     };
     let (path, desc) = affq::calib::data::resolve(&source, &dir)?;
-    let tok_path = ckpt.files.tokenizer.clone().ok_or_else(|| affq::Error::format(ckpt.files.dir.join("tokenizer.json"), "missing: calibration needs the model's tokenizer"))?;
+    let tok_path = ckpt.files.tokenizer.clone().ok_or_else(|| {
+        affq::Error::format(
+            ckpt.files.dir.join("tokenizer.json"),
+            "missing: calibration needs the model's tokenizer",
+        )
+    })?;
     let tok = Tok::load(&tok_path)?;
     let (n, l) = (r.nsamples.unwrap_or(16), r.calib_seqlen.unwrap_or(512));
     let text = affq::calib::data::read(&path)?;
@@ -503,14 +525,22 @@ fn run_flatquant(a: &QuantizeArgs, r: &Recipe, plan: &QuantPlan, ckpt: &Checkpoi
         alpha: r.alpha.unwrap_or(0.3),
         seed: a.seed,
     };
-    let summary = format!("flatquant: calibrated on {desc}, {n} × {l} tokens, {epochs} epochs, batch {}, lr {}", cfg.batch, cfg.lr);
+    let summary = format!(
+        "flatquant: calibrated on {desc}, {n} × {l} tokens, {epochs} epochs, batch {}, lr {}",
+        cfg.batch, cfg.lr
+    );
     if !a.common.json {
         eprintln!("{summary}");
     }
     let mut fq = FlatQuant::new(cfg)?;
     let nblocks = model.blocks.len() as u64;
     let bar = indicatif::ProgressBar::new(nblocks);
-    bar.set_style(indicatif::ProgressStyle::with_template("blocks {pos}/{len} {bar:30} [{elapsed}<{eta}] {msg}").expect("valid template"));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "blocks {pos}/{len} {bar:30} [{elapsed}<{eta}] {msg}",
+        )
+        .expect("valid template"),
+    );
     let mut csv = String::from("block,epoch,loss,seconds\n");
     let mut epoch_rows = Vec::new();
     let reports = affq::calib::calibrate_model(
@@ -523,7 +553,12 @@ fn run_flatquant(a: &QuantizeArgs, r: &Recipe, plan: &QuantPlan, ckpt: &Checkpoi
         },
         |done, _, rep| {
             bar.set_position(done as u64);
-            bar.suspend(|| eprintln!("block {:>2}: loss rtn {:.3e} -> flatquant {:.3e} ({:.1}s)", rep.block, rep.loss_rtn, rep.loss_final, rep.seconds));
+            bar.suspend(|| {
+                eprintln!(
+                    "block {:>2}: loss rtn {:.3e} -> flatquant {:.3e} ({:.1}s)",
+                    rep.block, rep.loss_rtn, rep.loss_final, rep.seconds
+                )
+            });
         },
     )?;
     bar.finish_and_clear();
@@ -534,7 +569,10 @@ fn run_flatquant(a: &QuantizeArgs, r: &Recipe, plan: &QuantPlan, ckpt: &Checkpoi
     csv.push_str("\nblock,loss_rtn,loss_final,seconds\n");
     let mut transforms = vec![summary];
     for rep in &reports {
-        csv.push_str(&format!("{},{:.6e},{:.6e},{:.2}\n", rep.block, rep.loss_rtn, rep.loss_final, rep.seconds));
+        csv.push_str(&format!(
+            "{},{:.6e},{:.6e},{:.2}\n",
+            rep.block, rep.loss_rtn, rep.loss_final, rep.seconds
+        ));
         for note in &rep.notes {
             eprintln!("warning: {note}");
             transforms.push(note.clone());
@@ -547,7 +585,12 @@ fn run_quantize(a: QuantizeArgs) -> anyhow::Result<()> {
     init_threads(&a.common)?;
     let recipe = resolve_recipe(&a)?;
     let plan = quant_plan(&a, &recipe)?;
-    if a.method == MethodArg::Flatquant && plan.weights.as_ref().is_some_and(|w| w.granularity != Granularity::Channel) {
+    if a.method == MethodArg::Flatquant
+        && plan
+            .weights
+            .as_ref()
+            .is_some_and(|w| w.granularity != Granularity::Channel)
+    {
         return Err(affq::Error::Usage("--method flatquant quantizes weights per channel; --group-size is not supported with it".into()).into());
     }
     let t0 = Instant::now();
@@ -659,7 +702,7 @@ fn tune_allocator() {
     // SAFETY: mallopt only adjusts glibc allocator thresholds; called before any other thread exists.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20); // glibc maximum
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 4 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
 }
 

@@ -355,3 +355,56 @@ impl TensorStore {
         Ok(self.raw(name)?.shape)
     }
 }
+
+/// Writes a safetensors file with tensors in the given order and `__metadata__` keys sorted, so
+/// the same inputs always give the same bytes (the `safetensors` crate takes a `HashMap`, whose
+/// order varies from run to run). The header is padded with spaces to a multiple of 8 bytes.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, StoredTensor)],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    use std::io::Write;
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        header.insert(
+            "__metadata__".into(),
+            serde_json::to_value(metadata).map_err(|e| Error::Runtime(e.to_string()))?,
+        );
+    }
+    let mut offset = 0usize;
+    for (name, t) in tensors {
+        let expected = t.shape.iter().product::<usize>() * t.dtype.bitsize() / 8;
+        if expected != t.bytes.len() {
+            return Err(Error::Runtime(format!(
+                "tensor {name}: {} bytes for shape {:?} {:?}",
+                t.bytes.len(),
+                t.shape,
+                t.dtype
+            )));
+        }
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, offset + t.bytes.len()]}),
+        );
+        offset += t.bytes.len();
+    }
+    // serde_json's Map is ordered by key (no `preserve_order`), so the header is canonical.
+    let mut h = serde_json::to_vec(&header).map_err(|e| Error::Runtime(e.to_string()))?;
+    while (8 + h.len()) % 8 != 0 {
+        h.push(b' ');
+    }
+    let f = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+    let io = |e| Error::io(path, e);
+    w.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
+    w.write_all(&h).map_err(io)?;
+    for (_, t) in tensors {
+        w.write_all(&t.bytes).map_err(io)?;
+    }
+    w.into_inner()
+        .map_err(|e| Error::io(path, e.into_error()))?
+        .sync_all()
+        .map_err(io)?;
+    Ok(())
+}

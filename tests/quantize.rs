@@ -88,8 +88,16 @@ fn rtn_checkpoint_round_trip_gives_identical_logits() {
             seed: 0,
         };
         let out = tmp.path().join(format!("q{bits}"));
-        affq::checkpoint::write(&m, &ckpt.files.dir, &ckpt.files.config, &qcfg, &out, false, &[])
-            .unwrap();
+        affq::checkpoint::write(
+            &m,
+            &ckpt.files.dir,
+            &ckpt.files.config,
+            &qcfg,
+            &out,
+            false,
+            &[],
+        )
+        .unwrap();
         let back = Checkpoint::open(&out).unwrap();
         assert_eq!(back.quant.as_ref(), Some(&qcfg));
         let m2 = Model::load(&back, 512).unwrap();

@@ -26,13 +26,19 @@ pub fn resolve(src: &CalibSource, data_dir: &Path) -> Result<(PathBuf, String)> 
                 "WikiText-2 validation split (train split not in the data directory)".to_string(),
             ),
         },
-        CalibSource::C4 => (data::locate(data_dir, DataFile::C4Validation)?, "C4 validation sample".to_string()),
+        CalibSource::C4 => (
+            data::locate(data_dir, DataFile::C4Validation)?,
+            "C4 validation sample".to_string(),
+        ),
         CalibSource::File(p) => {
             if !p.is_file() {
                 return Err(Error::format(p, "calibration file not found"));
             }
             if crate::fsutil::sha256_file(p)? == DataFile::WikiTest.sha256() {
-                return Err(Error::Usage(format!("{}: this is the WikiText-2 test split; calibrating on it is not allowed", p.display())));
+                return Err(Error::Usage(format!(
+                    "{}: this is the WikiText-2 test split; calibrating on it is not allowed",
+                    p.display()
+                )));
             }
             (p.clone(), format!("file {}", p.display()))
         }
@@ -54,13 +60,28 @@ pub fn read(path: &Path) -> Result<String> {
 }
 
 /// `n` windows of `len` tokens at seeded random offsets: `[n, len]` u32.
-pub fn windows(tok: &Tok, text: &str, path: &Path, n: usize, len: usize, seed: u64) -> Result<Tensor> {
+pub fn windows(
+    tok: &Tok,
+    text: &str,
+    path: &Path,
+    n: usize,
+    len: usize,
+    seed: u64,
+) -> Result<Tensor> {
     if n == 0 || len < 2 {
-        return Err(Error::Usage("--nsamples must be ≥ 1 and --calib-seqlen ≥ 2".into()));
+        return Err(Error::Usage(
+            "--nsamples must be ≥ 1 and --calib-seqlen ≥ 2".into(),
+        ));
     }
     let ids = tok.encode(text, false)?;
     if ids.len() <= len {
-        return Err(Error::format(path, format!("calibration text has {} tokens, fewer than one window of {len}", ids.len())));
+        return Err(Error::format(
+            path,
+            format!(
+                "calibration text has {} tokens, fewer than one window of {len}",
+                ids.len()
+            ),
+        ));
     }
     let mut rng = Rng::new(seed);
     let mut out = Vec::with_capacity(n * len);

@@ -14,10 +14,15 @@
 use super::{mse, run_block, BlockMethod, BlockReport, EpochLog, SiteStats};
 use crate::error::{Error, Result};
 use crate::methods::{quantize_block, QuantPlan};
-use crate::model::{linear_forward, Block, DenseLinear, LinearKind, LinearLayer, Mode, NoHook, QkTransform, Rope, Site};
+use crate::model::{
+    linear_forward, Block, DenseLinear, LinearKind, LinearLayer, Mode, NoHook, QkTransform, Rope,
+    Site,
+};
 use crate::quant::act::sigmoid;
 use crate::quant::clipquant::clip_quant;
-use crate::quant::{ActQuantizer, Granularity, LearnedClip, QuantLinear, QuantSpec, QuantizedWeight};
+use crate::quant::{
+    ActQuantizer, Granularity, LearnedClip, QuantLinear, QuantSpec, QuantizedWeight,
+};
 use crate::transforms::inverse::{inverse, inverse_f64};
 use crate::transforms::linalg::{random_orthogonal, Rng};
 use crate::transforms::KroneckerTransform;
@@ -58,11 +63,18 @@ pub fn kron_dims(n: usize) -> (usize, usize) {
 }
 
 fn var(v: &[f32], shape: &[usize]) -> Result<Var> {
-    Ok(Var::from_tensor(&Tensor::from_slice(v, shape, &Device::Cpu)?)?)
+    Ok(Var::from_tensor(&Tensor::from_slice(
+        v,
+        shape,
+        &Device::Cpu,
+    )?)?)
 }
 
 fn orthogonal_var(n: usize, rng: &mut Rng) -> Result<Var> {
-    let m: Vec<f32> = random_orthogonal(n, rng).iter().map(|&x| x as f32).collect();
+    let m: Vec<f32> = random_orthogonal(n, rng)
+        .iter()
+        .map(|&x| x as f32)
+        .collect();
     var(&m, &[n, n])
 }
 
@@ -78,7 +90,13 @@ struct Kron {
 impl Kron {
     fn new(n: usize, c: &[f32], rng: &mut Rng) -> Result<Self> {
         let (n1, n2) = kron_dims(n);
-        Ok(Kron { n1, n2, p1: orthogonal_var(n1, rng)?, p2: orthogonal_var(n2, rng)?, c: var(c, &[n])? })
+        Ok(Kron {
+            n1,
+            n2,
+            p1: orthogonal_var(n1, rng)?,
+            p2: orthogonal_var(n2, rng)?,
+            c: var(c, &[n])?,
+        })
     }
 
     fn vars(&self) -> Vec<Var> {
@@ -87,7 +105,13 @@ impl Kron {
 
     /// Activation side `x ↦ x·diag(c)·(P1⊗P2)` (training form, `c` online).
     fn online(&self) -> KroneckerTransform {
-        KroneckerTransform { n1: self.n1, n2: self.n2, p1: Some(self.p1.as_tensor().clone()), p2: Some(self.p2.as_tensor().clone()), scale: Some(self.c.as_tensor().clone()) }
+        KroneckerTransform {
+            n1: self.n1,
+            n2: self.n2,
+            p1: Some(self.p1.as_tensor().clone()),
+            p2: Some(self.p2.as_tensor().clone()),
+            scale: Some(self.c.as_tensor().clone()),
+        }
     }
 
     /// Weight side: rows `w ↦ w·diag(1/c)·(P1⁻ᵀ⊗P2⁻ᵀ)`.
@@ -111,13 +135,20 @@ struct Clip {
 impl Clip {
     fn new(shape: &[usize]) -> Result<Self> {
         let n: usize = shape.iter().product();
-        Ok(Clip { max: var(&vec![4.0; n], shape)?, min: var(&vec![4.0; n], shape)? })
+        Ok(Clip {
+            max: var(&vec![4.0; n], shape)?,
+            min: var(&vec![4.0; n], shape)?,
+        })
     }
     fn vars(&self) -> Vec<Var> {
         vec![self.max.clone(), self.min.clone()]
     }
     fn learned(&self, spec: QuantSpec) -> LearnedClip {
-        LearnedClip { spec, alpha_max: self.max.as_tensor().clone(), alpha_min: self.min.as_tensor().clone() }
+        LearnedClip {
+            spec,
+            alpha_max: self.max.as_tensor().clone(),
+            alpha_min: self.min.as_tensor().clone(),
+        }
     }
 }
 
@@ -148,7 +179,12 @@ impl Params {
         v
     }
     fn clip_vars(&self) -> Vec<Var> {
-        let mut v: Vec<Var> = self.lwc.iter().chain(&self.lac).flat_map(Clip::vars).collect();
+        let mut v: Vec<Var> = self
+            .lwc
+            .iter()
+            .chain(&self.lac)
+            .flat_map(Clip::vars)
+            .collect();
         if let Some((k, vv)) = &self.kv_lac {
             v.extend(k.vars());
             v.extend(vv.vars());
@@ -156,10 +192,19 @@ impl Params {
         v
     }
     fn snapshot(&self) -> Result<Vec<Tensor>> {
-        self.transform_vars().iter().chain(self.clip_vars().iter()).map(|v| Ok(v.as_tensor().copy()?)).collect()
+        self.transform_vars()
+            .iter()
+            .chain(self.clip_vars().iter())
+            .map(|v| Ok(v.as_tensor().copy()?))
+            .collect()
     }
     fn restore(&self, snap: &[Tensor]) -> Result<()> {
-        for (v, t) in self.transform_vars().iter().chain(self.clip_vars().iter()).zip(snap) {
+        for (v, t) in self
+            .transform_vars()
+            .iter()
+            .chain(self.clip_vars().iter())
+            .zip(snap)
+        {
             v.set(t)?;
         }
         Ok(())
@@ -194,14 +239,20 @@ impl LinearLayer for TrainLinear {
         self.bias.as_ref()
     }
     fn export(&self, _prefix: &str) -> Result<Vec<(String, StoredTensor)>> {
-        Err(Error::Runtime("a training-graph layer cannot be exported".into()))
+        Err(Error::Runtime(
+            "a training-graph layer cannot be exported".into(),
+        ))
     }
 }
 
 /// Per-row extremes clipped by learned ratios: `(σ(γmin)·min(w, 0), σ(γmax)·max(w, 0))` per row.
 fn lwc_bounds(w: &Tensor, clip: &Clip) -> Result<(Tensor, Tensor)> {
-    let hi = w.max_keepdim(D::Minus1)?.broadcast_mul(&sigmoid(clip.max.as_tensor())?)?;
-    let lo = w.min_keepdim(D::Minus1)?.broadcast_mul(&sigmoid(clip.min.as_tensor())?)?;
+    let hi = w
+        .max_keepdim(D::Minus1)?
+        .broadcast_mul(&sigmoid(clip.max.as_tensor())?)?;
+    let lo = w
+        .min_keepdim(D::Minus1)?
+        .broadcast_mul(&sigmoid(clip.min.as_tensor())?)?;
     Ok((lo, hi))
 }
 
@@ -212,7 +263,9 @@ fn clamp_rows(w: &Tensor, lo: &Tensor, hi: &Tensor) -> Result<Tensor> {
 /// Rows of each head block of `w` (`[heads·hd, n]`) left-multiplied by `m` (`[hd, hd]`).
 fn mix_head_rows(w: &Tensor, m: &Tensor, hd: usize) -> Result<Tensor> {
     let (out, n) = w.dims2()?;
-    Ok(m.unsqueeze(0)?.broadcast_matmul(&w.reshape((out / hd, hd, n))?)?.reshape((out, n))?)
+    Ok(m.unsqueeze(0)?
+        .broadcast_matmul(&w.reshape((out / hd, hd, n))?)?
+        .reshape((out, n))?)
 }
 
 pub struct FlatQuant {
@@ -221,16 +274,35 @@ pub struct FlatQuant {
     no_clip: Tensor,
 }
 
-const LINEAR_SITE: [Site; 7] = [Site::AttnIn, Site::AttnIn, Site::AttnIn, Site::OIn, Site::MlpIn, Site::MlpIn, Site::DownIn];
+const LINEAR_SITE: [Site; 7] = [
+    Site::AttnIn,
+    Site::AttnIn,
+    Site::AttnIn,
+    Site::OIn,
+    Site::MlpIn,
+    Site::MlpIn,
+    Site::DownIn,
+];
 
 impl FlatQuant {
     pub fn new(cfg: FlatQuantConfig) -> Result<Self> {
-        Ok(FlatQuant { cfg, no_clip: Tensor::new(&[[30f32]], &Device::Cpu)? })
+        Ok(FlatQuant {
+            cfg,
+            no_clip: Tensor::new(&[[30f32]], &Device::Cpu)?,
+        })
     }
 
     fn plan(&self) -> QuantPlan {
         QuantPlan {
-            weights: self.cfg.weights.map(|spec| crate::checkpoint::WeightScheme { spec, granularity: Granularity::Channel, clip_search: false, quantizer: "rtn".into() }),
+            weights: self
+                .cfg
+                .weights
+                .map(|spec| crate::checkpoint::WeightScheme {
+                    spec,
+                    granularity: Granularity::Channel,
+                    clip_search: false,
+                    quantizer: "rtn".into(),
+                }),
             activations: self.cfg.activations,
             kv_cache: self.cfg.kv_cache,
             quantize_head: false,
@@ -238,20 +310,37 @@ impl FlatQuant {
     }
 
     /// Channel-scale init `c_j = max_o|W[o,j]|^(1−α) / max_t|x[t,j]|^α` (§2.5).
-    fn init_scale(&self, block: &Block, kinds: &[LinearKind], act_max: Option<&Tensor>) -> Result<Vec<f32>> {
-        let ws = kinds.iter().map(|&k| block.linear(k).weight()).collect::<Result<Vec<_>>>()?;
+    fn init_scale(
+        &self,
+        block: &Block,
+        kinds: &[LinearKind],
+        act_max: Option<&Tensor>,
+    ) -> Result<Vec<f32>> {
+        let ws = kinds
+            .iter()
+            .map(|&k| block.linear(k).weight())
+            .collect::<Result<Vec<_>>>()?;
         let wmax: Vec<f32> = Tensor::cat(&ws, 0)?.abs()?.max(0)?.to_vec1()?;
         let xmax: Vec<f32> = match act_max {
             Some(t) => t.to_vec1()?,
             None => vec![1.0; wmax.len()],
         };
         let a = self.cfg.alpha as f32;
-        Ok(wmax.iter().zip(&xmax).map(|(w, x)| (w.powf(1.0 - a) / x.max(1e-5).powf(a)).max(1e-5)).collect())
+        Ok(wmax
+            .iter()
+            .zip(&xmax)
+            .map(|(w, x)| (w.powf(1.0 - a) / x.max(1e-5).powf(a)).max(1e-5))
+            .collect())
     }
 
     fn init_params(&self, block: &Block, stats: &SiteStats) -> Result<Params> {
         let c = &*block.config;
-        let mut rng = Rng::new(self.cfg.seed.wrapping_mul(1000).wrapping_add(block.index as u64));
+        let mut rng = Rng::new(
+            self.cfg
+                .seed
+                .wrapping_mul(1000)
+                .wrapping_add(block.index as u64),
+        );
         use LinearKind::*;
         let attn_c = self.init_scale(block, &[Q, K, V], stats.attn_in.as_ref())?;
         let mlp_c = self.init_scale(block, &[Up, Gate], stats.mlp_in.as_ref())?;
@@ -262,11 +351,20 @@ impl FlatQuant {
             down: Kron::new(c.intermediate_size, &down_c, &mut rng)?,
             head_mix: orthogonal_var(c.num_heads, &mut rng)?,
             kv: match self.cfg.kv_cache {
-                Some(_) => Some((orthogonal_var(c.head_dim, &mut rng)?, orthogonal_var(c.head_dim, &mut rng)?)),
+                Some(_) => Some((
+                    orthogonal_var(c.head_dim, &mut rng)?,
+                    orthogonal_var(c.head_dim, &mut rng)?,
+                )),
                 None => None,
             },
-            lwc: LinearKind::ALL.iter().map(|k| Clip::new(&[k.shape(c).0, 1])).collect::<Result<_>>()?,
-            lac: LinearKind::ALL.iter().map(|_| Clip::new(&[1, 1])).collect::<Result<_>>()?,
+            lwc: LinearKind::ALL
+                .iter()
+                .map(|k| Clip::new(&[k.shape(c).0, 1]))
+                .collect::<Result<_>>()?,
+            lac: LinearKind::ALL
+                .iter()
+                .map(|_| Clip::new(&[1, 1]))
+                .collect::<Result<_>>()?,
             kv_lac: match self.cfg.kv_cache {
                 Some(_) => Some((Clip::new(&[1, 1])?, Clip::new(&[1, 1])?)),
                 None => None,
@@ -280,15 +378,28 @@ impl FlatQuant {
         let (nh, hd) = (c.num_heads, c.head_dim);
         let mut b = block.clone();
         let pv = p.kv.as_ref().map(|(pv, _)| pv.as_tensor());
-        let o_online = KroneckerTransform { n1: nh, n2: hd, p1: Some(p.head_mix.as_tensor().clone()), p2: None, scale: None };
+        let o_online = KroneckerTransform {
+            n1: nh,
+            n2: hd,
+            p1: Some(p.head_mix.as_tensor().clone()),
+            p2: None,
+            scale: None,
+        };
         let o_weight = KroneckerTransform {
             n1: nh,
             n2: hd,
             p1: Some(inverse(p.head_mix.as_tensor())?.t()?),
-            p2: pv.map(|pv| inverse(pv).and_then(|i| Ok(i.t()?))).transpose()?,
+            p2: pv
+                .map(|pv| inverse(pv).and_then(|i| Ok(i.t()?)))
+                .transpose()?,
             scale: None,
         };
-        let weight_side = [p.attn.weight_side()?, o_weight, p.mlp.weight_side()?, p.down.weight_side()?];
+        let weight_side = [
+            p.attn.weight_side()?,
+            o_weight,
+            p.mlp.weight_side()?,
+            p.down.weight_side()?,
+        ];
         for (i, kind) in LinearKind::ALL.into_iter().enumerate() {
             let layer = block.linear(kind);
             let w = weight_side[LINEAR_SITE[i] as usize].apply(&layer.weight()?)?;
@@ -299,7 +410,11 @@ impl FlatQuant {
                     // Output side of v_proj: each head's values times P_v, after the clip (§2.6).
                     let (lo, hi) = lwc_bounds(&w, &p.lwc[i])?;
                     let w = mix_head_rows(&clamp_rows(&w, &lo, &hi)?, &pv.t()?, hd)?;
-                    bias = bias.map(|b| -> Result<Tensor> { Ok(b.reshape((b.dim(0)? / hd, hd))?.matmul(pv)?.flatten_all()?) }).transpose()?;
+                    bias = bias
+                        .map(|b| -> Result<Tensor> {
+                            Ok(b.reshape((b.dim(0)? / hd, hd))?.matmul(pv)?.flatten_all()?)
+                        })
+                        .transpose()?;
                     match spec {
                         Some(spec) => clip_quant(&w, &self.no_clip, &self.no_clip, spec, false)?,
                         None => w,
@@ -317,7 +432,10 @@ impl FlatQuant {
         b.set_site(Site::DownIn, Some(p.down.online()));
         if let Some((pv, pk)) = &p.kv {
             let _ = pv;
-            b.qk_transform = Some(QkTransform { q: inverse(pk.as_tensor())?.t()?, k: pk.as_tensor().clone() });
+            b.qk_transform = Some(QkTransform {
+                q: inverse(pk.as_tensor())?.t()?,
+                k: pk.as_tensor().clone(),
+            });
         }
         if let (Some(spec), Some((kc, vc))) = (self.cfg.kv_cache, &p.kv_lac) {
             b.k_quant = Some(Arc::new(kc.learned(spec)));
@@ -329,19 +447,42 @@ impl FlatQuant {
     /// The deployed block: `c` merged into the norms and up_proj, transforms merged into the
     /// weights in f64, learned clips applied, weights on the grid. With `quantize = false` the
     /// result computes the original function (the equivalence test).
-    fn deploy(&self, block: &Block, p: &Params, quantize: bool, notes: &mut Vec<String>) -> Result<Block> {
+    fn deploy(
+        &self,
+        block: &Block,
+        p: &Params,
+        quantize: bool,
+        notes: &mut Vec<String>,
+    ) -> Result<Block> {
         let c = &*block.config;
         let (nh, hd) = (c.num_heads, c.head_dim);
-        let f64v = |v: &Var| -> Result<Vec<f64>> { Ok(v.as_tensor().flatten_all()?.to_vec1::<f32>()?.into_iter().map(f64::from).collect()) };
-        let t64 = |m: &[f64], n: usize| -> Result<Tensor> { Ok(Tensor::from_slice(m, (n, n), &Device::Cpu)?) };
+        let f64v = |v: &Var| -> Result<Vec<f64>> {
+            Ok(v.as_tensor()
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .into_iter()
+                .map(f64::from)
+                .collect())
+        };
+        let t64 = |m: &[f64], n: usize| -> Result<Tensor> {
+            Ok(Tensor::from_slice(m, (n, n), &Device::Cpu)?)
+        };
         let mut inv_t = |v: &Var, n: usize, what: &str| -> Result<Tensor> {
-            let (inv, ratio) = inverse_f64(&f64v(v)?, n).ok_or_else(|| Error::Runtime(format!("block {}: {what} became singular", block.index)))?;
+            let (inv, ratio) = inverse_f64(&f64v(v)?, n).ok_or_else(|| {
+                Error::Runtime(format!("block {}: {what} became singular", block.index))
+            })?;
             if ratio < 1e-6 {
-                notes.push(format!("block {}: {what} is ill-conditioned (pivot ratio {ratio:.1e})", block.index));
+                notes.push(format!(
+                    "block {}: {what} is ill-conditioned (pivot ratio {ratio:.1e})",
+                    block.index
+                ));
             }
             Ok(t64(&inv, n)?.t()?)
         };
-        let kron64 = |k: &Kron, inv_t: &mut dyn FnMut(&Var, usize, &str) -> Result<Tensor>, what: &str| -> Result<KroneckerTransform> {
+        let kron64 = |k: &Kron,
+                      inv_t: &mut dyn FnMut(&Var, usize, &str) -> Result<Tensor>,
+                      what: &str|
+         -> Result<KroneckerTransform> {
             let cinv: Vec<f64> = f64v(&k.c)?.iter().map(|x| 1.0 / x).collect();
             Ok(KroneckerTransform {
                 n1: k.n1,
@@ -351,18 +492,31 @@ impl FlatQuant {
                 scale: Some(Tensor::from_vec(cinv, k.n1 * k.n2, &Device::Cpu)?),
             })
         };
-        let pv64 = p.kv.as_ref().map(|(pv, _)| -> Result<Tensor> { t64(&f64v(pv)?, hd) }).transpose()?;
+        let pv64 =
+            p.kv.as_ref()
+                .map(|(pv, _)| -> Result<Tensor> { t64(&f64v(pv)?, hd) })
+                .transpose()?;
         let o_weight = KroneckerTransform {
             n1: nh,
             n2: hd,
             p1: Some(inv_t(&p.head_mix, nh, "head mixer")?),
-            p2: p.kv.as_ref().map(|(pv, _)| inv_t(pv, hd, "P_v")).transpose()?,
+            p2: p
+                .kv
+                .as_ref()
+                .map(|(pv, _)| inv_t(pv, hd, "P_v"))
+                .transpose()?,
             scale: None,
         };
-        let weight_side = [kron64(&p.attn, &mut inv_t, "attn_in factor")?, o_weight, kron64(&p.mlp, &mut inv_t, "mlp_in factor")?, kron64(&p.down, &mut inv_t, "down_in factor")?];
+        let weight_side = [
+            kron64(&p.attn, &mut inv_t, "attn_in factor")?,
+            o_weight,
+            kron64(&p.mlp, &mut inv_t, "mlp_in factor")?,
+            kron64(&p.down, &mut inv_t, "down_in factor")?,
+        ];
         let c_down = f64v(&p.down.c)?;
         let c_down_t = Tensor::from_slice(&c_down, (c_down.len(), 1), &Device::Cpu)?;
-        let sig = |v: &Var| -> Result<Tensor> { Ok(sigmoid(&v.as_tensor().to_dtype(DType::F64)?)?) };
+        let sig =
+            |v: &Var| -> Result<Tensor> { Ok(sigmoid(&v.as_tensor().to_dtype(DType::F64)?)?) };
 
         let mut b = block.clone();
         let plan = self.plan();
@@ -377,13 +531,21 @@ impl FlatQuant {
             }
             let mut w = weight_side[LINEAR_SITE[i] as usize].apply(&w)?;
             if quantize {
-                let hi = w.max_keepdim(D::Minus1)?.broadcast_mul(&sig(&p.lwc[i].max)?)?;
-                let lo = w.min_keepdim(D::Minus1)?.broadcast_mul(&sig(&p.lwc[i].min)?)?;
+                let hi = w
+                    .max_keepdim(D::Minus1)?
+                    .broadcast_mul(&sig(&p.lwc[i].max)?)?;
+                let lo = w
+                    .min_keepdim(D::Minus1)?
+                    .broadcast_mul(&sig(&p.lwc[i].min)?)?;
                 w = clamp_rows(&w, &lo, &hi)?;
             }
             if let (LinearKind::V, Some(pv)) = (kind, &pv64) {
                 w = mix_head_rows(&w, &pv.t()?, hd)?;
-                bias = bias.map(|b| -> Result<Tensor> { Ok(b.reshape((b.dim(0)? / hd, hd))?.matmul(pv)?.flatten_all()?) }).transpose()?;
+                bias = bias
+                    .map(|b| -> Result<Tensor> {
+                        Ok(b.reshape((b.dim(0)? / hd, hd))?.matmul(pv)?.flatten_all()?)
+                    })
+                    .transpose()?;
             }
             let w = w.to_dtype(DType::F32)?;
             let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
@@ -394,22 +556,52 @@ impl FlatQuant {
             let (out, inp) = w.dims2()?;
             let name = format!("model.layers.{}.{}", block.index, kind.hf_name());
             let qw = match &plan.weights {
-                Some(s) => Some(QuantizedWeight::quantize(&name, &w.flatten_all()?.to_vec1()?, out, inp, s.spec, s.granularity, false)?),
+                Some(s) => Some(QuantizedWeight::quantize(
+                    &name,
+                    &w.flatten_all()?.to_vec1()?,
+                    out,
+                    inp,
+                    s.spec,
+                    s.granularity,
+                    false,
+                )?),
                 None => None,
             };
-            let act = self.cfg.activations.map(|spec| p.lac[i].learned(spec).spec()).transpose()?;
+            let act = self
+                .cfg
+                .activations
+                .map(|spec| p.lac[i].learned(spec).spec())
+                .transpose()?;
             b.set_linear(kind, Box::new(QuantLinear::new(qw, w, bias, act)?))?;
         }
         let f32t = |v: &Var| v.as_tensor().clone();
         b.input_norm = (&block.input_norm * f32t(&p.attn.c))?;
         b.post_norm = (&block.post_norm * f32t(&p.mlp.c))?;
-        let online = |k: &Kron| KroneckerTransform { n1: k.n1, n2: k.n2, p1: Some(f32t(&k.p1)), p2: Some(f32t(&k.p2)), scale: None };
+        let online = |k: &Kron| KroneckerTransform {
+            n1: k.n1,
+            n2: k.n2,
+            p1: Some(f32t(&k.p1)),
+            p2: Some(f32t(&k.p2)),
+            scale: None,
+        };
         b.set_site(Site::AttnIn, Some(online(&p.attn)));
-        b.set_site(Site::OIn, Some(KroneckerTransform { n1: nh, n2: hd, p1: Some(f32t(&p.head_mix)), p2: None, scale: None }));
+        b.set_site(
+            Site::OIn,
+            Some(KroneckerTransform {
+                n1: nh,
+                n2: hd,
+                p1: Some(f32t(&p.head_mix)),
+                p2: None,
+                scale: None,
+            }),
+        );
         b.set_site(Site::MlpIn, Some(online(&p.mlp)));
         b.set_site(Site::DownIn, Some(online(&p.down)));
         b.qk_transform = match &p.kv {
-            Some((_, pk)) => Some(QkTransform { q: inv_t(pk, hd, "P_k")?.to_dtype(DType::F32)?, k: f32t(pk) }),
+            Some((_, pk)) => Some(QkTransform {
+                q: inv_t(pk, hd, "P_k")?.to_dtype(DType::F32)?,
+                k: f32t(pk),
+            }),
             None => None,
         };
         b.k_quant = None;
@@ -430,11 +622,20 @@ impl FlatQuant {
 }
 
 fn cosine(step: usize, total: usize, lr: f64, min: f64) -> f64 {
-    min + (lr - min) * (1.0 + (std::f64::consts::PI * step as f64 / total.max(1) as f64).cos()) / 2.0
+    min + (lr - min) * (1.0 + (std::f64::consts::PI * step as f64 / total.max(1) as f64).cos())
+        / 2.0
 }
 
 impl BlockMethod for FlatQuant {
-    fn calibrate(&mut self, block: &Block, rope: &Rope, x: &Tensor, y: &Tensor, stats: &SiteStats, on_epoch: &mut dyn FnMut(&EpochLog)) -> Result<(Block, BlockReport)> {
+    fn calibrate(
+        &mut self,
+        block: &Block,
+        rope: &Rope,
+        x: &Tensor,
+        y: &Tensor,
+        stats: &SiteStats,
+        on_epoch: &mut dyn FnMut(&EpochLog),
+    ) -> Result<(Block, BlockReport)> {
         let n = x.dim(0)?;
         let bs = self.cfg.batch.clamp(1, n);
         let steps_per_epoch = n / bs;
@@ -446,7 +647,13 @@ impl BlockMethod for FlatQuant {
         let loss_rtn = mse(&run_block(&rtn, rope, x, 4, &mut NoHook)?, y)?;
 
         let p = self.init_params(block, stats)?;
-        let params = |lr: f64| ParamsAdamW { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: self.cfg.weight_decay };
+        let params = |lr: f64| ParamsAdamW {
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: self.cfg.weight_decay,
+        };
         let (lr, lr_clip) = (self.cfg.lr, self.cfg.lr * self.cfg.clip_lr_mult);
         let mut opt_t = AdamW::new(p.transform_vars(), params(lr))?;
         let mut opt_c = AdamW::new(p.clip_vars(), params(lr_clip))?;
@@ -459,7 +666,9 @@ impl BlockMethod for FlatQuant {
             for k in 0..steps_per_epoch {
                 let xb = x.narrow(0, k * bs, bs)?;
                 let yb = y.narrow(0, k * bs, bs)?;
-                let out = self.train_block(block, &p)?.forward(&xb, rope, Mode::Train, &mut NoHook)?;
+                let out =
+                    self.train_block(block, &p)?
+                        .forward(&xb, rope, Mode::Train, &mut NoHook)?;
                 let loss = (out - yb)?.sqr()?.mean_all()?;
                 let lv = loss.to_scalar::<f32>()? as f64;
                 if !lv.is_finite() {
@@ -477,13 +686,27 @@ impl BlockMethod for FlatQuant {
                 opt_c.step(&grads)?;
                 step += 1;
             }
-            let log = EpochLog { epoch: e, loss: sum / steps_per_epoch as f64, seconds: t0.elapsed().as_secs_f64() };
+            let log = EpochLog {
+                epoch: e,
+                loss: sum / steps_per_epoch as f64,
+                seconds: t0.elapsed().as_secs_f64(),
+            };
             on_epoch(&log);
             epochs.push(log);
             good = p.snapshot()?;
         }
         let deployed = self.deploy(block, &p, true, &mut notes)?;
         let loss_final = mse(&run_block(&deployed, rope, x, 4, &mut NoHook)?, y)?;
-        Ok((deployed, BlockReport { block: block.index, loss_rtn, loss_final, epochs, seconds: 0.0, notes }))
+        Ok((
+            deployed,
+            BlockReport {
+                block: block.index,
+                loss_rtn,
+                loss_final,
+                epochs,
+                seconds: 0.0,
+                notes,
+            },
+        ))
     }
 }

@@ -66,11 +66,25 @@ pub struct BlockReport {
 /// A method that calibrates one block at a time.
 pub trait BlockMethod {
     /// Returns the deployed block. `x` and `y`: `[N, L, hidden]` FP inputs and outputs.
-    fn calibrate(&mut self, block: &Block, rope: &Rope, x: &Tensor, y: &Tensor, stats: &SiteStats, on_epoch: &mut dyn FnMut(&EpochLog)) -> Result<(Block, BlockReport)>;
+    fn calibrate(
+        &mut self,
+        block: &Block,
+        rope: &Rope,
+        x: &Tensor,
+        y: &Tensor,
+        stats: &SiteStats,
+        on_epoch: &mut dyn FnMut(&EpochLog),
+    ) -> Result<(Block, BlockReport)>;
 }
 
 /// Runs `block` over `x` in chunks of `batch` samples (eval path) with `hook` observing.
-pub fn run_block(block: &Block, rope: &Rope, x: &Tensor, batch: usize, hook: &mut dyn BlockHook) -> Result<Tensor> {
+pub fn run_block(
+    block: &Block,
+    rope: &Rope,
+    x: &Tensor,
+    batch: usize,
+    hook: &mut dyn BlockHook,
+) -> Result<Tensor> {
     let n = x.dim(0)?;
     let mut outs = Vec::new();
     let mut s = 0;
@@ -84,7 +98,11 @@ pub fn run_block(block: &Block, rope: &Rope, x: &Tensor, batch: usize, hook: &mu
 
 /// Mean squared error between two tensors, in f64.
 pub fn mse(a: &Tensor, b: &Tensor) -> Result<f64> {
-    Ok((a - b)?.sqr()?.mean_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
+    Ok((a - b)?
+        .sqr()?
+        .mean_all()?
+        .to_dtype(candle_core::DType::F64)?
+        .to_scalar::<f64>()?)
 }
 
 /// Calibrates every block of `model` on `tokens` `[N, L]` with `method`, replacing the blocks by
@@ -108,9 +126,14 @@ pub fn calibrate_model(
         let mut stats = SiteStats::default();
         let y = run_block(&model.blocks[i], &model.rope, &x, 4, &mut stats)?;
         if !y.flatten_all()?.max(0)?.to_scalar::<f32>()?.is_finite() {
-            return Err(Error::Runtime(format!("block {i}: full-precision outputs are not finite")));
+            return Err(Error::Runtime(format!(
+                "block {i}: full-precision outputs are not finite"
+            )));
         }
-        let (block, mut report) = method.calibrate(&model.blocks[i], &model.rope, &x, &y, &stats, &mut |e| on_epoch(i, e))?;
+        let (block, mut report) =
+            method.calibrate(&model.blocks[i], &model.rope, &x, &y, &stats, &mut |e| {
+                on_epoch(i, e)
+            })?;
         report.seconds = t0.elapsed().as_secs_f64();
         model.blocks[i] = block;
         progress(i + 1, total, &report);

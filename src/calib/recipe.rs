@@ -26,13 +26,20 @@ pub struct Recipe {
 pub const BUILTIN: &[(&str, &str)] = &[
     ("cpu", include_str!("../../calib/cpu.toml")),
     ("paper", include_str!("../../calib/paper.toml")),
-    ("flatquant-w4a4", include_str!("../../calib/flatquant-w4a4.toml")),
-    ("flatquant-w4a4kv4", include_str!("../../calib/flatquant-w4a4kv4.toml")),
+    (
+        "flatquant-w4a4",
+        include_str!("../../calib/flatquant-w4a4.toml"),
+    ),
+    (
+        "flatquant-w4a4kv4",
+        include_str!("../../calib/flatquant-w4a4kv4.toml"),
+    ),
 ];
 
 impl Recipe {
     fn parse(text: &str, origin: &Path) -> Result<Self> {
-        toml::from_str(text).map_err(|e| Error::format(origin, format!("invalid recipe: {}", e.message())))
+        toml::from_str(text)
+            .map_err(|e| Error::format(origin, format!("invalid recipe: {}", e.message())))
     }
 
     /// A built-in recipe by name, or a TOML file by path.
@@ -46,7 +53,10 @@ impl Recipe {
             return Self::parse(&text, p);
         }
         let names: Vec<&str> = BUILTIN.iter().map(|(n, _)| *n).collect();
-        Err(Error::Usage(format!("unknown recipe `{name_or_path}` (built-in: {}; or a path to a .toml file)", names.join(", "))))
+        Err(Error::Usage(format!(
+            "unknown recipe `{name_or_path}` (built-in: {}; or a path to a .toml file)",
+            names.join(", ")
+        )))
     }
 
     /// `self` with every field that `over` sets replaced.
@@ -77,7 +87,10 @@ mod tests {
             Recipe::load(name).unwrap();
         }
         let cpu = Recipe::load("cpu").unwrap();
-        let r = cpu.clone().overridden_by(&Recipe { epochs: Some(9), ..Default::default() });
+        let r = cpu.clone().overridden_by(&Recipe {
+            epochs: Some(9),
+            ..Default::default()
+        });
         assert_eq!(r.epochs, Some(9));
         assert_eq!(r.nsamples, cpu.nsamples);
     }

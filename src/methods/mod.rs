@@ -53,7 +53,9 @@ pub fn quantize_block(block: &mut crate::model::Block, plan: &QuantPlan) -> Resu
         let q = quantize_linear(block.linear(kind), &name, plan, plan.activations)?;
         block.set_linear(kind, Box::new(q))?;
     }
-    block.k_quant = plan.kv_cache.map(|s| std::sync::Arc::new(s) as std::sync::Arc<dyn crate::quant::ActQuantizer>);
+    block.k_quant = plan
+        .kv_cache
+        .map(|s| std::sync::Arc::new(s) as std::sync::Arc<dyn crate::quant::ActQuantizer>);
     block.v_quant = block.k_quant.clone();
     Ok(())
 }

@@ -74,7 +74,8 @@ impl ActQuantizer for LearnedClip {
     fn apply(&self, x: &Tensor, unit: usize) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let x2 = x.reshape(((), unit))?;
-        let out = super::clipquant::clip_quant(&x2, &self.alpha_max, &self.alpha_min, &self.spec, false)?;
+        let out =
+            super::clipquant::clip_quant(&x2, &self.alpha_max, &self.alpha_min, &self.spec, false)?;
         Ok(out.reshape(dims)?)
     }
     fn spec(&self) -> Result<QuantSpec> {

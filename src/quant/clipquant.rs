@@ -45,7 +45,11 @@ struct Row {
 
 impl ClipQuant {
     fn row(&self, x: &[f32], a_hi: f32, a_lo: f32) -> Row {
-        let (min, max) = x.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+        let (min, max) = x
+            .iter()
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+                (a.min(v), b.max(v))
+            });
         let hi = sigmoid(a_hi) * max.max(0.0);
         let lo = sigmoid(a_lo) * min.min(0.0);
         let raw = if self.spec.symmetric {
@@ -58,8 +62,20 @@ impl ClipQuant {
             (hi - lo) / self.spec.qmax() as f32
         };
         let s = raw.max(MIN_SCALE);
-        let z = if self.spec.symmetric { 0.0 } else { (-lo / s).round() };
-        Row { hi, lo, s, z, scale_clamped: raw < MIN_SCALE, max, min }
+        let z = if self.spec.symmetric {
+            0.0
+        } else {
+            (-lo / s).round()
+        };
+        Row {
+            hi,
+            lo,
+            s,
+            z,
+            scale_clamped: raw < MIN_SCALE,
+            max,
+            min,
+        }
     }
 
     /// (code range) for the rounded value `r` (symmetric: r itself; asymmetric: r + z).
@@ -74,7 +90,9 @@ impl ClipQuant {
 }
 
 fn contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("clip quant: inputs must be contiguous".into()))?;
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("clip quant: inputs must be contiguous".into()))?;
     Ok(&s.as_slice::<f32>()?[a..b])
 }
 
@@ -83,25 +101,51 @@ impl CustomOp3 for ClipQuant {
         "affq-clip-quant"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (rows, n) = l1.shape().dims2()?;
-        let (x, ah, al) = (contiguous(s1, l1)?, contiguous(s2, l2)?, contiguous(s3, l3)?);
+        let (x, ah, al) = (
+            contiguous(s1, l1)?,
+            contiguous(s2, l2)?,
+            contiguous(s3, l3)?,
+        );
         let per_row = ah.len() == rows;
         let (qlo, qhi) = self.bounds();
         let mut out = vec![0f32; rows * n];
-        out.par_chunks_mut(n).zip(x.par_chunks(n)).enumerate().for_each(|(r, (o, xr))| {
-            let k = if per_row { r } else { 0 };
-            let p = self.row(xr, ah[k], al[k]);
-            for (o, &v) in o.iter_mut().zip(xr) {
-                let xc = if self.clamp_input { v.clamp(p.lo, p.hi) } else { v };
-                let c = ((xc / p.s).round() + p.z).clamp(qlo, qhi);
-                *o = (c - p.z) * p.s;
-            }
-        });
+        out.par_chunks_mut(n)
+            .zip(x.par_chunks(n))
+            .enumerate()
+            .for_each(|(r, (o, xr))| {
+                let k = if per_row { r } else { 0 };
+                let p = self.row(xr, ah[k], al[k]);
+                for (o, &v) in o.iter_mut().zip(xr) {
+                    let xc = if self.clamp_input {
+                        v.clamp(p.lo, p.hi)
+                    } else {
+                        v
+                    };
+                    let c = ((xc / p.s).round() + p.z).clamp(qlo, qhi);
+                    *o = (c - p.z) * p.s;
+                }
+            });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, a_hi: &Tensor, a_lo: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a_hi: &Tensor,
+        a_lo: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (rows, n) = x.dims2()?;
         let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
         let gv: Vec<f32> = grad.contiguous()?.flatten_all()?.to_vec1()?;
@@ -127,7 +171,11 @@ impl CustomOp3 for ClipQuant {
                 let (mut ds, mut dhi, mut dlo) = (0f32, 0f32, 0f32);
                 for j in 0..n {
                     let v = xr[j];
-                    let xc = if self.clamp_input { v.clamp(p.lo, p.hi) } else { v };
+                    let xc = if self.clamp_input {
+                        v.clamp(p.lo, p.hi)
+                    } else {
+                        v
+                    };
                     let c_raw = (xc / p.s).round() + p.z;
                     // Pass-through weight of the code clamp: 1 inside, 0 outside, ½ exactly on a
                     // bound (candle's clamp splits ties; LWC puts the clipped maxima there).
@@ -177,14 +225,19 @@ impl CustomOp3 for ClipQuant {
                         }
                     }
                 }
-                (dhi * sh * (1.0 - sh) * p.max.max(0.0), dlo * sl * (1.0 - sl) * p.min.min(0.0))
+                (
+                    dhi * sh * (1.0 - sh) * p.max.max(0.0),
+                    dlo * sl * (1.0 - sl) * p.min.min(0.0),
+                )
             })
             .collect();
         let shape = a_hi.dims().to_vec();
         let (gh, gl): (Vec<f32>, Vec<f32>) = if per_row {
             da.into_iter().unzip()
         } else {
-            let (a, b) = da.iter().fold((0f32, 0f32), |(a, b), (x, y)| (a + x, b + y));
+            let (a, b) = da
+                .iter()
+                .fold((0f32, 0f32), |(a, b), (x, y)| (a + x, b + y));
             (vec![a], vec![b])
         };
         Ok((
@@ -197,8 +250,21 @@ impl CustomOp3 for ClipQuant {
 
 /// Fake-quantizes the rows of `x` `[rows, n]` with learnable clip logits `a_hi`, `a_lo`
 /// (`[rows, 1]` or `[1, 1]`).
-pub fn clip_quant(x: &Tensor, a_hi: &Tensor, a_lo: &Tensor, spec: &QuantSpec, clamp_input: bool) -> Result<Tensor> {
-    Ok(x.contiguous()?.apply_op3(&a_hi.contiguous()?, &a_lo.contiguous()?, ClipQuant { spec: *spec, clamp_input })?)
+pub fn clip_quant(
+    x: &Tensor,
+    a_hi: &Tensor,
+    a_lo: &Tensor,
+    spec: &QuantSpec,
+    clamp_input: bool,
+) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op3(
+        &a_hi.contiguous()?,
+        &a_lo.contiguous()?,
+        ClipQuant {
+            spec: *spec,
+            clamp_input,
+        },
+    )?)
 }
 
 #[cfg(test)]
@@ -209,9 +275,32 @@ mod tests {
 
     /// The same function composed of candle ops (the oracle).
     fn graph(x: &Tensor, ah: &Tensor, al: &Tensor, spec: &QuantSpec, clamp_input: bool) -> Tensor {
-        let hi = x.max_keepdim(D::Minus1).unwrap().relu().unwrap().broadcast_mul(&sig(ah).unwrap()).unwrap();
-        let lo = x.min_keepdim(D::Minus1).unwrap().neg().unwrap().relu().unwrap().neg().unwrap().broadcast_mul(&sig(al).unwrap()).unwrap();
-        let xc = if clamp_input { x.broadcast_minimum(&hi).unwrap().broadcast_maximum(&lo).unwrap() } else { x.clone() };
+        let hi = x
+            .max_keepdim(D::Minus1)
+            .unwrap()
+            .relu()
+            .unwrap()
+            .broadcast_mul(&sig(ah).unwrap())
+            .unwrap();
+        let lo = x
+            .min_keepdim(D::Minus1)
+            .unwrap()
+            .neg()
+            .unwrap()
+            .relu()
+            .unwrap()
+            .neg()
+            .unwrap()
+            .broadcast_mul(&sig(al).unwrap())
+            .unwrap();
+        let xc = if clamp_input {
+            x.broadcast_minimum(&hi)
+                .unwrap()
+                .broadcast_maximum(&lo)
+                .unwrap()
+        } else {
+            x.clone()
+        };
         fake_quant_graph(&xc, &lo, &hi, spec).unwrap()
     }
 
@@ -226,30 +315,62 @@ mod tests {
             (QuantSpec::asym(8), true, true),
         ] {
             let (rows, n) = (6, 40);
-            let xv: Vec<f32> = (0..rows * n).map(|i| rng.normal() as f32 * if i % 17 == 0 { 4.0 } else { 1.0 }).collect();
+            let xv: Vec<f32> = (0..rows * n)
+                .map(|i| rng.normal() as f32 * if i % 17 == 0 { 4.0 } else { 1.0 })
+                .collect();
             let k = if per_row { rows } else { 1 };
             let ahv: Vec<f32> = (0..k).map(|i| 1.0 + i as f32 * 0.3).collect();
             let alv: Vec<f32> = (0..k).map(|i| 2.0 - i as f32 * 0.2).collect();
             let w: Vec<f32> = (0..rows * n).map(|_| rng.normal() as f32).collect();
             let wt = Tensor::from_vec(w, (rows, n), &Device::Cpu).unwrap();
             let run = |fused: bool| {
-                let x = Var::from_tensor(&Tensor::from_vec(xv.clone(), (rows, n), &Device::Cpu).unwrap()).unwrap();
-                let ah = Var::from_tensor(&Tensor::from_vec(ahv.clone(), (k, 1), &Device::Cpu).unwrap()).unwrap();
-                let al = Var::from_tensor(&Tensor::from_vec(alv.clone(), (k, 1), &Device::Cpu).unwrap()).unwrap();
+                let x = Var::from_tensor(
+                    &Tensor::from_vec(xv.clone(), (rows, n), &Device::Cpu).unwrap(),
+                )
+                .unwrap();
+                let ah =
+                    Var::from_tensor(&Tensor::from_vec(ahv.clone(), (k, 1), &Device::Cpu).unwrap())
+                        .unwrap();
+                let al =
+                    Var::from_tensor(&Tensor::from_vec(alv.clone(), (k, 1), &Device::Cpu).unwrap())
+                        .unwrap();
                 let out = if fused {
-                    clip_quant(x.as_tensor(), ah.as_tensor(), al.as_tensor(), &spec, clamp_input).unwrap()
+                    clip_quant(
+                        x.as_tensor(),
+                        ah.as_tensor(),
+                        al.as_tensor(),
+                        &spec,
+                        clamp_input,
+                    )
+                    .unwrap()
                 } else {
-                    graph(x.as_tensor(), ah.as_tensor(), al.as_tensor(), &spec, clamp_input)
+                    graph(
+                        x.as_tensor(),
+                        ah.as_tensor(),
+                        al.as_tensor(),
+                        &spec,
+                        clamp_input,
+                    )
                 };
                 let loss = (&out * &wt).unwrap().sum_all().unwrap();
                 let g = loss.backward().unwrap();
-                let v = |t: &Tensor| -> Vec<f32> { g.get(t).unwrap().flatten_all().unwrap().to_vec1().unwrap() };
-                (out.flatten_all().unwrap().to_vec1::<f32>().unwrap(), v(x.as_tensor()), v(ah.as_tensor()), v(al.as_tensor()))
+                let v = |t: &Tensor| -> Vec<f32> {
+                    g.get(t).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+                };
+                (
+                    out.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    v(x.as_tensor()),
+                    v(ah.as_tensor()),
+                    v(al.as_tensor()),
+                )
             };
             let (a, b) = (run(true), run(false));
             let close = |p: &[f32], q: &[f32], what: &str| {
                 for (i, (u, v)) in p.iter().zip(q).enumerate() {
-                    assert!((u - v).abs() <= 1e-4 * (1.0 + v.abs()), "{spec:?} {what}[{i}]: fused {u} vs graph {v}");
+                    assert!(
+                        (u - v).abs() <= 1e-4 * (1.0 + v.abs()),
+                        "{spec:?} {what}[{i}]: fused {u} vs graph {v}"
+                    );
                 }
             };
             close(&a.0, &b.0, "out");

@@ -11,7 +11,8 @@ pub fn inverse_f64(a: &[f64], n: usize) -> Option<(Vec<f64>, f64)> {
     let mut inv = super::linalg::identity(n);
     let (mut pmin, mut pmax) = (f64::INFINITY, 0f64);
     for col in 0..n {
-        let piv = (col..n).max_by(|&i, &j| m[i * n + col].abs().total_cmp(&m[j * n + col].abs()))?;
+        let piv =
+            (col..n).max_by(|&i, &j| m[i * n + col].abs().total_cmp(&m[j * n + col].abs()))?;
         let p = m[piv * n + col];
         if p == 0.0 || !p.is_finite() {
             return None;
@@ -56,13 +57,27 @@ impl CustomOp1 for Inverse {
         if n != m {
             candle_core::bail!("inverse of a non-square {n}×{m} matrix");
         }
-        let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("inverse: input must be contiguous".into()))?;
-        let x: Vec<f64> = s.as_slice::<f32>()?[a..b].iter().map(|&v| v as f64).collect();
-        let (inv, _) = inverse_f64(&x, n).ok_or_else(|| candle_core::Error::Msg("inverse: matrix is singular".into()))?;
-        Ok((CpuStorage::F32(inv.iter().map(|&v| v as f32).collect()), l.shape().clone()))
+        let (a, b) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("inverse: input must be contiguous".into()))?;
+        let x: Vec<f64> = s.as_slice::<f32>()?[a..b]
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        let (inv, _) = inverse_f64(&x, n)
+            .ok_or_else(|| candle_core::Error::Msg("inverse: matrix is singular".into()))?;
+        Ok((
+            CpuStorage::F32(inv.iter().map(|&v| v as f32).collect()),
+            l.shape().clone(),
+        ))
     }
 
-    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         let yt = res.t()?;
         Ok(Some(yt.matmul(grad)?.matmul(&yt)?.neg()?))
     }
@@ -70,7 +85,9 @@ impl CustomOp1 for Inverse {
 
 /// Differentiable `A⁻¹` of a square f32 matrix.
 pub fn inverse(a: &Tensor) -> Result<Tensor> {
-    a.contiguous()?.apply_op1(Inverse).map_err(|e| Error::Runtime(format!("matrix inverse: {e}")))
+    a.contiguous()?
+        .apply_op1(Inverse)
+        .map_err(|e| Error::Runtime(format!("matrix inverse: {e}")))
 }
 
 #[cfg(test)]
@@ -82,7 +99,9 @@ mod tests {
     fn inverse_times_matrix_is_identity() {
         let mut rng = crate::transforms::linalg::Rng::new(5);
         for n in [1, 3, 24, 48] {
-            let a: Vec<f64> = (0..n * n).map(|i| rng.normal() + if i % (n + 1) == 0 { 3.0 } else { 0.0 }).collect();
+            let a: Vec<f64> = (0..n * n)
+                .map(|i| rng.normal() + if i % (n + 1) == 0 { 3.0 } else { 0.0 })
+                .collect();
             let (inv, ratio) = inverse_f64(&a, n).unwrap();
             assert!(ratio > 0.0);
             for i in 0..n {
@@ -99,12 +118,28 @@ mod tests {
     fn inverse_gradient_matches_finite_differences() {
         // L = Σ W ⊙ A⁻¹ for a fixed random W; compare ∂L/∂A with central differences in f64.
         let n = 4;
-        let a0: Vec<f32> = vec![2.0, 0.3, -0.1, 0.5, 0.2, 1.5, 0.4, -0.3, 0.1, -0.2, 1.8, 0.6, 0.3, 0.1, -0.4, 2.2];
-        let w: Vec<f32> = (0..16).map(|i| ((i * 37 % 11) as f32 - 5.0) / 5.0).collect();
+        let a0: Vec<f32> = vec![
+            2.0, 0.3, -0.1, 0.5, 0.2, 1.5, 0.4, -0.3, 0.1, -0.2, 1.8, 0.6, 0.3, 0.1, -0.4, 2.2,
+        ];
+        let w: Vec<f32> = (0..16)
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) / 5.0)
+            .collect();
         let wt = Tensor::from_vec(w.clone(), (n, n), &Device::Cpu).unwrap();
-        let a = Var::from_tensor(&Tensor::from_vec(a0.clone(), (n, n), &Device::Cpu).unwrap()).unwrap();
-        let loss = (inverse(a.as_tensor()).unwrap() * &wt).unwrap().sum_all().unwrap();
-        let g: Vec<f32> = loss.backward().unwrap().get(a.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let a =
+            Var::from_tensor(&Tensor::from_vec(a0.clone(), (n, n), &Device::Cpu).unwrap()).unwrap();
+        let loss = (inverse(a.as_tensor()).unwrap() * &wt)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let g: Vec<f32> = loss
+            .backward()
+            .unwrap()
+            .get(a.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let f = |a: &[f64]| -> f64 {
             let (inv, _) = inverse_f64(a, n).unwrap();
             inv.iter().zip(&w).map(|(x, &y)| x * y as f64).sum()
@@ -117,7 +152,11 @@ mod tests {
             m[i] -= h;
             let fd = (f(&p) - f(&m)) / (2.0 * h);
             // f32 forward/backward against an f64 central difference.
-            assert!((g[i] as f64 - fd).abs() < 1e-4 * (1.0 + fd.abs()), "entry {i}: {} vs {fd}", g[i]);
+            assert!(
+                (g[i] as f64 - fd).abs() < 1e-4 * (1.0 + fd.abs()),
+                "entry {i}: {} vs {fd}",
+                g[i]
+            );
         }
     }
 }
