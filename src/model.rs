@@ -93,13 +93,21 @@ impl LinearKind {
 pub trait LinearLayer: Send + Sync {
     /// `x`: `[..., in]` → `[..., out]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
-    fn in_features(&self) -> usize;
-    fn out_features(&self) -> usize;
     /// The effective weight `[out, in]` in f32 (dequantized for quantized layers).
-    fn weight(&self) -> Result<Tensor>;
+    fn weight_ref(&self) -> &Tensor;
     fn bias(&self) -> Option<&Tensor>;
     /// Tensors to store under `prefix` (e.g. `model.layers.0.self_attn.q_proj`).
     fn export(&self, prefix: &str) -> Result<Vec<(String, StoredTensor)>>;
+
+    fn weight(&self) -> Result<Tensor> {
+        Ok(self.weight_ref().clone())
+    }
+    fn in_features(&self) -> usize {
+        self.weight_ref().dims()[1]
+    }
+    fn out_features(&self) -> usize {
+        self.weight_ref().dims()[0]
+    }
 }
 
 /// A full-precision linear layer.
@@ -127,14 +135,8 @@ impl LinearLayer for DenseLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         linear_forward(x, &self.weight, self.bias.as_ref())
     }
-    fn in_features(&self) -> usize {
-        self.weight.dims()[1]
-    }
-    fn out_features(&self) -> usize {
-        self.weight.dims()[0]
-    }
-    fn weight(&self) -> Result<Tensor> {
-        Ok(self.weight.clone())
+    fn weight_ref(&self) -> &Tensor {
+        &self.weight
     }
     fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()

@@ -14,10 +14,7 @@
 use super::{mse, run_block, BlockMethod, BlockReport, EpochLog, SiteStats};
 use crate::error::{Error, Result};
 use crate::methods::{quantize_block, QuantPlan};
-use crate::model::{
-    linear_forward, Block, DenseLinear, LinearKind, LinearLayer, Mode, NoHook, QkTransform, Rope,
-    Site,
-};
+use crate::model::{Block, DenseLinear, LinearKind, Mode, NoHook, QkTransform, Rope, Site};
 use crate::quant::act::sigmoid;
 use crate::quant::clipquant::clip_quant;
 use crate::quant::{
@@ -26,7 +23,6 @@ use crate::quant::{
 use crate::transforms::inverse::{inverse, inverse_f64};
 use crate::transforms::linalg::{random_orthogonal, Rng};
 use crate::transforms::KroneckerTransform;
-use crate::weights::StoredTensor;
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 use std::sync::Arc;
@@ -211,40 +207,6 @@ impl Params {
     }
 }
 
-/// A linear layer of the training graph: its weight already transformed and fake-quantized.
-struct TrainLinear {
-    w: Tensor,
-    bias: Option<Tensor>,
-    act: Option<LearnedClip>,
-}
-
-impl LinearLayer for TrainLinear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = match &self.act {
-            Some(a) => a.apply(x, self.in_features())?,
-            None => x.clone(),
-        };
-        linear_forward(&x, &self.w, self.bias.as_ref())
-    }
-    fn in_features(&self) -> usize {
-        self.w.dims()[1]
-    }
-    fn out_features(&self) -> usize {
-        self.w.dims()[0]
-    }
-    fn weight(&self) -> Result<Tensor> {
-        Ok(self.w.clone())
-    }
-    fn bias(&self) -> Option<&Tensor> {
-        self.bias.as_ref()
-    }
-    fn export(&self, _prefix: &str) -> Result<Vec<(String, StoredTensor)>> {
-        Err(Error::Runtime(
-            "a training-graph layer cannot be exported".into(),
-        ))
-    }
-}
-
 /// Per-row extremes clipped by learned ratios: `(σ(γmin)·min(w, 0), σ(γmax)·max(w, 0))` per row.
 fn lwc_bounds(w: &Tensor, clip: &Clip) -> Result<(Tensor, Tensor)> {
     let hi = w
@@ -424,7 +386,12 @@ impl FlatQuant {
                 (_, _, None) => w,
             };
             let act = self.cfg.activations.map(|spec| p.lac[i].learned(spec));
-            b.set_linear(kind, Box::new(TrainLinear { w, bias, act }))?;
+            let act = act.map(|a| Arc::new(a) as Arc<dyn ActQuantizer>);
+            // The weight is a graph tensor already on the grid: a full-precision-weight layer.
+            b.set_linear(
+                kind,
+                Box::new(QuantLinear::with_quantizer(None, w, bias, act)?),
+            )?;
         }
         b.set_site(Site::AttnIn, Some(p.attn.online()));
         b.set_site(Site::OIn, Some(o_online));
@@ -644,7 +611,10 @@ impl BlockMethod for FlatQuant {
 
         let mut rtn = block.clone();
         quantize_block(&mut rtn, &self.plan())?;
-        let loss_rtn = mse(&run_block(&rtn, rope, x, 4, &mut NoHook)?, y)?;
+        // The RTN and final losses are diagnostics: measured on the first windows only.
+        let probe = n.min(4);
+        let (xp, yp) = (x.narrow(0, 0, probe)?, y.narrow(0, 0, probe)?);
+        let loss_rtn = mse(&run_block(&rtn, rope, &xp, 4, &mut NoHook)?, &yp)?;
 
         let p = self.init_params(block, stats)?;
         let params = |lr: f64| ParamsAdamW {
@@ -696,7 +666,7 @@ impl BlockMethod for FlatQuant {
             good = p.snapshot()?;
         }
         let deployed = self.deploy(block, &p, true, &mut notes)?;
-        let loss_final = mse(&run_block(&deployed, rope, x, 4, &mut NoHook)?, y)?;
+        let loss_final = mse(&run_block(&deployed, rope, &xp, 4, &mut NoHook)?, &yp)?;
         Ok((
             deployed,
             BlockReport {

@@ -53,9 +53,9 @@ pub struct EpochLog {
 #[derive(Debug, Clone)]
 pub struct BlockReport {
     pub block: usize,
-    /// Output MSE of plain RTN (no transform) on the calibration data.
+    /// Output MSE of plain RTN (no transform) on the first calibration windows.
     pub loss_rtn: f64,
-    /// Output MSE of the deployed block (transforms merged, weights on the grid).
+    /// Output MSE of the deployed block (transforms merged, weights on the grid), same windows.
     pub loss_final: f64,
     pub epochs: Vec<EpochLog>,
     pub seconds: f64,

@@ -1,7 +1,7 @@
 //! The simulated quantized linear layer: dequantized weights (exactly as stored), optional
 //! per-token fake quantization of its input.
 
-use super::ops::fake_quant;
+use super::act::ActQuantizer;
 use super::pack;
 use super::quantizer::{QuantSpec, UnitParams};
 use super::weight::{Granularity, QuantizedWeight};
@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::model::{linear_forward, LinearLayer};
 use crate::weights::{StoredTensor, TensorStore};
 use candle_core::{Device, Tensor};
+use std::sync::Arc;
 
 pub struct QuantLinear {
     /// `None`: weights kept in full precision (e.g. W16A4).
@@ -16,15 +17,31 @@ pub struct QuantLinear {
     weight: Tensor,
     bias: Option<Tensor>,
     /// Per-token quantization of the input.
-    pub act: Option<QuantSpec>,
+    pub act: Option<Arc<dyn ActQuantizer>>,
 }
 
 impl QuantLinear {
+    /// `dense` is used when `qweight` is `None` (weights kept in full precision, or a training
+    /// graph's already fake-quantized weight).
     pub fn new(
         qweight: Option<QuantizedWeight>,
         dense: Tensor,
         bias: Option<Tensor>,
         act: Option<QuantSpec>,
+    ) -> Result<Self> {
+        Self::with_quantizer(
+            qweight,
+            dense,
+            bias,
+            act.map(|a| Arc::new(a) as Arc<dyn ActQuantizer>),
+        )
+    }
+
+    pub fn with_quantizer(
+        qweight: Option<QuantizedWeight>,
+        dense: Tensor,
+        bias: Option<Tensor>,
+        act: Option<Arc<dyn ActQuantizer>>,
     ) -> Result<Self> {
         let weight = match &qweight {
             Some(q) => Tensor::from_vec(q.dequantize(), (q.out, q.inp), &Device::Cpu)?,
@@ -144,19 +161,13 @@ impl QuantLinear {
 impl LinearLayer for QuantLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = match &self.act {
-            Some(a) => fake_quant(x, a, self.in_features())?,
+            Some(a) => a.apply(x, self.in_features())?,
             None => x.clone(),
         };
         linear_forward(&x, &self.weight, self.bias.as_ref())
     }
-    fn in_features(&self) -> usize {
-        self.weight.dims()[1]
-    }
-    fn out_features(&self) -> usize {
-        self.weight.dims()[0]
-    }
-    fn weight(&self) -> Result<Tensor> {
-        Ok(self.weight.clone())
+    fn weight_ref(&self) -> &Tensor {
+        &self.weight
     }
     fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
@@ -209,6 +220,7 @@ impl LinearLayer for QuantLinear {
             out.push((format!("{prefix}.bias"), StoredTensor::from_f32(b)?));
         }
         if let Some(a) = &self.act {
+            let a = a.spec()?;
             out.push((
                 format!("{prefix}.input_clip"),
                 StoredTensor::f32(&[a.clip, a.clip_min], &[2]),
