@@ -3,6 +3,7 @@
 //! q/k norm, sliding window, Llama 3 RoPE scaling) really takes part in the computation.
 
 mod common;
+use common::max_abs;
 
 use affq::model::{Mode, Model};
 use affq::weights::Checkpoint;
@@ -96,14 +97,6 @@ fn logits(model: &Model, ids: &[u32], mode: Mode) -> Tensor {
     model.logits(&t, mode).unwrap().squeeze(0).unwrap()
 }
 
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
 
 fn check_paths_agree(model: &Model) {
     let ids: Vec<u32> = (0..150).map(|i| (i * 7 % 40) as u32).collect();

@@ -31,14 +31,6 @@ fn config(kv: bool) -> FlatQuantConfig {
     }
 }
 
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
 
 #[test]
 fn reparameterisation_without_quantization_is_exact() {

@@ -26,14 +26,6 @@ fn logits(m: &Model, ids: &[u32]) -> Tensor {
     m.logits(&t, Mode::Eval).unwrap()
 }
 
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
 
 fn run_ok(args: &[&str]) -> serde_json::Value {
     let out = affq(args);

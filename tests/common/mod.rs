@@ -81,3 +81,8 @@ pub fn id_checksum(ids: &[u32]) -> u64 {
     }
     h
 }
+
+/// Largest absolute value of a tensor.
+pub fn max_abs(t: &candle_core::Tensor) -> f32 {
+    t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+}
