@@ -97,7 +97,6 @@ fn logits(model: &Model, ids: &[u32], mode: Mode) -> Tensor {
     model.logits(&t, mode).unwrap().squeeze(0).unwrap()
 }
 
-
 fn check_paths_agree(model: &Model) {
     let ids: Vec<u32> = (0..150).map(|i| (i * 7 % 40) as u32).collect();
     let a = logits(model, &ids, Mode::Eval);

@@ -31,7 +31,6 @@ fn config(kv: bool) -> FlatQuantConfig {
     }
 }
 
-
 #[test]
 fn reparameterisation_without_quantization_is_exact() {
     // Random orthogonal Kronecker factors, SmoothQuant-style channel scales, head mixer, P_v and

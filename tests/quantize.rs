@@ -26,7 +26,6 @@ fn logits(m: &Model, ids: &[u32]) -> Tensor {
     m.logits(&t, Mode::Eval).unwrap()
 }
 
-
 fn run_ok(args: &[&str]) -> serde_json::Value {
     let out = affq(args);
     assert!(

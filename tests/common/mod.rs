@@ -84,5 +84,10 @@ pub fn id_checksum(ids: &[u32]) -> u64 {
 
 /// Largest absolute value of a tensor.
 pub fn max_abs(t: &candle_core::Tensor) -> f32 {
-    t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
