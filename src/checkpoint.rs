@@ -99,12 +99,7 @@ pub fn write(
     force: bool,
     extra: &[(String, String)],
 ) -> Result<()> {
-    if out.exists() && !force {
-        return Err(Error::Usage(format!(
-            "{} already exists (use --force to replace it)",
-            out.display()
-        )));
-    }
+    crate::fsutil::check_output(out, force)?;
     let tmp = TempDir::beside(out)?;
     let mut tensors = model.export()?;
     tensors.sort_by(|a, b| a.0.cmp(&b.0));

@@ -4,6 +4,18 @@
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
 
+/// Refuses to replace an existing output unless `force` is set (checked before any expensive
+/// work, and again when the result is moved into place).
+pub fn check_output(out: &Path, force: bool) -> Result<()> {
+    if out.exists() && !force {
+        return Err(Error::Usage(format!(
+            "{} already exists (use --force to replace it)",
+            out.display()
+        )));
+    }
+    Ok(())
+}
+
 /// A temporary directory next to the final output; removed on drop unless persisted.
 pub struct TempDir {
     path: PathBuf,
@@ -40,13 +52,8 @@ impl TempDir {
 
     /// Moves the finished directory to `out`, replacing an existing one when `force` is set.
     pub fn persist(mut self, out: &Path, force: bool) -> Result<()> {
+        check_output(out, force)?;
         if out.exists() {
-            if !force {
-                return Err(Error::Usage(format!(
-                    "{} already exists (use --force to replace it)",
-                    out.display()
-                )));
-            }
             let meta = std::fs::symlink_metadata(out).map_err(|e| Error::io(out, e))?;
             if meta.is_dir() {
                 std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;

@@ -540,12 +540,7 @@ pub fn import(
         Some(out) => out.shape == embd.shape && g.dequantize(out)? == g.dequantize(embd)?,
     };
 
-    if out.exists() && !force {
-        return Err(Error::Usage(format!(
-            "{} already exists (use --force to replace it)",
-            out.display()
-        )));
-    }
+    crate::fsutil::check_output(out, force)?;
     let tmp = crate::fsutil::TempDir::beside(out)?;
 
     // Tensors: dequantize, un-permute, rename; keep them as stored bytes for serialization.

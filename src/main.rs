@@ -621,13 +621,7 @@ fn run_quantize(a: QuantizeArgs) -> anyhow::Result<()> {
             .into());
         }
     }
-    if a.output.exists() && !a.force {
-        return Err(affq::Error::Usage(format!(
-            "{} already exists (use --force to replace it)",
-            a.output.display()
-        ))
-        .into());
-    }
+    affq::fsutil::check_output(&a.output, a.force)?;
     let mut model = Model::load(&ckpt, 1)?;
     let mut extra = Vec::new();
     let transforms = match a.method {

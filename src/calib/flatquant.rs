@@ -397,8 +397,7 @@ impl FlatQuant {
         b.set_site(Site::OIn, Some(o_online));
         b.set_site(Site::MlpIn, Some(p.mlp.online()));
         b.set_site(Site::DownIn, Some(p.down.online()));
-        if let Some((pv, pk)) = &p.kv {
-            let _ = pv;
+        if let Some((_, pk)) = &p.kv {
             b.qk_transform = Some(QkTransform {
                 q: inverse(pk.as_tensor())?.t()?,
                 k: pk.as_tensor().clone(),
