@@ -143,51 +143,33 @@ fn calibration_lowers_every_block_loss_and_is_deterministic() {
 #[test]
 fn never_calibrates_on_the_test_split() {
     let tmp = tempfile::tempdir().unwrap();
-    let test = data_dir().join("wikitext-2-raw/wiki.test.raw");
     let out = tmp.path().join("o");
-    let o = affq(&[
-        "quantize",
-        stories().to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--method",
-        "flatquant",
-        "--calib",
-        test.to_str().unwrap(),
-    ]);
-    assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("test split"));
+    // Runs flatquant with `--calib FILE` and checks the usage-error contract.
+    let expect_error = |calib: &std::path::Path, must_say: &str| {
+        let o = affq(&[
+            "quantize",
+            stories().to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--method",
+            "flatquant",
+            "--calib",
+            calib.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(err.contains(must_say), "expected {must_say:?} in {err}");
+        assert!(!out.exists());
+    };
+    expect_error(
+        &data_dir().join("wikitext-2-raw/wiki.test.raw"),
+        "test split",
+    );
     // A calibration file shorter than one window, and an empty one.
     let short = tmp.path().join("short.txt");
     std::fs::write(&short, "Once upon a time.").unwrap();
-    let o = affq(&[
-        "quantize",
-        stories().to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--method",
-        "flatquant",
-        "--calib",
-        short.to_str().unwrap(),
-    ]);
-    assert_eq!(o.status.code(), Some(2));
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("fewer than one window"),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    expect_error(&short, "fewer than one window");
     let empty = tmp.path().join("empty.txt");
     std::fs::write(&empty, "").unwrap();
-    let o = affq(&[
-        "quantize",
-        stories().to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--method",
-        "flatquant",
-        "--calib",
-        empty.to_str().unwrap(),
-    ]);
-    assert_eq!(o.status.code(), Some(2));
-    assert!(!out.exists());
+    expect_error(&empty, "empty");
 }
