@@ -22,7 +22,7 @@ use crate::quant::{
 };
 use crate::transforms::inverse::{inverse, inverse_f64};
 use crate::transforms::linalg::{random_orthogonal, Rng};
-use crate::transforms::KroneckerTransform;
+use crate::transforms::{per_head_output, KroneckerTransform};
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 use std::sync::Arc;
@@ -222,14 +222,6 @@ fn clamp_rows(w: &Tensor, lo: &Tensor, hi: &Tensor) -> Result<Tensor> {
     Ok(w.broadcast_minimum(hi)?.broadcast_maximum(lo)?)
 }
 
-/// Rows of each head block of `w` (`[heads·hd, n]`) left-multiplied by `m` (`[hd, hd]`).
-fn mix_head_rows(w: &Tensor, m: &Tensor, hd: usize) -> Result<Tensor> {
-    let (out, n) = w.dims2()?;
-    Ok(m.unsqueeze(0)?
-        .broadcast_matmul(&w.reshape((out / hd, hd, n))?)?
-        .reshape((out, n))?)
-}
-
 pub struct FlatQuant {
     pub cfg: FlatQuantConfig,
     /// Clip logit whose sigmoid is 1 in f32: quantization without clipping.
@@ -371,12 +363,9 @@ impl FlatQuant {
                 (LinearKind::V, Some(pv), spec) => {
                     // Output side of v_proj: each head's values times P_v, after the clip (§2.6).
                     let (lo, hi) = lwc_bounds(&w, &p.lwc[i])?;
-                    let w = mix_head_rows(&clamp_rows(&w, &lo, &hi)?, &pv.t()?, hd)?;
-                    bias = bias
-                        .map(|b| -> Result<Tensor> {
-                            Ok(b.reshape((b.dim(0)? / hd, hd))?.matmul(pv)?.flatten_all()?)
-                        })
-                        .transpose()?;
+                    let (w, b) =
+                        per_head_output(&clamp_rows(&w, &lo, &hi)?, bias.as_ref(), pv, hd)?;
+                    bias = b;
                     match spec {
                         Some(spec) => clip_quant(&w, &self.no_clip, &self.no_clip, spec, false)?,
                         None => w,
@@ -506,12 +495,7 @@ impl FlatQuant {
                 w = clamp_rows(&w, &lo, &hi)?;
             }
             if let (LinearKind::V, Some(pv)) = (kind, &pv64) {
-                w = mix_head_rows(&w, &pv.t()?, hd)?;
-                bias = bias
-                    .map(|b| -> Result<Tensor> {
-                        Ok(b.reshape((b.dim(0)? / hd, hd))?.matmul(pv)?.flatten_all()?)
-                    })
-                    .transpose()?;
+                (w, bias) = per_head_output(&w, bias.as_ref(), pv, hd)?;
             }
             let w = w.to_dtype(DType::F32)?;
             let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;

@@ -15,7 +15,7 @@ use crate::error::Result;
 use crate::model::{DenseLinear, LinearKind, LinearLayer, Model, QkTransform, Site};
 use crate::transforms::hadamard::hadamard_factors;
 use crate::transforms::linalg::{kron, random_orthogonal, Rng};
-use crate::transforms::KroneckerTransform;
+use crate::transforms::{per_head_output, KroneckerTransform};
 use candle_core::{DType, Device, Tensor};
 
 /// An orthogonal `n × n` matrix with a description: a normalised Hadamard `H_K ⊗ H_2^m` where one
@@ -157,25 +157,16 @@ pub fn rotate(model: &mut Model, seed: u64) -> Result<Vec<String>> {
                     |w| Ok(scale_columns(w, &g_in)?.matmul(&q)?),
                     |b| Ok(b.clone()),
                 )?,
-                LinearKind::V => rewrite(
-                    layer,
-                    // W_v ← (I ⊗ Hᵀ)·W_v·diag(γ)·Q: each KV head's rows mixed by Hᵀ.
-                    |w| {
-                        let w = scale_columns(w, &g_in)?.matmul(&q)?;
-                        let (out, n) = w.dims2()?;
-                        let heads = w.reshape((out / hd, hd, n))?;
-                        Ok(h_hd
-                            .t()?
-                            .unsqueeze(0)?
-                            .broadcast_matmul(&heads)?
-                            .reshape((out, n))?)
-                    },
-                    |b| {
-                        Ok(b.reshape((b.dim(0)? / hd, hd))?
-                            .matmul(&h_hd)?
-                            .flatten_all()?)
-                    },
-                )?,
+                LinearKind::V => {
+                    // Values rotated per head by H: W_v ← (I ⊗ Hᵀ)·W_v·diag(γ)·Q, b ← b·H.
+                    let w = scale_columns(&to_f64(&layer.weight()?)?, &g_in)?.matmul(&q)?;
+                    let bias = layer.bias().map(to_f64).transpose()?;
+                    let (w, bias) = per_head_output(&w, bias.as_ref(), &h_hd, hd)?;
+                    DenseLinear {
+                        weight: to_f32(&w)?,
+                        bias: bias.as_ref().map(to_f32).transpose()?,
+                    }
+                }
                 LinearKind::O => rewrite(
                     layer,
                     |w| Ok(q.t()?.matmul(&w.matmul(&o_mix)?)?),
