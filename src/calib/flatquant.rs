@@ -50,7 +50,7 @@ pub fn kron_dims(n: usize) -> (usize, usize) {
     let mut n1 = 1;
     let mut d = 1;
     while d * d <= n {
-        if n % d == 0 {
+        if n.is_multiple_of(d) {
             n1 = d;
         }
         d += 1;
@@ -470,8 +470,7 @@ impl FlatQuant {
         ];
         let c_down = f64v(&p.down.c)?;
         let c_down_t = Tensor::from_slice(&c_down, (c_down.len(), 1), &Device::Cpu)?;
-        let sig =
-            |v: &Var| -> Result<Tensor> { Ok(sigmoid(&v.as_tensor().to_dtype(DType::F64)?)?) };
+        let sig = |v: &Var| -> Result<Tensor> { sigmoid(&v.as_tensor().to_dtype(DType::F64)?) };
 
         let mut b = block.clone();
         let plan = self.plan();
