@@ -15,7 +15,7 @@
 //! element equal to them (as candle's `max_keepdim` does). It replaces ~25 graph nodes per
 //! quantizer, whose backward dominated calibration time; `act::fake_quant_graph` is its test oracle.
 
-use super::quantizer::{QuantSpec, SymScale};
+use super::quantizer::{round_even, QuantSpec, SymScale};
 use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp3, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -65,7 +65,7 @@ impl ClipQuant {
         let z = if self.spec.symmetric {
             0.0
         } else {
-            (-lo / s).round()
+            round_even(-lo / s)
         };
         Row {
             hi,
@@ -131,7 +131,7 @@ impl CustomOp3 for ClipQuant {
                     } else {
                         v
                     };
-                    let c = ((xc / p.s).round() + p.z).clamp(qlo, qhi);
+                    let c = (round_even(xc / p.s) + p.z).clamp(qlo, qhi);
                     *o = (c - p.z) * p.s;
                 }
             });
@@ -176,7 +176,7 @@ impl CustomOp3 for ClipQuant {
                     } else {
                         v
                     };
-                    let c_raw = (xc / p.s).round() + p.z;
+                    let c_raw = round_even(xc / p.s) + p.z;
                     // Pass-through weight of the code clamp: 1 inside, 0 outside, ½ exactly on a
                     // bound (candle's clamp splits ties; LWC puts the clipped maxima there).
                     let unsat = if c_raw > qlo && c_raw < qhi {

@@ -2,6 +2,7 @@
 
 pub mod act;
 pub mod clipquant;
+pub mod gptq;
 pub mod linear;
 pub mod ops;
 pub mod pack;

@@ -97,7 +97,7 @@ impl QuantSpec {
                     let s = (hi - lo) / q;
                     UnitParams {
                         scale: s,
-                        zero: (-lo / s).round_ties_even(),
+                        zero: round_even(-lo / s),
                         offset: 0.0,
                     }
                 }
@@ -117,6 +117,17 @@ impl QuantSpec {
 /// Scale `s`, zero point `z` (in code units) and float offset `m` of one unit:
 /// `code = clamp(round((x − m)/s) + z, 0, 2^b − 1)`, `x̂ = s·(code − z) + m`.
 /// Symmetric grids use `z = 2^(b−1)` (offset-binary codes), `m = 0`.
+/// Round half to even (torch.round's mode, §1.4) without a libm call: for |x| ≤ 2²² adding
+/// 1.5·2²³ puts x in [2²³, 2²⁴), where the float spacing is 1, so the addition itself rounds to
+/// the nearest integer with ties to even; larger magnitudes are clamped first (every caller
+/// clamps to a code range far smaller than that). NaN stays NaN.
+#[inline(always)]
+pub fn round_even(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    let x = x.clamp(-4_194_304.0, 4_194_304.0);
+    (x + MAGIC) - MAGIC
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct UnitParams {
     pub scale: f32,
@@ -127,9 +138,7 @@ pub struct UnitParams {
 impl UnitParams {
     #[inline]
     pub fn code(&self, x: f32, qmax: f32) -> u8 {
-        ((x - self.offset) / self.scale + self.zero)
-            .round_ties_even()
-            .clamp(0.0, qmax) as u8
+        round_even((x - self.offset) / self.scale + self.zero).clamp(0.0, qmax) as u8
     }
 
     #[inline]
@@ -272,6 +281,25 @@ mod tests {
         };
         assert_eq!(p.code(2.5, spec.qmax() as f32), 130);
         assert_eq!(p.code(3.5, spec.qmax() as f32), 132);
+    }
+
+    #[test]
+    fn fast_rounding_is_ties_to_even() {
+        let mut vals: Vec<f32> = (-2000..=2000).map(|i| i as f32 * 0.25).collect();
+        vals.extend([
+            0.49999997,
+            -0.49999997,
+            1e-30,
+            -0.0,
+            4_194_303.5,
+            -4_194_303.5,
+            1.5e6 + 0.5,
+        ]);
+        for v in vals {
+            assert_eq!(round_even(v), v.round_ties_even(), "{v}");
+        }
+        assert_eq!(round_even(1e30), 4_194_304.0);
+        assert!(round_even(f32::NAN).is_nan());
     }
 
     #[test]

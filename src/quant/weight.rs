@@ -44,6 +44,40 @@ fn search_clip(xs: &[f32], spec: &QuantSpec, lo: f32, hi: f32) -> UnitParams {
     best.1
 }
 
+/// The grid of one unit (row, group or tensor) from its values: min/max, or the clip search.
+pub(crate) fn unit_params(xs: &[f32], spec: &QuantSpec, clip_search: bool) -> UnitParams {
+    let (lo, hi) = min_max(xs);
+    if clip_search {
+        search_clip(xs, spec, lo, hi)
+    } else {
+        spec.params(lo, hi)
+    }
+}
+
+/// Checks that `g` (if grouped) divides `inp`; returns the unit length along a row.
+pub(crate) fn unit_len(name: &str, inp: usize, granularity: Granularity) -> Result<usize> {
+    match granularity {
+        Granularity::Group(g) if g == 0 || !inp.is_multiple_of(g) => Err(Error::Usage(format!(
+            "group size {g} does not divide the input size {inp} of {name}"
+        ))),
+        Granularity::Group(g) => Ok(g),
+        _ => Ok(inp),
+    }
+}
+
+/// Refuses a weight with a NaN or infinity, naming where.
+pub(crate) fn check_finite(name: &str, w: &[f32], inp: usize) -> Result<()> {
+    match w.iter().position(|x| !x.is_finite()) {
+        Some(i) => Err(Error::Runtime(format!(
+            "{name}: weight has a non-finite value ({}) at row {}, column {}",
+            w[i],
+            i / inp,
+            i % inp
+        ))),
+        None => Ok(()),
+    }
+}
+
 fn min_max(xs: &[f32]) -> (f32, f32) {
     xs.iter()
         .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &x| {
@@ -73,34 +107,11 @@ impl QuantizedWeight {
         granularity: Granularity,
         clip_search: bool,
     ) -> Result<Self> {
-        if let Some(i) = w.iter().position(|x| !x.is_finite()) {
-            return Err(Error::Runtime(format!(
-                "{name}: weight has a non-finite value ({}) at row {}, column {}",
-                w[i],
-                i / inp,
-                i % inp
-            )));
-        }
-        let g = match granularity {
-            Granularity::Group(g) => {
-                if g == 0 || !inp.is_multiple_of(g) {
-                    return Err(Error::Usage(format!(
-                        "group size {g} does not divide the input size {inp} of {name}"
-                    )));
-                }
-                g
-            }
-            _ => inp,
-        };
+        check_finite(name, w, inp)?;
+        let g = unit_len(name, inp, granularity)?;
         let qmax = spec.qmax() as f32;
-        let tensor_params = (granularity == Granularity::Tensor).then(|| {
-            let (lo, hi) = min_max(w);
-            if clip_search {
-                search_clip(w, &spec, lo, hi)
-            } else {
-                spec.params(lo, hi)
-            }
-        });
+        let tensor_params =
+            (granularity == Granularity::Tensor).then(|| unit_params(w, &spec, clip_search));
         let mut codes = vec![0u8; out * inp];
         let params: Vec<UnitParams> = codes
             .par_chunks_mut(inp)
@@ -108,14 +119,7 @@ impl QuantizedWeight {
             .flat_map_iter(|(c_row, w_row)| {
                 let mut ps = Vec::with_capacity(inp / g);
                 for (c, x) in c_row.chunks_mut(g).zip(w_row.chunks(g)) {
-                    let p = tensor_params.unwrap_or_else(|| {
-                        let (lo, hi) = min_max(x);
-                        if clip_search {
-                            search_clip(x, &spec, lo, hi)
-                        } else {
-                            spec.params(lo, hi)
-                        }
-                    });
+                    let p = tensor_params.unwrap_or_else(|| unit_params(x, &spec, clip_search));
                     for (ci, &xi) in c.iter_mut().zip(x) {
                         *ci = p.code(xi, qmax);
                     }
