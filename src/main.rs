@@ -3,12 +3,14 @@
 use affq::calib::data::CalibSource;
 use affq::calib::flatquant::{FlatQuant, FlatQuantConfig};
 use affq::calib::recipe::Recipe;
+use affq::calib::{BlockMethod, EngineConfig, Untrained, WeightQuantizer};
 use affq::checkpoint::{QuantConfig, WeightScheme};
 use affq::data::{self, DataFile};
 use affq::eval::{self, PplOptions, Protocol};
 use affq::gguf::{self, ImportDtype};
 use affq::methods::{self, QuantPlan};
 use affq::model::Model;
+use affq::quant::gptq::GptqConfig;
 use affq::quant::{AsymZero, Granularity, QuantSpec, SymScale};
 use affq::tokenizer::Tok;
 use affq::weights::Checkpoint;
@@ -153,11 +155,28 @@ struct QuantizeArgs {
     /// Seed of every random choice (rotations).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// How weights are rounded onto their grid, under any method [default: rtn].
+    #[arg(long, value_enum)]
+    weight_quantizer: Option<WeightQuantizerArg>,
+    /// GPTQ dampening: fraction of the mean Hessian diagonal added to it [default: 0.01].
+    #[arg(long)]
+    gptq_damp: Option<f64>,
+    /// GPTQ: quantize columns by decreasing Hessian diagonal (groups then use static grids).
+    #[arg(long)]
+    act_order: bool,
     /// Replace an existing output directory.
     #[arg(long)]
     force: bool,
     #[command(flatten)]
     common: Common,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum WeightQuantizerArg {
+    /// Round to nearest.
+    Rtn,
+    /// GPTQ: error-compensating rounding with calibration Hessians.
+    Gptq,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -388,7 +407,10 @@ fn quant_plan(a: &QuantizeArgs, r: &Recipe) -> anyhow::Result<QuantPlan> {
                 None => Granularity::Channel,
             },
             clip_search: a.weight_clip_search,
-            quantizer: "rtn".into(),
+            quantizer: weight_quantizer(r)
+                .map(|w| w.name())
+                .unwrap_or("rtn")
+                .into(),
         }
     });
     if weights.is_none() && (a.group_size.is_some() || a.weight_clip_search) {
@@ -426,9 +448,16 @@ fn quant_plan(a: &QuantizeArgs, r: &Recipe) -> anyhow::Result<QuantPlan> {
 
 /// Method preset, then `--recipe`, then flags.
 fn resolve_recipe(a: &QuantizeArgs) -> anyhow::Result<Recipe> {
+    // Untrained methods take only the CPU preset's data budget (used by GPTQ).
+    let cpu = Recipe::load("cpu")?;
     let base = match a.method {
-        MethodArg::Flatquant => Recipe::load("cpu")?,
-        _ => Recipe::default(),
+        MethodArg::Flatquant => cpu,
+        _ => Recipe {
+            nsamples: cpu.nsamples,
+            calib_seqlen: cpu.calib_seqlen,
+            calib: cpu.calib,
+            ..Recipe::default()
+        },
     };
     let base = match &a.recipe {
         Some(r) => {
@@ -462,22 +491,75 @@ fn resolve_recipe(a: &QuantizeArgs) -> anyhow::Result<Recipe> {
         lr: a.lr,
         alpha: a.alpha,
         calib: a.calib.clone(),
+        weight_quantizer: a.weight_quantizer.map(|w| {
+            match w {
+                WeightQuantizerArg::Rtn => "rtn",
+                WeightQuantizerArg::Gptq => "gptq",
+            }
+            .to_string()
+        }),
+        gptq_damp: a.gptq_damp,
+        act_order: a.act_order.then_some(true),
     };
-    if a.method != MethodArg::Flatquant {
-        let calib_flags = [
-            a.nsamples.is_some(),
-            a.calib_seqlen.is_some(),
+    let r = base.overridden_by(&flags);
+    let gptq = weight_quantizer(&r)? != WeightQuantizer::Rtn;
+    if !trained(a.method) {
+        let training_flags = [
             a.epochs.is_some(),
             a.batch.is_some(),
             a.lr.is_some(),
             a.alpha.is_some(),
+        ];
+        if training_flags.iter().any(|&f| f) {
+            return Err(affq::Error::Usage("training flags (--epochs, --batch, --lr, --alpha) need a trained method (--method flatquant)".into()).into());
+        }
+        let data_flags = [
+            a.nsamples.is_some(),
+            a.calib_seqlen.is_some(),
             a.calib.is_some(),
         ];
-        if calib_flags.iter().any(|&f| f) {
-            return Err(affq::Error::Usage("calibration flags (--calib, --nsamples, --calib-seqlen, --epochs, --batch, --lr, --alpha) need a calibrated method (--method flatquant)".into()).into());
+        if !gptq && data_flags.iter().any(|&f| f) {
+            return Err(affq::Error::Usage("calibration data flags (--calib, --nsamples, --calib-seqlen) need a calibrated method (--method flatquant) or --weight-quantizer gptq".into()).into());
         }
     }
-    Ok(base.overridden_by(&flags))
+    if !gptq && (a.gptq_damp.is_some() || a.act_order) {
+        return Err(affq::Error::Usage(
+            "--gptq-damp and --act-order need --weight-quantizer gptq".into(),
+        )
+        .into());
+    }
+    Ok(r)
+}
+
+fn trained(m: MethodArg) -> bool {
+    matches!(m, MethodArg::Flatquant)
+}
+
+/// The weight quantizer a resolved recipe asks for.
+fn weight_quantizer(r: &Recipe) -> anyhow::Result<WeightQuantizer> {
+    Ok(match r.weight_quantizer.as_deref().unwrap_or("rtn") {
+        "rtn" => WeightQuantizer::Rtn,
+        "gptq" => {
+            let damp = r.gptq_damp.unwrap_or(0.01);
+            if !(damp >= 0.0 && damp.is_finite()) {
+                return Err(affq::Error::Usage(format!(
+                    "--gptq-damp {damp}: must be a non-negative number"
+                ))
+                .into());
+            }
+            WeightQuantizer::Gptq(GptqConfig {
+                damp,
+                act_order: r.act_order.unwrap_or(false),
+                block: 128,
+            })
+        }
+        other => {
+            return Err(affq::Error::Usage(format!(
+                "weight quantizer `{other}`: expected rtn or gptq"
+            ))
+            .into())
+        }
+    })
 }
 
 struct CalibOutcome {
@@ -485,13 +567,12 @@ struct CalibOutcome {
     transforms: Vec<String>,
 }
 
-fn run_flatquant(
+/// Calibration data of the resolved recipe, tokenized into windows; and its description.
+fn calibration_tokens(
     a: &QuantizeArgs,
     r: &Recipe,
-    plan: &QuantPlan,
     ckpt: &Checkpoint,
-    model: &mut Model,
-) -> anyhow::Result<CalibOutcome> {
+) -> anyhow::Result<(candle_core::Tensor, String)> {
     let dir = data::data_dir(a.data_dir.as_deref());
     let source = match r.calib.as_deref().unwrap_or("wikitext2") {
         "wikitext2" => CalibSource::Wikitext2,
@@ -506,14 +587,22 @@ fn run_flatquant(
         )
     })?;
     let tok = Tok::load(&tok_path)?;
-    let (n, l) = (r.nsamples.unwrap_or(16), r.calib_seqlen.unwrap_or(512));
+    let (n, l) = (r.nsamples.unwrap_or(32), r.calib_seqlen.unwrap_or(512));
     let text = affq::calib::data::read(&path)?;
     let tokens = affq::calib::data::windows(&tok, &text, &path, n, l, a.seed)?;
+    Ok((tokens, format!("{desc}, {n} × {l} tokens")))
+}
+
+fn flatquant_config(
+    a: &QuantizeArgs,
+    r: &Recipe,
+    plan: &QuantPlan,
+) -> anyhow::Result<FlatQuantConfig> {
     let epochs = r.epochs.unwrap_or(3);
     if epochs == 0 {
         return Err(affq::Error::Usage("--epochs must be at least 1".into()).into());
     }
-    let cfg = FlatQuantConfig {
+    Ok(FlatQuantConfig {
         weights: plan.weights.as_ref().map(|w| w.spec),
         activations: plan.activations,
         kv_cache: plan.kv_cache,
@@ -524,15 +613,40 @@ fn run_flatquant(
         weight_decay: 0.01,
         alpha: r.alpha.unwrap_or(0.3),
         seed: a.seed,
-    };
-    let summary = format!(
-        "flatquant: calibrated on {desc}, {n} × {l} tokens, {epochs} epochs, batch {}, lr {}",
-        cfg.batch, cfg.lr
-    );
+    })
+}
+
+/// Runs the block-by-block engine with `method` and the recipe's weight quantizer.
+#[allow(clippy::too_many_arguments)]
+fn run_calibration(
+    a: &QuantizeArgs,
+    r: &Recipe,
+    plan: &QuantPlan,
+    ckpt: &Checkpoint,
+    model: &mut Model,
+    method: &mut dyn BlockMethod,
+    label: &str,
+    training: Option<String>,
+) -> anyhow::Result<CalibOutcome> {
+    let (tokens, data_desc) = calibration_tokens(a, r, ckpt)?;
+    let wq = weight_quantizer(r)?;
+    let mut summary = format!("{label}: calibrated on {data_desc}");
+    if let Some(t) = training {
+        summary.push_str(&format!(", {t}"));
+    }
+    if let WeightQuantizer::Gptq(g) = wq {
+        summary.push_str(&format!(
+            ", weights by GPTQ (damp {}, act order {})",
+            g.damp, g.act_order
+        ));
+    }
     if !a.common.json {
         eprintln!("{summary}");
     }
-    let mut fq = FlatQuant::new(cfg)?;
+    let engine = EngineConfig {
+        plan: plan.clone(),
+        weight_quantizer: wq,
+    };
     let nblocks = model.blocks.len() as u64;
     let bar = indicatif::ProgressBar::new(nblocks);
     bar.set_style(
@@ -546,7 +660,8 @@ fn run_flatquant(
     let reports = affq::calib::calibrate_model(
         model,
         &tokens,
-        &mut fq,
+        method,
+        &engine,
         |b, e| {
             bar.set_message(format!("block {b} epoch {} loss {:.3e}", e.epoch, e.loss));
             epoch_rows.push(format!("{b},{},{:.6e},{:.2}", e.epoch, e.loss, e.seconds));
@@ -555,7 +670,7 @@ fn run_flatquant(
             bar.set_position(done as u64);
             bar.suspend(|| {
                 eprintln!(
-                    "block {:>2}: loss rtn {:.3e} -> flatquant {:.3e} ({:.1}s)",
+                    "block {:>2}: loss rtn {:.3e} -> {label} {:.3e} ({:.1}s)",
                     rep.block, rep.loss_rtn, rep.loss_final, rep.seconds
                 )
             });
@@ -624,16 +739,37 @@ fn run_quantize(a: QuantizeArgs) -> anyhow::Result<()> {
     affq::fsutil::check_output(&a.output, a.force)?;
     let mut model = Model::load(&ckpt, 1)?;
     let mut extra = Vec::new();
-    let transforms = match a.method {
-        MethodArg::Rtn => Vec::new(),
-        MethodArg::Flatquant => {
-            let report = run_flatquant(&a, &recipe, &plan, &ckpt, &mut model)?;
-            extra.push(("calibration.csv".to_string(), report.csv));
-            report.transforms
-        }
+    let mut transforms = match a.method {
         MethodArg::Rotate => methods::rotate::rotate(&mut model, a.seed)?,
+        _ => Vec::new(),
     };
-    if a.method != MethodArg::Flatquant {
+    let engine = trained(a.method) || weight_quantizer(&recipe)? != WeightQuantizer::Rtn;
+    if engine {
+        let outcome = match a.method {
+            MethodArg::Flatquant => {
+                let cfg = flatquant_config(&a, &recipe, &plan)?;
+                let training = format!("{} epochs, batch {}, lr {}", cfg.epochs, cfg.batch, cfg.lr);
+                let mut fq = FlatQuant::new(cfg)?;
+                run_calibration(
+                    &a,
+                    &recipe,
+                    &plan,
+                    &ckpt,
+                    &mut model,
+                    &mut fq,
+                    "flatquant",
+                    Some(training),
+                )?
+            }
+            MethodArg::Rtn | MethodArg::Rotate => {
+                let mut m = Untrained { plan: plan.clone() };
+                run_calibration(&a, &recipe, &plan, &ckpt, &mut model, &mut m, "gptq", None)?
+            }
+        };
+        extra.push(("calibration.csv".to_string(), outcome.csv));
+        transforms.extend(outcome.transforms);
+        methods::quantize_head(&mut model, &plan)?;
+    } else {
         methods::quantize(&mut model, &plan)?;
     }
     let method = match a.method {

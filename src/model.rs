@@ -108,6 +108,10 @@ pub trait LinearLayer: Send + Sync {
     fn out_features(&self) -> usize {
         self.weight_ref().dims()[0]
     }
+    /// The per-token quantizer this layer applies to its input, if any.
+    fn act_quantizer(&self) -> Option<std::sync::Arc<dyn crate::quant::ActQuantizer>> {
+        None
+    }
 }
 
 /// A full-precision linear layer.

@@ -11,15 +11,12 @@
 //! keeps it away from singularity, and the deployment step checks the pivot ratio in f64 and
 //! reports a near-singular factor instead of writing garbage.
 
-use super::{mse, run_block, BlockMethod, BlockReport, EpochLog, SiteStats};
+use super::{BlockMethod, EpochLog, MethodReport, SiteStats};
 use crate::error::{Error, Result};
-use crate::methods::{quantize_block, QuantPlan};
 use crate::model::{Block, DenseLinear, LinearKind, Mode, NoHook, QkTransform, Rope, Site};
 use crate::quant::act::sigmoid;
 use crate::quant::clipquant::clip_quant;
-use crate::quant::{
-    ActQuantizer, Granularity, LearnedClip, QuantLinear, QuantSpec, QuantizedWeight,
-};
+use crate::quant::{ActQuantizer, LearnedClip, QuantLinear, QuantSpec};
 use crate::transforms::inverse::{inverse, inverse_f64};
 use crate::transforms::linalg::{random_orthogonal, Rng};
 use crate::transforms::{per_head_output, KroneckerTransform};
@@ -246,23 +243,6 @@ impl FlatQuant {
         })
     }
 
-    fn plan(&self) -> QuantPlan {
-        QuantPlan {
-            weights: self
-                .cfg
-                .weights
-                .map(|spec| crate::checkpoint::WeightScheme {
-                    spec,
-                    granularity: Granularity::Channel,
-                    clip_search: false,
-                    quantizer: "rtn".into(),
-                }),
-            activations: self.cfg.activations,
-            kv_cache: self.cfg.kv_cache,
-            quantize_head: false,
-        }
-    }
-
     /// Channel-scale init `c_j = max_o|W[o,j]|^(1−α) / max_t|x[t,j]|^α` (§2.5).
     fn init_scale(
         &self,
@@ -473,7 +453,6 @@ impl FlatQuant {
         let sig = |v: &Var| -> Result<Tensor> { sigmoid(&v.as_tensor().to_dtype(DType::F64)?) };
 
         let mut b = block.clone();
-        let plan = self.plan();
         for (i, kind) in LinearKind::ALL.into_iter().enumerate() {
             let layer = block.linear(kind);
             let mut w = layer.weight()?.to_dtype(DType::F64)?;
@@ -502,26 +481,13 @@ impl FlatQuant {
                 b.set_linear(kind, Box::new(DenseLinear { weight: w, bias }))?;
                 continue;
             }
-            let (out, inp) = w.dims2()?;
-            let name = format!("model.layers.{}.{}", block.index, kind.hf_name());
-            let qw = match &plan.weights {
-                Some(s) => Some(QuantizedWeight::quantize(
-                    &name,
-                    &w.flatten_all()?.to_vec1()?,
-                    out,
-                    inp,
-                    s.spec,
-                    s.granularity,
-                    false,
-                )?),
-                None => None,
-            };
+            // Weights stay in full precision (clipped): the engine's weight quantizer rounds them.
             let act = self
                 .cfg
                 .activations
                 .map(|spec| p.lac[i].learned(spec).spec())
                 .transpose()?;
-            b.set_linear(kind, Box::new(QuantLinear::new(qw, w, bias, act)?))?;
+            b.set_linear(kind, Box::new(QuantLinear::new(None, w, bias, act)?))?;
         }
         let f32t = |v: &Var| v.as_tensor().clone();
         b.input_norm = (&block.input_norm * f32t(&p.attn.c))?;
@@ -584,19 +550,12 @@ impl BlockMethod for FlatQuant {
         y: &Tensor,
         stats: &SiteStats,
         on_epoch: &mut dyn FnMut(&EpochLog),
-    ) -> Result<(Block, BlockReport)> {
+    ) -> Result<(Block, MethodReport)> {
         let n = x.dim(0)?;
         let bs = self.cfg.batch.clamp(1, n);
         let steps_per_epoch = n / bs;
         let total = self.cfg.epochs * steps_per_epoch;
         let mut notes = Vec::new();
-
-        let mut rtn = block.clone();
-        quantize_block(&mut rtn, &self.plan())?;
-        // The RTN and final losses are diagnostics: measured on the first windows only.
-        let probe = n.min(4);
-        let (xp, yp) = (x.narrow(0, 0, probe)?, y.narrow(0, 0, probe)?);
-        let loss_rtn = mse(&run_block(&rtn, rope, &xp, 4, &mut NoHook)?, &yp)?;
 
         let p = self.init_params(block, stats)?;
         let params = |lr: f64| ParamsAdamW {
@@ -648,17 +607,6 @@ impl BlockMethod for FlatQuant {
             good = p.snapshot()?;
         }
         let deployed = self.deploy(block, &p, true, &mut notes)?;
-        let loss_final = mse(&run_block(&deployed, rope, &xp, 4, &mut NoHook)?, &yp)?;
-        Ok((
-            deployed,
-            BlockReport {
-                block: block.index,
-                loss_rtn,
-                loss_final,
-                epochs,
-                seconds: 0.0,
-                notes,
-            },
-        ))
+        Ok((deployed, MethodReport { epochs, notes }))
     }
 }

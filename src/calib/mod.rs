@@ -9,11 +9,14 @@
 pub mod data;
 pub mod flatquant;
 pub mod recipe;
+pub mod weight_quant;
 
 use crate::error::{Error, Result};
-use crate::model::{Block, BlockHook, LinearKind, Mode, Model, Rope};
+use crate::methods::{attach_quantizers, quantize_block, QuantPlan};
+use crate::model::{Block, BlockHook, LinearKind, Mode, Model, NoHook, Rope};
 use candle_core::{Tensor, D};
 use std::time::Instant;
+pub use weight_quant::WeightQuantizer;
 
 /// Per-channel running max of |x| at the three Kronecker sites' inputs (FlatQuant §2.5).
 #[derive(Default)]
@@ -63,9 +66,19 @@ pub struct BlockReport {
     pub notes: Vec<String>,
 }
 
+/// What a method says about its training of one block.
+#[derive(Debug, Clone, Default)]
+pub struct MethodReport {
+    pub epochs: Vec<EpochLog>,
+    pub notes: Vec<String>,
+}
+
 /// A method that calibrates one block at a time.
 pub trait BlockMethod {
-    /// Returns the deployed block. `x` and `y`: `[N, L, hidden]` FP inputs and outputs.
+    /// Returns the block in its deployed form except for the weight grid: transforms merged or
+    /// attached, learned clipping applied to the weights, activation and KV quantizers attached,
+    /// weights still in full precision (the engine's weight quantizer rounds them).
+    /// `x` and `y`: `[N, L, hidden]` FP inputs and outputs.
     fn calibrate(
         &mut self,
         block: &Block,
@@ -74,7 +87,35 @@ pub trait BlockMethod {
         y: &Tensor,
         stats: &SiteStats,
         on_epoch: &mut dyn FnMut(&EpochLog),
-    ) -> Result<(Block, BlockReport)>;
+    ) -> Result<(Block, MethodReport)>;
+}
+
+/// No training: the plan's activation and KV quantizers on the block as it is (RTN or a rotated
+/// model, with a weight quantizer that needs calibration data).
+pub struct Untrained {
+    pub plan: QuantPlan,
+}
+
+impl BlockMethod for Untrained {
+    fn calibrate(
+        &mut self,
+        block: &Block,
+        _: &Rope,
+        _: &Tensor,
+        _: &Tensor,
+        _: &SiteStats,
+        _: &mut dyn FnMut(&EpochLog),
+    ) -> Result<(Block, MethodReport)> {
+        let mut b = block.clone();
+        attach_quantizers(&mut b, &self.plan)?;
+        Ok((b, MethodReport::default()))
+    }
+}
+
+/// What the engine does after the method: the quantization plan and how weights are rounded.
+pub struct EngineConfig {
+    pub plan: QuantPlan,
+    pub weight_quantizer: WeightQuantizer,
 }
 
 /// Runs `block` over `x` in chunks of `batch` samples (eval path) with `hook` observing.
@@ -107,10 +148,15 @@ pub fn mse(a: &Tensor, b: &Tensor) -> Result<f64> {
 
 /// Calibrates every block of `model` on `tokens` `[N, L]` with `method`, replacing the blocks by
 /// their deployed form. `progress(done, total, report)` after each block.
+///
+/// Methods train on the full-precision inputs and targets (no error propagation, as FlatQuant and
+/// AffineQuant do); GPTQ's Hessians come from the inputs produced by the already-quantized
+/// preceding blocks (as GPTQ and QuaRot do), so those are carried along only when GPTQ runs.
 pub fn calibrate_model(
     model: &mut Model,
     tokens: &Tensor,
     method: &mut dyn BlockMethod,
+    engine: &EngineConfig,
     mut on_epoch: impl FnMut(usize, &EpochLog),
     mut progress: impl FnMut(usize, usize, &BlockReport),
 ) -> Result<Vec<BlockReport>> {
@@ -119,6 +165,10 @@ pub fn calibrate_model(
         model.rope = Rope::new(&model.config, l)?;
     }
     let mut x = model.embed(tokens)?;
+    let mut xq = match engine.weight_quantizer {
+        WeightQuantizer::Gptq(_) => Some(x.clone()),
+        WeightQuantizer::Rtn => None,
+    };
     let total = model.blocks.len();
     let mut reports = Vec::with_capacity(total);
     for i in 0..total {
@@ -130,11 +180,38 @@ pub fn calibrate_model(
                 "block {i}: full-precision outputs are not finite"
             )));
         }
-        let (block, mut report) =
+        // Diagnostics on the first windows: plain RTN versus the final block.
+        let probe = x.dim(0)?.min(4);
+        let (xp, yp) = (x.narrow(0, 0, probe)?, y.narrow(0, 0, probe)?);
+        let mut rtn = model.blocks[i].clone();
+        quantize_block(&mut rtn, &engine.plan)?;
+        let loss_rtn = mse(&run_block(&rtn, &model.rope, &xp, 4, &mut NoHook)?, &yp)?;
+        drop(rtn);
+
+        let (mut block, mut rep) =
             method.calibrate(&model.blocks[i], &model.rope, &x, &y, &stats, &mut |e| {
                 on_epoch(i, e)
             })?;
-        report.seconds = t0.elapsed().as_secs_f64();
+        weight_quant::quantize_block_weights(
+            &mut block,
+            &engine.plan,
+            &engine.weight_quantizer,
+            &model.rope,
+            xq.as_ref().unwrap_or(&x),
+            &mut rep.notes,
+        )?;
+        let loss_final = mse(&run_block(&block, &model.rope, &xp, 4, &mut NoHook)?, &yp)?;
+        if let Some(xq) = &mut xq {
+            *xq = run_block(&block, &model.rope, xq, 4, &mut NoHook)?;
+        }
+        let report = BlockReport {
+            block: i,
+            loss_rtn,
+            loss_final,
+            epochs: rep.epochs,
+            seconds: t0.elapsed().as_secs_f64(),
+            notes: rep.notes,
+        };
         model.blocks[i] = block;
         progress(i + 1, total, &report);
         reports.push(report);

@@ -20,6 +20,10 @@ pub struct Recipe {
     pub lr: Option<f64>,
     pub alpha: Option<f64>,
     pub calib: Option<String>,
+    /// `rtn` or `gptq`.
+    pub weight_quantizer: Option<String>,
+    pub gptq_damp: Option<f64>,
+    pub act_order: Option<bool>,
 }
 
 /// Recipes shipped in calib/.
@@ -73,6 +77,9 @@ impl Recipe {
             lr: over.lr.or(self.lr),
             alpha: over.alpha.or(self.alpha),
             calib: over.calib.clone().or(self.calib),
+            weight_quantizer: over.weight_quantizer.clone().or(self.weight_quantizer),
+            gptq_damp: over.gptq_damp.or(self.gptq_damp),
+            act_order: over.act_order.or(self.act_order),
         }
     }
 }

@@ -7,7 +7,8 @@ pub mod rotate;
 use crate::checkpoint::WeightScheme;
 use crate::error::Result;
 use crate::model::{LinearKind, LinearLayer, Model};
-use crate::quant::{QuantLinear, QuantSpec, QuantizedWeight};
+use crate::quant::{ActQuantizer, QuantLinear, QuantSpec, QuantizedWeight};
+use std::sync::Arc;
 
 /// What to quantize and how.
 #[derive(Debug, Clone)]
@@ -18,11 +19,13 @@ pub struct QuantPlan {
     pub quantize_head: bool,
 }
 
-fn quantize_linear(
+/// Round-to-nearest quantization of one linear's weight (per the plan's scheme), keeping `act`
+/// as its input quantizer.
+pub fn quantize_linear(
     layer: &dyn LinearLayer,
     name: &str,
     plan: &QuantPlan,
-    act: Option<QuantSpec>,
+    act: Option<Arc<dyn ActQuantizer>>,
 ) -> Result<QuantLinear> {
     let w = layer.weight()?;
     let (out, inp) = w.dims2()?;
@@ -41,7 +44,12 @@ fn quantize_linear(
         }
         None => None,
     };
-    QuantLinear::new(qw, w, layer.bias().cloned(), act)
+    QuantLinear::with_quantizer(qw, w, layer.bias().cloned(), act)
+}
+
+fn act_of(plan: &QuantPlan) -> Option<Arc<dyn ActQuantizer>> {
+    plan.activations
+        .map(|s| Arc::new(s) as Arc<dyn ActQuantizer>)
 }
 
 /// Round-to-nearest quantization of one block's linears with the activation and KV quantizers
@@ -50,14 +58,33 @@ pub fn quantize_block(block: &mut crate::model::Block, plan: &QuantPlan) -> Resu
     let i = block.index;
     for kind in LinearKind::ALL {
         let name = format!("model.layers.{i}.{}", kind.hf_name());
-        let q = quantize_linear(block.linear(kind), &name, plan, plan.activations)?;
+        let q = quantize_linear(block.linear(kind), &name, plan, act_of(plan))?;
         block.set_linear(kind, Box::new(q))?;
     }
-    block.k_quant = plan
-        .kv_cache
-        .map(|s| std::sync::Arc::new(s) as std::sync::Arc<dyn crate::quant::ActQuantizer>);
-    block.v_quant = block.k_quant.clone();
+    attach_kv(block, plan);
     Ok(())
+}
+
+/// The plan's activation quantizers on every linear input and its KV quantizers, weights left in
+/// full precision: the starting point of weight quantizers that need calibration data (GPTQ).
+pub fn attach_quantizers(block: &mut crate::model::Block, plan: &QuantPlan) -> Result<()> {
+    for kind in LinearKind::ALL {
+        let layer = block.linear(kind);
+        let q = QuantLinear::with_quantizer(
+            None,
+            layer.weight()?,
+            layer.bias().cloned(),
+            act_of(plan),
+        )?;
+        block.set_linear(kind, Box::new(q))?;
+    }
+    attach_kv(block, plan);
+    Ok(())
+}
+
+fn attach_kv(block: &mut crate::model::Block, plan: &QuantPlan) {
+    block.k_quant = plan.kv_cache.map(|s| Arc::new(s) as Arc<dyn ActQuantizer>);
+    block.v_quant = block.k_quant.clone();
 }
 
 /// Round-to-nearest quantization of every decoder linear (and the head if asked), with the
@@ -66,8 +93,13 @@ pub fn quantize(model: &mut Model, plan: &QuantPlan) -> Result<()> {
     for block in &mut model.blocks {
         quantize_block(block, plan)?;
     }
+    quantize_head(model, plan)
+}
+
+/// Round-to-nearest quantization of the head, if the plan asks for it.
+pub fn quantize_head(model: &mut Model, plan: &QuantPlan) -> Result<()> {
     if plan.quantize_head {
-        let q = quantize_linear(model.head.as_ref(), "lm_head", plan, plan.activations)?;
+        let q = quantize_linear(model.head.as_ref(), "lm_head", plan, act_of(plan))?;
         model.head = Box::new(q);
         model.tied_head = false;
     }

@@ -172,6 +172,9 @@ impl LinearLayer for QuantLinear {
     fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }
+    fn act_quantizer(&self) -> Option<Arc<dyn ActQuantizer>> {
+        self.act.clone()
+    }
     fn export(&self, prefix: &str) -> Result<Vec<(String, StoredTensor)>> {
         let mut out = Vec::new();
         match &self.qweight {
