@@ -1,5 +1,6 @@
 //! The `affq` binary: parses arguments into a validated plan and hands it to the library.
 
+use affq::calib::affinequant::{AffineQuant, AffineQuantConfig};
 use affq::calib::data::CalibSource;
 use affq::calib::flatquant::{FlatQuant, FlatQuantConfig};
 use affq::calib::recipe::Recipe;
@@ -47,7 +48,7 @@ enum Command {
     /// Measure perplexity of a model (original or quantized).
     Eval(EvalArgs),
     /// Quantize a model and write a quantized checkpoint.
-    Quantize(QuantizeArgs),
+    Quantize(Box<QuantizeArgs>),
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -58,6 +59,8 @@ enum MethodArg {
     Rotate,
     /// Learned Kronecker affine transforms with learnable clipping, calibrated block by block.
     Flatquant,
+    /// Learned affine matrices with the gradual mask (AffineQuant), calibrated block by block.
+    Affinequant,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -164,6 +167,13 @@ struct QuantizeArgs {
     /// GPTQ: quantize columns by decreasing Hessian diagonal (groups then use static grids).
     #[arg(long)]
     act_order: bool,
+    /// AffineQuant: off-diagonal factor of the gradual mask [default: 0.1 with --a-bits, else 0.01].
+    #[arg(long)]
+    stability_factor: Option<f64>,
+    /// AffineQuant: dense norm→q/k/v and norm→up/gate matrices (inverse kept online) instead of
+    /// per-channel scales (the weight-only recipes).
+    #[arg(long)]
+    ln_matrix: bool,
     /// Replace an existing output directory.
     #[arg(long)]
     force: bool,
@@ -384,8 +394,9 @@ fn quant_plan(a: &QuantizeArgs, r: &Recipe) -> anyhow::Result<QuantPlan> {
             return Err(affq::Error::Usage(format!("{flag} {r}: must be in (0, 1]")).into());
         }
     }
+    let group_size = r.group_size;
     let weights = bits_arg("--bits", r.bits.unwrap_or(4))?.map(|bits| {
-        let base = if a.asym {
+        let base = if r.asym == Some(true) {
             QuantSpec::asym(bits)
         } else {
             QuantSpec::sym(bits)
@@ -402,7 +413,7 @@ fn quant_plan(a: &QuantizeArgs, r: &Recipe) -> anyhow::Result<QuantPlan> {
                 clip_min: a.clip,
                 ..base
             },
-            granularity: match a.group_size {
+            granularity: match group_size {
                 Some(g) => Granularity::Group(g),
                 None => Granularity::Channel,
             },
@@ -413,20 +424,25 @@ fn quant_plan(a: &QuantizeArgs, r: &Recipe) -> anyhow::Result<QuantPlan> {
                 .into(),
         }
     });
-    if weights.is_none() && (a.group_size.is_some() || a.weight_clip_search) {
+    if weights.is_none() && (group_size.is_some() || a.weight_clip_search) {
         return Err(affq::Error::Usage(
             "--group-size and --weight-clip-search need weight quantization (--bits 2..8)".into(),
         )
         .into());
     }
-    if a.group_size == Some(0) {
+    if group_size == Some(0) {
         return Err(affq::Error::Usage("--group-size must be positive".into()).into());
     }
+    // Per-token activations: symmetric (FlatQuant, QuaRot), asymmetric for AffineQuant (§3.6).
     let activations = bits_arg("--a-bits", r.a_bits.unwrap_or(16))?.map(|b| QuantSpec {
         sym_scale,
         clip: a.a_clip,
         clip_min: a.a_clip,
-        ..QuantSpec::sym(b)
+        ..if a.method == MethodArg::Affinequant {
+            QuantSpec::asym(b)
+        } else {
+            QuantSpec::sym(b)
+        }
     });
     let kv_cache = bits_arg("--kv-bits", r.kv_bits.unwrap_or(16))?.map(|b| {
         if a.kv_sym {
@@ -452,6 +468,7 @@ fn resolve_recipe(a: &QuantizeArgs) -> anyhow::Result<Recipe> {
     let cpu = Recipe::load("cpu")?;
     let base = match a.method {
         MethodArg::Flatquant => cpu,
+        MethodArg::Affinequant => Recipe::load("affinequant-cpu")?,
         _ => Recipe {
             nsamples: cpu.nsamples,
             calib_seqlen: cpu.calib_seqlen,
@@ -463,11 +480,7 @@ fn resolve_recipe(a: &QuantizeArgs) -> anyhow::Result<Recipe> {
         Some(r) => {
             let r = Recipe::load(r)?;
             if let Some(m) = &r.method {
-                let want = match a.method {
-                    MethodArg::Rtn => "rtn",
-                    MethodArg::Rotate => "rotate",
-                    MethodArg::Flatquant => "flatquant",
-                };
+                let want = method_name(a.method);
                 if m != want {
                     return Err(affq::Error::Usage(format!(
                         "recipe is for --method {m}, not {want}"
@@ -500,6 +513,14 @@ fn resolve_recipe(a: &QuantizeArgs) -> anyhow::Result<Recipe> {
         }),
         gptq_damp: a.gptq_damp,
         act_order: a.act_order.then_some(true),
+        asym: if a.sym {
+            Some(false)
+        } else {
+            a.asym.then_some(true)
+        },
+        group_size: a.group_size,
+        stability_factor: a.stability_factor,
+        ln_matrix: a.ln_matrix.then_some(true),
     };
     let r = base.overridden_by(&flags);
     let gptq = weight_quantizer(&r)? != WeightQuantizer::Rtn;
@@ -511,7 +532,7 @@ fn resolve_recipe(a: &QuantizeArgs) -> anyhow::Result<Recipe> {
             a.alpha.is_some(),
         ];
         if training_flags.iter().any(|&f| f) {
-            return Err(affq::Error::Usage("training flags (--epochs, --batch, --lr, --alpha) need a trained method (--method flatquant)".into()).into());
+            return Err(affq::Error::Usage("training flags (--epochs, --batch, --lr, --alpha) need a trained method (--method flatquant or affinequant)".into()).into());
         }
         let data_flags = [
             a.nsamples.is_some(),
@@ -519,8 +540,14 @@ fn resolve_recipe(a: &QuantizeArgs) -> anyhow::Result<Recipe> {
             a.calib.is_some(),
         ];
         if !gptq && data_flags.iter().any(|&f| f) {
-            return Err(affq::Error::Usage("calibration data flags (--calib, --nsamples, --calib-seqlen) need a calibrated method (--method flatquant) or --weight-quantizer gptq".into()).into());
+            return Err(affq::Error::Usage("calibration data flags (--calib, --nsamples, --calib-seqlen) need a calibrated method (--method flatquant or affinequant) or --weight-quantizer gptq".into()).into());
         }
+    }
+    if a.method != MethodArg::Affinequant && (a.stability_factor.is_some() || a.ln_matrix) {
+        return Err(affq::Error::Usage(
+            "--stability-factor and --ln-matrix need --method affinequant".into(),
+        )
+        .into());
     }
     if !gptq && (a.gptq_damp.is_some() || a.act_order) {
         return Err(affq::Error::Usage(
@@ -532,7 +559,16 @@ fn resolve_recipe(a: &QuantizeArgs) -> anyhow::Result<Recipe> {
 }
 
 fn trained(m: MethodArg) -> bool {
-    matches!(m, MethodArg::Flatquant)
+    matches!(m, MethodArg::Flatquant | MethodArg::Affinequant)
+}
+
+fn method_name(m: MethodArg) -> &'static str {
+    match m {
+        MethodArg::Rtn => "rtn",
+        MethodArg::Rotate => "rotate",
+        MethodArg::Flatquant => "flatquant",
+        MethodArg::Affinequant => "affinequant",
+    }
 }
 
 /// The weight quantizer a resolved recipe asks for.
@@ -761,6 +797,55 @@ fn run_quantize(a: QuantizeArgs) -> anyhow::Result<()> {
                     Some(training),
                 )?
             }
+            MethodArg::Affinequant => {
+                let epochs = recipe.epochs.unwrap_or(4);
+                if epochs == 0 {
+                    return Err(affq::Error::Usage("--epochs must be at least 1".into()).into());
+                }
+                let cfg = AffineQuantConfig {
+                    weights: plan.weights.as_ref().map(|w| w.spec),
+                    group_size: plan.weights.as_ref().and_then(|w| match w.granularity {
+                        Granularity::Group(g) => Some(g),
+                        _ => None,
+                    }),
+                    activations: plan.activations,
+                    kv_cache: plan.kv_cache,
+                    epochs,
+                    lr: recipe.lr.unwrap_or(5e-3),
+                    lwc_lr: 1e-2,
+                    alpha: recipe.alpha.unwrap_or(0.5),
+                    stability_factor: recipe.stability_factor.unwrap_or(
+                        if plan.activations.is_some() {
+                            0.1
+                        } else {
+                            1e-2
+                        },
+                    ),
+                    ln_matrix: recipe.ln_matrix.unwrap_or(false),
+                };
+                let training = format!(
+                    "{} epochs, lr {}, stability factor {}, {} at the norms",
+                    cfg.epochs,
+                    cfg.lr,
+                    cfg.stability_factor,
+                    if cfg.ln_matrix {
+                        "dense matrices"
+                    } else {
+                        "per-channel scales"
+                    }
+                );
+                let mut aq = AffineQuant { cfg };
+                run_calibration(
+                    &a,
+                    &recipe,
+                    &plan,
+                    &ckpt,
+                    &mut model,
+                    &mut aq,
+                    "affinequant",
+                    Some(training),
+                )?
+            }
             MethodArg::Rtn | MethodArg::Rotate => {
                 let mut m = Untrained { plan: plan.clone() };
                 run_calibration(&a, &recipe, &plan, &ckpt, &mut model, &mut m, "gptq", None)?
@@ -772,11 +857,7 @@ fn run_quantize(a: QuantizeArgs) -> anyhow::Result<()> {
     } else {
         methods::quantize(&mut model, &plan)?;
     }
-    let method = match a.method {
-        MethodArg::Rtn => "rtn",
-        MethodArg::Rotate => "rotate",
-        MethodArg::Flatquant => "flatquant",
-    };
+    let method = method_name(a.method);
     let qcfg = QuantConfig {
         quant_method: "affq".into(),
         format: affq::checkpoint::FORMAT.into(),
@@ -842,7 +923,7 @@ fn main() {
     let result = match cli.command {
         Command::Import(a) => run_import(a),
         Command::Eval(a) => run_eval(a),
-        Command::Quantize(a) => run_quantize(a),
+        Command::Quantize(a) => run_quantize(*a),
     };
     if let Err(e) = result {
         let code = e

@@ -204,7 +204,9 @@ impl Site {
 /// that `q·kᵀ` is unchanged; they shape the key distribution for KV-cache quantization.
 #[derive(Clone)]
 pub struct QkTransform {
+    /// `[hd, hd]` shared by all query heads, or `[heads, hd, hd]`.
     pub q: Tensor,
+    /// `[hd, hd]` shared by all KV heads, or `[kv_heads, hd, hd]`.
     pub k: Tensor,
 }
 
@@ -397,9 +399,16 @@ impl Block {
         let qk_name = format!("{p}.self_attn.qk_transform");
         let qk_transform = if store.contains(&format!("{qk_name}.q")) {
             let hd = c.head_dim;
+            // One matrix for all heads `[hd, hd]`, or one per head `[heads, hd, hd]`.
+            let per_head = store.shape(&format!("{qk_name}.q"))?.len() == 3;
+            let (sq, sk): (Vec<usize>, Vec<usize>) = if per_head {
+                (vec![c.num_heads, hd, hd], vec![c.num_kv_heads, hd, hd])
+            } else {
+                (vec![hd, hd], vec![hd, hd])
+            };
             Some(QkTransform {
-                q: store.f32(&format!("{qk_name}.q"), &[hd, hd])?,
-                k: store.f32(&format!("{qk_name}.k"), &[hd, hd])?,
+                q: store.f32(&format!("{qk_name}.q"), &sq)?,
+                k: store.f32(&format!("{qk_name}.k"), &sk)?,
             })
         } else {
             None

@@ -55,7 +55,7 @@ pub fn kron_dims(n: usize) -> (usize, usize) {
     (n1, n / n1)
 }
 
-fn var(v: &[f32], shape: &[usize]) -> Result<Var> {
+pub(super) fn var(v: &[f32], shape: &[usize]) -> Result<Var> {
     Ok(Var::from_tensor(&Tensor::from_slice(
         v,
         shape,
@@ -120,20 +120,20 @@ impl Kron {
 }
 
 /// Learnable clip of one quantizer: `(max, min)` logits, ratios `σ(·)`.
-struct Clip {
-    max: Var,
-    min: Var,
+pub(super) struct Clip {
+    pub(super) max: Var,
+    pub(super) min: Var,
 }
 
 impl Clip {
-    fn new(shape: &[usize]) -> Result<Self> {
+    pub(super) fn new(shape: &[usize]) -> Result<Self> {
         let n: usize = shape.iter().product();
         Ok(Clip {
             max: var(&vec![4.0; n], shape)?,
             min: var(&vec![4.0; n], shape)?,
         })
     }
-    fn vars(&self) -> Vec<Var> {
+    pub(super) fn vars(&self) -> Vec<Var> {
         vec![self.max.clone(), self.min.clone()]
     }
     fn learned(&self, spec: QuantSpec) -> LearnedClip {
@@ -205,7 +205,7 @@ impl Params {
 }
 
 /// Per-row extremes clipped by learned ratios: `(σ(γmin)·min(w, 0), σ(γmax)·max(w, 0))` per row.
-fn lwc_bounds(w: &Tensor, clip: &Clip) -> Result<(Tensor, Tensor)> {
+pub(super) fn lwc_bounds(w: &Tensor, clip: &Clip) -> Result<(Tensor, Tensor)> {
     let hi = w
         .max_keepdim(D::Minus1)?
         .broadcast_mul(&sigmoid(clip.max.as_tensor())?)?;
@@ -215,7 +215,7 @@ fn lwc_bounds(w: &Tensor, clip: &Clip) -> Result<(Tensor, Tensor)> {
     Ok((lo, hi))
 }
 
-fn clamp_rows(w: &Tensor, lo: &Tensor, hi: &Tensor) -> Result<Tensor> {
+pub(super) fn clamp_rows(w: &Tensor, lo: &Tensor, hi: &Tensor) -> Result<Tensor> {
     Ok(w.broadcast_minimum(hi)?.broadcast_maximum(lo)?)
 }
 

@@ -6,6 +6,7 @@
 //! input (no error propagation, as FlatQuant and AffineQuant do). Only one block's activations are
 //! alive at a time.
 
+pub mod affinequant;
 pub mod data;
 pub mod flatquant;
 pub mod recipe;
@@ -18,10 +19,11 @@ use candle_core::{Tensor, D};
 use std::time::Instant;
 pub use weight_quant::WeightQuantizer;
 
-/// Per-channel running max of |x| at the three Kronecker sites' inputs (FlatQuant §2.5).
+/// Per-channel running max of |x| at the inputs of q/o/gate/down (FlatQuant §2.5, AffineQuant §3.5).
 #[derive(Default)]
 pub struct SiteStats {
     pub attn_in: Option<Tensor>,
+    pub o_in: Option<Tensor>,
     pub mlp_in: Option<Tensor>,
     pub down_in: Option<Tensor>,
 }
@@ -30,6 +32,7 @@ impl BlockHook for SiteStats {
     fn linear_input(&mut self, kind: LinearKind, x: &Tensor) -> Result<()> {
         let slot = match kind {
             LinearKind::Q => &mut self.attn_in,
+            LinearKind::O => &mut self.o_in,
             LinearKind::Gate => &mut self.mlp_in,
             LinearKind::Down => &mut self.down_in,
             _ => return Ok(()),

@@ -24,6 +24,13 @@ pub struct Recipe {
     pub weight_quantizer: Option<String>,
     pub gptq_damp: Option<f64>,
     pub act_order: Option<bool>,
+    /// Asymmetric weights.
+    pub asym: Option<bool>,
+    pub group_size: Option<usize>,
+    /// AffineQuant: off-diagonal factor of the gradual mask.
+    pub stability_factor: Option<f64>,
+    /// AffineQuant: dense norm→linear matrices (weight-only recipes).
+    pub ln_matrix: Option<bool>,
 }
 
 /// Recipes shipped in calib/.
@@ -37,6 +44,26 @@ pub const BUILTIN: &[(&str, &str)] = &[
     (
         "flatquant-w4a4kv4",
         include_str!("../../calib/flatquant-w4a4kv4.toml"),
+    ),
+    (
+        "flatquant-w4a4-gptq",
+        include_str!("../../calib/flatquant-w4a4-gptq.toml"),
+    ),
+    (
+        "affinequant-cpu",
+        include_str!("../../calib/affinequant-cpu.toml"),
+    ),
+    (
+        "affinequant-w4a4",
+        include_str!("../../calib/affinequant-w4a4.toml"),
+    ),
+    (
+        "affinequant-w4a16",
+        include_str!("../../calib/affinequant-w4a16.toml"),
+    ),
+    (
+        "affinequant-w3a16-g64",
+        include_str!("../../calib/affinequant-w3a16-g64.toml"),
     ),
 ];
 
@@ -80,6 +107,10 @@ impl Recipe {
             weight_quantizer: over.weight_quantizer.clone().or(self.weight_quantizer),
             gptq_damp: over.gptq_damp.or(self.gptq_damp),
             act_order: over.act_order.or(self.act_order),
+            asym: over.asym.or(self.asym),
+            group_size: over.group_size.or(self.group_size),
+            stability_factor: over.stability_factor.or(self.stability_factor),
+            ln_matrix: over.ln_matrix.or(self.ln_matrix),
         }
     }
 }
