@@ -44,19 +44,42 @@ W4A4 --bits 4 --a-bits 4
 W4A4KV4 --bits 4 --a-bits 4 --kv-bits 4
 GRID
 
-# FlatQuant with the CPU preset (calib/cpu.toml; calibrated on the WikiText-2 validation split
-# unless the data directory has the train split).
+# Calibrated methods and GPTQ (calibrated on the WikiText-2 validation split unless the data
+# directory has the train split; CPU presets calib/cpu.toml, calib/affinequant-cpu.toml).
+# ONLY=regex restricts the rows (e.g. ONLY='W4A4' or ONLY='affinequant').
 echo
-printf '%-10s %10s %14s\n' scheme flatquant "calibrate s"
-while read -r name flags; do
+printf '%-10s %-12s %-5s %10s %12s\n' scheme method wq ppl "calibrate s"
+while read -r name method wq flags; do
+  [[ "$name $method $wq" =~ ${ONLY:-.} ]] || continue
   t0=$(date +%s.%N)
   # shellcheck disable=SC2086
-  "$bin" quantize "$model" -o "$work/q" --method flatquant $flags --force > /dev/null 2>&1
-  secs=$(python3 -c "import time; print('%.0f' % (time.time() - $t0))")
-  printf '%-10s %10s %14s\n' "$name" "$(ppl "$work/q")" "$secs"
+  if "$bin" quantize "$model" -o "$work/q" --method "$method" --weight-quantizer "$wq" $flags --force > "$work/log" 2>&1; then
+    secs=$(python3 -c "import time; print('%.0f' % (time.time() - $t0))")
+    printf '%-10s %-12s %-5s %10s %12s\n' "$name" "$method" "$wq" "$(ppl "$work/q")" "$secs"
+  else
+    printf '%-10s %-12s %-5s %10s\n' "$name" "$method" "$wq" "failed: $(tail -1 "$work/log")"
+  fi
 done <<'GRID'
-W4A16 --bits 4
-W4A8 --bits 4 --a-bits 8
-W4A4 --bits 4 --a-bits 4
-W4A4KV4 --bits 4 --a-bits 4 --kv-bits 4
+W4A16 rtn gptq --bits 4
+W3A16g64 rtn gptq --bits 3 --group-size 64
+W2A16g64 rtn gptq --bits 2 --group-size 64
+W4A4 rtn gptq --bits 4 --a-bits 4
+W4A16 rotate gptq --bits 4
+W3A16g64 rotate gptq --bits 3 --group-size 64
+W2A16g64 rotate gptq --bits 2 --group-size 64
+W4A4 rotate gptq --bits 4 --a-bits 4
+W4A16 flatquant rtn --bits 4
+W4A16 flatquant gptq --bits 4
+W4A8 flatquant rtn --bits 4 --a-bits 8
+W4A4 flatquant rtn --bits 4 --a-bits 4
+W4A4 flatquant gptq --bits 4 --a-bits 4
+W4A4KV4 flatquant rtn --bits 4 --a-bits 4 --kv-bits 4
+W4A16 affinequant rtn --recipe affinequant-w4a16
+W4A16 affinequant gptq --recipe affinequant-w4a16
+W3A16g64 affinequant rtn --recipe affinequant-w3a16-g64
+W3A16g64 affinequant gptq --recipe affinequant-w3a16-g64
+W2A16g64 affinequant rtn --recipe affinequant-w3a16-g64 --bits 2
+W2A16g64 affinequant gptq --recipe affinequant-w3a16-g64 --bits 2
+W4A4 affinequant rtn --recipe affinequant-w4a4
+W4A4 affinequant gptq --recipe affinequant-w4a4
 GRID

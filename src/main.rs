@@ -243,8 +243,20 @@ struct EvalArgs {
     /// Directory with wikitext-2-raw/ and calibration/ (default: $AFFQ_DATA_DIR, else ~/.cache/affq/data).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// How quantized linears run: integer kernels where the scheme has one (per-channel weights
+    /// with an integer zero, quantized activations), or the float simulation everywhere.
+    #[arg(long, value_enum, default_value = "int")]
+    kernels: KernelsArg,
     #[command(flatten)]
     common: Common,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum KernelsArg {
+    /// Real low-bit kernels (integer GEMM; AVX-512 VNNI, AVX2 or portable, detected at run time).
+    Int,
+    /// Dequantized weights and fake-quantized activations in f32.
+    Simulate,
 }
 
 fn init_threads(common: &Common) -> anyhow::Result<()> {
@@ -322,7 +334,17 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
     if let PplSet::C4 = a.ppl {
         ids.truncate(256 * a.seqlen);
     }
-    let model = Model::load(&ckpt, a.seqlen)?;
+    let mut model = Model::load(&ckpt, a.seqlen)?;
+    let isa = affq::kernels::int_gemm::Isa::detect();
+    let int_layers = match a.kernels {
+        KernelsArg::Int => model.use_int_kernels(isa)?,
+        KernelsArg::Simulate => 0,
+    };
+    let kernels = if int_layers > 0 {
+        format!("int ({}, {int_layers} layers)", isa.name())
+    } else {
+        "simulate".to_string()
+    };
     let load_s = t_load.elapsed().as_secs_f64();
     let opts = PplOptions {
         seqlen: a.seqlen,
@@ -354,6 +376,7 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         v["text_tokens"] = serde_json::json!(ids.len());
         v["bos"] = serde_json::json!(bos_policy);
         v["load_seconds"] = serde_json::json!(load_s);
+        v["kernels"] = serde_json::json!(kernels);
         println!("{v}");
     } else {
         println!(
@@ -361,7 +384,7 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
             res.ppl, res.windows, res.seqlen, res.predictions, protocol, bos_policy
         );
         println!(
-            "model {}  text tokens {}  eval {:.1}s  {:.0} tok/s  (load {:.1}s)",
+            "model {}  text tokens {}  eval {:.1}s  {:.0} tok/s  (load {:.1}s)  kernels {kernels}",
             a.model.display(),
             ids.len(),
             res.seconds,

@@ -112,6 +112,16 @@ pub trait LinearLayer: Send + Sync {
     fn act_quantizer(&self) -> Option<std::sync::Arc<dyn crate::quant::ActQuantizer>> {
         None
     }
+    /// The same layer with its tensors cut from any autograd graph.
+    fn detached(&self) -> Box<dyn LinearLayer>;
+    /// This layer as a simulated quantized layer, if it is one.
+    fn as_quant(&self) -> Option<&crate::quant::QuantLinear> {
+        None
+    }
+    /// This layer as an integer-kernel layer, if it is one.
+    fn int_kernel(&self) -> Option<&crate::kernels::int_linear::IntLinear> {
+        None
+    }
 }
 
 /// A full-precision linear layer.
@@ -144,6 +154,12 @@ impl LinearLayer for DenseLinear {
     }
     fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
+    }
+    fn detached(&self) -> Box<dyn LinearLayer> {
+        Box::new(DenseLinear {
+            weight: self.weight.detach(),
+            bias: self.bias.as_ref().map(Tensor::detach),
+        })
     }
     fn export(&self, prefix: &str) -> Result<Vec<(String, StoredTensor)>> {
         let mut v = vec![(
@@ -217,6 +233,62 @@ pub enum Mode {
     Eval,
     /// Composed, differentiable ops only.
     Train,
+}
+
+/// The input of the linears at one site: the transformed dense activations, or (eval mode, every
+/// linear there an integer-kernel layer with the same activation grid) the activations
+/// transformed and quantized once by the fused kernel and shared by those linears.
+enum SiteInput {
+    Dense(Tensor),
+    Int(crate::kernels::int_gemm::QuantizedActs, Vec<usize>),
+}
+
+impl SiteInput {
+    fn new(
+        block: &Block,
+        site: Site,
+        x: &Tensor,
+        kinds: &[LinearKind],
+        mode: Mode,
+    ) -> Result<Self> {
+        use crate::kernels::int_linear::{transform_quantize, FusedTransform};
+        let ints: Vec<_> = kinds
+            .iter()
+            .filter_map(|&k| block.linear(k).int_kernel())
+            .collect();
+        if mode == Mode::Eval && ints.len() == kinds.len() {
+            let spec = ints[0].act_spec();
+            if ints.iter().all(|l| l.act_spec() == spec) {
+                let dims = x.dims().to_vec();
+                let k = *dims.last().expect("feature dim");
+                let fused = std::env::var("AFFQ_FUSED").is_ok();
+                let xt = if fused {
+                    x.clone()
+                } else {
+                    block.apply_site(site, x)?
+                };
+                let xs: Vec<f32> = xt.flatten_all()?.to_vec1()?;
+                let m = xs.len() / k;
+                let acts = match block.site(site) {
+                    Some(t) if fused => transform_quantize(&xs, m, &FusedTransform::new(t)?, &spec),
+                    _ => crate::kernels::int_gemm::quantize_acts(&xs, m, k, &spec),
+                };
+                return Ok(SiteInput::Int(acts, dims[..dims.len() - 1].to_vec()));
+            }
+        }
+        Ok(SiteInput::Dense(block.apply_site(site, x)?))
+    }
+
+    fn project(&self, block: &Block, kind: LinearKind, hook: &mut dyn BlockHook) -> Result<Tensor> {
+        match self {
+            SiteInput::Dense(x) => block.lin(kind, x, hook),
+            SiteInput::Int(acts, lead) => block
+                .linear(kind)
+                .int_kernel()
+                .expect("checked in SiteInput::new")
+                .forward_quantized(acts, lead),
+        }
+    }
 }
 
 /// Observes the input of every linear layer during a block forward (calibration capture).
@@ -526,6 +598,28 @@ impl Block {
         Ok(())
     }
 
+    /// Cuts every tensor of the block from the autograd graph of its calibration: a deployed
+    /// block built from trained variables would otherwise record (and keep alive) the graph of
+    /// every forward pass run through it.
+    pub fn detach(&mut self) {
+        self.input_norm = self.input_norm.detach();
+        self.post_norm = self.post_norm.detach();
+        self.q_norm = self.q_norm.as_ref().map(Tensor::detach);
+        self.k_norm = self.k_norm.as_ref().map(Tensor::detach);
+        for t in self.online.iter_mut().flatten() {
+            t.p1 = t.p1.as_ref().map(Tensor::detach);
+            t.p2 = t.p2.as_ref().map(Tensor::detach);
+            t.scale = t.scale.as_ref().map(Tensor::detach);
+        }
+        if let Some(qk) = &mut self.qk_transform {
+            qk.q = qk.q.detach();
+            qk.k = qk.k.detach();
+        }
+        for l in self.linears.iter_mut() {
+            *l = Arc::from(l.detached());
+        }
+    }
+
     fn lin(&self, kind: LinearKind, x: &Tensor, hook: &mut dyn BlockHook) -> Result<Tensor> {
         hook.linear_input(kind, x)?;
         self.linears[kind.index()].forward(x)
@@ -539,34 +633,40 @@ impl Block {
         mode: Mode,
         hook: &mut dyn BlockHook,
     ) -> Result<Tensor> {
+        use LinearKind::*;
         let c = &*self.config;
         let eps = c.rms_norm_eps;
-        let h = self.apply_site(Site::AttnIn, &rms_norm(x, &self.input_norm, eps, mode)?)?;
-        let attn = self.apply_site(Site::OIn, &self.attention(&h, rope, mode, hook)?)?;
-        let x = (x + self.lin(LinearKind::O, &attn, hook)?)?;
-        let h = self.apply_site(Site::MlpIn, &rms_norm(&x, &self.post_norm, eps, mode)?)?;
-        let gate = self.lin(LinearKind::Gate, &h, hook)?;
-        let up = self.lin(LinearKind::Up, &h, hook)?;
-        let act = self.apply_site(Site::DownIn, &(candle_nn::ops::silu(&gate)? * up)?)?;
-        let down = self.lin(LinearKind::Down, &act, hook)?;
+        let h = rms_norm(x, &self.input_norm, eps, mode)?;
+        let qkv = SiteInput::new(self, Site::AttnIn, &h, &[Q, K, V], mode)?;
+        let attn = self.attention(rope, mode, &mut |k| qkv.project(self, k, hook))?;
+        let o_in = SiteInput::new(self, Site::OIn, &attn, &[O], mode)?;
+        let x = (x + o_in.project(self, O, hook)?)?;
+        let h = rms_norm(&x, &self.post_norm, eps, mode)?;
+        let mlp = SiteInput::new(self, Site::MlpIn, &h, &[Gate, Up], mode)?;
+        let gate = mlp.project(self, Gate, hook)?;
+        let up = mlp.project(self, Up, hook)?;
+        let act = (candle_nn::ops::silu(&gate)? * up)?;
+        let down_in = SiteInput::new(self, Site::DownIn, &act, &[Down], mode)?;
+        let down = down_in.project(self, Down, hook)?;
         Ok((x + down)?)
     }
 
-    /// Self-attention on normed input `h` `[B, T, hidden]`; returns the o_proj input `[B, T, H·D]`.
+    /// Self-attention given the q/k/v projections of the normed input (`proj`, each
+    /// `[B, T, heads·D]`); returns the o_proj input `[B, T, H·D]`.
     fn attention(
         &self,
-        h: &Tensor,
         rope: &Rope,
         mode: Mode,
-        hook: &mut dyn BlockHook,
+        proj: &mut dyn FnMut(LinearKind) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let c = &*self.config;
-        let (b, t, _) = h.dims3()?;
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let g = nh / nkv;
-        let q = self.lin(LinearKind::Q, h, hook)?.reshape((b, t, nh, hd))?;
-        let k = self.lin(LinearKind::K, h, hook)?.reshape((b, t, nkv, hd))?;
-        let v = self.lin(LinearKind::V, h, hook)?.reshape((b, t, nkv, hd))?;
+        let q = proj(LinearKind::Q)?;
+        let (b, t, _) = q.dims3()?;
+        let q = q.reshape((b, t, nh, hd))?;
+        let k = proj(LinearKind::K)?.reshape((b, t, nkv, hd))?;
+        let v = proj(LinearKind::V)?.reshape((b, t, nkv, hd))?;
         let (q, k) = match (&self.q_norm, &self.k_norm) {
             (Some(qn), Some(kn)) => (
                 rms_norm(&q, qn, c.rms_norm_eps, mode)?,
@@ -774,6 +874,33 @@ impl Model {
     }
 
     /// Logits `[B, T, vocab]` (for tests and small inputs; PPL uses `nll` to bound memory).
+    /// Replaces every quantized linear whose scheme has an integer kernel by its integer-kernel
+    /// form. Returns how many layers were converted.
+    pub fn use_int_kernels(&mut self, isa: crate::kernels::int_gemm::Isa) -> Result<usize> {
+        use crate::kernels::int_linear::IntLinear;
+        let mut n = 0;
+        for b in &mut self.blocks {
+            for kind in LinearKind::ALL {
+                let conv = match b.linear(kind).as_quant() {
+                    Some(q) => IntLinear::from_quant(q, isa)?,
+                    None => None,
+                };
+                if let Some(l) = conv {
+                    b.set_linear(kind, Box::new(l))?;
+                    n += 1;
+                }
+            }
+        }
+        if let Some(l) = match self.head.as_quant() {
+            Some(q) => IntLinear::from_quant(q, isa)?,
+            None => None,
+        } {
+            self.head = Box::new(l);
+            n += 1;
+        }
+        Ok(n)
+    }
+
     pub fn logits(&self, ids: &Tensor, mode: Mode) -> Result<Tensor> {
         let h = self.hidden_states(ids, mode)?;
         self.head.forward(&h)

@@ -170,6 +170,9 @@ struct Masked {
     qkt: Option<(Tensor, Tensor)>,
 }
 
+/// A linear's merged weight and bias.
+type WeightBias = (Tensor, Option<Tensor>);
+
 pub struct AffineQuant {
     pub cfg: AffineQuantConfig,
 }
@@ -312,7 +315,7 @@ impl AffineQuant {
 
     /// The block with every merge of §3.2 applied for the matrices `m`, weights still in full
     /// precision (dtype of `m`). Norm scales and the online inverses are set; linears are dense.
-    fn merged(&self, block: &Block, m: &Masked) -> Result<(Block, Vec<(Tensor, Option<Tensor>)>)> {
+    fn merged(&self, block: &Block, m: &Masked) -> Result<(Block, Vec<WeightBias>)> {
         let c = &*block.config;
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let dt = m.out.dtype();

@@ -195,6 +195,7 @@ pub fn calibrate_model(
             method.calibrate(&model.blocks[i], &model.rope, &x, &y, &stats, &mut |e| {
                 on_epoch(i, e)
             })?;
+        block.detach();
         weight_quant::quantize_block_weights(
             &mut block,
             &engine.plan,

@@ -2,3 +2,5 @@
 
 pub mod attention;
 pub mod fastmath;
+pub mod int_gemm;
+pub mod int_linear;

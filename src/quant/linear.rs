@@ -158,6 +158,17 @@ impl QuantLinear {
     }
 }
 
+impl QuantLinear {
+    pub fn detached_copy(&self) -> QuantLinear {
+        QuantLinear {
+            qweight: self.qweight.clone(),
+            weight: self.weight.detach(),
+            bias: self.bias.as_ref().map(Tensor::detach),
+            act: self.act.clone(),
+        }
+    }
+}
+
 impl LinearLayer for QuantLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = match &self.act {
@@ -174,6 +185,12 @@ impl LinearLayer for QuantLinear {
     }
     fn act_quantizer(&self) -> Option<Arc<dyn ActQuantizer>> {
         self.act.clone()
+    }
+    fn detached(&self) -> Box<dyn LinearLayer> {
+        Box::new(self.detached_copy())
+    }
+    fn as_quant(&self) -> Option<&QuantLinear> {
+        Some(self)
     }
     fn export(&self, prefix: &str) -> Result<Vec<(String, StoredTensor)>> {
         let mut out = Vec::new();

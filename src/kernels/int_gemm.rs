@@ -1,0 +1,706 @@
+//! Integer GEMM of quantized linears (the real W4A4 / W4A8 / W8A8 inference path).
+//!
+//! With per-token activation codes `q_a[m, k] = code − zero` (signed, |q| ≤ 127) and per-channel
+//! weight codes `c_w[n, k] ∈ [0, 2^b)` with integer zero `z_w[n]`, the simulated layer computes
+//!
+//!   y[m, n] = Σ_k s_a[m]·q_a[m, k] · s_w[n]·(c_w[n, k] − z_w[n])
+//!           = s_a[m]·s_w[n]·( Σ_k c_w[n, k]·q_a[m, k]  −  z_w[n]·Σ_k q_a[m, k] ).
+//!
+//! The bracket is exact in i32 (|Σ| ≤ k·255·128 < 2³¹ for k < 65 000), so the kernels agree with
+//! the simulation up to the float rounding of the simulation's own sums. The inner sum is a
+//! u8 × i8 dot product: `vpdpbusd` on AVX-512 VNNI (16 outputs × 4 k per instruction),
+//! `vpmaddubsw` + `vpmaddwd` on AVX2 (i16 pair sums: used only where they cannot saturate), and a
+//! portable loop otherwise. Weights are repacked once at load into tiles of 16 outputs × 8 k:
+//! at ≤ 4 bits one byte holds `c(o, k0+j)` in its low nibble and `c(o, k0+4+j)` in its high nibble
+//! (64 bytes per block; the kernels unpack with a mask and a shift), at 5–8 bits one byte per code
+//! (128 bytes per block).
+
+use crate::error::{Error, Result};
+use crate::quant::quantizer::round_even;
+use crate::quant::{AsymZero, QuantSpec, QuantizedWeight};
+use rayon::prelude::*;
+
+/// Outputs per weight tile.
+pub const NR: usize = 16;
+/// k values per packed block.
+pub const KB: usize = 8;
+/// Activation rows per cache block.
+const MB: usize = 128;
+
+/// Instruction set of the dot-product kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Avx512Vnni,
+    Avx2,
+    Scalar,
+}
+
+impl Isa {
+    /// The best kernel this CPU runs (`AFFQ_KERNEL_ISA=avx512vnni|avx2|scalar` forces one).
+    pub fn detect() -> Isa {
+        if let Ok(v) = std::env::var("AFFQ_KERNEL_ISA") {
+            let forced = match v.as_str() {
+                "avx512vnni" => Some(Isa::Avx512Vnni),
+                "avx2" => Some(Isa::Avx2),
+                "scalar" => Some(Isa::Scalar),
+                _ => None,
+            };
+            if let Some(i) = forced.filter(|i| i.available()) {
+                return i;
+            }
+        }
+        [Isa::Avx512Vnni, Isa::Avx2]
+            .into_iter()
+            .find(|i| i.available())
+            .unwrap_or(Isa::Scalar)
+    }
+
+    pub fn available(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => {
+                is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vnni")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => is_x86_feature_detected!("avx2"),
+            Isa::Scalar => true,
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx512Vnni => "avx512-vnni",
+            Isa::Avx2 => "avx2",
+            Isa::Scalar => "scalar",
+        }
+    }
+}
+
+/// Weights repacked for the kernels (per output channel: scale and integer zero).
+#[derive(Debug, Clone)]
+pub struct PackedWeights {
+    pub n: usize,
+    pub k: usize,
+    /// `k` rounded up to a multiple of [`KB`].
+    pub kp: usize,
+    pub bits: u8,
+    pub scale: Vec<f32>,
+    pub zero: Vec<i32>,
+    /// Largest code (bounds the AVX2 pair sums).
+    max_code: i32,
+    data: Vec<u8>,
+}
+
+impl PackedWeights {
+    fn nibble(&self) -> bool {
+        self.bits <= 4
+    }
+
+    /// Bytes of one tile's block of `KB` k values.
+    fn block_bytes(&self) -> usize {
+        if self.nibble() {
+            NR * KB / 2
+        } else {
+            NR * KB
+        }
+    }
+
+    fn tile_bytes(&self) -> usize {
+        self.kp / KB * self.block_bytes()
+    }
+
+    fn tiles(&self) -> usize {
+        self.n.div_ceil(NR)
+    }
+
+    /// Packs per-channel codes `[n, k]` with scales and integer zeros.
+    pub fn from_codes(
+        codes: &[u8],
+        n: usize,
+        k: usize,
+        bits: u8,
+        scale: Vec<f32>,
+        zero: Vec<i32>,
+    ) -> Self {
+        let kp = k.div_ceil(KB) * KB;
+        let nib = bits <= 4;
+        let block = if nib { NR * KB / 2 } else { NR * KB };
+        let tiles = n.div_ceil(NR);
+        let mut data = vec![0u8; tiles * kp / KB * block];
+        let code = |o: usize, j: usize| -> u8 {
+            if o < n && j < k {
+                codes[o * k + j]
+            } else {
+                0
+            }
+        };
+        for t in 0..tiles {
+            for b in 0..kp / KB {
+                let base = (t * kp / KB + b) * block;
+                let k0 = b * KB;
+                for o in 0..NR {
+                    for j in 0..4 {
+                        let (lo, hi) = (code(t * NR + o, k0 + j), code(t * NR + o, k0 + 4 + j));
+                        if nib {
+                            data[base + o * 4 + j] = lo | (hi << 4);
+                        } else {
+                            data[base + o * 4 + j] = lo;
+                            data[base + NR * 4 + o * 4 + j] = hi;
+                        }
+                    }
+                }
+            }
+        }
+        let max_code = codes.iter().copied().max().unwrap_or(0) as i32;
+        PackedWeights {
+            n,
+            k,
+            kp,
+            bits,
+            scale,
+            zero,
+            max_code,
+            data,
+        }
+    }
+
+    /// From a quantized weight with per-channel integer grids (symmetric, or asymmetric with an
+    /// integer zero point). Other layouts (groups, float offsets) have no integer kernel.
+    pub fn from_quantized(q: &QuantizedWeight) -> Option<Self> {
+        if q.n_groups() != 1
+            || q.spec.bits > 8
+            || (!q.spec.symmetric && q.spec.asym_zero != AsymZero::Integer)
+            || q.params
+                .iter()
+                .any(|p| p.offset != 0.0 || p.zero.fract() != 0.0)
+        {
+            return None;
+        }
+        Some(Self::from_codes(
+            &q.codes,
+            q.out,
+            q.inp,
+            q.spec.bits,
+            q.params.iter().map(|p| p.scale).collect(),
+            q.params.iter().map(|p| p.zero as i32).collect(),
+        ))
+    }
+}
+
+/// Per-token quantized activations: signed codes `[m, kp]` (zero padded), scales, row sums.
+#[derive(Debug, Clone)]
+pub struct QuantizedActs {
+    pub m: usize,
+    pub kp: usize,
+    pub q: Vec<i8>,
+    pub scale: Vec<f32>,
+    pub sum: Vec<i32>,
+    /// Largest |code| (bounds the AVX2 pair sums).
+    max_abs: i32,
+}
+
+impl QuantizedActs {
+    pub fn new(m: usize, kp: usize, q: Vec<i8>, scale: Vec<f32>, sum: Vec<i32>) -> Self {
+        let max_abs = q.iter().map(|&v| (v as i32).abs()).max().unwrap_or(0);
+        QuantizedActs {
+            m,
+            kp,
+            q,
+            scale,
+            sum,
+            max_abs,
+        }
+    }
+}
+
+/// Whether `spec` has an integer activation kernel: an integer zero point and signed codes that
+/// fit in i8.
+pub fn act_supported(spec: &QuantSpec) -> bool {
+    if spec.symmetric {
+        spec.bits <= 8
+    } else {
+        spec.asym_zero == AsymZero::Integer && spec.bits <= 7
+    }
+}
+
+/// Quantizes rows of `x` (`[m, k]`) per token exactly as the simulated quantizer does
+/// (`quant::quantizer`: same scale, same ties-to-even rounding), keeping signed codes.
+pub fn quantize_acts(x: &[f32], m: usize, k: usize, spec: &QuantSpec) -> QuantizedActs {
+    let kp = k.div_ceil(KB) * KB;
+    let mut q = vec![0i8; m * kp];
+    let mut scale = vec![0f32; m];
+    let mut sum = vec![0i32; m];
+    let qmax = spec.qmax() as f32;
+    let max_abs = q
+        .par_chunks_mut(kp)
+        .zip(scale.par_iter_mut())
+        .zip(sum.par_iter_mut())
+        .zip(x.par_chunks(k))
+        .map(|(((qr, s), sm), xr)| {
+            let (lo, hi) = xr
+                .iter()
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+                    (a.min(v), b.max(v))
+                });
+            let p = spec.params(lo, hi);
+            let inv_zero = p.zero;
+            let mut acc = 0i32;
+            let mut mx = 0i32;
+            for (d, &v) in qr.iter_mut().zip(xr) {
+                let c = round_even(v / p.scale + inv_zero).clamp(0.0, qmax);
+                let v = (c - inv_zero) as i32;
+                *d = v as i8;
+                acc += v;
+                mx = mx.max(v.abs());
+            }
+            *s = p.scale;
+            *sm = acc;
+            mx
+        })
+        .max()
+        .unwrap_or(0);
+    QuantizedActs {
+        m,
+        kp,
+        q,
+        scale,
+        sum,
+        max_abs,
+    }
+}
+
+/// Raw output pointer shared by tasks that write disjoint columns.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// `out[m, n] = a·wᵀ` (+ bias), dequantized. `isa` is downgraded if it cannot run this case
+/// exactly (AVX2 pair sums that could saturate i16).
+pub fn gemm(
+    a: &QuantizedActs,
+    w: &PackedWeights,
+    bias: Option<&[f32]>,
+    isa: Isa,
+    out: &mut [f32],
+) -> Result<()> {
+    if a.kp != w.kp || out.len() != a.m * w.n {
+        return Err(Error::Runtime(format!(
+            "int gemm: activations [{}, {}] against weights [{}, {}] into {} values",
+            a.m,
+            a.kp,
+            w.n,
+            w.kp,
+            out.len()
+        )));
+    }
+    let isa = match isa {
+        Isa::Avx2 if 2 * w.max_code * a.max_abs > i16::MAX as i32 => Isa::Scalar,
+        i if !i.available() => Isa::Scalar,
+        i => i,
+    };
+    let n = w.n;
+    let ptr = OutPtr(out.as_mut_ptr());
+    let tiles = w.tiles();
+    // Per-channel epilogue terms padded to whole tiles, so the epilogue is branch-free.
+    let pad = |v: &mut Vec<f32>| v.resize(tiles * NR, 0.0);
+    let mut ws = w.scale.clone();
+    pad(&mut ws);
+    let mut wz = w.zero.clone();
+    wz.resize(tiles * NR, 0);
+    let mut wb = bias.map_or_else(Vec::new, <[f32]>::to_vec);
+    pad(&mut wb);
+    // Tasks: tile groups sized so both cores get work even for small n.
+    let group = (tiles / (4 * rayon::current_num_threads())).clamp(1, 8);
+    for m0 in (0..a.m).step_by(MB) {
+        let m1 = (m0 + MB).min(a.m);
+        (0..tiles.div_ceil(group)).into_par_iter().for_each(|g| {
+            // Capture the whole Send wrapper, not its raw-pointer field.
+            #[allow(clippy::redundant_locals)]
+            let ptr = ptr;
+            let (t_lo, t_hi) = (g * group, ((g + 1) * group).min(tiles));
+            // Pairs of tiles: 32 outputs share each activation broadcast.
+            for t in (t_lo..t_hi).step_by(2) {
+                let nt = (t_hi - t).min(2);
+                let mut r = m0;
+                while r < m1 {
+                    let rows = (m1 - r).min(4);
+                    let mut acc = [[0i32; 2 * NR]; 4];
+                    dot_tiles(a, w, t, nt, r, rows, isa, &mut acc);
+                    for tt in 0..nt {
+                        let c0 = (t + tt) * NR;
+                        let (zs, ss, bs) = (&wz[c0..c0 + NR], &ws[c0..c0 + NR], &wb[c0..c0 + NR]);
+                        let width = NR.min(n - c0);
+                        for (i, accr) in acc.iter().enumerate().take(rows) {
+                            let accr = &accr[tt * NR..(tt + 1) * NR];
+                            let row = r + i;
+                            let (sa, sum) = (a.scale[row], a.sum[row]);
+                            let mut y = [0f32; NR];
+                            // Σ c·q − z·Σ q stays in i32 (exact) before the one float scaling.
+                            for o in 0..NR {
+                                let exact = (accr[o] - zs[o] * sum) as f32;
+                                y[o] = sa * ss[o] * exact + bs[o];
+                            }
+                            // SAFETY: each (row, col) is written by exactly one task: tasks
+                            // own disjoint tiles (columns) and rows are visited once per tile.
+                            unsafe {
+                                std::ptr::copy_nonoverlapping(
+                                    y.as_ptr(),
+                                    ptr.0.add(row * n + c0),
+                                    width,
+                                )
+                            };
+                        }
+                    }
+                    r += rows;
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+/// `acc[i][tt·NR + o] = Σ_k c_w[(t + tt)·NR + o, k]·q_a[r + i, k]` for `nt ≤ 2` tiles and
+/// `rows ≤ 4` activation rows.
+#[allow(clippy::too_many_arguments)]
+fn dot_tiles(
+    a: &QuantizedActs,
+    w: &PackedWeights,
+    t: usize,
+    nt: usize,
+    r: usize,
+    rows: usize,
+    isa: Isa,
+    acc: &mut [[i32; 2 * NR]; 4],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512Vnni && nt == 2 {
+        let tb = w.tile_bytes();
+        let tiles = &w.data[t * tb..(t + 2) * tb];
+        let arow = |i: usize| &a.q[(r + i) * a.kp..(r + i + 1) * a.kp];
+        // SAFETY: availability checked by `gemm`; slices cover kp/KB blocks of both tiles.
+        unsafe {
+            match rows {
+                4 => x86::vnni2::<4>(
+                    tiles,
+                    tb,
+                    [arow(0), arow(1), arow(2), arow(3)],
+                    w.nibble(),
+                    acc,
+                ),
+                3 => x86::vnni2::<3>(tiles, tb, [arow(0), arow(1), arow(2)], w.nibble(), acc),
+                2 => x86::vnni2::<2>(tiles, tb, [arow(0), arow(1)], w.nibble(), acc),
+                _ => x86::vnni2::<1>(tiles, tb, [arow(0)], w.nibble(), acc),
+            }
+        }
+        return;
+    }
+    for tt in 0..nt {
+        let mut one = [[0i32; NR]; 4];
+        dot_tile(a, w, t + tt, r, rows, isa, &mut one);
+        for i in 0..rows {
+            acc[i][tt * NR..(tt + 1) * NR].copy_from_slice(&one[i]);
+        }
+    }
+}
+
+/// `acc[i][o] = Σ_k c_w[t·NR + o, k]·q_a[r + i, k]` for `rows ≤ 4` activation rows.
+fn dot_tile(
+    a: &QuantizedActs,
+    w: &PackedWeights,
+    t: usize,
+    r: usize,
+    rows: usize,
+    isa: Isa,
+    acc: &mut [[i32; NR]; 4],
+) {
+    let tile = &w.data[t * w.tile_bytes()..(t + 1) * w.tile_bytes()];
+    let arow = |i: usize| &a.q[(r + i) * a.kp..(r + i + 1) * a.kp];
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni => unsafe {
+            // SAFETY: availability checked by `gemm`; slices cover kp/KB blocks.
+            match rows {
+                4 => x86::vnni::<4>(tile, [arow(0), arow(1), arow(2), arow(3)], w.nibble(), acc),
+                3 => x86::vnni::<3>(tile, [arow(0), arow(1), arow(2)], w.nibble(), acc),
+                2 => x86::vnni::<2>(tile, [arow(0), arow(1)], w.nibble(), acc),
+                _ => x86::vnni::<1>(tile, [arow(0)], w.nibble(), acc),
+            }
+        },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe {
+            // SAFETY: as above; pair sums bounded by `gemm`'s check.
+            match rows {
+                4 => x86::avx2::<4>(tile, [arow(0), arow(1), arow(2), arow(3)], w.nibble(), acc),
+                3 => x86::avx2::<3>(tile, [arow(0), arow(1), arow(2)], w.nibble(), acc),
+                2 => x86::avx2::<2>(tile, [arow(0), arow(1)], w.nibble(), acc),
+                _ => x86::avx2::<1>(tile, [arow(0)], w.nibble(), acc),
+            }
+        },
+        _ => {
+            let bb = w.block_bytes();
+            for b in 0..w.kp / KB {
+                let blk = &tile[b * bb..(b + 1) * bb];
+                for o in 0..NR {
+                    for j in 0..4 {
+                        let (lo, hi) = if w.nibble() {
+                            let v = blk[o * 4 + j];
+                            (v & 15, v >> 4)
+                        } else {
+                            (blk[o * 4 + j], blk[NR * 4 + o * 4 + j])
+                        };
+                        for (i, accr) in acc.iter_mut().enumerate().take(rows) {
+                            let ar = arow(i);
+                            accr[o] += lo as i32 * ar[b * KB + j] as i32
+                                + hi as i32 * ar[b * KB + 4 + j] as i32;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)] // register arrays indexed in lockstep
+mod x86 {
+    use super::{KB, NR};
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    unsafe fn bcast4(row: &[i8], at: usize) -> i32 {
+        std::ptr::read_unaligned(row.as_ptr().add(at) as *const i32)
+    }
+
+    /// AVX-512 VNNI: one zmm = 16 outputs × 4 k as u8; `vpdpbusd` with 4 broadcast i8
+    /// activations per row.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn vnni<const R: usize>(
+        tile: &[u8],
+        rows: [&[i8]; R],
+        nibble: bool,
+        acc: &mut [[i32; NR]; 4],
+    ) {
+        let kb = rows[0].len() / KB;
+        let mut s = [_mm512_setzero_si512(); R];
+        let mask = _mm512_set1_epi8(0x0F);
+        let p = tile.as_ptr();
+        for b in 0..kb {
+            let (lo, hi) = if nibble {
+                let x = _mm512_loadu_si512(p.add(b * 64) as *const _);
+                (
+                    _mm512_and_si512(x, mask),
+                    _mm512_and_si512(_mm512_srli_epi16(x, 4), mask),
+                )
+            } else {
+                (
+                    _mm512_loadu_si512(p.add(b * 128) as *const _),
+                    _mm512_loadu_si512(p.add(b * 128 + 64) as *const _),
+                )
+            };
+            for i in 0..R {
+                let a0 = _mm512_set1_epi32(bcast4(rows[i], b * KB));
+                let a1 = _mm512_set1_epi32(bcast4(rows[i], b * KB + 4));
+                s[i] = _mm512_dpbusd_epi32(s[i], lo, a0);
+                s[i] = _mm512_dpbusd_epi32(s[i], hi, a1);
+            }
+        }
+        for i in 0..R {
+            _mm512_storeu_si512(acc[i].as_mut_ptr() as *mut _, s[i]);
+        }
+    }
+
+    /// As [`vnni`] for two adjacent tiles (`tb` bytes apart): 32 outputs per broadcast.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn vnni2<const R: usize>(
+        tiles: &[u8],
+        tb: usize,
+        rows: [&[i8]; R],
+        nibble: bool,
+        acc: &mut [[i32; 2 * NR]; 4],
+    ) {
+        let kb = rows[0].len() / KB;
+        let mut s = [[_mm512_setzero_si512(); 2]; R];
+        let mask = _mm512_set1_epi8(0x0F);
+        let p = tiles.as_ptr();
+        for b in 0..kb {
+            let mut w = [[_mm512_setzero_si512(); 2]; 2]; // [tile][lo/hi]
+            for (tt, wt) in w.iter_mut().enumerate() {
+                let base = p.add(tt * tb);
+                if nibble {
+                    let x = _mm512_loadu_si512(base.add(b * 64) as *const _);
+                    wt[0] = _mm512_and_si512(x, mask);
+                    wt[1] = _mm512_and_si512(_mm512_srli_epi16(x, 4), mask);
+                } else {
+                    wt[0] = _mm512_loadu_si512(base.add(b * 128) as *const _);
+                    wt[1] = _mm512_loadu_si512(base.add(b * 128 + 64) as *const _);
+                }
+            }
+            for i in 0..R {
+                let a0 = _mm512_set1_epi32(bcast4(rows[i], b * KB));
+                let a1 = _mm512_set1_epi32(bcast4(rows[i], b * KB + 4));
+                for tt in 0..2 {
+                    s[i][tt] = _mm512_dpbusd_epi32(s[i][tt], w[tt][0], a0);
+                    s[i][tt] = _mm512_dpbusd_epi32(s[i][tt], w[tt][1], a1);
+                }
+            }
+        }
+        for i in 0..R {
+            _mm512_storeu_si512(acc[i].as_mut_ptr() as *mut _, s[i][0]);
+            _mm512_storeu_si512(acc[i].as_mut_ptr().add(NR) as *mut _, s[i][1]);
+        }
+    }
+
+    /// AVX2: two ymm halves of 8 outputs × 4 k; `vpmaddubsw` (u8·i8 pair sums in i16, exact
+    /// when the caller has bounded them) then `vpmaddwd` by ones to i32.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn avx2<const R: usize>(
+        tile: &[u8],
+        rows: [&[i8]; R],
+        nibble: bool,
+        acc: &mut [[i32; NR]; 4],
+    ) {
+        let kb = rows[0].len() / KB;
+        let mut s = [[_mm256_setzero_si256(); 2]; R];
+        let mask = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let p = tile.as_ptr();
+        for b in 0..kb {
+            let mut w = [[_mm256_setzero_si256(); 2]; 2]; // [lo/hi][half]
+            for h in 0..2 {
+                if nibble {
+                    let x = _mm256_loadu_si256(p.add(b * 64 + h * 32) as *const _);
+                    w[0][h] = _mm256_and_si256(x, mask);
+                    w[1][h] = _mm256_and_si256(_mm256_srli_epi16(x, 4), mask);
+                } else {
+                    w[0][h] = _mm256_loadu_si256(p.add(b * 128 + h * 32) as *const _);
+                    w[1][h] = _mm256_loadu_si256(p.add(b * 128 + 64 + h * 32) as *const _);
+                }
+            }
+            for i in 0..R {
+                let a = [
+                    _mm256_set1_epi32(bcast4(rows[i], b * KB)),
+                    _mm256_set1_epi32(bcast4(rows[i], b * KB + 4)),
+                ];
+                for h in 0..2 {
+                    for (lh, av) in a.iter().enumerate() {
+                        let pr = _mm256_maddubs_epi16(w[lh][h], *av);
+                        s[i][h] = _mm256_add_epi32(s[i][h], _mm256_madd_epi16(pr, ones));
+                    }
+                }
+            }
+        }
+        for i in 0..R {
+            _mm256_storeu_si256(acc[i].as_mut_ptr() as *mut _, s[i][0]);
+            _mm256_storeu_si256(acc[i].as_mut_ptr().add(8) as *mut _, s[i][1]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transforms::linalg::Rng;
+
+    /// Plain reference: dequantized values multiplied in f64.
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        spec: &QuantSpec,
+        codes: &[u8],
+        n: usize,
+        scale: &[f32],
+        zero: &[i32],
+    ) -> Vec<(f64, f64)> {
+        let mut xq = x.to_vec();
+        crate::quant::quantizer::fake_quant_units(&mut xq, k, spec);
+        let mut y = vec![(0f64, 0f64); m * n];
+        for r in 0..m {
+            for o in 0..n {
+                for j in 0..k {
+                    let t = xq[r * k + j] as f64
+                        * scale[o] as f64
+                        * (codes[o * k + j] as i32 - zero[o]) as f64;
+                    y[r * n + o].0 += t;
+                    y[r * n + o].1 += t.abs();
+                }
+            }
+        }
+        y
+    }
+
+    fn case(rng: &mut Rng, m: usize, n: usize, k: usize, wbits: u8, aspec: QuantSpec, isa: Isa) {
+        let qmax = (1u32 << wbits) - 1;
+        let codes: Vec<u8> = (0..n * k)
+            .map(|_| (rng.next_u64() % (qmax as u64 + 1)) as u8)
+            .collect();
+        let scale: Vec<f32> = (0..n).map(|_| 0.01 + rng.uniform() as f32).collect();
+        let zero: Vec<i32> = (0..n)
+            .map(|i| {
+                if i % 3 == 0 {
+                    1 << (wbits - 1)
+                } else {
+                    (rng.next_u64() % (qmax as u64 + 1)) as i32
+                }
+            })
+            .collect();
+        let mut x: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
+        // An all-zero row and an extreme row.
+        if m > 2 {
+            x[..k].iter_mut().for_each(|v| *v = 0.0);
+            x[k..2 * k]
+                .iter_mut()
+                .enumerate()
+                .for_each(|(j, v)| *v = if j % 2 == 0 { 1e30 } else { -3e29 });
+        }
+        let w = PackedWeights::from_codes(&codes, n, k, wbits, scale.clone(), zero.clone());
+        let a = quantize_acts(&x, m, k, &aspec);
+        let mut out = vec![0f32; m * n];
+        gemm(&a, &w, None, isa, &mut out).unwrap();
+        let want = reference(&x, m, k, &aspec, &codes, n, &scale, &zero);
+        for (i, (&g, &(r, mag))) in out.iter().zip(&want).enumerate() {
+            // The integer sum is exact. The kernel rounds s_a·s_w·Σ in f32 (≤ 2 ulps of |r|);
+            // the reference's dequantized activations carry ½ ulp each (≤ ½ ulp of Σ|terms|).
+            let tol = 4.0 * f32::EPSILON as f64 * mag;
+            assert!(
+                (g as f64 - r).abs() <= tol,
+                "{isa:?} m{m} n{n} k{k} W{wbits} A{} at {i}: {g} vs {r}",
+                aspec.bits
+            );
+        }
+    }
+
+    #[test]
+    fn kernels_match_the_reference_on_ragged_shapes() {
+        let mut rng = Rng::new(1);
+        for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni] {
+            if !isa.available() {
+                eprintln!("skipping {isa:?}: not available on this CPU");
+                continue;
+            }
+            for (m, n, k) in [
+                (1, 16, 8),
+                (3, 17, 13),
+                (5, 33, 40),
+                (9, 7, 100),
+                (130, 40, 72),
+            ] {
+                for (wbits, aspec) in [
+                    (4, QuantSpec::sym(4)),
+                    (4, QuantSpec::sym(8)),
+                    (8, QuantSpec::sym(8)),
+                    (3, QuantSpec::asym(4)),
+                    (6, QuantSpec::sym(4)),
+                ] {
+                    case(&mut rng, m, n, k, wbits, aspec, isa);
+                }
+            }
+        }
+    }
+}

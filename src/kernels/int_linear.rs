@@ -1,0 +1,418 @@
+//! The real low-bit linear layer: per-token activation quantization and the integer GEMM of
+//! `int_gemm`, with the online Kronecker transform fused in front where a site has one.
+
+use super::int_gemm::{gemm, quantize_acts, Isa, PackedWeights, QuantizedActs, KB};
+use crate::error::Result;
+use crate::model::LinearLayer;
+use crate::quant::quantizer::round_even;
+use crate::quant::{ActQuantizer, QuantLinear, QuantSpec};
+use crate::transforms::KroneckerTransform;
+use crate::weights::StoredTensor;
+use candle_core::{Device, Tensor};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// A quantized linear evaluated with integer kernels. The simulated layer is kept for the dense
+/// weight view and for export.
+pub struct IntLinear {
+    inner: QuantLinear,
+    packed: PackedWeights,
+    act: QuantSpec,
+    bias: Option<Vec<f32>>,
+    isa: Isa,
+}
+
+impl IntLinear {
+    /// The integer form of `q` if its weights and activation grid have a kernel.
+    pub fn from_quant(q: &QuantLinear, isa: Isa) -> Result<Option<Self>> {
+        let (Some(qw), Some(act)) = (&q.qweight, &q.act) else {
+            return Ok(None);
+        };
+        let spec = act.spec()?;
+        if !super::int_gemm::act_supported(&spec) {
+            return Ok(None);
+        }
+        let Some(packed) = PackedWeights::from_quantized(qw) else {
+            return Ok(None);
+        };
+        let bias = q
+            .bias()
+            .map(|b| b.flatten_all()?.to_vec1::<f32>())
+            .transpose()?;
+        Ok(Some(IntLinear {
+            inner: q.detached_copy(),
+            packed,
+            act: spec,
+            bias,
+            isa,
+        }))
+    }
+
+    /// `y = x·Wᵀ + b` for activations already quantized.
+    pub fn forward_quantized(&self, a: &QuantizedActs, lead: &[usize]) -> Result<Tensor> {
+        let mut out = vec![0f32; a.m * self.packed.n];
+        gemm(a, &self.packed, self.bias.as_deref(), self.isa, &mut out)?;
+        let mut dims = lead.to_vec();
+        dims.push(self.packed.n);
+        Ok(Tensor::from_vec(out, dims, &Device::Cpu)?)
+    }
+
+    pub fn act_spec(&self) -> QuantSpec {
+        self.act
+    }
+}
+
+impl LinearLayer for IntLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let k = *dims.last().expect("feature dim");
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let m = xs.len() / k;
+        let a = quantize_acts(&xs, m, k, &self.act);
+        self.forward_quantized(&a, &dims[..dims.len() - 1])
+    }
+    fn weight_ref(&self) -> &Tensor {
+        self.inner.weight_ref()
+    }
+    fn bias(&self) -> Option<&Tensor> {
+        self.inner.bias()
+    }
+    fn act_quantizer(&self) -> Option<Arc<dyn ActQuantizer>> {
+        self.inner.act_quantizer()
+    }
+    fn detached(&self) -> Box<dyn LinearLayer> {
+        Box::new(IntLinear {
+            inner: self.inner.detached_copy(),
+            packed: self.packed.clone(),
+            act: self.act,
+            bias: self.bias.clone(),
+            isa: self.isa,
+        })
+    }
+    fn export(&self, prefix: &str) -> Result<Vec<(String, StoredTensor)>> {
+        self.inner.export(prefix)
+    }
+    fn int_kernel(&self) -> Option<&IntLinear> {
+        Some(self)
+    }
+}
+
+/// Dense f32 factors of a Kronecker transform for the fused kernel.
+pub struct FusedTransform {
+    n1: usize,
+    n2: usize,
+    p1: Vec<f32>,
+    /// `P1ᵀ`, contiguous (the left factor of the second small GEMM).
+    p1t: Vec<f32>,
+    p2: Vec<f32>,
+    scale: Option<Vec<f32>>,
+    simd: bool,
+}
+
+impl FusedTransform {
+    pub fn new(t: &KroneckerTransform) -> Result<Self> {
+        let eye = |n: usize| -> Vec<f32> {
+            (0..n * n)
+                .map(|i| if i % (n + 1) == 0 { 1.0 } else { 0.0 })
+                .collect()
+        };
+        let get = |p: &Option<Tensor>, n: usize| -> Result<Vec<f32>> {
+            Ok(match p {
+                Some(p) => p.flatten_all()?.to_vec1()?,
+                None => eye(n),
+            })
+        };
+        let p1 = get(&t.p1, t.n1)?;
+        let n1 = t.n1;
+        let p1t = (0..n1 * n1).map(|i| p1[(i % n1) * n1 + i / n1]).collect();
+        Ok(FusedTransform {
+            n1: t.n1,
+            n2: t.n2,
+            p1,
+            p1t,
+            p2: get(&t.p2, t.n2)?,
+            simd: small_gemm::available(),
+            scale: t
+                .scale
+                .as_ref()
+                .map(|s| s.flatten_all()?.to_vec1())
+                .transpose()?,
+        })
+    }
+
+    /// `y = P1ᵀ·X·P2` for `rows` token rows `x` each viewed as `X [n1, n2]` (the row form of
+    /// `x·(P1⊗P2)`), after the channel scale. Scratch `xs`, `tmp`: `rows·n1·n2` each.
+    fn apply_rows(&self, x: &[f32], y: &mut [f32], xs: &mut [f32], tmp: &mut [f32], rows: usize) {
+        let (n1, n2) = (self.n1, self.n2);
+        let n = n1 * n2;
+        if !self.simd {
+            for r in 0..rows {
+                self.apply_row(&x[r * n..(r + 1) * n], &mut y[r * n..(r + 1) * n], tmp);
+            }
+            return;
+        }
+        let xin: &[f32] = match &self.scale {
+            Some(c) => {
+                for (d, (xr, _)) in xs.chunks_mut(n).zip(x.chunks(n).zip(0..rows)) {
+                    for ((dv, &xv), &cv) in d.iter_mut().zip(xr).zip(c) {
+                        *dv = xv * cv;
+                    }
+                }
+                &xs[..rows * n]
+            }
+            None => &x[..rows * n],
+        };
+        // SAFETY: `simd` was set from runtime detection; slice sizes match the shapes.
+        unsafe {
+            // All rows' X·P2 at once: [rows·n1, n2]·[n2, n2].
+            small_gemm::gemm(xin, &self.p2, &mut tmp[..rows * n], rows * n1, n2, n2);
+            // Per token: P1ᵀ·(X·P2): [n1, n1]·[n1, n2].
+            for r in 0..rows {
+                small_gemm::gemm(
+                    &self.p1t,
+                    &tmp[r * n..(r + 1) * n],
+                    &mut y[r * n..(r + 1) * n],
+                    n1,
+                    n1,
+                    n2,
+                );
+            }
+        }
+    }
+
+    /// Portable form of one row of [`Self::apply_rows`]; `tmp` is scratch of `n1·n2`.
+    fn apply_row(&self, x: &[f32], y: &mut [f32], tmp: &mut [f32]) {
+        let (n1, n2) = (self.n1, self.n2);
+        // tmp = diag(c)·X·P2, row by row of X.
+        for i in 0..n1 {
+            let t = &mut tmp[i * n2..(i + 1) * n2];
+            t.iter_mut().for_each(|v| *v = 0.0);
+            for l in 0..n2 {
+                let mut xv = x[i * n2 + l];
+                if let Some(c) = &self.scale {
+                    xv *= c[i * n2 + l];
+                }
+                let pr = &self.p2[l * n2..(l + 1) * n2];
+                for (tv, &p) in t.iter_mut().zip(pr) {
+                    *tv += xv * p;
+                }
+            }
+        }
+        // y = P1ᵀ·tmp: y[i] = Σ_r P1[r][i]·tmp[r].
+        y.iter_mut().for_each(|v| *v = 0.0);
+        for r in 0..n1 {
+            let tr = &tmp[r * n2..(r + 1) * n2];
+            for i in 0..n1 {
+                let p = self.p1[r * n1 + i];
+                if p != 0.0 {
+                    for (yv, &tv) in y[i * n2..(i + 1) * n2].iter_mut().zip(tr) {
+                        *yv += p * tv;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Tokens transformed together (their X·P2 is one small GEMM).
+const TILE: usize = 16;
+
+/// Fused online transform + per-token quantization: tiles of tokens are transformed in cache
+/// (two small GEMMs) and quantized straight to signed codes, never writing the transformed
+/// activations to memory.
+pub fn transform_quantize(
+    x: &[f32],
+    m: usize,
+    t: &FusedTransform,
+    spec: &QuantSpec,
+) -> QuantizedActs {
+    let k = t.n1 * t.n2;
+    let kp = k.div_ceil(KB) * KB;
+    let mut q = vec![0i8; m * kp];
+    let mut scale = vec![0f32; m];
+    let mut sum = vec![0i32; m];
+    let qmax = spec.qmax() as f32;
+    q.par_chunks_mut(kp * TILE)
+        .zip(scale.par_chunks_mut(TILE))
+        .zip(sum.par_chunks_mut(TILE))
+        .zip(x.par_chunks(k * TILE))
+        .for_each_init(
+            || {
+                (
+                    vec![0f32; k * TILE],
+                    vec![0f32; k * TILE],
+                    vec![0f32; k * TILE],
+                )
+            },
+            |(y, xs, tmp), (((qt, st), smt), xt)| {
+                let rows = st.len();
+                t.apply_rows(xt, y, xs, tmp, rows);
+                for r in 0..rows {
+                    let yr = &y[r * k..(r + 1) * k];
+                    let (lo, hi) = yr
+                        .iter()
+                        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+                            (a.min(v), b.max(v))
+                        });
+                    let p = spec.params(lo, hi);
+                    let mut acc = 0i32;
+                    for (d, &v) in qt[r * kp..r * kp + k].iter_mut().zip(yr) {
+                        let c = round_even(v / p.scale + p.zero).clamp(0.0, qmax);
+                        let v = (c - p.zero) as i32;
+                        *d = v as i8;
+                        acc += v;
+                    }
+                    st[r] = p.scale;
+                    smt[r] = acc;
+                }
+            },
+        );
+    QuantizedActs::new(m, kp, q, scale, sum)
+}
+
+/// Small row-major f32 GEMMs `C[m, n] = A[m, k]·B[k, n]` with `n` up to a few hundred: register
+/// blocks of 4 rows × 64 columns (16 zmm accumulators), masked for the ragged edges.
+#[allow(clippy::needless_range_loop)] // register arrays indexed in lockstep
+mod small_gemm {
+    pub fn available() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            is_x86_feature_detected!("avx512f")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn gemm(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize) {
+        use std::arch::x86_64::*;
+        let chunks = n.div_ceil(16);
+        let mask = |j: usize| -> __mmask16 {
+            let left = n - j * 16;
+            if left >= 16 {
+                0xFFFF
+            } else {
+                ((1u32 << left) - 1) as __mmask16
+            }
+        };
+        let (ap, bp, cp) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+        let mut j0 = 0;
+        while j0 < chunks {
+            let jc = (chunks - j0).min(4);
+            let mk = [
+                mask(j0),
+                mask(j0 + 1.min(jc - 1)),
+                mask(j0 + 2.min(jc - 1)),
+                mask(j0 + 3.min(jc - 1)),
+            ];
+            let mut i0 = 0;
+            while i0 < m {
+                let ir = (m - i0).min(4);
+                let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+                for l in 0..k {
+                    let brow = bp.add(l * n + j0 * 16);
+                    let mut bv = [_mm512_setzero_ps(); 4];
+                    for j in 0..4 {
+                        if j < jc {
+                            bv[j] = _mm512_maskz_loadu_ps(mk[j], brow.add(j * 16));
+                        }
+                    }
+                    for i in 0..4 {
+                        if i < ir {
+                            let av = _mm512_set1_ps(*ap.add((i0 + i) * k + l));
+                            for j in 0..4 {
+                                if j < jc {
+                                    acc[i][j] = _mm512_fmadd_ps(av, bv[j], acc[i][j]);
+                                }
+                            }
+                        }
+                    }
+                }
+                for i in 0..ir {
+                    for j in 0..jc {
+                        _mm512_mask_storeu_ps(
+                            cp.add((i0 + i) * n + (j0 + j) * 16),
+                            mk[j],
+                            acc[i][j],
+                        );
+                    }
+                }
+                i0 += 4;
+            }
+            j0 += 4;
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub unsafe fn gemm(_: &[f32], _: &[f32], _: &mut [f32], _: usize, _: usize, _: usize) {
+        unreachable!("small_gemm::available() is false")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transforms::linalg::Rng;
+
+    #[test]
+    fn fused_transform_equals_the_kronecker_transform() {
+        // Same rows through candle's KroneckerTransform::apply and the fused tile kernel, then
+        // the same quantizer: transformed values agree to f32 rounding (checked via the codes of
+        // an 8-bit grid, allowing a one-step flip where a value sits on a rounding boundary).
+        let mut rng = Rng::new(4);
+        for (n1, n2, m) in [
+            (3usize, 5usize, 7usize),
+            (24, 24, 33),
+            (32, 48, 17),
+            (1, 20, 5),
+            (4, 70, 3),
+        ] {
+            let n = n1 * n2;
+            let mut mk = |k: usize| -> Tensor {
+                let v: Vec<f32> = (0..k * k).map(|_| rng.normal() as f32).collect();
+                Tensor::from_vec(v, (k, k), &Device::Cpu).unwrap()
+            };
+            let (p1, p2) = (mk(n1), mk(n2));
+            let c: Vec<f32> = (0..n).map(|_| 0.5 + rng.uniform() as f32).collect();
+            let kt = KroneckerTransform {
+                n1,
+                n2,
+                p1: Some(p1),
+                p2: Some(p2),
+                scale: Some(Tensor::from_vec(c, n, &Device::Cpu).unwrap()),
+            };
+            let x: Vec<f32> = (0..m * n).map(|_| rng.normal() as f32).collect();
+            let xt = Tensor::from_vec(x.clone(), (m, n), &Device::Cpu).unwrap();
+            let want: Vec<f32> = kt
+                .apply(&xt)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let spec = QuantSpec::sym(8);
+            let a = super::super::int_gemm::quantize_acts(&want, m, n, &spec);
+            for simd in [false, true] {
+                let mut ft = FusedTransform::new(&kt).unwrap();
+                ft.simd = simd && ft.simd;
+                let b = transform_quantize(&x, m, &ft, &spec);
+                for r in 0..m {
+                    assert!(
+                        (a.scale[r] - b.scale[r]).abs() <= 1e-5 * a.scale[r],
+                        "scale row {r}"
+                    );
+                    for j in 0..n {
+                        let (u, v) = (a.q[r * a.kp + j], b.q[r * b.kp + j]);
+                        assert!(
+                            (u as i32 - v as i32).abs() <= 1,
+                            "{n1}x{n2} simd {simd} row {r} col {j}: {u} vs {v}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
