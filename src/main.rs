@@ -546,6 +546,9 @@ fn resolve_recipe(a: &QuantizeArgs) -> anyhow::Result<Recipe> {
         ln_matrix: a.ln_matrix.then_some(true),
     };
     let r = base.overridden_by(&flags);
+    if r.epochs == Some(0) {
+        return Err(affq::Error::Usage("--epochs must be at least 1".into()).into());
+    }
     let gptq = weight_quantizer(&r)? != WeightQuantizer::Rtn;
     if !trained(a.method) {
         let training_flags = [
@@ -658,9 +661,6 @@ fn flatquant_config(
     plan: &QuantPlan,
 ) -> anyhow::Result<FlatQuantConfig> {
     let epochs = r.epochs.unwrap_or(3);
-    if epochs == 0 {
-        return Err(affq::Error::Usage("--epochs must be at least 1".into()).into());
-    }
     Ok(FlatQuantConfig {
         weights: plan.weights.as_ref().map(|w| w.spec),
         activations: plan.activations,
@@ -672,6 +672,30 @@ fn flatquant_config(
         weight_decay: 0.01,
         alpha: r.alpha.unwrap_or(0.3),
         seed: a.seed,
+    })
+}
+
+fn affinequant_config(r: &Recipe, plan: &QuantPlan) -> anyhow::Result<AffineQuantConfig> {
+    let epochs = r.epochs.unwrap_or(4);
+    Ok(AffineQuantConfig {
+        weights: plan.weights.as_ref().map(|w| w.spec),
+        group_size: plan.weights.as_ref().and_then(|w| match w.granularity {
+            Granularity::Group(g) => Some(g),
+            _ => None,
+        }),
+        activations: plan.activations,
+        kv_cache: plan.kv_cache,
+        epochs,
+        lr: r.lr.unwrap_or(5e-3),
+        lwc_lr: 1e-2,
+        alpha: r.alpha.unwrap_or(0.5),
+        // §3.3: 0.1 for W4A4, 1e-2 for LLaMA-family weight-only.
+        stability_factor: r.stability_factor.unwrap_or(if plan.activations.is_some() {
+            0.1
+        } else {
+            1e-2
+        }),
+        ln_matrix: r.ln_matrix.unwrap_or(false),
     })
 }
 
@@ -804,76 +828,42 @@ fn run_quantize(a: QuantizeArgs) -> anyhow::Result<()> {
     };
     let engine = trained(a.method) || weight_quantizer(&recipe)? != WeightQuantizer::Rtn;
     if engine {
-        let outcome = match a.method {
-            MethodArg::Flatquant => {
-                let cfg = flatquant_config(&a, &recipe, &plan)?;
-                let training = format!("{} epochs, batch {}, lr {}", cfg.epochs, cfg.batch, cfg.lr);
-                let mut fq = FlatQuant::new(cfg)?;
-                run_calibration(
-                    &a,
-                    &recipe,
-                    &plan,
-                    &ckpt,
-                    &mut model,
-                    &mut fq,
-                    "flatquant",
-                    Some(training),
-                )?
-            }
-            MethodArg::Affinequant => {
-                let epochs = recipe.epochs.unwrap_or(4);
-                if epochs == 0 {
-                    return Err(affq::Error::Usage("--epochs must be at least 1".into()).into());
+        let (mut method, label, training): (Box<dyn BlockMethod>, &str, Option<String>) =
+            match a.method {
+                MethodArg::Flatquant => {
+                    let cfg = flatquant_config(&a, &recipe, &plan)?;
+                    let t = format!("{} epochs, batch {}, lr {}", cfg.epochs, cfg.batch, cfg.lr);
+                    (Box::new(FlatQuant::new(cfg)?), "flatquant", Some(t))
                 }
-                let cfg = AffineQuantConfig {
-                    weights: plan.weights.as_ref().map(|w| w.spec),
-                    group_size: plan.weights.as_ref().and_then(|w| match w.granularity {
-                        Granularity::Group(g) => Some(g),
-                        _ => None,
-                    }),
-                    activations: plan.activations,
-                    kv_cache: plan.kv_cache,
-                    epochs,
-                    lr: recipe.lr.unwrap_or(5e-3),
-                    lwc_lr: 1e-2,
-                    alpha: recipe.alpha.unwrap_or(0.5),
-                    stability_factor: recipe.stability_factor.unwrap_or(
-                        if plan.activations.is_some() {
-                            0.1
+                MethodArg::Affinequant => {
+                    let cfg = affinequant_config(&recipe, &plan)?;
+                    let t = format!(
+                        "{} epochs, lr {}, stability factor {}, {} at the norms",
+                        cfg.epochs,
+                        cfg.lr,
+                        cfg.stability_factor,
+                        if cfg.ln_matrix {
+                            "dense matrices"
                         } else {
-                            1e-2
-                        },
-                    ),
-                    ln_matrix: recipe.ln_matrix.unwrap_or(false),
-                };
-                let training = format!(
-                    "{} epochs, lr {}, stability factor {}, {} at the norms",
-                    cfg.epochs,
-                    cfg.lr,
-                    cfg.stability_factor,
-                    if cfg.ln_matrix {
-                        "dense matrices"
-                    } else {
-                        "per-channel scales"
-                    }
-                );
-                let mut aq = AffineQuant { cfg };
-                run_calibration(
-                    &a,
-                    &recipe,
-                    &plan,
-                    &ckpt,
-                    &mut model,
-                    &mut aq,
-                    "affinequant",
-                    Some(training),
-                )?
-            }
-            MethodArg::Rtn | MethodArg::Rotate => {
-                let mut m = Untrained { plan: plan.clone() };
-                run_calibration(&a, &recipe, &plan, &ckpt, &mut model, &mut m, "gptq", None)?
-            }
-        };
+                            "per-channel scales"
+                        }
+                    );
+                    (Box::new(AffineQuant { cfg }), "affinequant", Some(t))
+                }
+                MethodArg::Rtn | MethodArg::Rotate => {
+                    (Box::new(Untrained { plan: plan.clone() }), "gptq", None)
+                }
+            };
+        let outcome = run_calibration(
+            &a,
+            &recipe,
+            &plan,
+            &ckpt,
+            &mut model,
+            method.as_mut(),
+            label,
+            training,
+        )?;
         extra.push(("calibration.csv".to_string(), outcome.csv));
         transforms.extend(outcome.transforms);
         methods::quantize_head(&mut model, &plan)?;

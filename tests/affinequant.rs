@@ -13,10 +13,6 @@ use affq::weights::Checkpoint;
 use candle_core::{Device, Tensor};
 use common::*;
 
-fn stories() -> std::path::PathBuf {
-    stories_dir().join("hf")
-}
-
 fn config(ln_matrix: bool, kv: bool) -> AffineQuantConfig {
     AffineQuantConfig {
         weights: Some(QuantSpec::asym(4)),
@@ -36,9 +32,9 @@ fn config(ln_matrix: bool, kv: bool) -> AffineQuantConfig {
 fn reparameterisation_without_quantization_is_exact() {
     // Perturbed (non-diagonal) matrices, merged in f64 at the full band: the deployed model must
     // compute the original function, for both norm forms and with the post-RoPE Q/K matrices.
-    let ckpt = Checkpoint::open(&stories()).unwrap();
+    let ckpt = Checkpoint::open(&stories_hf()).unwrap();
     let base = Model::load(&ckpt, 512).unwrap();
-    let tok = affq::tokenizer::Tok::load(&stories().join("tokenizer.json")).unwrap();
+    let tok = affq::tokenizer::Tok::load(&stories_hf().join("tokenizer.json")).unwrap();
     let raw = std::fs::read_to_string(data_dir().join("wikitext-2-raw/wiki.valid.raw")).unwrap();
     let ids = tok.encode(&raw[..8000], true).unwrap()[..200].to_vec();
     let t = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu).unwrap();
@@ -73,10 +69,6 @@ fn reparameterisation_without_quantization_is_exact() {
 
 fn quantize(out: &std::path::Path, extra: &[&str]) {
     let mut args = vec![
-        "quantize",
-        stories().to_str().unwrap().to_string().leak(),
-        "-o",
-        out.to_str().unwrap().to_string().leak(),
         "--method",
         "affinequant",
         "--nsamples",
@@ -85,11 +77,9 @@ fn quantize(out: &std::path::Path, extra: &[&str]) {
         "128",
         "--epochs",
         "5",
-        "--json",
     ];
     args.extend_from_slice(extra);
-    let o = affq(&args);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    quantize_stories(out, &args);
 }
 
 #[test]
@@ -121,16 +111,8 @@ fn calibration_through_the_binary_lowers_every_block_loss() {
             );
         }
         // The checkpoint (online dense inverses, per-head Q/K matrices) loads and evaluates.
-        let o = affq(&[
-            "eval",
-            out.to_str().unwrap(),
-            "--seqlen",
-            "128",
-            "--max-windows",
-            "2",
-            "--json",
-        ]);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v = eval_json(&out, &["--seqlen", "128", "--max-windows", "2"]);
+        assert!(v["ppl"].as_f64().unwrap().is_finite());
     }
 }
 
@@ -141,7 +123,7 @@ fn affinequant_flags_need_affinequant() {
     for extra in [&["--stability-factor", "0.1"][..], &["--ln-matrix"][..]] {
         let mut args = vec![
             "quantize",
-            stories().to_str().unwrap().to_string().leak(),
+            stories_hf().to_str().unwrap().to_string().leak(),
             "-o",
             out.to_str().unwrap().to_string().leak(),
             "--method",

@@ -12,10 +12,6 @@ use affq::weights::Checkpoint;
 use candle_core::{Device, Tensor};
 use common::*;
 
-fn stories() -> std::path::PathBuf {
-    stories_dir().join("hf")
-}
-
 fn config(kv: bool) -> FlatQuantConfig {
     FlatQuantConfig {
         weights: Some(QuantSpec::sym(4)),
@@ -35,10 +31,10 @@ fn config(kv: bool) -> FlatQuantConfig {
 fn reparameterisation_without_quantization_is_exact() {
     // Random orthogonal Kronecker factors, SmoothQuant-style channel scales, head mixer, P_v and
     // P_k, merged in f64: the deployed model must compute the original function.
-    let ckpt = Checkpoint::open(&stories()).unwrap();
+    let ckpt = Checkpoint::open(&stories_hf()).unwrap();
     let base = Model::load(&ckpt, 512).unwrap();
     let mut model = Model::load(&ckpt, 512).unwrap();
-    let tok = affq::tokenizer::Tok::load(&stories().join("tokenizer.json")).unwrap();
+    let tok = affq::tokenizer::Tok::load(&stories_hf().join("tokenizer.json")).unwrap();
     let raw = std::fs::read_to_string(data_dir().join("wikitext-2-raw/wiki.valid.raw")).unwrap();
     let ids = tok.encode(&raw[..8000], true).unwrap()[..200].to_vec();
     let t = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu).unwrap();
@@ -63,10 +59,6 @@ fn reparameterisation_without_quantization_is_exact() {
 
 fn quantize(out: &std::path::Path, extra: &[&str]) -> serde_json::Value {
     let mut args = vec![
-        "quantize",
-        stories().to_str().unwrap().to_string().leak(),
-        "-o",
-        out.to_str().unwrap().to_string().leak(),
         "--method",
         "flatquant",
         "--bits",
@@ -79,12 +71,9 @@ fn quantize(out: &std::path::Path, extra: &[&str]) -> serde_json::Value {
         "128",
         "--epochs",
         "2",
-        "--json",
     ];
     args.extend_from_slice(extra);
-    let o = affq(&args);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    serde_json::from_slice(&o.stdout).unwrap()
+    quantize_stories(out, &args)
 }
 
 #[test]
@@ -124,20 +113,8 @@ fn calibration_lowers_every_block_loss_and_is_deterministic() {
         "checkpoints differ between two runs with the same seed"
     );
     // And the checkpoint evaluates through the binary.
-    let o = affq(&[
-        "eval",
-        a.to_str().unwrap(),
-        "--seqlen",
-        "128",
-        "--max-windows",
-        "2",
-        "--json",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let ppl = serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["ppl"]
-        .as_f64()
-        .unwrap();
-    assert!(ppl.is_finite());
+    let v = eval_json(&a, &["--seqlen", "128", "--max-windows", "2"]);
+    assert!(v["ppl"].as_f64().unwrap().is_finite());
 }
 
 #[test]
@@ -148,7 +125,7 @@ fn never_calibrates_on_the_test_split() {
     let expect_error = |calib: &std::path::Path, must_say: &str| {
         let o = affq(&[
             "quantize",
-            stories().to_str().unwrap(),
+            stories_hf().to_str().unwrap(),
             "-o",
             out.to_str().unwrap(),
             "--method",

@@ -12,10 +12,6 @@ use candle_core::{Device, Tensor};
 use common::*;
 use std::collections::HashMap;
 
-fn stories() -> std::path::PathBuf {
-    stories_dir().join("hf")
-}
-
 /// Hessians of every linear input of a block.
 struct Capture(HashMap<usize, Hessian>);
 
@@ -33,10 +29,10 @@ impl BlockHook for Capture {
 fn gptq_lowers_every_layer_output_error_on_stories260k() {
     // GPTQ minimises tr(ΔW·H·ΔWᵀ) column by column; on real calibration activations it must come
     // out below round-to-nearest for every linear of every block.
-    let ckpt = Checkpoint::open(&stories()).unwrap();
+    let ckpt = Checkpoint::open(&stories_hf()).unwrap();
     let model = Model::load(&ckpt, 256).unwrap();
     let raw = std::fs::read_to_string(data_dir().join("wikitext-2-raw/wiki.valid.raw")).unwrap();
-    let tok = affq::tokenizer::Tok::load(&stories().join("tokenizer.json")).unwrap();
+    let tok = affq::tokenizer::Tok::load(&stories_hf().join("tokenizer.json")).unwrap();
     let ids: Vec<u32> = tok.encode(&raw[..40_000], false).unwrap()[..4 * 256].to_vec();
     let ids = Tensor::from_vec(ids, (4, 256), &Device::Cpu).unwrap();
     let mut x = model.embed(&ids).unwrap();
@@ -81,36 +77,19 @@ fn gptq_lowers_every_layer_output_error_on_stories260k() {
 
 fn quantize(out: &std::path::Path, args: &[&str]) -> serde_json::Value {
     let mut all = vec![
-        "quantize",
-        stories().to_str().unwrap().to_string().leak(),
-        "-o",
-        out.to_str().unwrap().to_string().leak(),
         "--nsamples",
         "4",
         "--calib-seqlen",
         "128",
         "--weight-quantizer",
         "gptq",
-        "--json",
     ];
     all.extend_from_slice(args);
-    let o = affq(&all);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    serde_json::from_slice(&o.stdout).unwrap()
+    quantize_stories(out, &all)
 }
 
 fn eval_ppl(dir: &std::path::Path) -> f64 {
-    let o = affq(&[
-        "eval",
-        dir.to_str().unwrap(),
-        "--seqlen",
-        "128",
-        "--max-windows",
-        "4",
-        "--json",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["ppl"]
+    eval_json(dir, &["--seqlen", "128", "--max-windows", "4"])["ppl"]
         .as_f64()
         .unwrap()
 }
@@ -160,7 +139,7 @@ fn gptq_flags_need_gptq() {
     ] {
         let mut args = vec![
             "quantize",
-            stories().to_str().unwrap().to_string().leak(),
+            stories_hf().to_str().unwrap().to_string().leak(),
             "-o",
             out.to_str().unwrap().to_string().leak(),
         ];
@@ -173,7 +152,7 @@ fn gptq_flags_need_gptq() {
     }
     let o = affq(&[
         "quantize",
-        stories().to_str().unwrap(),
+        stories_hf().to_str().unwrap(),
         "-o",
         out.to_str().unwrap(),
         "--weight-quantizer",

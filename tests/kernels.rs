@@ -12,37 +12,18 @@ use affq::weights::Checkpoint;
 use candle_core::{Device, Tensor};
 use common::*;
 
-fn stories() -> std::path::PathBuf {
-    stories_dir().join("hf")
-}
-
-fn quantize(out: &std::path::Path, args: &[&str]) {
-    let mut all = vec![
-        "quantize",
-        stories().to_str().unwrap().to_string().leak(),
-        "-o",
-        out.to_str().unwrap().to_string().leak(),
-        "--json",
-    ];
-    all.extend_from_slice(args);
-    let o = affq(&all);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-}
-
 fn ppl(dir: &std::path::Path, kernels: &str) -> (f64, String) {
-    let o = affq(&[
-        "eval",
-        dir.to_str().unwrap(),
-        "--seqlen",
-        "256",
-        "--max-windows",
-        "64",
-        "--kernels",
-        kernels,
-        "--json",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let v = eval_json(
+        dir,
+        &[
+            "--seqlen",
+            "256",
+            "--max-windows",
+            "64",
+            "--kernels",
+            kernels,
+        ],
+    );
     (
         v["ppl"].as_f64().unwrap(),
         v["kernels"].as_str().unwrap().to_string(),
@@ -53,7 +34,7 @@ fn ppl(dir: &std::path::Path, kernels: &str) -> (f64, String) {
 fn integer_layers_match_the_simulated_layers() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("q");
-    quantize(&out, &["--bits", "4", "--a-bits", "4", "--asym"]);
+    quantize_stories(&out, &["--bits", "4", "--a-bits", "4", "--asym"]);
     let model = Model::load(&Checkpoint::open(&out).unwrap(), 256).unwrap();
     let mut rng = affq::transforms::linalg::Rng::new(9);
     for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni] {
@@ -135,7 +116,7 @@ fn integer_path_perplexity_matches_the_simulation() {
     .enumerate()
     {
         let out = tmp.path().join(format!("q{i}"));
-        quantize(&out, &args);
+        quantize_stories(&out, &args);
         let (sim, ks) = ppl(&out, "simulate");
         let (int, ki) = ppl(&out, "int");
         assert_eq!(ks, "simulate");

@@ -11,13 +11,9 @@ use candle_core::{Device, Tensor};
 use common::*;
 use std::path::Path;
 
-fn stories() -> std::path::PathBuf {
-    stories_dir().join("hf")
-}
-
 fn ids() -> Vec<u32> {
     let raw = std::fs::read_to_string(data_dir().join("wikitext-2-raw/wiki.valid.raw")).unwrap();
-    let tok = affq::tokenizer::Tok::load(&stories().join("tokenizer.json")).unwrap();
+    let tok = affq::tokenizer::Tok::load(&stories_hf().join("tokenizer.json")).unwrap();
     tok.encode(&raw[..6000], true).unwrap()[..256].to_vec()
 }
 
@@ -40,7 +36,7 @@ fn run_ok(args: &[&str]) -> serde_json::Value {
 fn rtn_checkpoint_round_trip_gives_identical_logits() {
     // Quantize in memory, write, read back: the loaded model computes bit-identical logits.
     let tmp = tempfile::tempdir().unwrap();
-    let ckpt = Checkpoint::open(&stories()).unwrap();
+    let ckpt = Checkpoint::open(&stories_hf()).unwrap();
     for (bits, gran, asym, a, kv) in [
         (4u8, Granularity::Channel, false, Some(4u8), Some(4u8)),
         (3, Granularity::Group(4), true, None, None),
@@ -112,7 +108,7 @@ fn rtn_checkpoint_round_trip_gives_identical_logits() {
 #[test]
 fn rotation_without_quantization_preserves_the_function() {
     {
-        let dir = stories();
+        let dir = stories_hf();
         let ckpt = Checkpoint::open(&dir).unwrap();
         let base = Model::load(&ckpt, 512).unwrap();
         let mut rot = Model::load(&ckpt, 512).unwrap();
@@ -159,7 +155,7 @@ fn eval_ppl(model: &Path) -> f64 {
 #[test]
 fn rtn_and_rotate_through_the_binary() {
     let tmp = tempfile::tempdir().unwrap();
-    let fp = eval_ppl(&stories());
+    let fp = eval_ppl(&stories_hf());
     let mut results = Vec::new();
     for (method, flags) in [
         ("rtn", vec!["--bits", "16"]),
@@ -180,7 +176,7 @@ fn rtn_and_rotate_through_the_binary() {
         ),
     ] {
         let out = tmp.path().join(format!("{method}-{}", results.len()));
-        let model = stories();
+        let model = stories_hf();
         let mut args = vec![
             "quantize",
             model.to_str().unwrap(),
@@ -220,7 +216,7 @@ fn packed_weights_are_what_the_config_says() {
     let out = tmp.path().join("q3");
     run_ok(&[
         "quantize",
-        stories().to_str().unwrap(),
+        stories_hf().to_str().unwrap(),
         "-o",
         out.to_str().unwrap(),
         "--bits",
@@ -255,7 +251,7 @@ fn expect_usage_error(args: &[&str], must_say: &str) {
 fn bad_quantize_flags() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("o");
-    let model = stories();
+    let model = stories_hf();
     let (m, o) = (model.to_str().unwrap(), out.to_str().unwrap().to_string());
     expect_usage_error(&["quantize", m, "-o", &o, "--bits", "1"], "--bits 1");
     expect_usage_error(&["quantize", m, "-o", &o, "--bits", "9"], "--bits 9");
@@ -274,7 +270,7 @@ fn bad_quantize_flags() {
     let copy = tmp.path().join("model");
     std::fs::create_dir(&copy).unwrap();
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
-        std::fs::copy(stories().join(f), copy.join(f)).unwrap();
+        std::fs::copy(stories_hf().join(f), copy.join(f)).unwrap();
     }
     let inside = copy.join("q");
     expect_usage_error(
@@ -294,10 +290,10 @@ fn non_finite_weight_is_named() {
     let dir = tmp.path().join("m");
     std::fs::create_dir(&dir).unwrap();
     for f in ["config.json", "tokenizer.json"] {
-        std::fs::copy(stories().join(f), dir.join(f)).unwrap();
+        std::fs::copy(stories_hf().join(f), dir.join(f)).unwrap();
     }
     // Overwrite one value of layer 2's up_proj with NaN.
-    let src = Checkpoint::open(&stories()).unwrap();
+    let src = Checkpoint::open(&stories_hf()).unwrap();
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for n in src.store.names() {
         let r = src.store.raw(&n).unwrap();

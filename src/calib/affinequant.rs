@@ -132,23 +132,8 @@ impl Params {
     fn lwc_vars(&self) -> Vec<Var> {
         self.lwc.iter().flat_map(Clip::vars).collect()
     }
-    fn snapshot(&self) -> Result<Vec<Tensor>> {
-        self.smooth_vars()
-            .iter()
-            .chain(self.lwc_vars().iter())
-            .map(|v| Ok(v.as_tensor().copy()?))
-            .collect()
-    }
-    fn restore(&self, snap: &[Tensor]) -> Result<()> {
-        for (v, t) in self
-            .smooth_vars()
-            .iter()
-            .chain(self.lwc_vars().iter())
-            .zip(snap)
-        {
-            v.set(t)?;
-        }
-        Ok(())
+    fn all_vars(&self) -> Vec<Var> {
+        [self.smooth_vars(), self.lwc_vars()].concat()
     }
     fn truncate(&self) -> Result<()> {
         for v in self.smooth_vars() {
@@ -595,7 +580,7 @@ impl BlockMethod for AffineQuant {
         let mut opt_c = AdamW::new(p.lwc_vars(), params(self.cfg.lwc_lr))?;
         let mut notes = Vec::new();
         let mut epochs = Vec::new();
-        let mut good = p.snapshot()?;
+        let mut good = super::snapshot(&p.all_vars())?;
         'train: for e in 0..self.cfg.epochs {
             let t0 = Instant::now();
             let mut sum = 0.0;
@@ -610,7 +595,7 @@ impl BlockMethod for AffineQuant {
                 let loss = (out - y.narrow(0, k, 1)?)?.sqr()?.mean_all()?;
                 let lv = loss.to_scalar::<f32>()? as f64;
                 if !lv.is_finite() {
-                    p.restore(&good)?;
+                    super::restore(&p.all_vars(), &good)?;
                     notes.push(format!("block {}: non-finite loss at epoch {e}; restored the parameters of the last finished epoch and stopped", block.index));
                     break 'train;
                 }
@@ -625,7 +610,7 @@ impl BlockMethod for AffineQuant {
             match self.conditioning(&p, next)? {
                 Some(r) if r >= 1e-7 => {}
                 r => {
-                    p.restore(&good)?;
+                    super::restore(&p.all_vars(), &good)?;
                     notes.push(format!(
                         "block {}: an AffineQuant matrix became near-singular after epoch {e} (pivot ratio {}); restored the last well-conditioned parameters and stopped",
                         block.index,
@@ -641,7 +626,7 @@ impl BlockMethod for AffineQuant {
             };
             on_epoch(&log);
             epochs.push(log);
-            good = p.snapshot()?;
+            good = super::snapshot(&p.all_vars())?;
         }
         let deployed = self.deploy(block, &p, true)?;
         Ok((deployed, MethodReport { epochs, notes }))

@@ -184,23 +184,8 @@ impl Params {
         }
         v
     }
-    fn snapshot(&self) -> Result<Vec<Tensor>> {
-        self.transform_vars()
-            .iter()
-            .chain(self.clip_vars().iter())
-            .map(|v| Ok(v.as_tensor().copy()?))
-            .collect()
-    }
-    fn restore(&self, snap: &[Tensor]) -> Result<()> {
-        for (v, t) in self
-            .transform_vars()
-            .iter()
-            .chain(self.clip_vars().iter())
-            .zip(snap)
-        {
-            v.set(t)?;
-        }
-        Ok(())
+    fn all_vars(&self) -> Vec<Var> {
+        [self.transform_vars(), self.clip_vars()].concat()
     }
 }
 
@@ -570,7 +555,7 @@ impl BlockMethod for FlatQuant {
         let mut opt_c = AdamW::new(p.clip_vars(), params(lr_clip))?;
         let mut epochs = Vec::new();
         let mut step = 0;
-        let mut good = p.snapshot()?;
+        let mut good = super::snapshot(&p.all_vars())?;
         'train: for e in 0..self.cfg.epochs {
             let t0 = Instant::now();
             let mut sum = 0.0;
@@ -583,7 +568,7 @@ impl BlockMethod for FlatQuant {
                 let loss = (out - yb)?.sqr()?.mean_all()?;
                 let lv = loss.to_scalar::<f32>()? as f64;
                 if !lv.is_finite() {
-                    p.restore(&good)?;
+                    super::restore(&p.all_vars(), &good)?;
                     notes.push(format!("block {}: non-finite loss at epoch {e}; restored the parameters of the last finished epoch and stopped", block.index));
                     break 'train;
                 }
@@ -604,7 +589,7 @@ impl BlockMethod for FlatQuant {
             };
             on_epoch(&log);
             epochs.push(log);
-            good = p.snapshot()?;
+            good = super::snapshot(&p.all_vars())?;
         }
         let deployed = self.deploy(block, &p, true, &mut notes)?;
         Ok((deployed, MethodReport { epochs, notes }))

@@ -121,6 +121,19 @@ pub struct EngineConfig {
     pub weight_quantizer: WeightQuantizer,
 }
 
+/// Copies of the variables' values: the last good state of a block's training.
+pub(crate) fn snapshot(vars: &[candle_core::Var]) -> Result<Vec<Tensor>> {
+    vars.iter().map(|v| Ok(v.as_tensor().copy()?)).collect()
+}
+
+/// Puts the values of [`snapshot`] back.
+pub(crate) fn restore(vars: &[candle_core::Var], snap: &[Tensor]) -> Result<()> {
+    for (v, t) in vars.iter().zip(snap) {
+        v.set(t)?;
+    }
+    Ok(())
+}
+
 /// Runs `block` over `x` in chunks of `batch` samples (eval path) with `hook` observing.
 pub fn run_block(
     block: &Block,

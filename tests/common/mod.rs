@@ -91,3 +91,37 @@ pub fn max_abs(t: &candle_core::Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// The stories260K Hugging Face directory.
+pub fn stories_hf() -> PathBuf {
+    stories_dir().join("hf")
+}
+
+/// Runs the binary with `args` plus `--json`, asserts success, returns the JSON on stdout.
+pub fn affq_json(args: &[&str]) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let o = affq(&all);
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// `affq quantize <stories260K> -o OUT ARGS…`.
+pub fn quantize_stories(out: &Path, args: &[&str]) -> serde_json::Value {
+    let (m, o) = (stories_hf(), out.to_str().unwrap().to_string());
+    let mut all = vec!["quantize", m.to_str().unwrap(), "-o", &o];
+    all.extend_from_slice(args);
+    affq_json(&all)
+}
+
+/// `affq eval DIR ARGS…`.
+pub fn eval_json(dir: &Path, args: &[&str]) -> serde_json::Value {
+    let d = dir.to_str().unwrap();
+    let mut all = vec!["eval", d];
+    all.extend_from_slice(args);
+    affq_json(&all)
+}
