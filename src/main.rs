@@ -174,6 +174,10 @@ struct QuantizeArgs {
     /// per-channel scales (the weight-only recipes).
     #[arg(long)]
     ln_matrix: bool,
+    /// Continue an interrupted calibration from the blocks it finished (kept in `.OUT.affq-work`
+    /// beside the output); the other flags must be the same as in the interrupted run.
+    #[arg(long)]
+    resume: bool,
     /// Replace an existing output directory.
     #[arg(long)]
     force: bool,
@@ -710,6 +714,7 @@ fn run_calibration(
     method: &mut dyn BlockMethod,
     label: &str,
     training: Option<String>,
+    store: Option<&dyn affq::calib::BlockStore>,
 ) -> anyhow::Result<CalibOutcome> {
     let (tokens, data_desc) = calibration_tokens(a, r, ckpt)?;
     let wq = weight_quantizer(r)?;
@@ -739,16 +744,13 @@ fn run_calibration(
         .expect("valid template"),
     );
     let mut csv = String::from("block,epoch,loss,seconds\n");
-    let mut epoch_rows = Vec::new();
     let reports = affq::calib::calibrate_model(
         model,
         &tokens,
         method,
         &engine,
-        |b, e| {
-            bar.set_message(format!("block {b} epoch {} loss {:.3e}", e.epoch, e.loss));
-            epoch_rows.push(format!("{b},{},{:.6e},{:.2}", e.epoch, e.loss, e.seconds));
-        },
+        store,
+        |b, e| bar.set_message(format!("block {b} epoch {} loss {:.3e}", e.epoch, e.loss)),
         |done, _, rep| {
             bar.set_position(done as u64);
             bar.suspend(|| {
@@ -760,9 +762,13 @@ fn run_calibration(
         },
     )?;
     bar.finish_and_clear();
-    for row in epoch_rows {
-        csv.push_str(&row);
-        csv.push('\n');
+    for rep in &reports {
+        for e in &rep.epochs {
+            csv.push_str(&format!(
+                "{},{},{:.6e},{:.2}\n",
+                rep.block, e.epoch, e.loss, e.seconds
+            ));
+        }
     }
     csv.push_str("\nblock,loss_rtn,loss_final,seconds\n");
     let mut transforms = vec![summary];
@@ -826,7 +832,53 @@ fn run_quantize(a: QuantizeArgs) -> anyhow::Result<()> {
         MethodArg::Rotate => methods::rotate::rotate(&mut model, a.seed)?,
         _ => Vec::new(),
     };
+    let method_label = method_name(a.method);
+    let mut qcfg = QuantConfig {
+        quant_method: "affq".into(),
+        format: affq::checkpoint::FORMAT.into(),
+        format_version: affq::checkpoint::FORMAT_VERSION,
+        affq_version: affq::VERSION.into(),
+        method: method_label.into(),
+        weights: plan.weights.clone(),
+        activations: plan.activations,
+        kv_cache: plan.kv_cache,
+        quantize_head: plan.quantize_head,
+        transforms: Vec::new(),
+        seed: a.seed,
+    };
     let engine = trained(a.method) || weight_quantizer(&recipe)? != WeightQuantizer::Rtn;
+    if a.resume && !engine {
+        return Err(affq::Error::Usage(
+            "--resume continues a calibration: it needs --method flatquant or affinequant, or --weight-quantizer gptq".into(),
+        )
+        .into());
+    }
+    let mut work = None;
+    if engine {
+        // Everything that decides the result: a resumed run must have the same.
+        let model_id = std::fs::canonicalize(&a.model).unwrap_or(a.model.clone());
+        let fingerprint = format!(
+            "affq {}\nmodel {}\nmethod {method_label}\nrecipe {recipe:?}\nplan {plan:?}\nseed {}\n",
+            affq::VERSION,
+            model_id.display(),
+            a.seed
+        );
+        let w = affq::calib::resume::WorkDir::open(
+            &a.output,
+            &fingerprint,
+            a.resume,
+            a.force,
+            model.config.clone(),
+            qcfg.clone(),
+        )?;
+        if w.resumed > 0 && !a.common.json {
+            eprintln!(
+                "resuming: blocks 0..{} were finished by the interrupted run",
+                w.resumed
+            );
+        }
+        work = Some(w);
+    }
     if engine {
         let (mut method, label, training): (Box<dyn BlockMethod>, &str, Option<String>) =
             match a.method {
@@ -863,6 +915,7 @@ fn run_quantize(a: QuantizeArgs) -> anyhow::Result<()> {
             method.as_mut(),
             label,
             training,
+            work.as_ref().map(|w| w as &dyn affq::calib::BlockStore),
         )?;
         extra.push(("calibration.csv".to_string(), outcome.csv));
         transforms.extend(outcome.transforms);
@@ -870,20 +923,8 @@ fn run_quantize(a: QuantizeArgs) -> anyhow::Result<()> {
     } else {
         methods::quantize(&mut model, &plan)?;
     }
-    let method = method_name(a.method);
-    let qcfg = QuantConfig {
-        quant_method: "affq".into(),
-        format: affq::checkpoint::FORMAT.into(),
-        format_version: affq::checkpoint::FORMAT_VERSION,
-        affq_version: affq::VERSION.into(),
-        method: method.into(),
-        weights: plan.weights.clone(),
-        activations: plan.activations,
-        kv_cache: plan.kv_cache,
-        quantize_head: plan.quantize_head,
-        transforms: transforms.clone(),
-        seed: a.seed,
-    };
+    let method = method_label;
+    qcfg.transforms = transforms.clone();
     affq::checkpoint::write(
         &model,
         &ckpt.files.dir,
@@ -893,6 +934,9 @@ fn run_quantize(a: QuantizeArgs) -> anyhow::Result<()> {
         a.force,
         &extra,
     )?;
+    if let Some(w) = work {
+        w.finish()?;
+    }
     let secs = t0.elapsed().as_secs_f64();
     if a.common.json {
         let mut v = serde_json::to_value(&qcfg)?;

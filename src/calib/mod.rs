@@ -10,6 +10,7 @@ pub mod affinequant;
 pub mod data;
 pub mod flatquant;
 pub mod recipe;
+pub mod resume;
 pub mod weight_quant;
 
 use crate::error::{Error, Result};
@@ -48,7 +49,7 @@ impl BlockHook for SiteStats {
 }
 
 /// One epoch's record for the log.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct EpochLog {
     pub epoch: usize,
     pub loss: f64,
@@ -56,7 +57,7 @@ pub struct EpochLog {
 }
 
 /// What a method reports for a block.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct BlockReport {
     pub block: usize,
     /// Output MSE of plain RTN (no transform) on the first calibration windows.
@@ -113,6 +114,14 @@ impl BlockMethod for Untrained {
         attach_quantizers(&mut b, &self.plan)?;
         Ok((b, MethodReport::default()))
     }
+}
+
+/// Where finished blocks are kept so an interrupted calibration can continue
+/// ([`resume::WorkDir`]).
+pub trait BlockStore {
+    /// Block `i` as an earlier run finished it, if it did.
+    fn load(&self, i: usize) -> Result<Option<(Block, BlockReport)>>;
+    fn save(&self, block: &Block, report: &BlockReport) -> Result<()>;
 }
 
 /// What the engine does after the method: the quantization plan and how weights are rounded.
@@ -173,6 +182,7 @@ pub fn calibrate_model(
     tokens: &Tensor,
     method: &mut dyn BlockMethod,
     engine: &EngineConfig,
+    store: Option<&dyn BlockStore>,
     mut on_epoch: impl FnMut(usize, &EpochLog),
     mut progress: impl FnMut(usize, usize, &BlockReport),
 ) -> Result<Vec<BlockReport>> {
@@ -195,6 +205,16 @@ pub fn calibrate_model(
             return Err(Error::Runtime(format!(
                 "block {i}: full-precision outputs are not finite"
             )));
+        }
+        if let Some((block, report)) = store.map(|s| s.load(i)).transpose()?.flatten() {
+            if let Some(xq) = &mut xq {
+                *xq = run_block(&block, &model.rope, xq, 4, &mut NoHook)?;
+            }
+            model.blocks[i] = block;
+            progress(i + 1, total, &report);
+            reports.push(report);
+            x = y;
+            continue;
         }
         // Diagnostics on the first windows: plain RTN versus the final block.
         let probe = x.dim(0)?.min(4);
@@ -229,6 +249,9 @@ pub fn calibrate_model(
             seconds: t0.elapsed().as_secs_f64(),
             notes: rep.notes,
         };
+        if let Some(s) = store {
+            s.save(&block, &report)?;
+        }
         model.blocks[i] = block;
         progress(i + 1, total, &report);
         reports.push(report);
