@@ -232,6 +232,15 @@ impl TensorStore {
                 ),
             )
         })?;
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(Error::format(
+                path,
+                format!(
+                    "tensor `{name}` has a non-finite value ({}) at element {i}",
+                    values[i]
+                ),
+            ));
+        }
         Ok(Tensor::from_vec(values, expected, &Device::Cpu)?)
     }
 }

@@ -332,3 +332,109 @@ fn usage_errors_exit_2() {
     let out = affq(&["eval", "x", "--seqlen", "abc"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// Overwrites the bytes of tensor `name` in a safetensors file with `bytes` (repeated).
+fn poke_tensor(path: &Path, name: &str, bytes: &[u8]) {
+    let mut data = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(data[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&data[8..8 + n]).unwrap();
+    let off = &header[name]["data_offsets"];
+    let (a, b) = (
+        8 + n + off[0].as_u64().unwrap() as usize,
+        8 + n + off[1].as_u64().unwrap() as usize,
+    );
+    for (i, d) in data[a..b].iter_mut().enumerate() {
+        *d = bytes[i % bytes.len()];
+    }
+    std::fs::write(path, data).unwrap();
+}
+
+#[test]
+fn non_finite_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("m");
+    copy_stories(&m);
+    // f32 NaN in every element of one projection.
+    poke_tensor(
+        &m.join("model.safetensors"),
+        "model.layers.0.self_attn.q_proj.weight",
+        &f32::NAN.to_le_bytes(),
+    );
+    run_eval_error(&m, "model.safetensors", "non-finite");
+    let out = tmp.path().join("q");
+    expect_input_error(
+        &["quantize", m.to_str().unwrap(), "-o", out.to_str().unwrap()],
+        "model.safetensors",
+        "q_proj.weight",
+    );
+    assert!(!out.exists());
+}
+
+/// A small W4A4 checkpoint of stories260K.
+fn quantized_stories(dir: &Path) {
+    let o = affq(&[
+        "quantize",
+        stories_hf().to_str().unwrap(),
+        "-o",
+        dir.to_str().unwrap(),
+        "--bits",
+        "4",
+        "--a-bits",
+        "4",
+    ]);
+    assert!(o.status.success());
+}
+
+#[test]
+fn quantized_checkpoint_with_a_missing_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let q = tmp.path().join("q");
+    quantized_stories(&q);
+    edit_header(&q.join("model.safetensors"), |h| {
+        let scale = h["model.layers.1.mlp.down_proj.weight_scale"].clone();
+        h.as_object_mut()
+            .unwrap()
+            .remove("model.layers.1.mlp.down_proj.weight_scale");
+        // Keep the byte range accounted for under another (unused) name.
+        h["unused.padding"] = scale;
+    });
+    run_eval_error(&q, "model.safetensors", "down_proj.weight_scale");
+}
+
+#[test]
+fn quantized_checkpoint_with_a_corrupted_scale() {
+    let tmp = tempfile::tempdir().unwrap();
+    let q = tmp.path().join("q");
+    quantized_stories(&q);
+    poke_tensor(
+        &q.join("model.safetensors"),
+        "model.layers.0.self_attn.o_proj.weight_scale",
+        &(-1.0f32).to_le_bytes(),
+    );
+    run_eval_error(&q, "model.safetensors", "weight_scale");
+}
+
+#[test]
+fn conflicting_flags() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o");
+    for args in [
+        vec!["--sym", "--asym"],
+        vec!["--weight-quantizer", "rtn", "--act-order"],
+        vec!["--method", "rtn", "--epochs", "2"],
+        vec!["--method", "flatquant", "--group-size", "16"],
+    ] {
+        let mut all = vec![
+            "quantize",
+            stories_hf().to_str().unwrap().to_string().leak(),
+            "-o",
+            out.to_str().unwrap().to_string().leak(),
+        ];
+        all.extend_from_slice(&args);
+        let o = affq(&all);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(!out.exists());
+    }
+}

@@ -150,3 +150,19 @@ fn never_calibrates_on_the_test_split() {
     std::fs::write(&empty, "").unwrap();
     expect_error(&empty, "empty");
 }
+
+#[test]
+fn thread_count_does_not_change_the_checkpoint() {
+    // No reduction is split across threads (quantizer rows, GPTQ rows, GEMM output tiles), so
+    // one and two worker threads must write the same bytes.
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("t1"), tmp.path().join("t2"));
+    let extra = ["--kv-bits", "4", "--weight-quantizer", "gptq"];
+    quantize(&a, &[&extra[..], &["--threads", "1"]].concat());
+    quantize(&b, &[&extra[..], &["--threads", "2"]].concat());
+    assert!(
+        std::fs::read(a.join("model.safetensors")).unwrap()
+            == std::fs::read(b.join("model.safetensors")).unwrap(),
+        "checkpoints differ between 1 and 2 threads"
+    );
+}

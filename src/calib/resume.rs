@@ -108,7 +108,7 @@ impl BlockStore for WorkDir {
         if !path.is_file() {
             return Ok(None);
         }
-        let store = TensorStore::open(&[path.clone()])?;
+        let store = TensorStore::open(std::slice::from_ref(&path))?;
         let block = Block::load(&store, self.config.clone(), i, Some(&self.quant))?;
         let report = store
             .metadata()

@@ -1,0 +1,15 @@
+//! The GGUF reader: header, metadata and tensor table parsing and dequantization of every tensor.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+#[path = "common.rs"]
+mod common;
+
+fuzz_target!(|data: &[u8]| {
+    let p = common::scratch("model.gguf", data);
+    if let Ok(g) = affq::gguf::GgufFile::open(&p) {
+        for t in g.tensors.clone() {
+            let _ = g.dequantize(&t);
+        }
+    }
+});
