@@ -404,7 +404,7 @@ pub fn write_safetensors(
         h.push(b' ');
     }
     let f = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, DiskLimit::new(f));
     let io = |e| Error::io(path, e);
     w.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
     w.write_all(&h).map_err(io)?;
@@ -413,7 +413,39 @@ pub fn write_safetensors(
     }
     w.into_inner()
         .map_err(|e| Error::io(path, e.into_error()))?
+        .file
         .sync_all()
         .map_err(io)?;
     Ok(())
+}
+
+/// A file writer that fails like a full disk (ENOSPC) after `AFFQ_TEST_DISK_LIMIT` bytes when
+/// that variable is set: the fault injection behind the full-disk tests.
+struct DiskLimit {
+    file: std::fs::File,
+    left: Option<u64>,
+}
+
+impl DiskLimit {
+    fn new(file: std::fs::File) -> Self {
+        let left = std::env::var("AFFQ_TEST_DISK_LIMIT")
+            .ok()
+            .and_then(|v| v.parse().ok());
+        DiskLimit { file, left }
+    }
+}
+
+impl std::io::Write for DiskLimit {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Some(left) = &mut self.left {
+            if *left < buf.len() as u64 {
+                return Err(std::io::Error::from_raw_os_error(28)); // ENOSPC
+            }
+            *left -= buf.len() as u64;
+        }
+        self.file.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
 }

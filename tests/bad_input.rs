@@ -438,3 +438,29 @@ fn conflicting_flags() {
         assert!(!out.exists());
     }
 }
+
+#[test]
+fn full_disk_leaves_no_output() {
+    // Writes fail with ENOSPC after 4 KiB (fault injection): a run-time I/O failure (exit 1)
+    // naming the file being written, and nothing at the output path or beside it.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("q");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_affq"))
+        .args([
+            "quantize",
+            stories_hf().to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ])
+        .env("AFFQ_DATA_DIR", data_dir())
+        .env("AFFQ_TEST_DISK_LIMIT", "4096")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("model.safetensors"), "{err}");
+    assert!(err.to_lowercase().contains("no space left"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
