@@ -975,6 +975,13 @@ fn tune_allocator() {
 }
 
 fn main() {
+    // Die quietly on a closed stdout (`affq eval … | head -1`), as Unix tools do, instead of
+    // panicking on the failed write.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of SIGPIPE before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     tune_allocator();
     let cli = Cli::parse();
     let result = match cli.command {

@@ -57,6 +57,11 @@ impl WorkDir {
     ) -> Result<Self> {
         let dir = work_dir_path(out);
         let run = dir.join("run.json");
+        // A work directory without a finished block holds nothing to lose (e.g. the run stopped
+        // at a bad calibration file): start it afresh.
+        if dir.is_dir() && !dir.join("block-0000.safetensors").is_file() {
+            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        }
         if dir.exists() {
             if resume {
                 let found = std::fs::read_to_string(&run).unwrap_or_default();

@@ -293,6 +293,33 @@ mod tests {
     use super::*;
     use crate::transforms::linalg::Rng;
 
+    /// GPTQ and RTN of the same weight on the same grid.
+    #[allow(clippy::too_many_arguments)]
+    fn both(
+        w: &[f32],
+        out: usize,
+        inp: usize,
+        h: &[f64],
+        spec: QuantSpec,
+        gran: Granularity,
+        act_order: bool,
+    ) -> (QuantizedWeight, QuantizedWeight) {
+        let g = gptq(
+            "t",
+            w,
+            out,
+            inp,
+            h,
+            spec,
+            gran,
+            false,
+            &cfg(0.01, act_order),
+        )
+        .unwrap();
+        let r = QuantizedWeight::quantize("t", w, out, inp, spec, gran, false).unwrap();
+        (g.weight, r)
+    }
+
     fn cfg(damp: f64, act_order: bool) -> GptqConfig {
         GptqConfig {
             damp,
@@ -348,22 +375,9 @@ mod tests {
             Granularity::Tensor,
         ] {
             for act_order in [false, true] {
-                let spec = QuantSpec::asym(3);
-                let g = gptq(
-                    "t",
-                    &w,
-                    out,
-                    inp,
-                    &h,
-                    spec,
-                    gran,
-                    false,
-                    &cfg(0.01, act_order),
-                )
-                .unwrap();
-                let r = QuantizedWeight::quantize("t", &w, out, inp, spec, gran, false).unwrap();
-                assert_eq!(g.weight.codes, r.codes, "{gran:?} act_order {act_order}");
-                assert_eq!(g.weight.params, r.params);
+                let (g, r) = both(&w, out, inp, &h, QuantSpec::asym(3), gran, act_order);
+                assert_eq!(g.codes, r.codes, "{gran:?} act_order {act_order}");
+                assert_eq!(g.params, r.params);
             }
         }
     }
@@ -390,24 +404,8 @@ mod tests {
             (Granularity::Group(32), false),
             (Granularity::Group(32), true),
         ] {
-            let spec = QuantSpec::sym(3);
-            let g = gptq(
-                "t",
-                &w,
-                out,
-                inp,
-                &h,
-                spec,
-                gran,
-                false,
-                &cfg(0.01, act_order),
-            )
-            .unwrap()
-            .weight
-            .dequantize();
-            let r = QuantizedWeight::quantize("t", &w, out, inp, spec, gran, false)
-                .unwrap()
-                .dequantize();
+            let (g, r) = both(&w, out, inp, &h, QuantSpec::sym(3), gran, act_order);
+            let (g, r) = (g.dequantize(), r.dequantize());
             let (eg, er) = (
                 output_error(&w, &g, out, inp, &h),
                 output_error(&w, &r, out, inp, &h),
