@@ -27,6 +27,7 @@
 use super::flatquant::{clamp_rows, lwc_bounds, var, Clip};
 use super::{BlockMethod, EpochLog, MethodReport, SiteStats};
 use crate::error::{Error, Result};
+use crate::methods::{attach_kv, fixed_quantizer};
 use crate::model::{Block, LinearKind, Mode, NoHook, QkTransform, Rope, Site};
 use crate::quant::clipquant::clip_quant;
 use crate::quant::{ActQuantizer, QuantLinear, QuantSpec};
@@ -406,17 +407,7 @@ impl AffineQuant {
     }
 
     fn act(&self) -> Option<Arc<dyn ActQuantizer>> {
-        self.cfg
-            .activations
-            .map(|s| Arc::new(s) as Arc<dyn ActQuantizer>)
-    }
-
-    fn attach_kv(&self, b: &mut Block) {
-        b.k_quant = self
-            .cfg
-            .kv_cache
-            .map(|s| Arc::new(s) as Arc<dyn ActQuantizer>);
-        b.v_quant = b.k_quant.clone();
+        fixed_quantizer(self.cfg.activations)
     }
 
     /// The differentiable quantized block for the parameters at `epoch`'s mask.
@@ -440,7 +431,7 @@ impl AffineQuant {
                 Box::new(QuantLinear::with_quantizer(None, w, bias, self.act())?),
             )?;
         }
-        self.attach_kv(&mut b);
+        attach_kv(&mut b, self.cfg.kv_cache);
         Ok(b)
     }
 
@@ -522,12 +513,7 @@ impl AffineQuant {
                 Box::new(QuantLinear::with_quantizer(None, w, bias, act)?),
             )?;
         }
-        if quantize {
-            self.attach_kv(&mut b);
-        } else {
-            b.k_quant = None;
-            b.v_quant = None;
-        }
+        attach_kv(&mut b, self.cfg.kv_cache.filter(|_| quantize));
         Ok(b)
     }
 

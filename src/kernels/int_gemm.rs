@@ -234,43 +234,32 @@ pub fn quantize_acts(x: &[f32], m: usize, k: usize, spec: &QuantSpec) -> Quantiz
     let mut q = vec![0i8; m * kp];
     let mut scale = vec![0f32; m];
     let mut sum = vec![0i32; m];
-    let qmax = spec.qmax() as f32;
-    let max_abs = q
-        .par_chunks_mut(kp)
+    q.par_chunks_mut(kp)
         .zip(scale.par_iter_mut())
         .zip(sum.par_iter_mut())
         .zip(x.par_chunks(k))
-        .map(|(((qr, s), sm), xr)| {
-            let (lo, hi) = xr
-                .iter()
-                .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
-                    (a.min(v), b.max(v))
-                });
-            let p = spec.params(lo, hi);
-            let inv_zero = p.zero;
-            let mut acc = 0i32;
-            let mut mx = 0i32;
-            for (d, &v) in qr.iter_mut().zip(xr) {
-                let c = round_even(v / p.scale + inv_zero).clamp(0.0, qmax);
-                let v = (c - inv_zero) as i32;
-                *d = v as i8;
-                acc += v;
-                mx = mx.max(v.abs());
-            }
-            *s = p.scale;
-            *sm = acc;
-            mx
-        })
-        .max()
-        .unwrap_or(0);
-    QuantizedActs {
-        m,
-        kp,
-        q,
-        scale,
-        sum,
-        max_abs,
+        .for_each(|(((qr, s), sm), xr)| (*s, *sm) = quantize_row(xr, qr, spec));
+    QuantizedActs::new(m, kp, q, scale, sum)
+}
+
+/// One token row to signed codes `q = code − zero` with the simulated quantizer's grid and
+/// rounding; returns the row's scale and `Σ q`.
+pub fn quantize_row(x: &[f32], q: &mut [i8], spec: &QuantSpec) -> (f32, i32) {
+    let (lo, hi) = x
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+            (a.min(v), b.max(v))
+        });
+    let p = spec.params(lo, hi);
+    let qmax = spec.qmax() as f32;
+    let mut acc = 0i32;
+    for (d, &v) in q.iter_mut().zip(x) {
+        let c = round_even(v / p.scale + p.zero).clamp(0.0, qmax);
+        let v = (c - p.zero) as i32;
+        *d = v as i8;
+        acc += v;
     }
+    (p.scale, acc)
 }
 
 /// Raw output pointer shared by tasks that write disjoint columns.

@@ -1,10 +1,9 @@
 //! The real low-bit linear layer: per-token activation quantization and the integer GEMM of
 //! `int_gemm`, with the online Kronecker transform fused in front where a site has one.
 
-use super::int_gemm::{gemm, quantize_acts, Isa, PackedWeights, QuantizedActs, KB};
+use super::int_gemm::{gemm, quantize_acts, quantize_row, Isa, PackedWeights, QuantizedActs, KB};
 use crate::error::Result;
 use crate::model::LinearLayer;
-use crate::quant::quantizer::round_even;
 use crate::quant::{ActQuantizer, QuantLinear, QuantSpec};
 use crate::transforms::KroneckerTransform;
 use crate::weights::StoredTensor;
@@ -231,7 +230,6 @@ pub fn transform_quantize(
     let mut q = vec![0i8; m * kp];
     let mut scale = vec![0f32; m];
     let mut sum = vec![0i32; m];
-    let qmax = spec.qmax() as f32;
     q.par_chunks_mut(kp * TILE)
         .zip(scale.par_chunks_mut(TILE))
         .zip(sum.par_chunks_mut(TILE))
@@ -248,22 +246,8 @@ pub fn transform_quantize(
                 let rows = st.len();
                 t.apply_rows(xt, y, xs, tmp, rows);
                 for r in 0..rows {
-                    let yr = &y[r * k..(r + 1) * k];
-                    let (lo, hi) = yr
-                        .iter()
-                        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
-                            (a.min(v), b.max(v))
-                        });
-                    let p = spec.params(lo, hi);
-                    let mut acc = 0i32;
-                    for (d, &v) in qt[r * kp..r * kp + k].iter_mut().zip(yr) {
-                        let c = round_even(v / p.scale + p.zero).clamp(0.0, qmax);
-                        let v = (c - p.zero) as i32;
-                        *d = v as i8;
-                        acc += v;
-                    }
-                    st[r] = p.scale;
-                    smt[r] = acc;
+                    (st[r], smt[r]) =
+                        quantize_row(&y[r * k..(r + 1) * k], &mut qt[r * kp..r * kp + k], spec);
                 }
             },
         );

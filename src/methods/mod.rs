@@ -48,8 +48,12 @@ pub fn quantize_linear(
 }
 
 fn act_of(plan: &QuantPlan) -> Option<Arc<dyn ActQuantizer>> {
-    plan.activations
-        .map(|s| Arc::new(s) as Arc<dyn ActQuantizer>)
+    fixed_quantizer(plan.activations)
+}
+
+/// A fixed-grid quantizer as the trait object layers hold.
+pub fn fixed_quantizer(spec: Option<QuantSpec>) -> Option<Arc<dyn ActQuantizer>> {
+    spec.map(|s| Arc::new(s) as Arc<dyn ActQuantizer>)
 }
 
 /// Round-to-nearest quantization of one block's linears with the activation and KV quantizers
@@ -61,7 +65,7 @@ pub fn quantize_block(block: &mut crate::model::Block, plan: &QuantPlan) -> Resu
         let q = quantize_linear(block.linear(kind), &name, plan, act_of(plan))?;
         block.set_linear(kind, Box::new(q))?;
     }
-    attach_kv(block, plan);
+    attach_kv(block, plan.kv_cache);
     Ok(())
 }
 
@@ -78,12 +82,13 @@ pub fn attach_quantizers(block: &mut crate::model::Block, plan: &QuantPlan) -> R
         )?;
         block.set_linear(kind, Box::new(q))?;
     }
-    attach_kv(block, plan);
+    attach_kv(block, plan.kv_cache);
     Ok(())
 }
 
-fn attach_kv(block: &mut crate::model::Block, plan: &QuantPlan) {
-    block.k_quant = plan.kv_cache.map(|s| Arc::new(s) as Arc<dyn ActQuantizer>);
+/// The same fixed per-(token, head) quantizer on keys and values.
+pub fn attach_kv(block: &mut crate::model::Block, kv: Option<QuantSpec>) {
+    block.k_quant = fixed_quantizer(kv);
     block.v_quant = block.k_quant.clone();
 }
 
