@@ -916,7 +916,12 @@ fn run_quantize(a: QuantizeArgs) -> anyhow::Result<()> {
             label,
             training,
             work.as_ref().map(|w| w as &dyn affq::calib::BlockStore),
-        )?;
+        )
+        .inspect_err(|_| {
+            if let Some(w) = &work {
+                w.discard_if_empty();
+            }
+        })?;
         extra.push(("calibration.csv".to_string(), outcome.csv));
         transforms.extend(outcome.transforms);
         methods::quantize_head(&mut model, &plan)?;

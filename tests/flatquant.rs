@@ -137,6 +137,10 @@ fn never_calibrates_on_the_test_split() {
         assert_eq!(o.status.code(), Some(2), "{err}");
         assert!(err.contains(must_say), "expected {must_say:?} in {err}");
         assert!(!out.exists());
+        assert!(
+            !tmp.path().join(".o.affq-work").exists(),
+            "work directory left behind"
+        );
     };
     expect_error(
         &data_dir().join("wikitext-2-raw/wiki.test.raw"),
@@ -149,6 +153,9 @@ fn never_calibrates_on_the_test_split() {
     let empty = tmp.path().join("empty.txt");
     std::fs::write(&empty, "").unwrap();
     expect_error(&empty, "empty");
+    let binary = tmp.path().join("binary.txt");
+    std::fs::write(&binary, b"\xff\xfe\x00not text").unwrap();
+    expect_error(&binary, "not valid UTF-8");
 }
 
 #[test]

@@ -101,6 +101,14 @@ impl WorkDir {
         self.dir.join(format!("block-{i:04}.safetensors"))
     }
 
+    /// After a failed run: removes the work directory if no block was finished (nothing to
+    /// resume), so a bad input leaves nothing behind.
+    pub fn discard_if_empty(&self) {
+        if !self.block_path(0).is_file() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
     /// Removes the work directory (the checkpoint has been written).
     pub fn finish(self) -> Result<()> {
         std::fs::remove_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))
