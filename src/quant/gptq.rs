@@ -155,10 +155,9 @@ pub fn gptq(
     } else {
         (0..inp).collect()
     };
-    let hp: Vec<f64> = (0..inp * inp)
+    let mut hp: Vec<f64> = (0..inp * inp)
         .map(|k| h[perm[k / inp] * inp + perm[k % inp]])
         .collect();
-    let mut hp = hp;
     let (u, damp) = inverse_factor(name, &mut hp, inp, cfg.damp)?;
 
     let ng = inp / g;
@@ -223,10 +222,8 @@ pub fn gptq(
                         }
                         cur
                     } else {
-                        match granularity {
-                            Granularity::Group(_) => fixed_p[orig / g],
-                            _ => fixed_p[0],
-                        }
+                        // One grid per unit of g columns (g = inp per channel or tensor).
+                        fixed_p[orig / g]
                     };
                     let code = p.code(w1[i] as f32, qmax);
                     c_row[orig] = code;
@@ -250,10 +247,7 @@ pub fn gptq(
                 i1 = i2;
             }
             if !dynamic_groups {
-                match granularity {
-                    Granularity::Group(_) => p_row.copy_from_slice(&fixed_p),
-                    _ => p_row[0] = fixed_p[0],
-                }
+                p_row.copy_from_slice(&fixed_p);
             }
         });
     Ok(GptqOutput {
