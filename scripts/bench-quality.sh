@@ -1,85 +1,155 @@
 #!/usr/bin/env bash
-# Quality table (benchmark, not a test): paper-protocol WikiText-2 PPL of SmolLM2-135M for a grid
-# of schemes, each with RTN and the rotation baseline.
-#   scripts/bench-quality.sh            # seqlen 512, first 8 windows (quick)
-#   scripts/bench-quality.sh --full     # seqlen 2048, whole test split
-# Env: MODEL (default target/affq-models/smollm2), AFFQ_DATA_DIR (default ../shared/data).
+# Quality table (benchmark, not a test): paper-protocol WikiText-2 PPL of SmolLM2-135M for a grid of
+# scheme × method × weight quantizer, with the wall time of each quantization.
+#   scripts/bench-quality.sh            # seqlen 512, first 8 windows (quick column)
+#   scripts/bench-quality.sh --full     # also seqlen 2048 over the whole test split (~7 min per row)
+#   scripts/bench-quality.sh --full-only  # only the 2048 column, for rows already quantized
+#   scripts/bench-quality.sh --table    # print what is cached, run nothing
+# Every row is cached under $RESULTS (default target/bench-quality/<row>/): the checkpoint, the
+# quantize time and each PPL. A rerun skips what is there, so an interrupted run goes on where it
+# stopped; delete a row's directory to redo it.
+# Env: MODEL (default target/affq-models/smollm2), AFFQ_DATA_DIR (default ../shared/data), AFFQ_BIN,
+#      ONLY=regex restricts the rows (matched against "scheme method wq"), RAYON_NUM_THREADS.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 export AFFQ_DATA_DIR=${AFFQ_DATA_DIR:-$here/../shared/data}
 model=${MODEL:-target/affq-models/smollm2}
-evalflags=(--seqlen 512 --max-windows 8)
-[ "${1:-}" = "--full" ] && evalflags=(--seqlen 2048)
-cargo build --release --quiet
-[ -f "$model/model.safetensors" ] || scripts/fetch-smollm2.sh "$model"
-bin=target/release/affq
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-ppl() { "$bin" eval "$1" "${evalflags[@]}" --json | python3 -c 'import json,sys; print("%.2f" % json.load(sys.stdin)["ppl"])'; }
+results=${RESULTS:-target/bench-quality}
+full=0 run=1 quantize=1
+case "${1:-}" in
+  --full) full=1 ;;
+  --full-only) full=1 quantize=0 ;;
+  --table) run=0 ;;
+  "") ;;
+  *) echo "usage: $0 [--full|--full-only|--table]" >&2; exit 2 ;;
+esac
+# AFFQ_BIN: a prebuilt binary (e.g. a copy, so a long run is not rebuilt under it).
+bin=${AFFQ_BIN:-target/release/affq}
+if [ $run = 1 ]; then
+  [ -n "${AFFQ_BIN:-}" ] || cargo build --release --quiet
+  [ -f "$model/model.safetensors" ] || scripts/fetch-smollm2.sh "$model"
+fi
+threads=${RAYON_NUM_THREADS:-$(nproc)}
 
-echo "SmolLM2-135M-Instruct (dequantized Q4_1 weights), WikiText-2 paper protocol, ${evalflags[*]}"
-echo "weights: symmetric amax/7, per channel unless gN; activations: symmetric per token; KV: asymmetric per (token, head); no clipping"
-printf '%-10s %10s %10s %14s\n' scheme rtn rotate "quantize s"
-printf '%-10s %10s %10s\n' FP "$(ppl "$model")" -
-while read -r name flags; do
-  row=()
-  secs=""
-  for method in rtn rotate; do
-    t0=$(date +%s.%N)
-    # shellcheck disable=SC2086
-    "$bin" quantize "$model" -o "$work/q" --method "$method" $flags --force > /dev/null
-    secs="$secs $(python3 -c "import time; print('%.1f' % (time.time() - $t0))")"
-    row+=("$(ppl "$work/q")")
-  done
-  printf '%-10s %10s %10s %14s\n' "$name" "${row[0]}" "${row[1]}" "$secs"
-done <<'GRID'
-W8A8 --bits 8 --a-bits 8
-W4A16 --bits 4
-W4A16g64 --bits 4 --group-size 64
-W3A16g64 --bits 3 --group-size 64
-W4A8 --bits 4 --a-bits 8
-W16A4 --bits 16 --a-bits 4
-W4A4 --bits 4 --a-bits 4
-W4A4KV4 --bits 4 --a-bits 4 --kv-bits 4
-GRID
-
-# Calibrated methods and GPTQ (calibrated on the WikiText-2 validation split unless the data
-# directory has the train split; CPU presets calib/cpu.toml, calib/affinequant-cpu.toml).
-# ONLY=regex restricts the rows (e.g. ONLY='W4A4' or ONLY='affinequant').
-echo
-printf '%-10s %-12s %-5s %10s %12s\n' scheme method wq ppl "calibrate s"
-while read -r name method wq flags; do
-  [[ "$name $method $wq" =~ ${ONLY:-.} ]] || continue
-  t0=$(date +%s.%N)
-  # shellcheck disable=SC2086
-  if "$bin" quantize "$model" -o "$work/q" --method "$method" --weight-quantizer "$wq" $flags --force > "$work/log" 2>&1; then
-    secs=$(python3 -c "import time; print('%.0f' % (time.time() - $t0))")
-    printf '%-10s %-12s %-5s %10s %12s\n' "$name" "$method" "$wq" "$(ppl "$work/q")" "$secs"
-  else
-    printf '%-10s %-12s %-5s %10s\n' "$name" "$method" "$wq" "failed: $(tail -1 "$work/log")"
-  fi
-done <<'GRID'
+# Rows: name, method, weight quantizer, quantize flags. "FP" is the unquantized model.
+# Calibrated rows use the CPU presets (calib/cpu.toml for FlatQuant, calib/affinequant-cpu.toml and
+# the affinequant-* recipes) on the WikiText-2 validation split (the data directory has no train split).
+grid() {
+  cat <<'GRID'
+FP none none
+W8A8 rtn rtn --bits 8 --a-bits 8
+W8A8 rotate rtn --bits 8 --a-bits 8
+W4A16 rtn rtn --bits 4
 W4A16 rtn gptq --bits 4
-W3A16g64 rtn gptq --bits 3 --group-size 64
-W2A16g64 rtn gptq --bits 2 --group-size 64
-W4A4 rtn gptq --bits 4 --a-bits 4
+W4A16 rotate rtn --bits 4
 W4A16 rotate gptq --bits 4
-W3A16g64 rotate gptq --bits 3 --group-size 64
-W2A16g64 rotate gptq --bits 2 --group-size 64
-W4A4 rotate gptq --bits 4 --a-bits 4
 W4A16 flatquant rtn --bits 4
 W4A16 flatquant gptq --bits 4
-W4A8 flatquant rtn --bits 4 --a-bits 8
-W4A4 flatquant rtn --bits 4 --a-bits 4
-W4A4 flatquant gptq --bits 4 --a-bits 4
-W4A4KV4 flatquant rtn --bits 4 --a-bits 4 --kv-bits 4
 W4A16 affinequant rtn --recipe affinequant-w4a16
 W4A16 affinequant gptq --recipe affinequant-w4a16
+W3A16g64 rtn rtn --bits 3 --group-size 64
+W3A16g64 rtn gptq --bits 3 --group-size 64
+W3A16g64 rotate rtn --bits 3 --group-size 64
+W3A16g64 rotate gptq --bits 3 --group-size 64
+W3A16g64 flatquant rtn --bits 3 --group-size 64
+W3A16g64 flatquant gptq --bits 3 --group-size 64
 W3A16g64 affinequant rtn --recipe affinequant-w3a16-g64
 W3A16g64 affinequant gptq --recipe affinequant-w3a16-g64
+W2A16g64 rtn rtn --bits 2 --group-size 64
+W2A16g64 rtn gptq --bits 2 --group-size 64
+W2A16g64 rotate rtn --bits 2 --group-size 64
+W2A16g64 rotate gptq --bits 2 --group-size 64
+W2A16g64 flatquant rtn --bits 2 --group-size 64
+W2A16g64 flatquant gptq --bits 2 --group-size 64
 W2A16g64 affinequant rtn --recipe affinequant-w3a16-g64 --bits 2
 W2A16g64 affinequant gptq --recipe affinequant-w3a16-g64 --bits 2
+W4A8 rtn rtn --bits 4 --a-bits 8
+W4A8 rotate rtn --bits 4 --a-bits 8
+W4A8 flatquant rtn --bits 4 --a-bits 8
+W4A4 rtn rtn --bits 4 --a-bits 4
+W4A4 rtn gptq --bits 4 --a-bits 4
+W4A4 rotate rtn --bits 4 --a-bits 4
+W4A4 rotate gptq --bits 4 --a-bits 4
+W4A4 flatquant rtn --bits 4 --a-bits 4
+W4A4 flatquant gptq --bits 4 --a-bits 4
 W4A4 affinequant rtn --recipe affinequant-w4a4
 W4A4 affinequant gptq --recipe affinequant-w4a4
+W4A4KV4 rtn rtn --bits 4 --a-bits 4 --kv-bits 4
+W4A4KV4 rotate rtn --bits 4 --a-bits 4 --kv-bits 4
+W4A4KV4 flatquant rtn --bits 4 --a-bits 4 --kv-bits 4
 GRID
+}
+
+field() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"; }
+ppl_of() { [ -f "$1" ] && python3 -c 'import json,sys; print("%.2f" % json.load(open(sys.argv[1]))["ppl"])' "$1" || echo -; }
+
+# One row: quantize once (cached), then each PPL column (cached).
+run_row() {
+  local name=$1 method=$2 wq=$3; shift 3
+  local dir="$results/$name-$method-$wq" ckpt
+  if [ $quantize = 0 ]; then
+    # Only rows whose quantization finished (FP always).
+    [ "$name" = FP ] || [ -f "$dir/quantize.json" ] || return 0
+    [ "$name" = FP ] && ckpt=$model || ckpt=$dir/q
+    mkdir -p "$dir"
+    eval_once "$ckpt" "$dir/ppl-2048.json" --seqlen 2048
+    return 0
+  fi
+  mkdir -p "$dir"
+  if [ "$name" = FP ]; then
+    ckpt=$model
+  else
+    ckpt=$dir/q
+    if [ ! -f "$dir/quantize.json" ]; then
+      local t0 t1 resume=() resumed=false
+      # A calibration interrupted by a stopped run goes on from its last finished block (its
+      # time then covers only the rest: marked * in the table).
+      if [ "$method" = flatquant ] || [ "$method" = affinequant ] || [ "$wq" = gptq ]; then
+        resume=(--resume)
+        [ -d "$dir/.q.affq-work" ] && resumed=true
+      fi
+      t0=$(date +%s.%N)
+      if ! "$bin" quantize "$model" -o "$ckpt" --method "$method" --weight-quantizer "$wq" "$@" "${resume[@]}" --force > "$dir/quantize.log" 2>&1; then
+        echo "$name $method $wq: quantize failed: $(tail -1 "$dir/quantize.log")" >&2
+        return 0
+      fi
+      t1=$(date +%s.%N)
+      python3 -c 'import json,sys; json.dump({"seconds": float(sys.argv[1]) - float(sys.argv[2]), "threads": int(sys.argv[3]), "flags": sys.argv[4], "resumed": sys.argv[5] == "true"}, open(sys.argv[6], "w"))' \
+        "$t1" "$t0" "$threads" "$*" "$resumed" "$dir/quantize.json"
+    fi
+  fi
+  eval_once "$ckpt" "$dir/ppl-512x8.json" --seqlen 512 --max-windows 8
+  [ $full = 0 ] || eval_once "$ckpt" "$dir/ppl-2048.json" --seqlen 2048
+}
+
+# eval_once CKPT OUT.json FLAGS...: evaluate unless OUT.json exists; written only when complete.
+eval_once() {
+  local ckpt=$1 out=$2; shift 2
+  [ -f "$out" ] && return 0
+  if "$bin" eval "$ckpt" "$@" --json > "$out.tmp"; then mv "$out.tmp" "$out"; else rm -f "$out.tmp"; fi
+}
+
+if [ $run = 1 ]; then
+  grid | while read -r name method wq flags; do
+    [[ "$name $method $wq" =~ ${ONLY:-.} ]] || continue
+    # shellcheck disable=SC2086
+    run_row "$name" "$method" "$wq" $flags
+  done
+fi
+
+echo "SmolLM2-135M-Instruct (dequantized Q4_1 weights), WikiText-2 paper protocol; PPL with the default"
+echo "(integer) kernels; weights symmetric amax/7-style per channel unless gN; activations symmetric per"
+echo "token; KV asymmetric per (token, head); quantize = wall seconds of 'affq quantize' (threads)"
+printf '%-9s %-12s %-5s %10s %10s %12s\n' scheme method wq "512x8" "2048 full" "quantize s"
+grid | while read -r name method wq flags; do
+  dir="$results/$name-$method-$wq"
+  [ -d "$dir" ] || continue
+  secs=-
+  if [ -f "$dir/quantize.json" ]; then
+    secs="$(printf '%.0f' "$(field "$dir/quantize.json" seconds)") ($(field "$dir/quantize.json" threads))"
+    [ "$(field "$dir/quantize.json" resumed 2>/dev/null)" = True ] && secs="$secs*"
+  fi
+  printf '%-9s %-12s %-5s %10s %10s %12s\n' "$name" "$method" "$wq" \
+    "$(ppl_of "$dir/ppl-512x8.json")" "$(ppl_of "$dir/ppl-2048.json")" "$secs"
+done

@@ -251,6 +251,10 @@ struct EvalArgs {
     /// with an integer zero, quantized activations), or the float simulation everywhere.
     #[arg(long, value_enum, default_value = "int")]
     kernels: KernelsArg,
+    /// Where the integer kernels run: the CPU, or an NVIDIA GPU (builds with the cuda feature;
+    /// the quantized linears run there, the rest of the model on the CPU).
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
     #[command(flatten)]
     common: Common,
 }
@@ -261,6 +265,27 @@ enum KernelsArg {
     Int,
     /// Dequantized weights and fake-quantized activations in f32.
     Simulate,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+#[cfg(feature = "cuda")]
+fn use_cuda(model: &mut Model) -> anyhow::Result<String> {
+    let cuda = affq::kernels::cuda::Cuda::new()?;
+    let n = model.use_cuda(&cuda)?;
+    Ok(format!("int (cuda {}, {n} layers)", cuda.name))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn use_cuda(_: &mut Model) -> anyhow::Result<String> {
+    Err(affq::Error::Usage(
+        "--device cuda: this affq was built without the cuda feature (scripts/build-cuda.sh builds it)".into(),
+    )
+    .into())
 }
 
 fn init_threads(common: &Common) -> anyhow::Result<()> {
@@ -344,11 +369,20 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         KernelsArg::Int => model.use_int_kernels(isa)?,
         KernelsArg::Simulate => 0,
     };
-    let kernels = if int_layers > 0 {
+    let mut kernels = if int_layers > 0 {
         format!("int ({}, {int_layers} layers)", isa.name())
     } else {
         "simulate".to_string()
     };
+    if a.device == DeviceArg::Cuda {
+        if a.kernels != KernelsArg::Int {
+            return Err(affq::Error::Usage(
+                "--device cuda runs the integer kernels: drop --kernels simulate".into(),
+            )
+            .into());
+        }
+        kernels = use_cuda(&mut model)?;
+    }
     let load_s = t_load.elapsed().as_secs_f64();
     let opts = PplOptions {
         seqlen: a.seqlen,

@@ -241,6 +241,15 @@ pub enum Mode {
 enum SiteInput {
     Dense(Tensor),
     Int(crate::kernels::int_gemm::QuantizedActs, Vec<usize>),
+    #[cfg(feature = "cuda")]
+    Gpu(
+        crate::kernels::cuda::DeviceActs,
+        Vec<usize>,
+        Arc<crate::kernels::cuda::Cuda>,
+        /// The site input on the device, alive while the kernels that read it may run.
+        #[allow(dead_code)]
+        crate::kernels::cuda::DeviceBuffer,
+    ),
 }
 
 impl SiteInput {
@@ -251,28 +260,42 @@ impl SiteInput {
         kinds: &[LinearKind],
         mode: Mode,
     ) -> Result<Self> {
-        use crate::kernels::int_linear::{transform_quantize, FusedTransform};
         let ints: Vec<_> = kinds
             .iter()
             .filter_map(|&k| block.linear(k).int_kernel())
             .collect();
         if mode == Mode::Eval && ints.len() == kinds.len() {
             let spec = ints[0].act_spec();
-            if ints.iter().all(|l| l.act_spec() == spec) {
-                let dims = x.dims().to_vec();
-                let k = *dims.last().expect("feature dim");
-                let fused = std::env::var("AFFQ_FUSED").is_ok();
-                let xt = if fused {
-                    x.clone()
-                } else {
-                    block.apply_site(site, x)?
-                };
-                let xs: Vec<f32> = xt.flatten_all()?.to_vec1()?;
-                let m = xs.len() / k;
-                let acts = match block.site(site) {
-                    Some(t) if fused => transform_quantize(&xs, m, &FusedTransform::new(t)?, &spec),
-                    _ => crate::kernels::int_gemm::quantize_acts(&xs, m, k, &spec),
-                };
+            let transform = match (block.site(site), &block.fused[site as usize]) {
+                (None, _) => Some(None),
+                (Some(_), Some(f)) => Some(Some(f.as_ref())),
+                (Some(_), None) => None, // not prepared for the integer path
+            };
+            #[cfg(feature = "cuda")]
+            if let Some(g) = &block.gpu {
+                use crate::kernels::cuda;
+                let on_gpu = ints.iter().all(|l| l.cuda_weights().is_some())
+                    && cuda::act_supported(&spec)
+                    && ints.iter().all(|l| l.act_spec() == spec);
+                if on_gpu {
+                    let dims = x.dims();
+                    let k = *dims.last().expect("feature dim");
+                    let m = x.elem_count() / k.max(1);
+                    let xd =
+                        crate::kernels::int_linear::with_f32_slice(x, |xs| g.cuda.upload(xs))??;
+                    let t = g.sites[site as usize].as_ref();
+                    let acts = cuda::transform_quantize(&g.cuda, &xd, m, k, t, &spec)?;
+                    return Ok(SiteInput::Gpu(
+                        acts,
+                        dims[..dims.len() - 1].to_vec(),
+                        g.cuda.clone(),
+                        xd,
+                    ));
+                }
+            }
+            if let (Some(t), true) = (transform, ints.iter().all(|l| l.act_spec() == spec)) {
+                let acts = crate::kernels::int_linear::quantize_input(x, t, &spec)?;
+                let dims = x.dims();
                 return Ok(SiteInput::Int(acts, dims[..dims.len() - 1].to_vec()));
             }
         }
@@ -287,6 +310,20 @@ impl SiteInput {
                 .int_kernel()
                 .expect("checked in SiteInput::new")
                 .forward_quantized(acts, lead),
+            #[cfg(feature = "cuda")]
+            SiteInput::Gpu(acts, lead, cuda, _) => {
+                let w = block
+                    .linear(kind)
+                    .int_kernel()
+                    .and_then(|l| l.cuda_weights())
+                    .expect("checked in SiteInput::new");
+                let yd = crate::kernels::cuda::gemm(cuda, acts, w)?;
+                let mut y = vec![0f32; acts.m * w.n];
+                cuda.download(&yd, &mut y)?;
+                let mut dims = lead.clone();
+                dims.push(w.n);
+                Ok(Tensor::from_vec(y, dims, &candle_core::Device::Cpu)?)
+            }
         }
     }
 }
@@ -386,6 +423,12 @@ pub struct Block {
     linears: Vec<Arc<dyn LinearLayer>>,
     /// Online transforms at the four input sites, indexed like `Site::ALL`.
     pub online: [Option<KroneckerTransform>; 4],
+    /// The online transforms as dense factors for the fused integer kernel (set by
+    /// `Model::use_int_kernels`; `set_site` clears its entry).
+    fused: [Option<Arc<crate::kernels::int_linear::FusedTransform>>; 4],
+    /// Set by `Model::use_cuda`: the integer sites run on the GPU.
+    #[cfg(feature = "cuda")]
+    gpu: Option<Arc<crate::kernels::cuda::GpuSites>>,
     pub qk_transform: Option<QkTransform>,
     /// Per-(token, head) quantization of keys (after RoPE and the Q/K transform) and values.
     pub k_quant: Option<Arc<dyn ActQuantizer>>,
@@ -493,6 +536,9 @@ impl Block {
             k_norm,
             linears,
             online,
+            fused: Default::default(),
+            #[cfg(feature = "cuda")]
+            gpu: None,
             qk_transform,
             k_quant: load_kv_quant(
                 store,
@@ -569,6 +615,7 @@ impl Block {
 
     pub fn set_site(&mut self, site: Site, t: Option<KroneckerTransform>) {
         self.online[site as usize] = t;
+        self.fused[site as usize] = None;
     }
 
     fn apply_site(&self, site: Site, x: &Tensor) -> Result<Tensor> {
@@ -877,9 +924,15 @@ impl Model {
     /// Replaces every quantized linear whose scheme has an integer kernel by its integer-kernel
     /// form. Returns how many layers were converted.
     pub fn use_int_kernels(&mut self, isa: crate::kernels::int_gemm::Isa) -> Result<usize> {
-        use crate::kernels::int_linear::IntLinear;
+        use crate::kernels::int_linear::{FusedTransform, IntLinear};
         let mut n = 0;
         for b in &mut self.blocks {
+            for site in Site::ALL {
+                b.fused[site as usize] = match b.site(site) {
+                    Some(t) => Some(Arc::new(FusedTransform::new(t)?)),
+                    None => None,
+                };
+            }
             for kind in LinearKind::ALL {
                 let conv = match b.linear(kind).as_quant() {
                     Some(q) => IntLinear::from_quant(q, isa)?,
@@ -897,6 +950,35 @@ impl Model {
         } {
             self.head = Box::new(l);
             n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Moves the integer sites to the GPU (after [`Self::use_int_kernels`]): uploads every
+    /// integer layer's weights and each site's transform. Returns the number of layers moved.
+    #[cfg(feature = "cuda")]
+    pub fn use_cuda(&mut self, cuda: &Arc<crate::kernels::cuda::Cuda>) -> Result<usize> {
+        use crate::kernels::cuda::{CudaTransform, GpuSites};
+        let mut n = 0;
+        for b in &mut self.blocks {
+            let mut sites: [Option<CudaTransform>; 4] = Default::default();
+            for site in Site::ALL {
+                if let Some(f) = &b.fused[site as usize] {
+                    sites[site as usize] = Some(CudaTransform::new(cuda, f)?);
+                }
+            }
+            for kind in LinearKind::ALL {
+                if let Some(l) = b.linear(kind).int_kernel() {
+                    let mut l = l.detached_int();
+                    l.attach_cuda(cuda)?;
+                    b.set_linear(kind, Box::new(l))?;
+                    n += 1;
+                }
+            }
+            b.gpu = Some(Arc::new(GpuSites {
+                cuda: cuda.clone(),
+                sites,
+            }));
         }
         Ok(n)
     }

@@ -131,3 +131,32 @@ fn integer_path_perplexity_matches_the_simulation() {
         );
     }
 }
+
+/// `--device cuda` never falls back silently: without the cuda feature it is a usage error (2),
+/// with it but without a driver a runtime error (1); either way the message says why.
+#[test]
+fn device_cuda_says_why_it_cannot_run() {
+    let o = affq(&[
+        "eval",
+        stories_hf().to_str().unwrap(),
+        "--seqlen",
+        "64",
+        "--max-windows",
+        "1",
+        "--device",
+        "cuda",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    let code = o.status.code();
+    if cfg!(feature = "cuda") {
+        if code == Some(0) {
+            return; // a GPU is present
+        }
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains("cuda"), "{err}");
+    } else {
+        assert_eq!(code, Some(2), "{err}");
+        assert!(err.contains("cuda feature"), "{err}");
+    }
+    assert!(o.stdout.is_empty());
+}

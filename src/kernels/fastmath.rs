@@ -113,6 +113,8 @@ macro_rules! dispatch {
     };
 }
 
+pub(crate) use dispatch;
+
 dispatch!(
     /// In place `x ← e^(x − max x)`; returns `Σ` of the results (the softmax denominator).
     softmax_unnormalized, softmax_unnormalized_generic, (xs: &mut [f32]) -> f32

@@ -168,6 +168,18 @@ impl PackedWeights {
         }
     }
 
+    /// Code of output `o`, input `j` (the inverse of the packing in [`Self::from_codes`]).
+    pub fn code(&self, o: usize, j: usize) -> u8 {
+        let (t, oo, b, jj) = (o / NR, o % NR, j / KB, j % KB);
+        let base = (t * self.kp / KB + b) * self.block_bytes();
+        let (half, jj) = (jj / 4, jj % 4);
+        if self.nibble() {
+            (self.data[base + oo * 4 + jj] >> (4 * half)) & 15
+        } else {
+            self.data[base + half * NR * 4 + oo * 4 + jj]
+        }
+    }
+
     /// From a quantized weight with per-channel integer grids (symmetric, or asymmetric with an
     /// integer zero point). Other layouts (groups, float offsets) have no integer kernel.
     pub fn from_quantized(q: &QuantizedWeight) -> Option<Self> {
@@ -204,8 +216,15 @@ pub struct QuantizedActs {
 }
 
 impl QuantizedActs {
-    pub fn new(m: usize, kp: usize, q: Vec<i8>, scale: Vec<f32>, sum: Vec<i32>) -> Self {
-        let max_abs = q.iter().map(|&v| (v as i32).abs()).max().unwrap_or(0);
+    /// Rows quantized by [`quantize_row`]; `max_abs` is the largest of their `RowCodes::max_abs`.
+    pub fn new(
+        m: usize,
+        kp: usize,
+        q: Vec<i8>,
+        scale: Vec<f32>,
+        sum: Vec<i32>,
+        max_abs: i32,
+    ) -> Self {
         QuantizedActs {
             m,
             kp,
@@ -214,6 +233,38 @@ impl QuantizedActs {
             sum,
             max_abs,
         }
+    }
+
+    /// Zeroed codes for `m` rows of `k` values, to be filled row by row.
+    fn zeroed(m: usize, k: usize) -> Self {
+        let kp = k.div_ceil(KB) * KB;
+        QuantizedActs::new(m, kp, vec![0i8; m * kp], vec![0f32; m], vec![0i32; m], 0)
+    }
+
+    /// Fills the rows in parallel, `TILE` rows per task: `fill(first_row, x_tile, codes_tile)`
+    /// returns one `RowCodes` per row of its tile.
+    pub fn build<F, S>(
+        m: usize,
+        k: usize,
+        tile: usize,
+        init: impl Fn() -> S + Sync + Send,
+        fill: F,
+    ) -> Self
+    where
+        F: Fn(&mut S, usize, &mut [i8], &mut [RowCodes]) + Sync + Send,
+    {
+        let mut a = QuantizedActs::zeroed(m, k);
+        let kp = a.kp;
+        let mut rows = vec![RowCodes::default(); m];
+        a.q.par_chunks_mut(kp * tile)
+            .zip(rows.par_chunks_mut(tile))
+            .enumerate()
+            .for_each_init(init, |s, (i, (q, r))| fill(s, i * tile, q, r));
+        for (i, r) in rows.iter().enumerate() {
+            (a.scale[i], a.sum[i]) = (r.scale, r.sum);
+            a.max_abs = a.max_abs.max(r.max_abs);
+        }
+        a
     }
 }
 
@@ -230,37 +281,97 @@ pub fn act_supported(spec: &QuantSpec) -> bool {
 /// Quantizes rows of `x` (`[m, k]`) per token exactly as the simulated quantizer does
 /// (`quant::quantizer`: same scale, same ties-to-even rounding), keeping signed codes.
 pub fn quantize_acts(x: &[f32], m: usize, k: usize, spec: &QuantSpec) -> QuantizedActs {
-    let kp = k.div_ceil(KB) * KB;
-    let mut q = vec![0i8; m * kp];
-    let mut scale = vec![0f32; m];
-    let mut sum = vec![0i32; m];
-    q.par_chunks_mut(kp)
-        .zip(scale.par_iter_mut())
-        .zip(sum.par_iter_mut())
-        .zip(x.par_chunks(k))
-        .for_each(|(((qr, s), sm), xr)| (*s, *sm) = quantize_row(xr, qr, spec));
-    QuantizedActs::new(m, kp, q, scale, sum)
+    const TILE: usize = 16;
+    QuantizedActs::build(
+        m,
+        k,
+        TILE,
+        || (),
+        |_, r0, q, rows| {
+            let kp = q.len() / rows.len().max(1);
+            for (i, rc) in rows.iter_mut().enumerate() {
+                let r = r0 + i;
+                *rc = quantize_row(&x[r * k..(r + 1) * k], &mut q[i * kp..i * kp + k], spec);
+            }
+        },
+    )
 }
 
-/// One token row to signed codes `q = code − zero` with the simulated quantizer's grid and
-/// rounding; returns the row's scale and `Σ q`.
-pub fn quantize_row(x: &[f32], q: &mut [i8], spec: &QuantSpec) -> (f32, i32) {
-    let (lo, hi) = x
-        .iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
-            (a.min(v), b.max(v))
-        });
-    let p = spec.params(lo, hi);
-    let qmax = spec.qmax() as f32;
-    let mut acc = 0i32;
-    for (d, &v) in q.iter_mut().zip(x) {
-        let c = round_even(v / p.scale + p.zero).clamp(0.0, qmax);
-        let v = (c - p.zero) as i32;
-        *d = v as i8;
-        acc += v;
-    }
-    (p.scale, acc)
+/// One quantized token row: its scale, `Σ q` and `max |q|`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RowCodes {
+    pub scale: f32,
+    pub sum: i32,
+    pub max_abs: i32,
 }
+
+/// Lanes of the row loops: wide enough for a zmm, and lane-wise accumulators keep the min/max
+/// reductions vectorizable without reassociating anything.
+const LANES: usize = 16;
+
+#[inline(always)]
+fn quantize_row_generic(x: &[f32], q: &mut [i8], spec: &QuantSpec) -> RowCodes {
+    let mut lo = [f32::INFINITY; LANES];
+    let mut hi = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for j in 0..LANES {
+            lo[j] = lo[j].min(c[j]);
+            hi[j] = hi[j].max(c[j]);
+        }
+    }
+    for (j, &v) in tail.iter().enumerate() {
+        lo[j] = lo[j].min(v);
+        hi[j] = hi[j].max(v);
+    }
+    let lo = lo.iter().fold(f32::INFINITY, |a, &b| a.min(b));
+    let hi = hi.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let p = spec.params(lo, hi);
+    let (s, z, qmax) = (p.scale, p.zero, spec.qmax() as f32);
+    // Same expression as the simulated quantizer: c = clamp(round(x / s + z), 0, qmax), q = c − z
+    // (max/min rather than clamp so a NaN lands on 0 and the conversion below is in range).
+    let code = |v: f32| {
+        let c = round_even(v / s + z).max(0.0).min(qmax) - z;
+        // SAFETY: c is finite and |c| ≤ 255.
+        unsafe { c.to_int_unchecked::<i32>() }
+    };
+    let q = &mut q[..x.len()];
+    let mut sum = [0i32; LANES];
+    let mut mx = [0i32; LANES];
+    let mut qc = q.chunks_exact_mut(LANES);
+    let mut xc = x.chunks_exact(LANES);
+    for (qd, xs) in (&mut qc).zip(&mut xc) {
+        for j in 0..LANES {
+            let v = code(xs[j]);
+            qd[j] = v as i8;
+            sum[j] += v;
+            mx[j] = mx[j].max(v.abs());
+        }
+    }
+    for (j, (d, &v)) in qc
+        .into_remainder()
+        .iter_mut()
+        .zip(xc.remainder())
+        .enumerate()
+    {
+        let v = code(v);
+        *d = v as i8;
+        sum[j] += v;
+        mx[j] = mx[j].max(v.abs());
+    }
+    RowCodes {
+        scale: s,
+        sum: sum.iter().sum(),
+        max_abs: mx.iter().copied().max().unwrap_or(0),
+    }
+}
+
+crate::kernels::fastmath::dispatch!(
+    /// One token row to signed codes `q = code − zero` with the simulated quantizer's grid and
+    /// rounding (`q` at least as long as `x`; the rest untouched).
+    quantize_row, quantize_row_generic, (x: &[f32], q: &mut [i8], spec: &QuantSpec) -> RowCodes
+);
 
 /// Raw output pointer shared by tasks that write disjoint columns.
 #[derive(Clone, Copy)]
@@ -303,14 +414,22 @@ pub fn gemm(
     wz.resize(tiles * NR, 0);
     let mut wb = bias.map_or_else(Vec::new, <[f32]>::to_vec);
     pad(&mut wb);
-    // Tasks: tile groups sized so both cores get work even for small n.
-    let group = (tiles / (4 * rayon::current_num_threads())).clamp(1, 8);
-    for m0 in (0..a.m).step_by(MB) {
-        let m1 = (m0 + MB).min(a.m);
-        (0..tiles.div_ceil(group)).into_par_iter().for_each(|g| {
-            // Capture the whole Send wrapper, not its raw-pointer field.
-            #[allow(clippy::redundant_locals)]
-            let ptr = ptr;
+    // Tasks: blocks of MB rows × `group` tiles (≤ 8 tiles: their weights stay in L2 while the
+    // rows stream), one parallel loop over all of them. Groups are even (tile pairs share each
+    // activation broadcast) and shrink until every thread has a few tasks, e.g. at decode.
+    let m_blocks = a.m.div_ceil(MB);
+    let mut group = 8;
+    while group > 2 && m_blocks * tiles.div_ceil(group) < 4 * rayon::current_num_threads() {
+        group -= 2;
+    }
+    let groups = tiles.div_ceil(group);
+    (0..m_blocks * groups).into_par_iter().for_each(|task| {
+        // Capture the whole Send wrapper, not its raw-pointer field.
+        #[allow(clippy::redundant_locals)]
+        let ptr = ptr;
+        let (mb, g) = (task / groups, task % groups);
+        let (m0, m1) = (mb * MB, ((mb + 1) * MB).min(a.m));
+        {
             let (t_lo, t_hi) = (g * group, ((g + 1) * group).min(tiles));
             // Pairs of tiles: 32 outputs share each activation broadcast.
             for t in (t_lo..t_hi).step_by(2) {
@@ -348,8 +467,8 @@ pub fn gemm(
                     r += rows;
                 }
             }
-        });
-    }
+        }
+    });
     Ok(())
 }
 
@@ -662,6 +781,23 @@ mod tests {
                 "{isa:?} m{m} n{n} k{k} W{wbits} A{} at {i}: {g} vs {r}",
                 aspec.bits
             );
+        }
+    }
+
+    #[test]
+    fn packing_round_trips() {
+        let mut rng = Rng::new(3);
+        for bits in [4u8, 8] {
+            let (n, k) = (21, 19);
+            let codes: Vec<u8> = (0..n * k)
+                .map(|_| (rng.next_u64() % (1 << bits)) as u8)
+                .collect();
+            let w = PackedWeights::from_codes(&codes, n, k, bits, vec![1.0; n], vec![0; n]);
+            for o in 0..n {
+                for j in 0..k {
+                    assert_eq!(w.code(o, j), codes[o * k + j], "bits {bits} ({o}, {j})");
+                }
+            }
         }
     }
 

@@ -1,14 +1,13 @@
 //! The real low-bit linear layer: per-token activation quantization and the integer GEMM of
 //! `int_gemm`, with the online Kronecker transform fused in front where a site has one.
 
-use super::int_gemm::{gemm, quantize_acts, quantize_row, Isa, PackedWeights, QuantizedActs, KB};
+use super::int_gemm::{gemm, quantize_acts, quantize_row, Isa, PackedWeights, QuantizedActs};
 use crate::error::Result;
 use crate::model::LinearLayer;
 use crate::quant::{ActQuantizer, QuantLinear, QuantSpec};
 use crate::transforms::KroneckerTransform;
 use crate::weights::StoredTensor;
 use candle_core::{Device, Tensor};
-use rayon::prelude::*;
 use std::sync::Arc;
 
 /// A quantized linear evaluated with integer kernels. The simulated layer is kept for the dense
@@ -19,6 +18,9 @@ pub struct IntLinear {
     act: QuantSpec,
     bias: Option<Vec<f32>>,
     isa: Isa,
+    /// The same weights on the GPU (`Model::use_cuda`).
+    #[cfg(feature = "cuda")]
+    gpu: Option<Arc<super::cuda::CudaWeights>>,
 }
 
 impl IntLinear {
@@ -44,7 +46,35 @@ impl IntLinear {
             act: spec,
             bias,
             isa,
+            #[cfg(feature = "cuda")]
+            gpu: None,
         }))
+    }
+
+    /// Uploads the weights to the GPU; later site inputs on the GPU use them.
+    #[cfg(feature = "cuda")]
+    pub fn attach_cuda(&mut self, cuda: &Arc<super::cuda::Cuda>) -> Result<()> {
+        let w = super::cuda::CudaWeights::new(cuda, &self.packed, self.bias.as_deref())?;
+        self.gpu = Some(Arc::new(w));
+        Ok(())
+    }
+
+    /// An owned copy (shares the packed weights' GPU copy, if any).
+    pub fn detached_int(&self) -> IntLinear {
+        IntLinear {
+            inner: self.inner.detached_copy(),
+            packed: self.packed.clone(),
+            act: self.act,
+            bias: self.bias.clone(),
+            isa: self.isa,
+            #[cfg(feature = "cuda")]
+            gpu: self.gpu.clone(),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    pub fn cuda_weights(&self) -> Option<&super::cuda::CudaWeights> {
+        self.gpu.as_deref()
     }
 
     /// `y = x·Wᵀ + b` for activations already quantized.
@@ -61,13 +91,41 @@ impl IntLinear {
     }
 }
 
+/// Calls `f` with the values of an f32 CPU tensor in row-major order: borrowed when the tensor
+/// is contiguous, copied otherwise.
+pub fn with_f32_slice<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    use candle_core::{CpuStorage, Storage};
+    {
+        let (storage, layout) = x.storage_and_layout();
+        if let (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(f(&v[a..b]));
+        }
+    }
+    let v: Vec<f32> = x.flatten_all()?.to_vec1()?;
+    Ok(f(&v))
+}
+
+/// Per-token quantization of `x` (`[…, k]`) for the integer GEMM, after the online transform
+/// `t` when the site has one (fused: the transformed rows never reach memory).
+pub fn quantize_input(
+    x: &Tensor,
+    t: Option<&FusedTransform>,
+    spec: &QuantSpec,
+) -> Result<QuantizedActs> {
+    let k = *x.dims().last().expect("feature dim");
+    let m = x.elem_count() / k.max(1);
+    with_f32_slice(x, |xs| match t {
+        Some(t) => transform_quantize(xs, m, t, spec),
+        None => quantize_acts(xs, m, k, spec),
+    })
+}
+
 impl LinearLayer for IntLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let k = *dims.last().expect("feature dim");
-        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let m = xs.len() / k;
-        let a = quantize_acts(&xs, m, k, &self.act);
+        let a = quantize_input(x, None, &self.act)?;
+        let dims = x.dims();
         self.forward_quantized(&a, &dims[..dims.len() - 1])
     }
     fn weight_ref(&self) -> &Tensor {
@@ -80,13 +138,7 @@ impl LinearLayer for IntLinear {
         self.inner.act_quantizer()
     }
     fn detached(&self) -> Box<dyn LinearLayer> {
-        Box::new(IntLinear {
-            inner: self.inner.detached_copy(),
-            packed: self.packed.clone(),
-            act: self.act,
-            bias: self.bias.clone(),
-            isa: self.isa,
-        })
+        Box::new(self.detached_int())
     }
     fn export(&self, prefix: &str) -> Result<Vec<(String, StoredTensor)>> {
         self.inner.export(prefix)
@@ -94,6 +146,15 @@ impl LinearLayer for IntLinear {
     fn int_kernel(&self) -> Option<&IntLinear> {
         Some(self)
     }
+}
+
+/// `x·diag(scale)·(P1⊗P2)` as plain arrays.
+pub struct Factors<'a> {
+    pub n1: usize,
+    pub n2: usize,
+    pub p1: &'a [f32],
+    pub p2: &'a [f32],
+    pub scale: Option<&'a [f32]>,
 }
 
 /// Dense f32 factors of a Kronecker transform for the fused kernel.
@@ -137,6 +198,17 @@ impl FusedTransform {
                 .map(|s| s.flatten_all()?.to_vec1())
                 .transpose()?,
         })
+    }
+
+    /// The dense factors, row-major (identity factors spelled out).
+    pub fn factors(&self) -> Factors<'_> {
+        Factors {
+            n1: self.n1,
+            n2: self.n2,
+            p1: &self.p1,
+            p2: &self.p2,
+            scale: self.scale.as_deref(),
+        }
     }
 
     /// `y = P1ᵀ·X·P2` for `rows` token rows `x` each viewed as `X [n1, n2]` (the row form of
@@ -226,32 +298,21 @@ pub fn transform_quantize(
     spec: &QuantSpec,
 ) -> QuantizedActs {
     let k = t.n1 * t.n2;
-    let kp = k.div_ceil(KB) * KB;
-    let mut q = vec![0i8; m * kp];
-    let mut scale = vec![0f32; m];
-    let mut sum = vec![0i32; m];
-    q.par_chunks_mut(kp * TILE)
-        .zip(scale.par_chunks_mut(TILE))
-        .zip(sum.par_chunks_mut(TILE))
-        .zip(x.par_chunks(k * TILE))
-        .for_each_init(
-            || {
-                (
-                    vec![0f32; k * TILE],
-                    vec![0f32; k * TILE],
-                    vec![0f32; k * TILE],
-                )
-            },
-            |(y, xs, tmp), (((qt, st), smt), xt)| {
-                let rows = st.len();
-                t.apply_rows(xt, y, xs, tmp, rows);
-                for r in 0..rows {
-                    (st[r], smt[r]) =
-                        quantize_row(&y[r * k..(r + 1) * k], &mut qt[r * kp..r * kp + k], spec);
-                }
-            },
-        );
-    QuantizedActs::new(m, kp, q, scale, sum)
+    let scratch = || {
+        (
+            vec![0f32; k * TILE],
+            vec![0f32; k * TILE],
+            vec![0f32; k * TILE],
+        )
+    };
+    QuantizedActs::build(m, k, TILE, scratch, |(y, xs, tmp), r0, q, codes| {
+        let rows = codes.len();
+        let kp = q.len() / rows;
+        t.apply_rows(&x[r0 * k..(r0 + rows) * k], y, xs, tmp, rows);
+        for (r, c) in codes.iter_mut().enumerate() {
+            *c = quantize_row(&y[r * k..(r + 1) * k], &mut q[r * kp..r * kp + k], spec);
+        }
+    })
 }
 
 /// Small row-major f32 GEMMs `C[m, n] = A[m, k]·B[k, n]` with `n` up to a few hundred: register
