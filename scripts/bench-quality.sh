@@ -33,6 +33,7 @@ fi
 threads=${RAYON_NUM_THREADS:-$(nproc)}
 
 # Rows: name, method, weight quantizer, quantize flags. "FP" is the unquantized model.
+# FlatQuant has no group-wise weights (its transforms act per channel), so no g64 rows for it.
 # Calibrated rows use the CPU presets (calib/cpu.toml for FlatQuant, calib/affinequant-cpu.toml and
 # the affinequant-* recipes) on the WikiText-2 validation split (the data directory has no train split).
 grid() {
@@ -52,16 +53,12 @@ W3A16g64 rtn rtn --bits 3 --group-size 64
 W3A16g64 rtn gptq --bits 3 --group-size 64
 W3A16g64 rotate rtn --bits 3 --group-size 64
 W3A16g64 rotate gptq --bits 3 --group-size 64
-W3A16g64 flatquant rtn --bits 3 --group-size 64
-W3A16g64 flatquant gptq --bits 3 --group-size 64
 W3A16g64 affinequant rtn --recipe affinequant-w3a16-g64
 W3A16g64 affinequant gptq --recipe affinequant-w3a16-g64
 W2A16g64 rtn rtn --bits 2 --group-size 64
 W2A16g64 rtn gptq --bits 2 --group-size 64
 W2A16g64 rotate rtn --bits 2 --group-size 64
 W2A16g64 rotate gptq --bits 2 --group-size 64
-W2A16g64 flatquant rtn --bits 2 --group-size 64
-W2A16g64 flatquant gptq --bits 2 --group-size 64
 W2A16g64 affinequant rtn --recipe affinequant-w3a16-g64 --bits 2
 W2A16g64 affinequant gptq --recipe affinequant-w3a16-g64 --bits 2
 W4A8 rtn rtn --bits 4 --a-bits 8

@@ -26,6 +26,8 @@ pub const NR: usize = 16;
 pub const KB: usize = 8;
 /// Activation rows per cache block.
 const MB: usize = 128;
+/// Multiply-adds below which the GEMM runs on the calling thread.
+const SEQUENTIAL_WORK: usize = 1 << 20;
 
 /// Instruction set of the dot-product kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -256,10 +258,15 @@ impl QuantizedActs {
         let mut a = QuantizedActs::zeroed(m, k);
         let kp = a.kp;
         let mut rows = vec![RowCodes::default(); m];
-        a.q.par_chunks_mut(kp * tile)
-            .zip(rows.par_chunks_mut(tile))
-            .enumerate()
-            .for_each_init(init, |s, (i, (q, r))| fill(s, i * tile, q, r));
+        if m <= tile {
+            // One tile (decode): no thread hand-off.
+            fill(&mut init(), 0, &mut a.q, &mut rows);
+        } else {
+            a.q.par_chunks_mut(kp * tile)
+                .zip(rows.par_chunks_mut(tile))
+                .enumerate()
+                .for_each_init(init, |s, (i, (q, r))| fill(s, i * tile, q, r));
+        }
         for (i, r) in rows.iter().enumerate() {
             (a.scale[i], a.sum[i]) = (r.scale, r.sum);
             a.max_abs = a.max_abs.max(r.max_abs);
@@ -423,7 +430,7 @@ pub fn gemm(
         group -= 2;
     }
     let groups = tiles.div_ceil(group);
-    (0..m_blocks * groups).into_par_iter().for_each(|task| {
+    let run = |task: usize| {
         // Capture the whole Send wrapper, not its raw-pointer field.
         #[allow(clippy::redundant_locals)]
         let ptr = ptr;
@@ -468,7 +475,13 @@ pub fn gemm(
                 }
             }
         }
-    });
+    };
+    // A decode-sized product (a few µs of work) is faster on one thread than woken workers.
+    if a.m * n * a.kp < SEQUENTIAL_WORK {
+        (0..m_blocks * groups).for_each(run);
+    } else {
+        (0..m_blocks * groups).into_par_iter().for_each(run);
+    }
     Ok(())
 }
 
