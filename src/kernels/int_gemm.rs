@@ -243,8 +243,8 @@ impl QuantizedActs {
         QuantizedActs::new(m, kp, vec![0i8; m * kp], vec![0f32; m], vec![0i32; m], 0)
     }
 
-    /// Fills the rows in parallel, `TILE` rows per task: `fill(first_row, x_tile, codes_tile)`
-    /// returns one `RowCodes` per row of its tile.
+    /// Fills the rows in parallel, `tile` rows per task: `fill(state, first_row, kp, codes,
+    /// row_codes)` writes the tile's codes (rows `kp` apart) and one `RowCodes` per row.
     pub fn build<F, S>(
         m: usize,
         k: usize,
@@ -253,19 +253,19 @@ impl QuantizedActs {
         fill: F,
     ) -> Self
     where
-        F: Fn(&mut S, usize, &mut [i8], &mut [RowCodes]) + Sync + Send,
+        F: Fn(&mut S, usize, usize, &mut [i8], &mut [RowCodes]) + Sync + Send,
     {
         let mut a = QuantizedActs::zeroed(m, k);
         let kp = a.kp;
         let mut rows = vec![RowCodes::default(); m];
         if m <= tile {
             // One tile (decode): no thread hand-off.
-            fill(&mut init(), 0, &mut a.q, &mut rows);
+            fill(&mut init(), 0, kp, &mut a.q, &mut rows);
         } else {
             a.q.par_chunks_mut(kp * tile)
                 .zip(rows.par_chunks_mut(tile))
                 .enumerate()
-                .for_each_init(init, |s, (i, (q, r))| fill(s, i * tile, q, r));
+                .for_each_init(init, |s, (i, (q, r))| fill(s, i * tile, kp, q, r));
         }
         for (i, r) in rows.iter().enumerate() {
             (a.scale[i], a.sum[i]) = (r.scale, r.sum);
@@ -294,8 +294,7 @@ pub fn quantize_acts(x: &[f32], m: usize, k: usize, spec: &QuantSpec) -> Quantiz
         k,
         TILE,
         || (),
-        |_, r0, q, rows| {
-            let kp = q.len() / rows.len().max(1);
+        |_, r0, kp, q, rows| {
             for (i, rc) in rows.iter_mut().enumerate() {
                 let r = r0 + i;
                 *rc = quantize_row(&x[r * k..(r + 1) * k], &mut q[i * kp..i * kp + k], spec);

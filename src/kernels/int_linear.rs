@@ -305,9 +305,8 @@ pub fn transform_quantize(
             vec![0f32; k * TILE],
         )
     };
-    QuantizedActs::build(m, k, TILE, scratch, |(y, xs, tmp), r0, q, codes| {
+    QuantizedActs::build(m, k, TILE, scratch, |(y, xs, tmp), r0, kp, q, codes| {
         let rows = codes.len();
-        let kp = q.len() / rows;
         t.apply_rows(&x[r0 * k..(r0 + rows) * k], y, xs, tmp, rows);
         for (r, c) in codes.iter_mut().enumerate() {
             *c = quantize_row(&y[r * k..(r + 1) * k], &mut q[r * kp..r * kp + k], spec);
