@@ -123,20 +123,11 @@ fn never_calibrates_on_the_test_split() {
     let out = tmp.path().join("o");
     // Runs flatquant with `--calib FILE` and checks the usage-error contract.
     let expect_error = |calib: &std::path::Path, must_say: &str| {
-        let o = affq(&[
-            "quantize",
-            stories_hf().to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "--method",
-            "flatquant",
-            "--calib",
-            calib.to_str().unwrap(),
-        ]);
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(2), "{err}");
-        assert!(err.contains(must_say), "expected {must_say:?} in {err}");
-        assert!(!out.exists());
+        quantize_stories_refused(
+            &out,
+            &["--method", "flatquant", "--calib", calib.to_str().unwrap()],
+            must_say,
+        );
         assert!(
             !tmp.path().join(".o.affq-work").exists(),
             "work directory left behind"

@@ -125,6 +125,11 @@ fn gptq_under_every_method_through_the_binary() {
             "{args:?}"
         );
         assert!(eval_ppl(&out).is_finite(), "{args:?}");
+        // Trained methods draw at least 32 windows for GPTQ's Hessians beyond their 4 training
+        // windows; untrained ones use --nsamples.
+        let summary = cfg["quantization_config"]["transforms"].to_string();
+        let more = summary.contains("4 × 128 tokens (32 windows for GPTQ's Hessians)");
+        assert_eq!(more, args.contains(&"flatquant"), "{args:?}: {summary}");
     }
 }
 
@@ -136,30 +141,28 @@ fn gptq_flags_need_gptq() {
         &["--act-order"][..],
         &["--gptq-damp", "0.1"][..],
         &["--nsamples", "4"][..],
+        &["--gptq-nsamples", "8"][..],
     ] {
-        let mut args = vec![
-            "quantize",
-            stories_hf().to_str().unwrap().to_string().leak(),
-            "-o",
-            out.to_str().unwrap().to_string().leak(),
-        ];
-        args.extend_from_slice(extra);
-        let o = affq(&args);
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(2), "{extra:?}: {err}");
-        assert!(err.contains("gptq"), "{extra:?}: {err}");
-        assert!(!out.exists());
+        quantize_stories_refused(&out, extra, "gptq");
     }
-    let o = affq(&[
-        "quantize",
-        stories_hf().to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--weight-quantizer",
-        "gptq",
-        "--gptq-damp",
-        "-1",
-    ]);
-    assert_eq!(o.status.code(), Some(2));
-    assert!(!out.exists());
+    quantize_stories_refused(
+        &out,
+        &["--weight-quantizer", "gptq", "--gptq-damp=-1"],
+        "--gptq-damp -1",
+    );
+    // GPTQ's windows include the training windows.
+    quantize_stories_refused(
+        &out,
+        &[
+            "--method",
+            "flatquant",
+            "--weight-quantizer",
+            "gptq",
+            "--nsamples",
+            "8",
+            "--gptq-nsamples",
+            "4",
+        ],
+        "--gptq-nsamples 4 is fewer than --nsamples 8",
+    );
 }

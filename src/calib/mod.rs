@@ -128,6 +128,10 @@ pub trait BlockStore {
 pub struct EngineConfig {
     pub plan: QuantPlan,
     pub weight_quantizer: WeightQuantizer,
+    /// The method trains on the first `method_windows` calibration windows; GPTQ's Hessians use
+    /// all of them. A Hessian of an n-wide input needs well over n tokens to generalise (GPTQ
+    /// uses 128 × 2048), more than a CPU training budget such as AffineQuant's 8 × 512.
+    pub method_windows: usize,
 }
 
 /// Copies of the variables' values: the last good state of a block's training.
@@ -171,8 +175,9 @@ pub fn mse(a: &Tensor, b: &Tensor) -> Result<f64> {
         .to_scalar::<f64>()?)
 }
 
-/// Calibrates every block of `model` on `tokens` `[N, L]` with `method`, replacing the blocks by
-/// their deployed form. `progress(done, total, report)` after each block.
+/// Calibrates every block of `model` on `tokens` `[N, L]` with `method` (on the first
+/// `engine.method_windows` windows; GPTQ on all), replacing the blocks by their deployed form.
+/// `progress(done, total, report)` after each block.
 ///
 /// Methods train on the full-precision inputs and targets (no error propagation, as FlatQuant and
 /// AffineQuant do); GPTQ's Hessians come from the inputs produced by the already-quantized
@@ -190,9 +195,11 @@ pub fn calibrate_model(
     if l > model.rope.max_len() {
         model.rope = Rope::new(&model.config, l)?;
     }
-    let mut x = model.embed(tokens)?;
+    let all = model.embed(tokens)?;
+    let windows = engine.method_windows.min(all.dim(0)?).max(1);
+    let mut x = all.narrow(0, 0, windows)?;
     let mut xq = match engine.weight_quantizer {
-        WeightQuantizer::Gptq(_) => Some(x.clone()),
+        WeightQuantizer::Gptq(_) => Some(all),
         WeightQuantizer::Rtn => None,
     };
     let total = model.blocks.len();

@@ -24,6 +24,8 @@ pub struct Recipe {
     pub weight_quantizer: Option<String>,
     pub gptq_damp: Option<f64>,
     pub act_order: Option<bool>,
+    /// Calibration windows for GPTQ's Hessians (at least `nsamples`).
+    pub gptq_nsamples: Option<usize>,
     /// Asymmetric weights.
     pub asym: Option<bool>,
     pub group_size: Option<usize>,
@@ -107,6 +109,7 @@ impl Recipe {
             weight_quantizer: over.weight_quantizer.clone().or(self.weight_quantizer),
             gptq_damp: over.gptq_damp.or(self.gptq_damp),
             act_order: over.act_order.or(self.act_order),
+            gptq_nsamples: over.gptq_nsamples.or(self.gptq_nsamples),
             asym: over.asym.or(self.asym),
             group_size: over.group_size.or(self.group_size),
             stability_factor: over.stability_factor.or(self.stability_factor),

@@ -118,6 +118,23 @@ pub fn quantize_stories(out: &Path, args: &[&str]) -> serde_json::Value {
     affq_json(&all)
 }
 
+/// `affq quantize <stories260K> -o OUT ARGS…` must be refused as a usage error (exit 2) whose
+/// message contains `must_say`, leaving nothing at OUT. Returns stderr.
+pub fn quantize_stories_refused(out: &Path, args: &[&str], must_say: &str) -> String {
+    let (m, o) = (stories_hf(), out.to_str().unwrap().to_string());
+    let mut all = vec!["quantize", m.to_str().unwrap(), "-o", &o];
+    all.extend_from_slice(args);
+    let r = affq(&all);
+    let err = String::from_utf8_lossy(&r.stderr).to_string();
+    assert_eq!(r.status.code(), Some(2), "{args:?}: {err}");
+    assert!(
+        err.contains(must_say),
+        "{args:?}: expected {must_say:?} in {err}"
+    );
+    assert!(!out.exists(), "{args:?}: {} was written", out.display());
+    err
+}
+
 /// `affq eval DIR ARGS…`.
 pub fn eval_json(dir: &Path, args: &[&str]) -> serde_json::Value {
     let d = dir.to_str().unwrap();
