@@ -240,7 +240,8 @@ pub enum Mode {
 /// transformed and quantized once by the fused kernel and shared by those linears.
 enum SiteInput {
     Dense(Tensor),
-    Int(crate::kernels::int_gemm::QuantizedActs, Vec<usize>),
+    /// The outputs of the site's linears side by side, and each one's kind and first column.
+    Int(Tensor, Vec<(LinearKind, usize)>),
     #[cfg(feature = "cuda")]
     Gpu(
         crate::kernels::cuda::DeviceActs,
@@ -293,10 +294,19 @@ impl SiteInput {
                     ));
                 }
             }
-            if let (Some(t), true) = (transform, ints.iter().all(|l| l.act_spec() == spec)) {
-                let acts = crate::kernels::int_linear::quantize_input(x, t, &spec)?;
-                let dims = x.dims();
-                return Ok(SiteInput::Int(acts, dims[..dims.len() - 1].to_vec()));
+            if let (Some(transform), true) = (transform, ints.iter().all(|l| l.act_spec() == spec))
+            {
+                let op = crate::kernels::int_linear::IntSiteOp {
+                    transform,
+                    linears: &ints,
+                };
+                let mut cols = Vec::with_capacity(kinds.len());
+                let mut col = 0;
+                for (&kind, l) in kinds.iter().zip(&ints) {
+                    cols.push((kind, col));
+                    col += l.out_features();
+                }
+                return Ok(SiteInput::Int(op.forward(x)?, cols));
             }
         }
         Ok(SiteInput::Dense(block.apply_site(site, x)?))
@@ -305,11 +315,15 @@ impl SiteInput {
     fn project(&self, block: &Block, kind: LinearKind, hook: &mut dyn BlockHook) -> Result<Tensor> {
         match self {
             SiteInput::Dense(x) => block.lin(kind, x, hook),
-            SiteInput::Int(acts, lead) => block
-                .linear(kind)
-                .int_kernel()
-                .expect("checked in SiteInput::new")
-                .forward_quantized(acts, lead),
+            SiteInput::Int(y, cols) => {
+                if cols.len() == 1 {
+                    return Ok(y.clone());
+                }
+                let i = cols.iter().position(|c| c.0 == kind);
+                let (_, col) = cols[i.expect("a linear of this site")];
+                let n = block.linear(kind).out_features();
+                Ok(y.narrow(candle_core::D::Minus1, col, n)?)
+            }
             #[cfg(feature = "cuda")]
             SiteInput::Gpu(acts, lead, cuda, _) => {
                 let w = block

@@ -394,9 +394,31 @@ pub fn gemm(
     isa: Isa,
     out: &mut [f32],
 ) -> Result<()> {
-    if a.kp != w.kp || out.len() != a.m * w.n {
+    if out.len() != a.m * w.n {
         return Err(Error::Runtime(format!(
-            "int gemm: activations [{}, {}] against weights [{}, {}] into {} values",
+            "int gemm: [{}, {}] outputs into {} values",
+            a.m,
+            w.n,
+            out.len()
+        )));
+    }
+    gemm_into(a, w, bias, isa, out, w.n)
+}
+
+/// [`gemm`] writing row `i` at `out[i·ldo..i·ldo + n]` (the columns of one linear among several
+/// sharing an input).
+pub fn gemm_into(
+    a: &QuantizedActs,
+    w: &PackedWeights,
+    bias: Option<&[f32]>,
+    isa: Isa,
+    out: &mut [f32],
+    ldo: usize,
+) -> Result<()> {
+    let fits = a.m == 0 || (ldo >= w.n && (a.m - 1) * ldo + w.n <= out.len());
+    if a.kp != w.kp || !fits {
+        return Err(Error::Runtime(format!(
+            "int gemm: activations [{}, {}] against weights [{}, {}] into {} values at row stride {ldo}",
             a.m,
             a.kp,
             w.n,
@@ -464,7 +486,7 @@ pub fn gemm(
                             unsafe {
                                 std::ptr::copy_nonoverlapping(
                                     y.as_ptr(),
-                                    ptr.0.add(row * n + c0),
+                                    ptr.0.add(row * ldo + c0),
                                     width,
                                 )
                             };

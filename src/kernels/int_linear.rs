@@ -1,13 +1,13 @@
 //! The real low-bit linear layer: per-token activation quantization and the integer GEMM of
 //! `int_gemm`, with the online Kronecker transform fused in front where a site has one.
 
-use super::int_gemm::{gemm, quantize_acts, quantize_row, Isa, PackedWeights, QuantizedActs};
+use super::int_gemm::{gemm_into, quantize_acts, quantize_row, Isa, PackedWeights, QuantizedActs};
 use crate::error::Result;
 use crate::model::LinearLayer;
 use crate::quant::{ActQuantizer, QuantLinear, QuantSpec};
 use crate::transforms::KroneckerTransform;
 use crate::weights::StoredTensor;
-use candle_core::{Device, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use std::sync::Arc;
 
 /// A quantized linear evaluated with integer kernels. The simulated layer is kept for the dense
@@ -77,15 +77,6 @@ impl IntLinear {
         self.gpu.as_deref()
     }
 
-    /// `y = x·Wᵀ + b` for activations already quantized.
-    pub fn forward_quantized(&self, a: &QuantizedActs, lead: &[usize]) -> Result<Tensor> {
-        let mut out = vec![0f32; a.m * self.packed.n];
-        gemm(a, &self.packed, self.bias.as_deref(), self.isa, &mut out)?;
-        let mut dims = lead.to_vec();
-        dims.push(self.packed.n);
-        Ok(Tensor::from_vec(out, dims, &Device::Cpu)?)
-    }
-
     pub fn act_spec(&self) -> QuantSpec {
         self.act
     }
@@ -107,26 +98,85 @@ pub fn with_f32_slice<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     Ok(f(&v))
 }
 
-/// Per-token quantization of `x` (`[…, k]`) for the integer GEMM, after the online transform
-/// `t` when the site has one (fused: the transformed rows never reach memory).
-pub fn quantize_input(
-    x: &Tensor,
+/// Per-token quantization of `x` (`[m, k]` row-major) for the integer GEMM, after the online
+/// transform `t` when the site has one (fused: the transformed rows never reach memory).
+pub fn quantize_rows(
+    x: &[f32],
+    m: usize,
+    k: usize,
     t: Option<&FusedTransform>,
     spec: &QuantSpec,
-) -> Result<QuantizedActs> {
-    let k = *x.dims().last().expect("feature dim");
-    let m = x.elem_count() / k.max(1);
-    with_f32_slice(x, |xs| match t {
-        Some(t) => transform_quantize(xs, m, t, spec),
-        None => quantize_acts(xs, m, k, spec),
-    })
+) -> QuantizedActs {
+    match t {
+        Some(t) => transform_quantize(x, m, t, spec),
+        None => quantize_acts(x, m, k, spec),
+    }
+}
+
+/// The integer path of one site as a candle op ([`Tensor::apply_op1_no_bwd`]): `x [.., k]` is
+/// transformed (when the site has a transform) and quantized once, then each linear's integer
+/// GEMM writes its own columns of `[.., Σ nᵢ]` (q|k|v or gate|up side by side; one linear: its
+/// plain output). The linears share one activation grid. No gradient: inference only.
+pub struct IntSiteOp<'a> {
+    pub transform: Option<&'a FusedTransform>,
+    pub linears: &'a [&'a IntLinear],
+}
+
+impl IntSiteOp<'_> {
+    /// `x` through the site; `x` is made contiguous first if it is not.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.contiguous()?.apply_op1_no_bwd(self)?)
+    }
+}
+
+impl CustomOp1 for IntSiteOp<'_> {
+    fn name(&self) -> &'static str {
+        "affq-int-site"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(v), Some((lo, hi))) = (storage, layout.contiguous_offsets()) else {
+            candle_core::bail!("affq-int-site: expects a contiguous f32 input")
+        };
+        let Some(first) = self.linears.first() else {
+            candle_core::bail!("affq-int-site: no linear")
+        };
+        let dims = layout.shape().dims();
+        let k = *dims.last().unwrap_or(&0);
+        let m = (hi - lo).checked_div(k).unwrap_or(0);
+        let acts = quantize_rows(&v[lo..hi], m, k, self.transform, &first.act);
+        let total: usize = self.linears.iter().map(|l| l.packed.n).sum();
+        let mut out = vec![0f32; m * total];
+        let mut col = 0;
+        for l in self.linears.iter().filter(|_| m > 0) {
+            gemm_into(
+                &acts,
+                &l.packed,
+                l.bias.as_deref(),
+                l.isa,
+                &mut out[col..],
+                total,
+            )
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            col += l.packed.n;
+        }
+        let mut shape = dims[..dims.len().saturating_sub(1)].to_vec();
+        shape.push(total);
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
 }
 
 impl LinearLayer for IntLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let a = quantize_input(x, None, &self.act)?;
-        let dims = x.dims();
-        self.forward_quantized(&a, &dims[..dims.len() - 1])
+        IntSiteOp {
+            transform: None,
+            linears: &[self],
+        }
+        .forward(x)
     }
     fn weight_ref(&self) -> &Tensor {
         self.inner.weight_ref()
@@ -400,6 +450,7 @@ mod small_gemm {
 mod tests {
     use super::*;
     use crate::transforms::linalg::Rng;
+    use candle_core::Device;
 
     #[test]
     fn fused_transform_equals_the_kronecker_transform() {
@@ -458,5 +509,51 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn site_op_puts_each_linear_in_its_own_columns() {
+        // One quantization shared by two linears of different widths (q|k-like, ragged n and k):
+        // the op's output is exactly each linear's own output side by side, also for an input
+        // that is not contiguous and for no rows at all.
+        let mut rng = Rng::new(9);
+        let (k, m) = (40usize, 5usize);
+        let mut layer = |n: usize, bits: u8| -> IntLinear {
+            let w: Vec<f32> = (0..n * k).map(|_| rng.normal() as f32).collect();
+            let qw = crate::quant::QuantizedWeight::quantize(
+                "t",
+                &w,
+                n,
+                k,
+                QuantSpec::sym(bits),
+                crate::quant::Granularity::Channel,
+                false,
+            )
+            .unwrap();
+            let dense = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
+            let bias = Tensor::from_vec(vec![0.25f32; n], n, &Device::Cpu).unwrap();
+            let q = QuantLinear::new(Some(qw), dense, Some(bias), Some(QuantSpec::sym(4))).unwrap();
+            IntLinear::from_quant(&q, Isa::detect()).unwrap().unwrap()
+        };
+        let (a, b) = (layer(19, 4), layer(8, 8));
+        let x: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
+        // [k, m] transposed to a non-contiguous [m, k] view.
+        let xt = Tensor::from_vec(x, (k, m), &Device::Cpu)
+            .unwrap()
+            .t()
+            .unwrap();
+        assert!(!xt.is_contiguous());
+        let op = IntSiteOp {
+            transform: None,
+            linears: &[&a, &b],
+        };
+        let both: Vec<Vec<f32>> = op.forward(&xt).unwrap().to_vec2().unwrap();
+        let ya: Vec<Vec<f32>> = a.forward(&xt).unwrap().to_vec2().unwrap();
+        let yb: Vec<Vec<f32>> = b.forward(&xt).unwrap().to_vec2().unwrap();
+        for r in 0..m {
+            assert_eq!(both[r], [ya[r].clone(), yb[r].clone()].concat(), "row {r}");
+        }
+        let empty = Tensor::zeros((0, k), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(op.forward(&empty).unwrap().dims(), &[0, 27]);
     }
 }
