@@ -32,8 +32,19 @@ fn main() -> anyhow::Result<()> {
         isa.name()
     );
     println!(
-        "{:>5} {:>12} | {:>9} {:>9} {:>9} {:>9} | {:>7} {:>7} {:>9}",
-        "m", "n -> k", "fused", "no-xform", "f32 mm", "simulate", "fused×", "xform%", "W4A8"
+        "{:>5} {:>12} | {:>9} {:>9} {:>9} {:>9} {:>9} | {:>7} {:>7} {:>7} {:>7} {:>9}",
+        "m",
+        "n -> k",
+        "fused",
+        "fusedbf16",
+        "no-xform",
+        "f32 mm",
+        "simulate",
+        "fused×",
+        "bf16×",
+        "xform%",
+        "xf%bf16",
+        "W4A8"
     );
     let mut rng = Rng::new(1);
     for (n, k) in [(576, 1536), (1536, 576), (4096, 4096), (4096, 14336)] {
@@ -49,6 +60,7 @@ fn main() -> anyhow::Result<()> {
             scale: None,
         };
         let ft = FusedTransform::new(&kt)?;
+        let fb = FusedTransform::new(&kt)?.with_bf16();
         let codes: Vec<u8> = (0..k * n).map(|_| (rng.next_u64() % 16) as u8).collect();
         let w = PackedWeights::from_codes(&codes, k, n, 4, vec![0.01; k], vec![8; k]);
         let wf: Vec<f32> = codes.iter().map(|&c| (c as f32 - 8.0) * 0.01).collect();
@@ -64,8 +76,19 @@ fn main() -> anyhow::Result<()> {
                 let a = transform_quantize(&x, m, &ft, &a4);
                 gemm(&a, &w, None, isa, &mut out).unwrap();
             });
+            let t_bf = time(|| {
+                let a = transform_quantize(&x, m, &fb, &a4);
+                gemm(&a, &w, None, isa, &mut out).unwrap();
+            });
+            // The transform alone: fused transform+quantization minus quantization alone.
+            let t_q = time(|| {
+                let _ = quantize_acts(&x, m, n, &a4);
+            });
             let t_xq = time(|| {
                 let _ = transform_quantize(&x, m, &ft, &a4);
+            });
+            let t_xqb = time(|| {
+                let _ = transform_quantize(&x, m, &fb, &a4);
             });
             let t_plain = time(|| {
                 let a = quantize_acts(&x, m, n, &a4);
@@ -85,21 +108,26 @@ fn main() -> anyhow::Result<()> {
             });
             let g = |t: f64| ops / t / 1e9;
             println!(
-                "{:>5} {:>5} -> {:<5} | {:>9.1} {:>9.1} {:>9.1} {:>9.1} | {:>6.2}x {:>6.1}% {:>9.1}",
+                "{:>5} {:>5} -> {:<5} | {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} | {:>6.2}x {:>6.2}x {:>6.1}% {:>6.1}% {:>9.1}",
                 m,
                 n,
                 k,
                 g(t_fused),
+                g(t_bf),
                 g(t_plain),
                 g(t_f32),
                 g(t_sim),
                 t_f32 / t_fused,
-                100.0 * t_xq / t_fused,
+                t_f32 / t_bf,
+                100.0 * (t_xq - t_q).max(0.0) / t_fused,
+                100.0 * (t_xqb - t_q).max(0.0) / t_bf,
                 g(t_a8)
             );
         }
     }
     println!("GOP/s = 2·m·n·k / time (best of ≥3 runs); fused× = f32 matmul time / fused time;");
-    println!("xform% = share of the fused kernel's time spent in the transform + quantization.");
+    println!("fusedbf16 / bf16×: the same with the transform in bf16 (AVX-512 BF16, if present);");
+    println!("xform% = share of the fused kernel's time spent in the transform alone (fused");
+    println!("transform+quantization minus quantization alone); xf%bf16 likewise for bf16.");
     Ok(())
 }

@@ -268,6 +268,10 @@ struct EvalArgs {
 enum KernelsArg {
     /// Real low-bit kernels (integer GEMM; AVX-512 VNNI, AVX2 or portable, detected at run time).
     Int,
+    /// As `int`, with the online Kronecker transforms computed in bf16 (AVX-512 BF16: twice the
+    /// MACs per instruction; f32 where the CPU lacks it). Transformed values move by bf16
+    /// rounding (≈ 2⁻⁷ relative), so results differ slightly from `int` and `simulate`.
+    IntBf16,
     /// Dequantized weights and fake-quantized activations in f32.
     Simulate,
 }
@@ -370,19 +374,26 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
     }
     let mut model = Model::load(&ckpt, a.seqlen)?;
     let isa = affq::kernels::int_gemm::Isa::detect();
-    let int_layers = match a.kernels {
-        KernelsArg::Int => model.use_int_kernels(isa)?,
-        KernelsArg::Simulate => 0,
+    let bf16 = a.kernels == KernelsArg::IntBf16;
+    let (int_layers, bf16_sites) = match a.kernels {
+        KernelsArg::Int | KernelsArg::IntBf16 => model.use_int_kernels(isa, bf16)?,
+        KernelsArg::Simulate => (0, 0),
     };
     let mut kernels = if int_layers > 0 {
-        format!("int ({}, {int_layers} layers)", isa.name())
+        let xf = match (bf16, bf16_sites) {
+            (false, _) => String::new(),
+            (true, 0) => ", f32 transforms: no AVX-512 BF16 or no transforms".into(),
+            (true, n) => format!(", {n} transforms in bf16"),
+        };
+        format!("int ({}, {int_layers} layers{xf})", isa.name())
     } else {
         "simulate".to_string()
     };
     if a.device == DeviceArg::Cuda {
         if a.kernels != KernelsArg::Int {
             return Err(affq::Error::Usage(
-                "--device cuda runs the integer kernels: drop --kernels simulate".into(),
+                "--device cuda runs the integer kernels with f32 transforms: use --kernels int"
+                    .into(),
             )
             .into());
         }

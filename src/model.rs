@@ -934,16 +934,28 @@ impl Model {
         rms_norm(&h, &self.norm, self.config.rms_norm_eps, mode)
     }
 
-    /// Logits `[B, T, vocab]` (for tests and small inputs; PPL uses `nll` to bound memory).
     /// Replaces every quantized linear whose scheme has an integer kernel by its integer-kernel
-    /// form. Returns how many layers were converted.
-    pub fn use_int_kernels(&mut self, isa: crate::kernels::int_gemm::Isa) -> Result<usize> {
+    /// form and prepares each site's transform for the fused kernel (in bf16 with
+    /// `bf16_transforms` where the CPU can). Returns how many layers were converted and how many
+    /// transforms run in bf16.
+    pub fn use_int_kernels(
+        &mut self,
+        isa: crate::kernels::int_gemm::Isa,
+        bf16_transforms: bool,
+    ) -> Result<(usize, usize)> {
         use crate::kernels::int_linear::{FusedTransform, IntLinear};
-        let mut n = 0;
+        let (mut n, mut bf16) = (0, 0);
         for b in &mut self.blocks {
             for site in Site::ALL {
                 b.fused[site as usize] = match b.site(site) {
-                    Some(t) => Some(Arc::new(FusedTransform::new(t)?)),
+                    Some(t) => {
+                        let mut f = FusedTransform::new(t)?;
+                        if bf16_transforms {
+                            f = f.with_bf16();
+                            bf16 += f.is_bf16() as usize;
+                        }
+                        Some(Arc::new(f))
+                    }
                     None => None,
                 };
             }
@@ -965,7 +977,7 @@ impl Model {
             self.head = Box::new(l);
             n += 1;
         }
-        Ok(n)
+        Ok((n, bf16))
     }
 
     /// Moves the integer sites to the GPU (after [`Self::use_int_kernels`]): uploads every

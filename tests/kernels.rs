@@ -129,6 +129,14 @@ fn integer_path_perplexity_matches_the_simulation() {
             "{args:?}: int {int} vs simulate {sim} ({:.3} %)",
             100.0 * rel
         );
+        // bf16 transforms: each transformed value is checked against its rounding bound in the
+        // unit tests; over the whole model they flip more 4-bit rounding decisions than f32
+        // rounding does (measured ≈ 1 % PPL here), so only that the path runs is asserted.
+        let (bf, kb) = ppl(&out, "int-bf16");
+        if args.contains(&"flatquant") && affq::kernels::small_gemm::bf16_available() {
+            assert!(kb.contains("transforms in bf16"), "{kb}");
+        }
+        assert!(bf.is_finite(), "{args:?}: int-bf16 {bf}");
     }
 }
 

@@ -2,6 +2,7 @@
 //! `int_gemm`, with the online Kronecker transform fused in front where a site has one.
 
 use super::int_gemm::{gemm_into, quantize_acts, quantize_row, Isa, PackedWeights, QuantizedActs};
+use super::small_gemm;
 use crate::error::Result;
 use crate::model::LinearLayer;
 use crate::quant::{ActQuantizer, QuantLinear, QuantSpec};
@@ -217,6 +218,14 @@ pub struct FusedTransform {
     p2: Vec<f32>,
     scale: Option<Vec<f32>>,
     simd: bool,
+    /// The factors in bf16 for [`small_gemm::gemm_bf16`] (`P1ᵀ` as `[n1, n1e]`, `P2` pair-packed),
+    /// when the transform runs in bf16.
+    bf16: Option<(Vec<u16>, Vec<u16>)>,
+}
+
+/// `n` rounded up to even (bf16 operands pair along the inner dimension).
+fn even(n: usize) -> usize {
+    n + n % 2
 }
 
 impl FusedTransform {
@@ -242,12 +251,37 @@ impl FusedTransform {
             p1t,
             p2: get(&t.p2, t.n2)?,
             simd: small_gemm::available(),
+            bf16: None,
             scale: t
                 .scale
                 .as_ref()
                 .map(|s| s.flatten_all()?.to_vec1())
                 .transpose()?,
         })
+    }
+
+    /// The same transform computed in bf16 (inputs and intermediate rounded to bf16, f32
+    /// accumulation: twice the f32 kernel's MACs per instruction) where the CPU has AVX-512 BF16;
+    /// otherwise unchanged. Each transformed value is then within ≈ 4·2⁻⁹·Σ|P1||X||P2| of the f32
+    /// transform's (four bf16 roundings: X, P2, X·P2, P1).
+    pub fn with_bf16(mut self) -> Self {
+        if !small_gemm::bf16_available() {
+            return self;
+        }
+        let (n1, n2) = (self.n1, self.n2);
+        let mut p1t = vec![0u16; n1 * even(n1)];
+        let mut p2 = vec![0u16; even(n2) * n2];
+        // SAFETY: availability checked above; buffers sized for these shapes.
+        unsafe {
+            small_gemm::to_bf16_rows(&self.p1t, &mut p1t, n1, n1, even(n1));
+            small_gemm::pack_pairs(&self.p2, &mut p2, n2, n2, even(n2));
+        }
+        self.bf16 = Some((p1t, p2));
+        self
+    }
+
+    pub fn is_bf16(&self) -> bool {
+        self.bf16.is_some()
     }
 
     /// The dense factors, row-major (identity factors spelled out).
@@ -262,10 +296,11 @@ impl FusedTransform {
     }
 
     /// `y = P1ᵀ·X·P2` for `rows` token rows `x` each viewed as `X [n1, n2]` (the row form of
-    /// `x·(P1⊗P2)`), after the channel scale. Scratch `xs`, `tmp`: `rows·n1·n2` each.
-    fn apply_rows(&self, x: &[f32], y: &mut [f32], xs: &mut [f32], tmp: &mut [f32], rows: usize) {
+    /// `x·(P1⊗P2)`), after the channel scale. Scratch sized by [`Scratch::new`] for ≥ `rows`.
+    fn apply_rows(&self, x: &[f32], y: &mut [f32], s: &mut Scratch, rows: usize) {
         let (n1, n2) = (self.n1, self.n2);
         let n = n1 * n2;
+        let (xs, tmp) = (&mut s.xs, &mut s.tmp);
         if !self.simd {
             for r in 0..rows {
                 self.apply_row(&x[r * n..(r + 1) * n], &mut y[r * n..(r + 1) * n], tmp);
@@ -283,6 +318,20 @@ impl FusedTransform {
             }
             None => &x[..rows * n],
         };
+        if let Some((p1t, p2)) = &self.bf16 {
+            let (n1e, n2e) = (even(n1), even(n2));
+            // SAFETY: `bf16` is set only where the CPU has the instructions; scratch sized for
+            // these shapes by `Scratch::new`.
+            unsafe {
+                small_gemm::to_bf16_rows(xin, &mut s.a16, rows * n1, n2, n2e);
+                small_gemm::gemm_bf16(&s.a16, p2, &mut tmp[..rows * n], rows * n1, n2e, n2);
+                for r in 0..rows {
+                    small_gemm::pack_pairs(&tmp[r * n..(r + 1) * n], &mut s.b16, n1, n2, n1e);
+                    small_gemm::gemm_bf16(p1t, &s.b16, &mut y[r * n..(r + 1) * n], n1, n1e, n2);
+                }
+            }
+            return;
+        }
         // SAFETY: `simd` was set from runtime detection; slice sizes match the shapes.
         unsafe {
             // All rows' X·P2 at once: [rows·n1, n2]·[n2, n2].
@@ -338,6 +387,30 @@ impl FusedTransform {
 /// Tokens transformed together (their X·P2 is one small GEMM).
 const TILE: usize = 16;
 
+/// Per-thread buffers of the fused kernel for up to [`TILE`] tokens.
+struct Scratch {
+    y: Vec<f32>,
+    xs: Vec<f32>,
+    tmp: Vec<f32>,
+    /// bf16 path: the scaled input tile `[TILE·n1, n2e]` and one token's `X·P2` pair-packed.
+    a16: Vec<u16>,
+    b16: Vec<u16>,
+}
+
+impl Scratch {
+    fn new(t: &FusedTransform) -> Self {
+        let k = t.n1 * t.n2;
+        let bf = t.bf16.is_some();
+        Scratch {
+            y: vec![0f32; k * TILE],
+            xs: vec![0f32; k * TILE],
+            tmp: vec![0f32; k * TILE],
+            a16: vec![0u16; if bf { TILE * t.n1 * even(t.n2) } else { 0 }],
+            b16: vec![0u16; if bf { even(t.n1) * t.n2 } else { 0 }],
+        }
+    }
+}
+
 /// Fused online transform + per-token quantization: tiles of tokens are transformed in cache
 /// (two small GEMMs) and quantized straight to signed codes, never writing the transformed
 /// activations to memory.
@@ -348,102 +421,21 @@ pub fn transform_quantize(
     spec: &QuantSpec,
 ) -> QuantizedActs {
     let k = t.n1 * t.n2;
-    let scratch = || {
-        (
-            vec![0f32; k * TILE],
-            vec![0f32; k * TILE],
-            vec![0f32; k * TILE],
-        )
-    };
-    QuantizedActs::build(m, k, TILE, scratch, |(y, xs, tmp), r0, kp, q, codes| {
-        let rows = codes.len();
-        t.apply_rows(&x[r0 * k..(r0 + rows) * k], y, xs, tmp, rows);
-        for (r, c) in codes.iter_mut().enumerate() {
-            *c = quantize_row(&y[r * k..(r + 1) * k], &mut q[r * kp..r * kp + k], spec);
-        }
-    })
-}
-
-/// Small row-major f32 GEMMs `C[m, n] = A[m, k]·B[k, n]` with `n` up to a few hundred: register
-/// blocks of 4 rows × 64 columns (16 zmm accumulators), masked for the ragged edges.
-#[allow(clippy::needless_range_loop)] // register arrays indexed in lockstep
-mod small_gemm {
-    pub fn available() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            is_x86_feature_detected!("avx512f")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn gemm(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize) {
-        use std::arch::x86_64::*;
-        let chunks = n.div_ceil(16);
-        let mask = |j: usize| -> __mmask16 {
-            let left = n - j * 16;
-            if left >= 16 {
-                0xFFFF
-            } else {
-                ((1u32 << left) - 1) as __mmask16
+    QuantizedActs::build(
+        m,
+        k,
+        TILE,
+        || Scratch::new(t),
+        |s, r0, kp, q, codes| {
+            let rows = codes.len();
+            let mut y = std::mem::take(&mut s.y);
+            t.apply_rows(&x[r0 * k..(r0 + rows) * k], &mut y, s, rows);
+            for (r, c) in codes.iter_mut().enumerate() {
+                *c = quantize_row(&y[r * k..(r + 1) * k], &mut q[r * kp..r * kp + k], spec);
             }
-        };
-        let (ap, bp, cp) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
-        let mut j0 = 0;
-        while j0 < chunks {
-            let jc = (chunks - j0).min(4);
-            let mk = [
-                mask(j0),
-                mask(j0 + 1.min(jc - 1)),
-                mask(j0 + 2.min(jc - 1)),
-                mask(j0 + 3.min(jc - 1)),
-            ];
-            let mut i0 = 0;
-            while i0 < m {
-                let ir = (m - i0).min(4);
-                let mut acc = [[_mm512_setzero_ps(); 4]; 4];
-                for l in 0..k {
-                    let brow = bp.add(l * n + j0 * 16);
-                    let mut bv = [_mm512_setzero_ps(); 4];
-                    for j in 0..4 {
-                        if j < jc {
-                            bv[j] = _mm512_maskz_loadu_ps(mk[j], brow.add(j * 16));
-                        }
-                    }
-                    for i in 0..4 {
-                        if i < ir {
-                            let av = _mm512_set1_ps(*ap.add((i0 + i) * k + l));
-                            for j in 0..4 {
-                                if j < jc {
-                                    acc[i][j] = _mm512_fmadd_ps(av, bv[j], acc[i][j]);
-                                }
-                            }
-                        }
-                    }
-                }
-                for i in 0..ir {
-                    for j in 0..jc {
-                        _mm512_mask_storeu_ps(
-                            cp.add((i0 + i) * n + (j0 + j) * 16),
-                            mk[j],
-                            acc[i][j],
-                        );
-                    }
-                }
-                i0 += 4;
-            }
-            j0 += 4;
-        }
-    }
-
-    #[cfg(not(target_arch = "x86_64"))]
-    pub unsafe fn gemm(_: &[f32], _: &[f32], _: &mut [f32], _: usize, _: usize, _: usize) {
-        unreachable!("small_gemm::available() is false")
-    }
+            s.y = y;
+        },
+    )
 }
 
 #[cfg(test)]
@@ -555,5 +547,71 @@ mod tests {
         }
         let empty = Tensor::zeros((0, k), candle_core::DType::F32, &Device::Cpu).unwrap();
         assert_eq!(op.forward(&empty).unwrap().dims(), &[0, 27]);
+    }
+
+    #[test]
+    fn bf16_transform_is_within_its_rounding_bound() {
+        // Four bf16 roundings (X·diag(c), P2, X·P2, P1; unit roundoff u = 2⁻⁹) and f32 sums:
+        // |y_bf16 − y| ≤ 5u·Σ_ab |P1[a,i]|·|c·X[a,b]|·|P2[b,j]| for every transformed value.
+        if !small_gemm::bf16_available() {
+            eprintln!("no AVX-512 BF16 on this CPU: bf16 path not exercised");
+            return;
+        }
+        let mut rng = Rng::new(11);
+        for (n1, n2, m) in [
+            (3usize, 5usize, 7usize),
+            (24, 24, 20),
+            (32, 48, 3),
+            (1, 20, 5),
+            (4, 70, 17),
+        ] {
+            let n = n1 * n2;
+            let mut mk =
+                |k: usize| -> Vec<f32> { (0..k * k).map(|_| rng.normal() as f32).collect() };
+            let (p1, p2) = (mk(n1), mk(n2));
+            let c: Vec<f32> = (0..n).map(|_| 0.5 + rng.uniform() as f32).collect();
+            let t = |v: &Vec<f32>, k: usize| {
+                Some(Tensor::from_vec(v.clone(), (k, k), &Device::Cpu).unwrap())
+            };
+            let kt = KroneckerTransform {
+                n1,
+                n2,
+                p1: t(&p1, n1),
+                p2: t(&p2, n2),
+                scale: Some(Tensor::from_vec(c.clone(), n, &Device::Cpu).unwrap()),
+            };
+            let ft = FusedTransform::new(&kt).unwrap().with_bf16();
+            assert!(ft.is_bf16());
+            let x: Vec<f32> = (0..m * n).map(|_| rng.normal() as f32).collect();
+            let mut s = Scratch::new(&ft);
+            let mut y = vec![0f32; TILE * n];
+            for r0 in (0..m).step_by(TILE) {
+                let rows = (m - r0).min(TILE);
+                ft.apply_rows(&x[r0 * n..(r0 + rows) * n], &mut y, &mut s, rows);
+                for r in 0..rows {
+                    let xr = &x[(r0 + r) * n..(r0 + r + 1) * n];
+                    for i in 0..n1 {
+                        for j in 0..n2 {
+                            let (mut exact, mut bound) = (0f64, 0f64);
+                            for a in 0..n1 {
+                                for b in 0..n2 {
+                                    let v = p1[a * n1 + i] as f64
+                                        * (xr[a * n2 + b] * c[a * n2 + b]) as f64
+                                        * p2[b * n2 + j] as f64;
+                                    exact += v;
+                                    bound += v.abs();
+                                }
+                            }
+                            let got = y[r * n + i * n2 + j] as f64;
+                            assert!(
+                                (got - exact).abs() <= 5.0 * 2f64.powi(-9) * bound,
+                                "{n1}x{n2} token {} ({i}, {j}): {got} vs {exact} (bound {bound})",
+                                r0 + r
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 }

@@ -6,3 +6,4 @@ pub mod cuda;
 pub mod fastmath;
 pub mod int_gemm;
 pub mod int_linear;
+pub mod small_gemm;
