@@ -5,6 +5,7 @@
 #   scripts/bench-quality.sh --full     # also seqlen 2048 over the whole test split (~7 min per row)
 #   scripts/bench-quality.sh --full-only  # only the 2048 column, for rows already quantized
 #   scripts/bench-quality.sh --table    # print what is cached, run nothing
+#   scripts/bench-quality.sh --markdown # the same as a Markdown table (README)
 # Every row is cached under $RESULTS (default target/bench-quality/<row>/): the checkpoint, the
 # quantize time and each PPL. A rerun skips what is there, so an interrupted run goes on where it
 # stopped; delete a row's directory to redo it.
@@ -16,13 +17,14 @@ cd "$here"
 export AFFQ_DATA_DIR=${AFFQ_DATA_DIR:-$here/../shared/data}
 model=${MODEL:-target/affq-models/smollm2}
 results=${RESULTS:-target/bench-quality}
-full=0 run=1 quantize=1
+full=0 run=1 quantize=1 markdown=0
 case "${1:-}" in
+  --markdown) run=0 markdown=1 ;;
   --full) full=1 ;;
   --full-only) full=1 quantize=0 ;;
   --table) run=0 ;;
   "") ;;
-  *) echo "usage: $0 [--full|--full-only|--table]" >&2; exit 2 ;;
+  *) echo "usage: $0 [--full|--full-only|--table|--markdown]" >&2; exit 2 ;;
 esac
 # AFFQ_BIN: a prebuilt binary (e.g. a copy, so a long run is not rebuilt under it).
 bin=${AFFQ_BIN:-target/release/affq}
@@ -33,7 +35,6 @@ fi
 threads=${RAYON_NUM_THREADS:-$(nproc)}
 
 # Rows: name, method, weight quantizer, quantize flags. "FP" is the unquantized model.
-# FlatQuant has no group-wise weights (its transforms act per channel), so no g64 rows for it.
 # Calibrated rows use the CPU presets (calib/cpu.toml for FlatQuant, calib/affinequant-cpu.toml and
 # the affinequant-* recipes) on the WikiText-2 validation split (the data directory has no train split).
 grid() {
@@ -53,12 +54,16 @@ W3A16g64 rtn rtn --bits 3 --group-size 64
 W3A16g64 rtn gptq --bits 3 --group-size 64
 W3A16g64 rotate rtn --bits 3 --group-size 64
 W3A16g64 rotate gptq --bits 3 --group-size 64
+W3A16g64 flatquant rtn --bits 3 --group-size 64
+W3A16g64 flatquant gptq --bits 3 --group-size 64
 W3A16g64 affinequant rtn --recipe affinequant-w3a16-g64
 W3A16g64 affinequant gptq --recipe affinequant-w3a16-g64
 W2A16g64 rtn rtn --bits 2 --group-size 64
 W2A16g64 rtn gptq --bits 2 --group-size 64
 W2A16g64 rotate rtn --bits 2 --group-size 64
 W2A16g64 rotate gptq --bits 2 --group-size 64
+W2A16g64 flatquant rtn --bits 2 --group-size 64
+W2A16g64 flatquant gptq --bits 2 --group-size 64
 W2A16g64 affinequant rtn --recipe affinequant-w3a16-g64 --bits 2
 W2A16g64 affinequant gptq --recipe affinequant-w3a16-g64 --bits 2
 W4A8 rtn rtn --bits 4 --a-bits 8
@@ -135,6 +140,33 @@ if [ $run = 1 ]; then
   done
 fi
 
+if [ $markdown = 1 ]; then
+  echo "| scheme | method | weights | PPL 512 × 8 | PPL 2048, full | quantize (threads) |"
+  echo "|---|---|---|---:|---:|---:|"
+  grid | while read -r name method wq flags; do
+    dir="$results/$name-$method-$wq"
+    [ -d "$dir" ] || continue
+    python3 - "$dir" "$name" "$method" "$wq" <<'PY'
+import json, os, sys
+d, name, method, wq = sys.argv[1:5]
+def ppl(f):
+    p = os.path.join(d, f)
+    if not os.path.exists(p):
+        return ""
+    v = json.load(open(p))["ppl"]
+    return f"{v / 1e6:.1f} M" if v >= 1e6 else (f"{v:,.0f}".replace(",", " ") if v >= 1e4 else f"{v:.2f}")
+q = ""
+qf = os.path.join(d, "quantize.json")
+if os.path.exists(qf):
+    j = json.load(open(qf))
+    s = j["seconds"]
+    q = (f"{s:.0f} s" if s < 60 else f"{s / 60:.1f} min") + f" ({j['threads']})" + ("*" if j.get("resumed") else "")
+none = lambda x: "—" if x == "none" else x
+print(f"| {name} | {none(method)} | {none(wq)} | {ppl('ppl-512x8.json')} | {ppl('ppl-2048.json')} | {q} |")
+PY
+  done
+  exit 0
+fi
 echo "SmolLM2-135M-Instruct (dequantized Q4_1 weights), WikiText-2 paper protocol; PPL with the default"
 echo "(integer) kernels; weights symmetric amax/7-style per channel unless gN; activations symmetric per"
 echo "token; KV asymmetric per (token, head); quantize = wall seconds of 'affq quantize' (threads)"

@@ -749,6 +749,10 @@ fn flatquant_config(
         weight_decay: 0.01,
         alpha: r.alpha.unwrap_or(0.3),
         seed: a.seed,
+        group_size: plan.weights.as_ref().and_then(|w| match w.granularity {
+            Granularity::Group(g) => Some(g),
+            _ => None,
+        }),
     })
 }
 
@@ -863,14 +867,6 @@ fn run_quantize(a: QuantizeArgs) -> anyhow::Result<()> {
     init_threads(&a.common)?;
     let recipe = resolve_recipe(&a)?;
     let plan = quant_plan(&a, &recipe)?;
-    if a.method == MethodArg::Flatquant
-        && plan
-            .weights
-            .as_ref()
-            .is_some_and(|w| w.granularity != Granularity::Channel)
-    {
-        return Err(affq::Error::Usage("--method flatquant quantizes weights per channel; --group-size is not supported with it".into()).into());
-    }
     let t0 = Instant::now();
     let ckpt = Checkpoint::open(&a.model)?;
     if ckpt.quant.is_some() {
@@ -901,6 +897,22 @@ fn run_quantize(a: QuantizeArgs) -> anyhow::Result<()> {
     }
     affq::fsutil::check_output(&a.output, a.force)?;
     let mut model = Model::load(&ckpt, 1)?;
+    // Groups must tile every linear's input; checked before any calibration starts.
+    if let Some(Granularity::Group(g)) = plan.weights.as_ref().map(|w| w.granularity) {
+        for b in &model.blocks {
+            for kind in affq::model::LinearKind::ALL {
+                let inp = b.linear(kind).in_features();
+                if g == 0 || inp % g != 0 {
+                    return Err(affq::Error::Usage(format!(
+                        "group size {g} does not divide the input size {inp} of model.layers.{}.{}",
+                        b.index,
+                        kind.hf_name()
+                    ))
+                    .into());
+                }
+            }
+        }
+    }
     let mut extra = Vec::new();
     let mut transforms = match a.method {
         MethodArg::Rotate => methods::rotate::rotate(&mut model, a.seed)?,

@@ -422,7 +422,7 @@ fn conflicting_flags() {
         vec!["--sym", "--asym"],
         vec!["--weight-quantizer", "rtn", "--act-order"],
         vec!["--method", "rtn", "--epochs", "2"],
-        vec!["--method", "flatquant", "--group-size", "16"],
+        vec!["--method", "flatquant", "--group-size", "7"],
     ] {
         let mut all = vec![
             "quantize",

@@ -24,7 +24,7 @@
 //! model's (OmniQuant/AffineQuant propagate quantized inputs); the engine's shared loop does this
 //! for every method.
 
-use super::flatquant::{clamp_rows, lwc_bounds, var, Clip};
+use super::flatquant::{clamp_rows, lwc_bounds, lwc_units, var, Clip};
 use super::{BlockMethod, EpochLog, MethodReport, SiteStats};
 use crate::error::{Error, Result};
 use crate::methods::{attach_kv, fixed_quantizer};
@@ -401,9 +401,7 @@ impl AffineQuant {
 
     /// Weight `[out, in]` viewed as LWC units `[out·groups, g]`.
     fn units(&self, w: &Tensor) -> Result<Tensor> {
-        let (out, inp) = w.dims2()?;
-        let g = self.cfg.group_size.unwrap_or(inp);
-        Ok(w.reshape((out * inp / g, g))?)
+        lwc_units(w, self.cfg.group_size)
     }
 
     fn act(&self) -> Option<Arc<dyn ActQuantizer>> {

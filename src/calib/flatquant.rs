@@ -40,6 +40,9 @@ pub struct FlatQuantConfig {
     /// SmoothQuant-style migration strength of the channel-scale init (§2.5).
     pub alpha: f64,
     pub seed: u64,
+    /// Weight group size along the (transformed) input dimension: LWC per (row, group), as
+    /// the weight-only settings of the paper; `None` per channel.
+    pub group_size: Option<usize>,
 }
 
 /// `n1` = the largest divisor of `n` not above √n (algorithms.md §2.2, affq's rule).
@@ -189,6 +192,18 @@ impl Params {
     }
 }
 
+/// Weight `[out, in]` viewed as its LWC units `[out·in/g, g]` (one unit per row without groups).
+pub(super) fn lwc_units(w: &Tensor, group: Option<usize>) -> Result<Tensor> {
+    let (out, inp) = w.dims2()?;
+    let g = group.unwrap_or(inp);
+    if g == 0 || !inp.is_multiple_of(g) {
+        return Err(crate::error::Error::Usage(format!(
+            "group size {g} does not divide the input width {inp}"
+        )));
+    }
+    Ok(w.reshape((out * inp / g, g))?)
+}
+
 /// Per-row extremes clipped by learned ratios: `(σ(γmin)·min(w, 0), σ(γmax)·max(w, 0))` per row.
 pub(super) fn lwc_bounds(w: &Tensor, clip: &Clip) -> Result<(Tensor, Tensor)> {
     let hi = w
@@ -278,7 +293,11 @@ impl FlatQuant {
             },
             lwc: LinearKind::ALL
                 .iter()
-                .map(|k| Clip::new(&[k.shape(c).0, 1]))
+                .map(|k| {
+                    let (out, inp) = k.shape(c);
+                    let g = self.cfg.group_size.unwrap_or(inp);
+                    Clip::new(&[out * inp / g.max(1), 1])
+                })
                 .collect::<Result<_>>()?,
             lac: LinearKind::ALL
                 .iter()
@@ -324,19 +343,29 @@ impl FlatQuant {
             let w = weight_side[LINEAR_SITE[i] as usize].apply(&layer.weight()?)?;
             let mut bias = layer.bias().cloned();
             let (lwc_hi, lwc_lo) = (p.lwc[i].max.as_tensor(), p.lwc[i].min.as_tensor());
+            let gs = self.cfg.group_size;
             let w = match (kind, pv, &self.cfg.weights) {
                 (LinearKind::V, Some(pv), spec) => {
                     // Output side of v_proj: each head's values times P_v, after the clip (§2.6).
-                    let (lo, hi) = lwc_bounds(&w, &p.lwc[i])?;
-                    let (w, b) =
-                        per_head_output(&clamp_rows(&w, &lo, &hi)?, bias.as_ref(), pv, hd)?;
+                    let u = lwc_units(&w, gs)?;
+                    let (lo, hi) = lwc_bounds(&u, &p.lwc[i])?;
+                    let clipped = clamp_rows(&u, &lo, &hi)?.reshape(w.shape())?;
+                    let (w, b) = per_head_output(&clipped, bias.as_ref(), pv, hd)?;
                     bias = b;
                     match spec {
-                        Some(spec) => clip_quant(&w, &self.no_clip, &self.no_clip, spec, false)?,
+                        Some(spec) => clip_quant(
+                            &lwc_units(&w, gs)?,
+                            &self.no_clip,
+                            &self.no_clip,
+                            spec,
+                            false,
+                        )?
+                        .reshape(w.shape())?,
                         None => w,
                     }
                 }
-                (_, _, Some(spec)) => clip_quant(&w, lwc_hi, lwc_lo, spec, true)?,
+                (_, _, Some(spec)) => clip_quant(&lwc_units(&w, gs)?, lwc_hi, lwc_lo, spec, true)?
+                    .reshape(w.shape())?,
                 (_, _, None) => w,
             };
             let act = self.cfg.activations.map(|spec| p.lac[i].learned(spec));
@@ -449,13 +478,14 @@ impl FlatQuant {
             }
             let mut w = weight_side[LINEAR_SITE[i] as usize].apply(&w)?;
             if quantize {
-                let hi = w
+                let u = lwc_units(&w, self.cfg.group_size)?;
+                let hi = u
                     .max_keepdim(D::Minus1)?
                     .broadcast_mul(&sig(&p.lwc[i].max)?)?;
-                let lo = w
+                let lo = u
                     .min_keepdim(D::Minus1)?
                     .broadcast_mul(&sig(&p.lwc[i].min)?)?;
-                w = clamp_rows(&w, &lo, &hi)?;
+                w = clamp_rows(&u, &lo, &hi)?.reshape(w.shape())?;
             }
             if let (LinearKind::V, Some(pv)) = (kind, &pv64) {
                 (w, bias) = per_head_output(&w, bias.as_ref(), pv, hd)?;
