@@ -387,9 +387,8 @@ impl FusedTransform {
 /// Tokens transformed together (their X·P2 is one small GEMM).
 const TILE: usize = 16;
 
-/// Per-thread buffers of the fused kernel for up to [`TILE`] tokens.
+/// Per-thread buffers of [`FusedTransform::apply_rows`] for up to [`TILE`] tokens.
 struct Scratch {
-    y: Vec<f32>,
     xs: Vec<f32>,
     tmp: Vec<f32>,
     /// bf16 path: the scaled input tile `[TILE·n1, n2e]` and one token's `X·P2` pair-packed.
@@ -402,7 +401,6 @@ impl Scratch {
         let k = t.n1 * t.n2;
         let bf = t.bf16.is_some();
         Scratch {
-            y: vec![0f32; k * TILE],
             xs: vec![0f32; k * TILE],
             tmp: vec![0f32; k * TILE],
             a16: vec![0u16; if bf { TILE * t.n1 * even(t.n2) } else { 0 }],
@@ -425,15 +423,13 @@ pub fn transform_quantize(
         m,
         k,
         TILE,
-        || Scratch::new(t),
-        |s, r0, kp, q, codes| {
+        || (vec![0f32; k * TILE], Scratch::new(t)),
+        |(y, s), r0, kp, q, codes| {
             let rows = codes.len();
-            let mut y = std::mem::take(&mut s.y);
-            t.apply_rows(&x[r0 * k..(r0 + rows) * k], &mut y, s, rows);
+            t.apply_rows(&x[r0 * k..(r0 + rows) * k], y, s, rows);
             for (r, c) in codes.iter_mut().enumerate() {
                 *c = quantize_row(&y[r * k..(r + 1) * k], &mut q[r * kp..r * kp + k], spec);
             }
-            s.y = y;
         },
     )
 }
