@@ -4,9 +4,10 @@
 //! `scripts/bench-kernels.sh` (or `cargo run --release --example bench_kernels`).
 
 use affq::kernels::int_gemm::{gemm, quantize_acts, Isa, PackedWeights};
-use affq::kernels::int_linear::{transform_quantize, FusedTransform};
+use affq::kernels::transform_quant::{transform_quantize, FusedTransform};
 use affq::quant::{ops::fake_quant, QuantSpec};
-use affq::transforms::linalg::{random_orthogonal, Rng};
+use affq::rng::Rng;
+use affq::transforms::linalg::random_orthogonal;
 use affq::transforms::KroneckerTransform;
 use candle_core::{Device, Tensor};
 use std::time::Instant;
@@ -48,7 +49,7 @@ fn main() -> anyhow::Result<()> {
     );
     let mut rng = Rng::new(1);
     for (n, k) in [(576, 1536), (1536, 576), (4096, 4096), (4096, 14336)] {
-        let (n1, n2) = affq::calib::flatquant::kron_dims(n);
+        let (n1, n2) = affq::methods::flatquant::kron_dims(n);
         let f = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
         let p1 = Tensor::from_vec(f(random_orthogonal(n1, &mut rng)), (n1, n1), &Device::Cpu)?;
         let p2 = Tensor::from_vec(f(random_orthogonal(n2, &mut rng)), (n2, n2), &Device::Cpu)?;

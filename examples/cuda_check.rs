@@ -12,9 +12,9 @@
 
 use affq::kernels::cuda::{self, Cuda, CudaTransform, CudaWeights};
 use affq::kernels::int_gemm::{gemm, Isa, PackedWeights};
-use affq::kernels::int_linear::{transform_quantize, FusedTransform};
+use affq::kernels::transform_quant::{transform_quantize, FusedTransform};
 use affq::quant::QuantSpec;
-use affq::transforms::linalg::Rng;
+use affq::rng::Rng;
 use affq::transforms::KroneckerTransform;
 use candle_core::{Device, Tensor};
 use std::time::Instant;
@@ -123,7 +123,7 @@ fn bench(cu: &std::sync::Arc<Cuda>, rng: &mut Rng) -> anyhow::Result<()> {
         "m", "n", "k", "fused GOP/s", "GEMM GOP/s", "xform%"
     );
     for (n, k) in [(576, 1536), (1536, 576), (4096, 4096), (4096, 14336)] {
-        let (n1, n2) = affq::calib::flatquant::kron_dims(n);
+        let (n1, n2) = affq::methods::flatquant::kron_dims(n);
         let kt = random_transform(rng, n1, n2, true);
         let ct = CudaTransform::new(cu, &FusedTransform::new(&kt)?)?;
         let cw = CudaWeights::new(cu, &weights(rng, k, n, 4), None)?;

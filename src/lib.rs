@@ -1,24 +1,37 @@
 //! affq: post-training quantization of LLMs with learned affine transforms.
 //!
-//! Layers: `weights` (checkpoint files) → `config` → `model` (the decoder, block by block) →
-//! `eval` (perplexity); `gguf` + `tokenizer` import llama.cpp files; `data` finds texts;
-//! `fsutil` makes every output crash-safe.
+//! The pipeline, bottom up (each layer imports only the ones below it):
+//! - `error`, `rng`, `fastmath`, `fsutil`: the one error type, the seeded generator, SIMD math
+//!   helpers, crash-safe output;
+//! - `quant` (grids, quantizers, GPTQ, packing) and `transforms` (Hadamard, Kronecker, inverses):
+//!   math on tensors, no model;
+//! - `model`: the decoder floor — blocks, attention, RoPE — behind its own small traits;
+//! - `kernels`: integer GEMM, fused transform + quantization, CUDA; `backend`: the simulated,
+//!   integer-CPU and CUDA implementations of the model's traits;
+//! - `formats`: safetensors, `config.json`, GGUF, the affq checkpoint; `tokenizer`, `data`;
+//! - `recipe`, `methods` (rtn, rotate, flatquant, affinequant behind one trait), `calib` (the
+//!   block-by-block engine), `eval` (perplexity protocols);
+//! - `plan` (arguments + recipe → one validated plan) and `quantize` (running it); the binary
+//!   parses and prints.
 
+pub mod backend;
 pub mod calib;
-pub mod checkpoint;
-pub mod config;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod fastmath;
+pub mod formats;
 pub mod fsutil;
-pub mod gguf;
 pub mod kernels;
 pub mod methods;
 pub mod model;
+pub mod plan;
 pub mod quant;
+pub mod quantize;
+pub mod recipe;
+pub mod rng;
 pub mod tokenizer;
 pub mod transforms;
-pub mod weights;
 
 pub use error::{Error, Result};
 

@@ -1,21 +1,19 @@
-//! The `affq` binary: parses arguments into a validated plan and hands it to the library.
+//! The `affq` binary: parses arguments (clap), hands them to the library as a request, and
+//! prints what comes back. Validation lives in `affq::plan`, the work in the library.
 
-use affq::calib::affinequant::{AffineQuant, AffineQuantConfig};
-use affq::calib::data::CalibSource;
-use affq::calib::flatquant::{FlatQuant, FlatQuantConfig};
-use affq::calib::recipe::Recipe;
-use affq::calib::{BlockMethod, EngineConfig, Untrained, WeightQuantizer};
-use affq::checkpoint::{QuantConfig, WeightScheme};
-use affq::data::{self, DataFile};
-use affq::eval::{self, PplOptions, Protocol};
-use affq::gguf::{self, ImportDtype};
-use affq::methods::{self, QuantPlan};
-use affq::model::Model;
-use affq::quant::gptq::GptqConfig;
-use affq::quant::{AsymZero, Granularity, QuantSpec, SymScale};
+use affq::calib::BlockReport;
+use affq::data;
+use affq::eval::{self, Dataset, PplOptions, Protocol};
+use affq::formats::gguf::{self, ImportDtype};
+use affq::formats::Checkpoint;
+use affq::methods::EpochLog;
+use affq::plan::QuantizeRequest;
+use affq::quant::{AsymZero, SymScale};
+use affq::quantize::Progress;
+use affq::recipe::Recipe;
 use affq::tokenizer::Tok;
-use affq::weights::Checkpoint;
 use anyhow::Context;
+use clap::builder::{PossibleValue, PossibleValuesParser};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -51,16 +49,13 @@ enum Command {
     Quantize(Box<QuantizeArgs>),
 }
 
-#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
-enum MethodArg {
-    /// Round to nearest, no transform.
-    Rtn,
-    /// QuaRot-style rotations (Hadamard / random orthogonal), then round to nearest.
-    Rotate,
-    /// Learned Kronecker affine transforms with learnable clipping, calibrated block by block.
-    Flatquant,
-    /// Learned affine matrices with the gradual mask (AffineQuant), calibrated block by block.
-    Affinequant,
+/// `--method` values: the registered methods.
+fn method_names() -> PossibleValuesParser {
+    PossibleValuesParser::new(
+        affq::methods::REGISTRY
+            .iter()
+            .map(|m| PossibleValue::new(m.name).help(m.about)),
+    )
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -86,8 +81,9 @@ struct QuantizeArgs {
     /// Output checkpoint directory.
     #[arg(short, long)]
     output: PathBuf,
-    #[arg(long, value_enum, default_value = "rtn")]
-    method: MethodArg,
+    /// Quantization method.
+    #[arg(long, default_value = "rtn", value_parser = method_names())]
+    method: String,
     /// Weight bits (2..8; 16 = keep full precision) [default: 4].
     #[arg(long)]
     bits: Option<u8>,
@@ -282,19 +278,64 @@ enum DeviceArg {
     Cuda,
 }
 
-#[cfg(feature = "cuda")]
-fn use_cuda(model: &mut Model) -> anyhow::Result<String> {
-    let cuda = affq::kernels::cuda::Cuda::new()?;
-    let n = model.use_cuda(&cuda)?;
-    Ok(format!("int (cuda {}, {n} layers)", cuda.name))
-}
-
-#[cfg(not(feature = "cuda"))]
-fn use_cuda(_: &mut Model) -> anyhow::Result<String> {
-    Err(affq::Error::Usage(
-        "--device cuda: this affq was built without the cuda feature (scripts/build-cuda.sh builds it)".into(),
-    )
-    .into())
+impl QuantizeArgs {
+    /// The low-level arguments as the library's request.
+    fn request(&self) -> QuantizeRequest {
+        QuantizeRequest {
+            model: self.model.clone(),
+            output: self.output.clone(),
+            method: self.method.clone(),
+            recipe: self.recipe.clone(),
+            flags: Recipe {
+                method: None,
+                bits: self.bits,
+                a_bits: self.a_bits,
+                kv_bits: self.kv_bits,
+                nsamples: self.nsamples,
+                calib_seqlen: self.calib_seqlen,
+                epochs: self.epochs,
+                batch: self.batch,
+                lr: self.lr,
+                alpha: self.alpha,
+                calib: self.calib.clone(),
+                weight_quantizer: self.weight_quantizer.map(|w| {
+                    match w {
+                        WeightQuantizerArg::Rtn => "rtn",
+                        WeightQuantizerArg::Gptq => "gptq",
+                    }
+                    .to_string()
+                }),
+                gptq_damp: self.gptq_damp,
+                act_order: self.act_order.then_some(true),
+                gptq_nsamples: self.gptq_nsamples,
+                asym: if self.sym {
+                    Some(false)
+                } else {
+                    self.asym.then_some(true)
+                },
+                group_size: self.group_size,
+                stability_factor: self.stability_factor,
+                ln_matrix: self.ln_matrix.then_some(true),
+            },
+            sym_scale: match self.sym_scale {
+                SymScaleArg::Maxpos => SymScale::MaxPos,
+                SymScaleArg::Halfrange => SymScale::HalfRange,
+            },
+            zero_point: match self.zero_point {
+                ZeroArg::Integer => AsymZero::Integer,
+                ZeroArg::FloatOffset => AsymZero::FloatOffset,
+            },
+            clip: self.clip,
+            a_clip: self.a_clip,
+            kv_sym: self.kv_sym,
+            weight_clip_search: self.weight_clip_search,
+            quantize_head: self.quantize_head,
+            seed: self.seed,
+            data_dir: self.data_dir.clone(),
+            resume: self.resume,
+            force: self.force,
+        }
+    }
 }
 
 fn init_threads(common: &Common) -> anyhow::Result<()> {
@@ -344,11 +385,12 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         ProtocolArg::Paper => Protocol::Paper,
         ProtocolArg::Llamacpp => Protocol::Llamacpp,
     };
-    // Resolve every input before the expensive load.
-    let (data_path, text_form) = match a.ppl {
-        PplSet::Wikitext2 => (data::locate(&dir, DataFile::WikiTest)?, "wikitext2"),
-        PplSet::C4 => (data::locate(&dir, DataFile::C4Validation)?, "c4"),
+    let dataset = match a.ppl {
+        PplSet::Wikitext2 => Dataset::Wikitext2,
+        PplSet::C4 => Dataset::C4,
     };
+    // Resolve every input before the expensive load.
+    let data_path = dataset.locate(&dir)?;
     let t_load = Instant::now();
     let ckpt = Checkpoint::open(&a.model)?;
     let tok_path = ckpt.files.tokenizer.clone().ok_or_else(|| {
@@ -358,25 +400,15 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         )
     })?;
     let tok = Tok::load(&tok_path)?;
-    let text = match (a.ppl, protocol) {
-        (PplSet::Wikitext2, Protocol::Paper) => data::paper_text(&data::read_text(&data_path)?),
-        (PplSet::Wikitext2, Protocol::Llamacpp) => {
-            data::llamacpp_text(&data::read_text(&data_path)?)
-        }
-        (PplSet::C4, _) => data::c4_eval_text(&data_path)?,
-    };
     let bos = eval::bos_policy(&tok)?;
-    // Paper protocol: no special tokens; llama.cpp: the vocabulary's own policy (BOS at start).
-    let add_special = protocol == Protocol::Llamacpp;
-    let mut ids = tok.encode(&text, add_special)?;
-    if let PplSet::C4 = a.ppl {
-        ids.truncate(256 * a.seqlen);
-    }
-    let mut model = Model::load(&ckpt, a.seqlen)?;
+    let ids = dataset.tokens(&data_path, protocol, &tok, a.seqlen)?;
+    let mut model = ckpt.load_model(a.seqlen)?;
     let isa = affq::kernels::int_gemm::Isa::detect();
     let bf16 = a.kernels == KernelsArg::IntBf16;
     let (int_layers, bf16_sites) = match a.kernels {
-        KernelsArg::Int | KernelsArg::IntBf16 => model.use_int_kernels(isa, bf16)?,
+        KernelsArg::Int | KernelsArg::IntBf16 => {
+            affq::backend::int_cpu::use_int_kernels(&mut model, isa, bf16)?
+        }
         KernelsArg::Simulate => (0, 0),
     };
     let mut kernels = if int_layers > 0 {
@@ -397,7 +429,10 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
             )
             .into());
         }
-        kernels = use_cuda(&mut model)?;
+        use affq::backend::cuda;
+        let gpu = cuda::Cuda::new()?;
+        let n = cuda::use_cuda(&mut model, &gpu)?;
+        kernels = format!("int (cuda {}, {n} layers)", gpu.name);
     }
     let load_s = t_load.elapsed().as_secs_f64();
     let opts = PplOptions {
@@ -426,7 +461,7 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
     if a.common.json {
         let mut v = serde_json::to_value(&res)?;
         v["model"] = serde_json::json!(a.model.display().to_string());
-        v["dataset"] = serde_json::json!(text_form);
+        v["dataset"] = serde_json::json!(dataset.name());
         v["text_tokens"] = serde_json::json!(ids.len());
         v["bos"] = serde_json::json!(bos_policy);
         v["load_seconds"] = serde_json::json!(load_s);
@@ -434,8 +469,14 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         println!("{v}");
     } else {
         println!(
-            "{text_form} PPL {:.4}  ({} windows × {} tokens, {} predictions, protocol {:?}, BOS {})",
-            res.ppl, res.windows, res.seqlen, res.predictions, protocol, bos_policy
+            "{} PPL {:.4}  ({} windows × {} tokens, {} predictions, protocol {:?}, BOS {})",
+            dataset.name(),
+            res.ppl,
+            res.windows,
+            res.seqlen,
+            res.predictions,
+            protocol,
+            bos_policy
         );
         println!(
             "model {}  text tokens {}  eval {:.1}s  {:.0} tok/s  (load {:.1}s)  kernels {kernels}",
@@ -449,387 +490,41 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bits_arg(flag: &str, b: u8) -> anyhow::Result<Option<u8>> {
-    match b {
-        2..=8 => Ok(Some(b)),
-        16 => Ok(None),
-        _ => Err(affq::Error::Usage(format!(
-            "{flag} {b}: allowed are 2..8, or 16 for full precision"
-        ))
-        .into()),
-    }
+/// Shows a quantization run on stderr: a progress bar over blocks, a line per finished block.
+struct Bars {
+    quiet: bool,
+    bar: Option<indicatif::ProgressBar>,
 }
 
-/// Turns the flags into a validated plan.
-fn quant_plan(a: &QuantizeArgs, r: &Recipe) -> anyhow::Result<QuantPlan> {
-    let sym_scale = match a.sym_scale {
-        SymScaleArg::Maxpos => SymScale::MaxPos,
-        SymScaleArg::Halfrange => SymScale::HalfRange,
-    };
-    for (flag, r) in [("--clip", a.clip), ("--a-clip", a.a_clip)] {
-        if !(r > 0.0 && r <= 1.0) {
-            return Err(affq::Error::Usage(format!("{flag} {r}: must be in (0, 1]")).into());
+impl Progress for Bars {
+    fn resumed(&mut self, n: usize) {
+        if !self.quiet {
+            eprintln!("resuming: blocks 0..{n} were finished by the interrupted run");
         }
     }
-    let group_size = r.group_size;
-    let weights = bits_arg("--bits", r.bits.unwrap_or(4))?.map(|bits| {
-        let base = if r.asym == Some(true) {
-            QuantSpec::asym(bits)
-        } else {
-            QuantSpec::sym(bits)
-        };
-        let asym_zero = match a.zero_point {
-            ZeroArg::Integer => AsymZero::Integer,
-            ZeroArg::FloatOffset => AsymZero::FloatOffset,
-        };
-        WeightScheme {
-            spec: QuantSpec {
-                sym_scale,
-                asym_zero,
-                clip: a.clip,
-                clip_min: a.clip,
-                ..base
-            },
-            granularity: match group_size {
-                Some(g) => Granularity::Group(g),
-                None => Granularity::Channel,
-            },
-            clip_search: a.weight_clip_search,
-            quantizer: weight_quantizer(r)
-                .map(|w| w.name())
-                .unwrap_or("rtn")
-                .into(),
+    fn calibration_started(&mut self, summary: &str, blocks: usize) {
+        if !self.quiet {
+            eprintln!("{summary}");
         }
-    });
-    if weights.is_none() && (group_size.is_some() || a.weight_clip_search) {
-        return Err(affq::Error::Usage(
-            "--group-size and --weight-clip-search need weight quantization (--bits 2..8)".into(),
-        )
-        .into());
+        let bar = indicatif::ProgressBar::new(blocks as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "blocks {pos}/{len} {bar:30} [{elapsed}<{eta}] {msg}",
+            )
+            .expect("valid template"),
+        );
+        self.bar = Some(bar);
     }
-    if group_size == Some(0) {
-        return Err(affq::Error::Usage("--group-size must be positive".into()).into());
-    }
-    // Per-token activations: symmetric (FlatQuant, QuaRot), asymmetric for AffineQuant (§3.6).
-    let activations = bits_arg("--a-bits", r.a_bits.unwrap_or(16))?.map(|b| QuantSpec {
-        sym_scale,
-        clip: a.a_clip,
-        clip_min: a.a_clip,
-        ..if a.method == MethodArg::Affinequant {
-            QuantSpec::asym(b)
-        } else {
-            QuantSpec::sym(b)
-        }
-    });
-    let kv_cache = bits_arg("--kv-bits", r.kv_bits.unwrap_or(16))?.map(|b| {
-        if a.kv_sym {
-            QuantSpec {
-                sym_scale,
-                ..QuantSpec::sym(b)
-            }
-        } else {
-            QuantSpec::asym(b)
-        }
-    });
-    Ok(QuantPlan {
-        weights,
-        activations,
-        kv_cache,
-        quantize_head: a.quantize_head,
-    })
-}
-
-/// Method preset, then `--recipe`, then flags.
-fn resolve_recipe(a: &QuantizeArgs) -> anyhow::Result<Recipe> {
-    // Untrained methods take only the CPU preset's data budget (used by GPTQ).
-    let cpu = Recipe::load("cpu")?;
-    let base = match a.method {
-        MethodArg::Flatquant => cpu,
-        MethodArg::Affinequant => Recipe::load("affinequant-cpu")?,
-        _ => Recipe {
-            nsamples: cpu.nsamples,
-            calib_seqlen: cpu.calib_seqlen,
-            calib: cpu.calib,
-            ..Recipe::default()
-        },
-    };
-    let base = match &a.recipe {
-        Some(r) => {
-            let r = Recipe::load(r)?;
-            if let Some(m) = &r.method {
-                let want = method_name(a.method);
-                if m != want {
-                    return Err(affq::Error::Usage(format!(
-                        "recipe is for --method {m}, not {want}"
-                    ))
-                    .into());
-                }
-            }
-            base.overridden_by(&r)
-        }
-        None => base,
-    };
-    let flags = Recipe {
-        method: None,
-        bits: a.bits,
-        a_bits: a.a_bits,
-        kv_bits: a.kv_bits,
-        nsamples: a.nsamples,
-        calib_seqlen: a.calib_seqlen,
-        epochs: a.epochs,
-        batch: a.batch,
-        lr: a.lr,
-        alpha: a.alpha,
-        calib: a.calib.clone(),
-        weight_quantizer: a.weight_quantizer.map(|w| {
-            match w {
-                WeightQuantizerArg::Rtn => "rtn",
-                WeightQuantizerArg::Gptq => "gptq",
-            }
-            .to_string()
-        }),
-        gptq_damp: a.gptq_damp,
-        act_order: a.act_order.then_some(true),
-        gptq_nsamples: a.gptq_nsamples,
-        asym: if a.sym {
-            Some(false)
-        } else {
-            a.asym.then_some(true)
-        },
-        group_size: a.group_size,
-        stability_factor: a.stability_factor,
-        ln_matrix: a.ln_matrix.then_some(true),
-    };
-    let mut r = base.overridden_by(&flags);
-    if r.epochs == Some(0) {
-        return Err(affq::Error::Usage("--epochs must be at least 1".into()).into());
-    }
-    let gptq = weight_quantizer(&r)? != WeightQuantizer::Rtn;
-    if !trained(a.method) {
-        let training_flags = [
-            a.epochs.is_some(),
-            a.batch.is_some(),
-            a.lr.is_some(),
-            a.alpha.is_some(),
-        ];
-        if training_flags.iter().any(|&f| f) {
-            return Err(affq::Error::Usage("training flags (--epochs, --batch, --lr, --alpha) need a trained method (--method flatquant or affinequant)".into()).into());
-        }
-        let data_flags = [
-            a.nsamples.is_some(),
-            a.calib_seqlen.is_some(),
-            a.calib.is_some(),
-        ];
-        if !gptq && data_flags.iter().any(|&f| f) {
-            return Err(affq::Error::Usage("calibration data flags (--calib, --nsamples, --calib-seqlen) need a calibrated method (--method flatquant or affinequant) or --weight-quantizer gptq".into()).into());
+    fn epoch(&mut self, block: usize, e: &EpochLog) {
+        if let Some(bar) = &self.bar {
+            bar.set_message(format!(
+                "block {block} epoch {} loss {:.3e}",
+                e.epoch, e.loss
+            ));
         }
     }
-    if a.method != MethodArg::Affinequant && (a.stability_factor.is_some() || a.ln_matrix) {
-        return Err(affq::Error::Usage(
-            "--stability-factor and --ln-matrix need --method affinequant".into(),
-        )
-        .into());
-    }
-    if !gptq && (a.gptq_damp.is_some() || a.act_order || a.gptq_nsamples.is_some()) {
-        return Err(affq::Error::Usage(
-            "--gptq-damp, --act-order and --gptq-nsamples need --weight-quantizer gptq".into(),
-        )
-        .into());
-    }
-    if gptq {
-        // A Hessian of a 1536-wide input from AffineQuant's 8 × 512 training tokens overfits
-        // them (measured: GPTQ then loses to RTN); trained methods take at least the CPU
-        // preset's 32 windows for GPTQ, untrained ones use --nsamples as given.
-        let n = r.nsamples.unwrap_or(32);
-        let min = if trained(a.method) { n.max(32) } else { n };
-        let g = r.gptq_nsamples.unwrap_or(min);
-        if g < n {
-            return Err(affq::Error::Usage(format!(
-                "--gptq-nsamples {g} is fewer than --nsamples {n}: GPTQ uses the training windows and more"
-            ))
-            .into());
-        }
-        r.gptq_nsamples = Some(g);
-    }
-    Ok(r)
-}
-
-fn trained(m: MethodArg) -> bool {
-    matches!(m, MethodArg::Flatquant | MethodArg::Affinequant)
-}
-
-fn method_name(m: MethodArg) -> &'static str {
-    match m {
-        MethodArg::Rtn => "rtn",
-        MethodArg::Rotate => "rotate",
-        MethodArg::Flatquant => "flatquant",
-        MethodArg::Affinequant => "affinequant",
-    }
-}
-
-/// The weight quantizer a resolved recipe asks for.
-fn weight_quantizer(r: &Recipe) -> anyhow::Result<WeightQuantizer> {
-    Ok(match r.weight_quantizer.as_deref().unwrap_or("rtn") {
-        "rtn" => WeightQuantizer::Rtn,
-        "gptq" => {
-            let damp = r.gptq_damp.unwrap_or(0.01);
-            if !(damp >= 0.0 && damp.is_finite()) {
-                return Err(affq::Error::Usage(format!(
-                    "--gptq-damp {damp}: must be a non-negative number"
-                ))
-                .into());
-            }
-            WeightQuantizer::Gptq(GptqConfig {
-                damp,
-                act_order: r.act_order.unwrap_or(false),
-                block: 128,
-            })
-        }
-        other => {
-            return Err(affq::Error::Usage(format!(
-                "weight quantizer `{other}`: expected rtn or gptq"
-            ))
-            .into())
-        }
-    })
-}
-
-struct CalibOutcome {
-    csv: String,
-    transforms: Vec<String>,
-}
-
-/// Calibration data of the resolved recipe, tokenized into windows; and its description.
-fn calibration_tokens(
-    a: &QuantizeArgs,
-    r: &Recipe,
-    ckpt: &Checkpoint,
-) -> anyhow::Result<(candle_core::Tensor, String)> {
-    let dir = data::data_dir(a.data_dir.as_deref());
-    let source = match r.calib.as_deref().unwrap_or("wikitext2") {
-        "wikitext2" => CalibSource::Wikitext2,
-        "c4" => CalibSource::C4,
-        path => CalibSource::File(PathBuf::from(path)),
-    };
-    let (path, desc) = affq::calib::data::resolve(&source, &dir)?;
-    let tok_path = ckpt.files.tokenizer.clone().ok_or_else(|| {
-        affq::Error::format(
-            ckpt.files.dir.join("tokenizer.json"),
-            "missing: calibration needs the model's tokenizer",
-        )
-    })?;
-    let tok = Tok::load(&tok_path)?;
-    let (n, l) = (r.nsamples.unwrap_or(32), r.calib_seqlen.unwrap_or(512));
-    // Windows are drawn in sequence from the seed: the first n are the training windows
-    // whether or not GPTQ asks for more.
-    let total = r.gptq_nsamples.unwrap_or(n).max(n);
-    let text = affq::calib::data::read(&path)?;
-    let tokens = affq::calib::data::windows(&tok, &text, &path, total, l, a.seed)?;
-    let mut desc = format!("{desc}, {n} × {l} tokens");
-    if total > n {
-        desc.push_str(&format!(" ({total} windows for GPTQ's Hessians)"));
-    }
-    Ok((tokens, desc))
-}
-
-fn flatquant_config(
-    a: &QuantizeArgs,
-    r: &Recipe,
-    plan: &QuantPlan,
-) -> anyhow::Result<FlatQuantConfig> {
-    let epochs = r.epochs.unwrap_or(3);
-    Ok(FlatQuantConfig {
-        weights: plan.weights.as_ref().map(|w| w.spec),
-        activations: plan.activations,
-        kv_cache: plan.kv_cache,
-        epochs,
-        batch: r.batch.unwrap_or(1),
-        lr: r.lr.unwrap_or(5e-3),
-        clip_lr_mult: 10.0,
-        weight_decay: 0.01,
-        alpha: r.alpha.unwrap_or(0.3),
-        seed: a.seed,
-        group_size: plan.weights.as_ref().and_then(|w| match w.granularity {
-            Granularity::Group(g) => Some(g),
-            _ => None,
-        }),
-    })
-}
-
-fn affinequant_config(r: &Recipe, plan: &QuantPlan) -> anyhow::Result<AffineQuantConfig> {
-    let epochs = r.epochs.unwrap_or(4);
-    Ok(AffineQuantConfig {
-        weights: plan.weights.as_ref().map(|w| w.spec),
-        group_size: plan.weights.as_ref().and_then(|w| match w.granularity {
-            Granularity::Group(g) => Some(g),
-            _ => None,
-        }),
-        activations: plan.activations,
-        kv_cache: plan.kv_cache,
-        epochs,
-        lr: r.lr.unwrap_or(5e-3),
-        lwc_lr: 1e-2,
-        alpha: r.alpha.unwrap_or(0.5),
-        // §3.3: 0.1 for W4A4, 1e-2 for LLaMA-family weight-only.
-        stability_factor: r.stability_factor.unwrap_or(if plan.activations.is_some() {
-            0.1
-        } else {
-            1e-2
-        }),
-        ln_matrix: r.ln_matrix.unwrap_or(false),
-    })
-}
-
-/// Runs the block-by-block engine with `method` and the recipe's weight quantizer.
-#[allow(clippy::too_many_arguments)]
-fn run_calibration(
-    a: &QuantizeArgs,
-    r: &Recipe,
-    plan: &QuantPlan,
-    ckpt: &Checkpoint,
-    model: &mut Model,
-    method: &mut dyn BlockMethod,
-    label: &str,
-    training: Option<String>,
-    store: Option<&dyn affq::calib::BlockStore>,
-) -> anyhow::Result<CalibOutcome> {
-    let (tokens, data_desc) = calibration_tokens(a, r, ckpt)?;
-    let wq = weight_quantizer(r)?;
-    let mut summary = format!("{label}: calibrated on {data_desc}");
-    if let Some(t) = training {
-        summary.push_str(&format!(", {t}"));
-    }
-    if let WeightQuantizer::Gptq(g) = wq {
-        summary.push_str(&format!(
-            ", weights by GPTQ (damp {}, act order {})",
-            g.damp, g.act_order
-        ));
-    }
-    if !a.common.json {
-        eprintln!("{summary}");
-    }
-    let engine = EngineConfig {
-        plan: plan.clone(),
-        weight_quantizer: wq,
-        method_windows: r.nsamples.unwrap_or(32),
-    };
-    let nblocks = model.blocks.len() as u64;
-    let bar = indicatif::ProgressBar::new(nblocks);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "blocks {pos}/{len} {bar:30} [{elapsed}<{eta}] {msg}",
-        )
-        .expect("valid template"),
-    );
-    let mut csv = String::from("block,epoch,loss,seconds\n");
-    let reports = affq::calib::calibrate_model(
-        model,
-        &tokens,
-        method,
-        &engine,
-        store,
-        |b, e| bar.set_message(format!("block {b} epoch {} loss {:.3e}", e.epoch, e.loss)),
-        |done, _, rep| {
+    fn block_done(&mut self, done: usize, _total: usize, rep: &BlockReport, label: &str) {
+        if let Some(bar) = &self.bar {
             bar.set_position(done as u64);
             bar.suspend(|| {
                 eprintln!(
@@ -837,217 +532,50 @@ fn run_calibration(
                     rep.block, rep.loss_rtn, rep.loss_final, rep.seconds
                 )
             });
-        },
-    )?;
-    bar.finish_and_clear();
-    for rep in &reports {
-        for e in &rep.epochs {
-            csv.push_str(&format!(
-                "{},{},{:.6e},{:.2}\n",
-                rep.block, e.epoch, e.loss, e.seconds
-            ));
         }
     }
-    csv.push_str("\nblock,loss_rtn,loss_final,seconds\n");
-    let mut transforms = vec![summary];
-    for rep in &reports {
-        csv.push_str(&format!(
-            "{},{:.6e},{:.6e},{:.2}\n",
-            rep.block, rep.loss_rtn, rep.loss_final, rep.seconds
-        ));
-        for note in &rep.notes {
-            eprintln!("warning: {note}");
-            transforms.push(note.clone());
+    fn calibration_finished(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
         }
     }
-    Ok(CalibOutcome { csv, transforms })
+    fn warning(&mut self, msg: &str) {
+        eprintln!("warning: {msg}");
+    }
 }
 
 fn run_quantize(a: QuantizeArgs) -> anyhow::Result<()> {
     init_threads(&a.common)?;
-    let recipe = resolve_recipe(&a)?;
-    let plan = quant_plan(&a, &recipe)?;
+    let plan = affq::plan::plan(a.request())?;
     let t0 = Instant::now();
-    let ckpt = Checkpoint::open(&a.model)?;
-    if ckpt.quant.is_some() {
-        return Err(affq::Error::Usage(format!(
-            "{} is already a quantized checkpoint",
-            a.model.display()
-        ))
-        .into());
-    }
-    // Refuse an output inside the model directory (it would be read while being replaced).
-    let model_dir = std::fs::canonicalize(&ckpt.files.dir).unwrap_or(ckpt.files.dir.clone());
-    let out_parent = a
-        .output
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(std::path::Path::new("."));
-    let out_abs =
-        std::fs::canonicalize(out_parent).map(|p| p.join(a.output.file_name().unwrap_or_default()));
-    if let Ok(out_abs) = &out_abs {
-        if out_abs.starts_with(&model_dir) {
-            return Err(affq::Error::Usage(format!(
-                "output {} is inside the model directory {}",
-                a.output.display(),
-                model_dir.display()
-            ))
-            .into());
-        }
-    }
-    affq::fsutil::check_output(&a.output, a.force)?;
-    let mut model = Model::load(&ckpt, 1)?;
-    // Groups must tile every linear's input; checked before any calibration starts.
-    if let Some(Granularity::Group(g)) = plan.weights.as_ref().map(|w| w.granularity) {
-        for b in &model.blocks {
-            for kind in affq::model::LinearKind::ALL {
-                let inp = b.linear(kind).in_features();
-                if g == 0 || inp % g != 0 {
-                    return Err(affq::Error::Usage(format!(
-                        "group size {g} does not divide the input size {inp} of model.layers.{}.{}",
-                        b.index,
-                        kind.hf_name()
-                    ))
-                    .into());
-                }
-            }
-        }
-    }
-    let mut extra = Vec::new();
-    let mut transforms = match a.method {
-        MethodArg::Rotate => methods::rotate::rotate(&mut model, a.seed)?,
-        _ => Vec::new(),
+    let mut bars = Bars {
+        quiet: a.common.json,
+        bar: None,
     };
-    let method_label = method_name(a.method);
-    let mut qcfg = QuantConfig {
-        quant_method: "affq".into(),
-        format: affq::checkpoint::FORMAT.into(),
-        format_version: affq::checkpoint::FORMAT_VERSION,
-        affq_version: affq::VERSION.into(),
-        method: method_label.into(),
-        weights: plan.weights.clone(),
-        activations: plan.activations,
-        kv_cache: plan.kv_cache,
-        quantize_head: plan.quantize_head,
-        transforms: Vec::new(),
-        seed: a.seed,
-    };
-    let engine = trained(a.method) || weight_quantizer(&recipe)? != WeightQuantizer::Rtn;
-    if a.resume && !engine {
-        return Err(affq::Error::Usage(
-            "--resume continues a calibration: it needs --method flatquant or affinequant, or --weight-quantizer gptq".into(),
-        )
-        .into());
-    }
-    let mut work = None;
-    if engine {
-        // Everything that decides the result: a resumed run must have the same.
-        let model_id = std::fs::canonicalize(&a.model).unwrap_or(a.model.clone());
-        let fingerprint = format!(
-            "affq {}\nmodel {}\nmethod {method_label}\nrecipe {recipe:?}\nplan {plan:?}\nseed {}\n",
-            affq::VERSION,
-            model_id.display(),
-            a.seed
-        );
-        let w = affq::calib::resume::WorkDir::open(
-            &a.output,
-            &fingerprint,
-            a.resume,
-            a.force,
-            model.config.clone(),
-            qcfg.clone(),
-        )?;
-        if w.resumed > 0 && !a.common.json {
-            eprintln!(
-                "resuming: blocks 0..{} were finished by the interrupted run",
-                w.resumed
-            );
-        }
-        work = Some(w);
-    }
-    if engine {
-        let (mut method, label, training): (Box<dyn BlockMethod>, &str, Option<String>) =
-            match a.method {
-                MethodArg::Flatquant => {
-                    let cfg = flatquant_config(&a, &recipe, &plan)?;
-                    let t = format!("{} epochs, batch {}, lr {}", cfg.epochs, cfg.batch, cfg.lr);
-                    (Box::new(FlatQuant::new(cfg)?), "flatquant", Some(t))
-                }
-                MethodArg::Affinequant => {
-                    let cfg = affinequant_config(&recipe, &plan)?;
-                    let t = format!(
-                        "{} epochs, lr {}, stability factor {}, {} at the norms",
-                        cfg.epochs,
-                        cfg.lr,
-                        cfg.stability_factor,
-                        if cfg.ln_matrix {
-                            "dense matrices"
-                        } else {
-                            "per-channel scales"
-                        }
-                    );
-                    (Box::new(AffineQuant { cfg }), "affinequant", Some(t))
-                }
-                MethodArg::Rtn | MethodArg::Rotate => {
-                    (Box::new(Untrained { plan: plan.clone() }), "gptq", None)
-                }
-            };
-        let outcome = run_calibration(
-            &a,
-            &recipe,
-            &plan,
-            &ckpt,
-            &mut model,
-            method.as_mut(),
-            label,
-            training,
-            work.as_ref().map(|w| w as &dyn affq::calib::BlockStore),
-        )
-        .inspect_err(|_| {
-            if let Some(w) = &work {
-                w.discard_if_empty();
-            }
-        })?;
-        extra.push(("calibration.csv".to_string(), outcome.csv));
-        transforms.extend(outcome.transforms);
-        methods::quantize_head(&mut model, &plan)?;
-    } else {
-        methods::quantize(&mut model, &plan)?;
-    }
-    let method = method_label;
-    qcfg.transforms = transforms.clone();
-    affq::checkpoint::write(
-        &model,
-        &ckpt.files.dir,
-        &ckpt.files.config,
-        &qcfg,
-        &a.output,
-        a.force,
-        &extra,
-    )?;
-    if let Some(w) = work {
-        w.finish()?;
-    }
+    let out = affq::quantize::run(&plan, &mut bars)?;
     let secs = t0.elapsed().as_secs_f64();
     if a.common.json {
-        let mut v = serde_json::to_value(&qcfg)?;
+        let mut v = serde_json::to_value(&out.config)?;
         v["output"] = serde_json::json!(a.output.display().to_string());
         v["seconds"] = serde_json::json!(secs);
         println!("{v}");
     } else {
-        let wdesc = plan
+        let q = &plan.quant;
+        let wdesc = q
             .weights
             .as_ref()
             .map_or("16".to_string(), |w| format!("{}", w.spec.bits));
-        let bits = |s: Option<QuantSpec>| s.map_or("16".to_string(), |s| s.bits.to_string());
+        let bits =
+            |s: Option<affq::quant::QuantSpec>| s.map_or("16".to_string(), |s| s.bits.to_string());
         println!(
-            "quantized {} with {method}: W{wdesc}A{}KV{} -> {} in {secs:.1}s",
+            "quantized {} with {}: W{wdesc}A{}KV{} -> {} in {secs:.1}s",
             a.model.display(),
-            bits(plan.activations),
-            bits(plan.kv_cache),
+            plan.method.name,
+            bits(q.activations),
+            bits(q.kv_cache),
             a.output.display()
         );
-        for t in transforms {
+        for t in out.transforms {
             println!("  {t}");
         }
     }

@@ -5,7 +5,6 @@
 use libfuzzer_sys::fuzz_target;
 
 #[path = "common.rs"]
-mod common;
 
 const CONFIG: &str = r#"{
   "architectures": ["LlamaForCausalLM"], "model_type": "llama",
@@ -29,7 +28,7 @@ fuzz_target!(|data: &[u8]| {
     if !cfg.exists() {
         std::fs::write(&cfg, CONFIG).unwrap();
     }
-    if let Ok(ckpt) = affq::weights::Checkpoint::open(&dir) {
-        let _ = affq::model::Model::load(&ckpt, 8);
+    if let Ok(ckpt) = affq::formats::Checkpoint::open(&dir) {
+        let _ = ckpt.load_model(8);
     }
 });

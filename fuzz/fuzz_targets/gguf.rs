@@ -3,11 +3,10 @@
 use libfuzzer_sys::fuzz_target;
 
 #[path = "common.rs"]
-mod common;
 
 fuzz_target!(|data: &[u8]| {
     let p = common::scratch("model.gguf", data);
-    if let Ok(g) = affq::gguf::GgufFile::open(&p) {
+    if let Ok(g) = affq::formats::gguf::GgufFile::open(&p) {
         for t in g.tensors.clone() {
             let _ = g.dequantize(&t);
         }

@@ -4,11 +4,10 @@
 use libfuzzer_sys::fuzz_target;
 
 #[path = "common.rs"]
-mod common;
 
 fuzz_target!(|data: &[u8]| {
     let p = common::scratch("model.safetensors", data);
-    if let Ok(store) = affq::weights::TensorStore::open(&[p]) {
+    if let Ok(store) = affq::formats::safetensors::TensorStore::open(&[p]) {
         for name in store.names() {
             let _ = store.raw(&name);
             if let Ok(shape) = store.shape(&name) {

@@ -2,8 +2,8 @@
 
 use crate::data::{self, DataFile};
 use crate::error::{Error, Result};
+use crate::rng::Rng;
 use crate::tokenizer::Tok;
-use crate::transforms::linalg::Rng;
 use candle_core::{Device, Tensor};
 use std::path::{Path, PathBuf};
 

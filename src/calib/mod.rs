@@ -1,60 +1,22 @@
 //! The calibration engine: one loop for every learned method.
 //!
 //! Layer by layer: the full-precision inputs `X` of block `i` are run through the FP block to get
-//! its outputs `Y` (and per-channel activation statistics); a `BlockMethod` turns the FP block into
+//! its outputs `Y` (and per-channel activation statistics); a `Method` turns the FP block into
 //! its deployed quantized form by minimising the block-output MSE; `Y` becomes the next block's
 //! input (no error propagation, as FlatQuant and AffineQuant do). Only one block's activations are
 //! alive at a time.
 
-pub mod affinequant;
 pub mod data;
-pub mod flatquant;
-pub mod recipe;
 pub mod resume;
 pub mod weight_quant;
 
 use crate::error::{Error, Result};
-use crate::methods::{attach_quantizers, quantize_block, QuantPlan};
-use crate::model::{Block, BlockHook, LinearKind, Mode, Model, NoHook, Rope};
-use candle_core::{Tensor, D};
+use crate::methods::plan::quantize_block;
+use crate::methods::{EpochLog, Method, QuantPlan, SiteStats};
+use crate::model::{Block, BlockHook, Mode, Model, NoHook, Rope};
+use candle_core::Tensor;
 use std::time::Instant;
 pub use weight_quant::WeightQuantizer;
-
-/// Per-channel running max of |x| at the inputs of q/o/gate/down (FlatQuant §2.5, AffineQuant §3.5).
-#[derive(Default)]
-pub struct SiteStats {
-    pub attn_in: Option<Tensor>,
-    pub o_in: Option<Tensor>,
-    pub mlp_in: Option<Tensor>,
-    pub down_in: Option<Tensor>,
-}
-
-impl BlockHook for SiteStats {
-    fn linear_input(&mut self, kind: LinearKind, x: &Tensor) -> Result<()> {
-        let slot = match kind {
-            LinearKind::Q => &mut self.attn_in,
-            LinearKind::O => &mut self.o_in,
-            LinearKind::Gate => &mut self.mlp_in,
-            LinearKind::Down => &mut self.down_in,
-            _ => return Ok(()),
-        };
-        let n = x.dim(D::Minus1)?;
-        let m = x.abs()?.reshape(((), n))?.max(0)?;
-        *slot = Some(match slot.take() {
-            Some(prev) => prev.maximum(&m)?,
-            None => m,
-        });
-        Ok(())
-    }
-}
-
-/// One epoch's record for the log.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct EpochLog {
-    pub epoch: usize,
-    pub loss: f64,
-    pub seconds: f64,
-}
 
 /// What a method reports for a block.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -68,52 +30,6 @@ pub struct BlockReport {
     pub seconds: f64,
     /// Anything the method had to do about numerical trouble.
     pub notes: Vec<String>,
-}
-
-/// What a method says about its training of one block.
-#[derive(Debug, Clone, Default)]
-pub struct MethodReport {
-    pub epochs: Vec<EpochLog>,
-    pub notes: Vec<String>,
-}
-
-/// A method that calibrates one block at a time.
-pub trait BlockMethod {
-    /// Returns the block in its deployed form except for the weight grid: transforms merged or
-    /// attached, learned clipping applied to the weights, activation and KV quantizers attached,
-    /// weights still in full precision (the engine's weight quantizer rounds them).
-    /// `x` and `y`: `[N, L, hidden]` FP inputs and outputs.
-    fn calibrate(
-        &mut self,
-        block: &Block,
-        rope: &Rope,
-        x: &Tensor,
-        y: &Tensor,
-        stats: &SiteStats,
-        on_epoch: &mut dyn FnMut(&EpochLog),
-    ) -> Result<(Block, MethodReport)>;
-}
-
-/// No training: the plan's activation and KV quantizers on the block as it is (RTN or a rotated
-/// model, with a weight quantizer that needs calibration data).
-pub struct Untrained {
-    pub plan: QuantPlan,
-}
-
-impl BlockMethod for Untrained {
-    fn calibrate(
-        &mut self,
-        block: &Block,
-        _: &Rope,
-        _: &Tensor,
-        _: &Tensor,
-        _: &SiteStats,
-        _: &mut dyn FnMut(&EpochLog),
-    ) -> Result<(Block, MethodReport)> {
-        let mut b = block.clone();
-        attach_quantizers(&mut b, &self.plan)?;
-        Ok((b, MethodReport::default()))
-    }
 }
 
 /// Where finished blocks are kept so an interrupted calibration can continue
@@ -132,19 +48,6 @@ pub struct EngineConfig {
     /// all of them. A Hessian of an n-wide input needs well over n tokens to generalise (GPTQ
     /// uses 128 × 2048), more than a CPU training budget such as AffineQuant's 8 × 512.
     pub method_windows: usize,
-}
-
-/// Copies of the variables' values: the last good state of a block's training.
-pub(crate) fn snapshot(vars: &[candle_core::Var]) -> Result<Vec<Tensor>> {
-    vars.iter().map(|v| Ok(v.as_tensor().copy()?)).collect()
-}
-
-/// Puts the values of [`snapshot`] back.
-pub(crate) fn restore(vars: &[candle_core::Var], snap: &[Tensor]) -> Result<()> {
-    for (v, t) in vars.iter().zip(snap) {
-        v.set(t)?;
-    }
-    Ok(())
 }
 
 /// Runs `block` over `x` in chunks of `batch` samples (eval path) with `hook` observing.
@@ -185,7 +88,7 @@ pub fn mse(a: &Tensor, b: &Tensor) -> Result<f64> {
 pub fn calibrate_model(
     model: &mut Model,
     tokens: &Tensor,
-    method: &mut dyn BlockMethod,
+    method: &mut dyn Method,
     engine: &EngineConfig,
     store: Option<&dyn BlockStore>,
     mut on_epoch: impl FnMut(usize, &EpochLog),

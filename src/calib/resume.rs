@@ -7,11 +7,11 @@
 //! uninterrupted one, byte for byte. The work directory is removed when the checkpoint is written.
 
 use super::{BlockReport, BlockStore};
-use crate::checkpoint::QuantConfig;
-use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::model::Block;
-use crate::weights::{write_safetensors, TensorStore};
+use crate::formats::checkpoint::{block_tensors, load_block};
+use crate::formats::safetensors::{write_safetensors, TensorStore};
+use crate::formats::schema::QuantConfig;
+use crate::model::{Block, ModelConfig};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -122,7 +122,7 @@ impl BlockStore for WorkDir {
             return Ok(None);
         }
         let store = TensorStore::open(std::slice::from_ref(&path))?;
-        let block = Block::load(&store, self.config.clone(), i, Some(&self.quant))?;
+        let block = load_block(&store, self.config.clone(), i, Some(&self.quant))?;
         let report = store
             .metadata()
             .get("affq.report")
@@ -132,9 +132,9 @@ impl BlockStore for WorkDir {
     }
 
     fn save(&self, block: &Block, report: &BlockReport) -> Result<()> {
-        let path = self.block_path(block.index);
+        let path = self.block_path(block.index());
         let tmp = path.with_extension("tmp");
-        let mut tensors = block.export()?;
+        let mut tensors = block_tensors(block)?;
         tensors.sort_by(|a, b| a.0.cmp(&b.0));
         let mut meta = BTreeMap::new();
         meta.insert(

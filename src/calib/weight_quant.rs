@@ -2,11 +2,13 @@
 //! transformed and clipped) go onto their grid, by round-to-nearest or by GPTQ.
 
 use super::run_block;
+use crate::backend::simulated::QuantLinear;
 use crate::error::Result;
-use crate::methods::{quantize_linear, QuantPlan};
+use crate::methods::plan::quantize_linear;
+use crate::methods::QuantPlan;
 use crate::model::{Block, BlockHook, LinearKind, Rope};
 use crate::quant::gptq::{gptq, GptqConfig, Hessian};
-use crate::quant::{ActQuantizer, QuantLinear};
+use crate::quant::ActQuantizer;
 use candle_core::Tensor;
 use std::sync::Arc;
 
@@ -69,7 +71,7 @@ pub fn quantize_block_weights(
     let Some(scheme) = &plan.weights else {
         return Ok(());
     };
-    let index = block.index;
+    let index = block.index();
     let name = |kind: LinearKind| format!("model.layers.{index}.{}", kind.hf_name());
     match wq {
         WeightQuantizer::Rtn => {

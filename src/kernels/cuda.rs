@@ -11,7 +11,7 @@
 //! the CPU.
 
 use super::int_gemm::{PackedWeights, QuantizedActs};
-use super::int_linear::FusedTransform;
+use super::transform_quant::FusedTransform;
 use crate::error::{Error, Result};
 use crate::quant::{QuantSpec, SymScale};
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
@@ -528,10 +528,4 @@ pub fn forward_site(
             Ok(y)
         })
         .collect()
-}
-
-/// A decoder layer's GPU state: the device and each site's online transform there.
-pub struct GpuSites {
-    pub cuda: Arc<Cuda>,
-    pub sites: [Option<CudaTransform>; 4],
 }

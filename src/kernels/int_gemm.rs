@@ -373,7 +373,7 @@ fn quantize_row_generic(x: &[f32], q: &mut [i8], spec: &QuantSpec) -> RowCodes {
     }
 }
 
-crate::kernels::fastmath::dispatch!(
+crate::fastmath::dispatch!(
     /// One token row to signed codes `q = code − zero` with the simulated quantizer's grid and
     /// rounding (`q` at least as long as `x`; the rest untouched).
     quantize_row, quantize_row_generic, (x: &[f32], q: &mut [i8], spec: &QuantSpec) -> RowCodes
@@ -746,7 +746,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transforms::linalg::Rng;
+    use crate::rng::Rng;
 
     /// Plain reference: dequantized values multiplied in f64.
     #[allow(clippy::too_many_arguments)]

@@ -1,9 +1,9 @@
-//! CPU kernels written for affq's hot paths, exposed as candle custom ops.
+//! Compute kernels for the quantized inference path, independent of the model: the integer GEMM
+//! and per-token quantizer (AVX-512 VNNI / AVX2 / portable), the fused online transform +
+//! quantization, the small f32/bf16 GEMMs it uses, and the CUDA driver path (`cuda` feature).
 
-pub mod attention;
 #[cfg(feature = "cuda")]
 pub mod cuda;
-pub mod fastmath;
 pub mod int_gemm;
-pub mod int_linear;
 pub mod small_gemm;
+pub mod transform_quant;

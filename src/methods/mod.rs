@@ -1,112 +1,139 @@
-//! Quantization methods. Every method ends in the same step, `quantize`: weights to their grid,
-//! activation and KV quantizers attached. Methods differ in what they do to the model before it
-//! (nothing for RTN; an exact orthogonal reparameterisation for `rotate`).
+//! Quantization methods: each is one file behind one trait, [`Method`], and one entry of
+//! [`REGISTRY`] (its name, what it trains, its default recipe, the recipe keys it reads and how it
+//! is built). Adding a method is a new file plus its line in the registry; the CLI, the plan and
+//! the calibration engine (`crate::calib`) know methods only through these.
+//!
+//! Every method ends in the same step: the engine puts the weights the method leaves in full
+//! precision onto their grid (RTN or GPTQ). Methods differ in what they do before it — nothing
+//! (`rtn`), an exact orthogonal reparameterisation of the whole model (`rotate`), or learned
+//! transforms and clipping trained block by block (`flatquant`, `affinequant`, on the shared loop
+//! of [`train`] with the learnable clipping of [`lwc`]).
 
+pub mod affinequant;
+pub mod flatquant;
+pub mod lwc;
+pub mod plan;
 pub mod rotate;
+pub mod rtn;
+pub mod train;
 
-use crate::checkpoint::WeightScheme;
+pub use plan::QuantPlan;
+
 use crate::error::Result;
-use crate::model::{LinearKind, LinearLayer, Model};
-use crate::quant::{ActQuantizer, QuantLinear, QuantSpec, QuantizedWeight};
-use std::sync::Arc;
+use crate::model::{Block, BlockHook, LinearKind, Model, Rope};
+use crate::recipe::Recipe;
+use candle_core::{Tensor, D};
 
-/// What to quantize and how.
-#[derive(Debug, Clone)]
-pub struct QuantPlan {
-    pub weights: Option<WeightScheme>,
-    pub activations: Option<QuantSpec>,
-    pub kv_cache: Option<QuantSpec>,
-    pub quantize_head: bool,
+/// The registered methods, in the order `--help` lists them.
+pub const REGISTRY: &[MethodSpec] = &[rtn::SPEC, rotate::SPEC, flatquant::SPEC, affinequant::SPEC];
+
+/// The registry entry of `name`.
+pub fn find(name: &str) -> Option<&'static MethodSpec> {
+    REGISTRY.iter().find(|m| m.name == name)
 }
 
-/// Round-to-nearest quantization of one linear's weight (per the plan's scheme), keeping `act`
-/// as its input quantizer.
-pub fn quantize_linear(
-    layer: &dyn LinearLayer,
-    name: &str,
-    plan: &QuantPlan,
-    act: Option<Arc<dyn ActQuantizer>>,
-) -> Result<QuantLinear> {
-    let w = layer.weight()?;
-    let (out, inp) = w.dims2()?;
-    let qw = match &plan.weights {
-        Some(s) => {
-            let values: Vec<f32> = w.flatten_all()?.to_vec1()?;
-            Some(QuantizedWeight::quantize(
-                name,
-                &values,
-                out,
-                inp,
-                s.spec,
-                s.granularity,
-                s.clip_search,
-            )?)
-        }
-        None => None,
-    };
-    QuantLinear::with_quantizer(qw, w, layer.bias().cloned(), act)
+/// What the registry knows of a method before it is built.
+pub struct MethodSpec {
+    /// `--method NAME`, and `method` in the checkpoint.
+    pub name: &'static str,
+    /// One line for `--help`.
+    pub about: &'static str,
+    /// Trains each block: the calibration engine runs even with RTN weights, and the training
+    /// keys (epochs, batch, lr, alpha) apply.
+    pub trained: bool,
+    /// The recipe the method starts from (flags and `--recipe` override it); `None`: only the
+    /// `cpu` recipe's data budget (used by GPTQ).
+    pub preset: Option<&'static str>,
+    /// Recipe keys that only this method reads.
+    pub own_keys: &'static [&'static str],
+    /// Per-token activations on an asymmetric grid (AffineQuant §3.6) instead of a symmetric one.
+    pub asym_activations: bool,
+    /// Builds the method from the resolved recipe and the validated plan.
+    pub build: fn(&MethodInput) -> Result<Box<dyn Method>>,
 }
 
-fn act_of(plan: &QuantPlan) -> Option<Arc<dyn ActQuantizer>> {
-    fixed_quantizer(plan.activations)
-}
-
-/// A fixed-grid quantizer as the trait object layers hold.
-pub fn fixed_quantizer(spec: Option<QuantSpec>) -> Option<Arc<dyn ActQuantizer>> {
-    spec.map(|s| Arc::new(s) as Arc<dyn ActQuantizer>)
-}
-
-/// Round-to-nearest quantization of one block's linears with the activation and KV quantizers
-/// attached.
-pub fn quantize_block(block: &mut crate::model::Block, plan: &QuantPlan) -> Result<()> {
-    let i = block.index;
-    for kind in LinearKind::ALL {
-        let name = format!("model.layers.{i}.{}", kind.hf_name());
-        let q = quantize_linear(block.linear(kind), &name, plan, act_of(plan))?;
-        block.set_linear(kind, Box::new(q))?;
+impl std::fmt::Debug for MethodSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MethodSpec({})", self.name)
     }
-    attach_kv(block, plan.kv_cache);
-    Ok(())
 }
 
-/// The plan's activation quantizers on every linear input and its KV quantizers, weights left in
-/// full precision: the starting point of weight quantizers that need calibration data (GPTQ).
-pub fn attach_quantizers(block: &mut crate::model::Block, plan: &QuantPlan) -> Result<()> {
-    for kind in LinearKind::ALL {
-        let layer = block.linear(kind);
-        let q = QuantLinear::with_quantizer(
-            None,
-            layer.weight()?,
-            layer.bias().cloned(),
-            act_of(plan),
-        )?;
-        block.set_linear(kind, Box::new(q))?;
+/// What a method is built from.
+pub struct MethodInput<'a> {
+    pub recipe: &'a Recipe,
+    pub plan: &'a QuantPlan,
+    pub seed: u64,
+}
+
+/// A quantization method.
+pub trait Method {
+    /// Names the calibration in logs and in the checkpoint's notes (`gptq` for methods that do
+    /// not train: then the engine runs for GPTQ's sake).
+    fn label(&self) -> &'static str;
+    /// One line on the training budget, for the log and the checkpoint's notes.
+    fn training_summary(&self) -> Option<String> {
+        None
     }
-    attach_kv(block, plan.kv_cache);
-    Ok(())
-}
-
-/// The same fixed per-(token, head) quantizer on keys and values.
-pub fn attach_kv(block: &mut crate::model::Block, kv: Option<QuantSpec>) {
-    block.k_quant = fixed_quantizer(kv);
-    block.v_quant = block.k_quant.clone();
-}
-
-/// Round-to-nearest quantization of every decoder linear (and the head if asked), with the
-/// activation and KV quantizers attached.
-pub fn quantize(model: &mut Model, plan: &QuantPlan) -> Result<()> {
-    for block in &mut model.blocks {
-        quantize_block(block, plan)?;
+    /// A whole-model step before any block is calibrated (e.g. rotations); returns what it did,
+    /// one line each, for the checkpoint's list of transforms.
+    fn prepare(&mut self, _model: &mut Model) -> Result<Vec<String>> {
+        Ok(Vec::new())
     }
-    quantize_head(model, plan)
+    /// Returns the block in its deployed form except for the weight grid: transforms merged or
+    /// attached, learned clipping applied to the weights, activation and KV quantizers attached,
+    /// weights still in full precision (the engine's weight quantizer rounds them).
+    /// `x` and `y`: `[N, L, hidden]` full-precision inputs and outputs of the block.
+    fn calibrate(
+        &mut self,
+        block: &Block,
+        rope: &Rope,
+        x: &Tensor,
+        y: &Tensor,
+        stats: &SiteStats,
+        on_epoch: &mut dyn FnMut(&EpochLog),
+    ) -> Result<(Block, MethodReport)>;
 }
 
-/// Round-to-nearest quantization of the head, if the plan asks for it.
-pub fn quantize_head(model: &mut Model, plan: &QuantPlan) -> Result<()> {
-    if plan.quantize_head {
-        let q = quantize_linear(model.head.as_ref(), "lm_head", plan, act_of(plan))?;
-        model.head = Box::new(q);
-        model.tied_head = false;
+/// Per-channel running max of |x| at the inputs of q/o/gate/down (FlatQuant §2.5, AffineQuant
+/// §3.5), observed by the engine on the full-precision block.
+#[derive(Default)]
+pub struct SiteStats {
+    pub attn_in: Option<Tensor>,
+    pub o_in: Option<Tensor>,
+    pub mlp_in: Option<Tensor>,
+    pub down_in: Option<Tensor>,
+}
+
+impl BlockHook for SiteStats {
+    fn linear_input(&mut self, kind: LinearKind, x: &Tensor) -> Result<()> {
+        let slot = match kind {
+            LinearKind::Q => &mut self.attn_in,
+            LinearKind::O => &mut self.o_in,
+            LinearKind::Gate => &mut self.mlp_in,
+            LinearKind::Down => &mut self.down_in,
+            _ => return Ok(()),
+        };
+        let n = x.dim(D::Minus1)?;
+        let m = x.abs()?.reshape(((), n))?.max(0)?;
+        *slot = Some(match slot.take() {
+            Some(prev) => prev.maximum(&m)?,
+            None => m,
+        });
+        Ok(())
     }
-    Ok(())
+}
+
+/// One epoch's record for the log.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct EpochLog {
+    pub epoch: usize,
+    pub loss: f64,
+    pub seconds: f64,
+}
+
+/// What a method says about its training of one block.
+#[derive(Debug, Clone, Default)]
+pub struct MethodReport {
+    pub epochs: Vec<EpochLog>,
+    pub notes: Vec<String>,
 }

@@ -11,10 +11,13 @@
 //! All merges are computed in f64. With quantization off, logits equal the original's up to f32
 //! rounding (tests/rotate.rs).
 
+use super::rtn::untrained;
+use super::{EpochLog, Method, MethodInput, MethodReport, MethodSpec, QuantPlan, SiteStats};
 use crate::error::Result;
-use crate::model::{DenseLinear, LinearKind, LinearLayer, Model, QkTransform, Site};
+use crate::model::{Block, DenseLinear, LinearKind, LinearLayer, Model, QkTransform, Rope, Site};
+use crate::rng::Rng;
 use crate::transforms::hadamard::hadamard_factors;
-use crate::transforms::linalg::{kron, random_orthogonal, Rng};
+use crate::transforms::linalg::{kron, random_orthogonal};
 use crate::transforms::{per_head_output, KroneckerTransform};
 use candle_core::{DType, Device, Tensor};
 
@@ -147,8 +150,8 @@ pub fn rotate(model: &mut Model, seed: u64) -> Result<Vec<String>> {
     model.norm = model.norm.ones_like()?;
 
     for block in &mut model.blocks {
-        let g_in = block.input_norm.clone();
-        let g_post = block.post_norm.clone();
+        let g_in = block.input_norm().clone();
+        let g_post = block.post_norm().clone();
         for kind in LinearKind::ALL {
             let layer = block.linear(kind);
             let new = match kind {
@@ -185,8 +188,7 @@ pub fn rotate(model: &mut Model, seed: u64) -> Result<Vec<String>> {
             };
             block.set_linear(kind, Box::new(new))?;
         }
-        block.input_norm = g_in.ones_like()?;
-        block.post_norm = g_post.ones_like()?;
+        block.set_norms(g_in.ones_like()?, g_post.ones_like()?);
         block.set_site(Site::DownIn, Some(ffn.online()?));
         let p1 = (nh > 1).then_some(head_mix.dense());
         block.set_site(
@@ -194,10 +196,50 @@ pub fn rotate(model: &mut Model, seed: u64) -> Result<Vec<String>> {
             Some(KroneckerTransform::new(nh, p1.as_deref(), hd, None)?),
         );
         let hq = to_f32(&h_hd)?;
-        block.qk_transform = Some(QkTransform {
+        block.set_qk_transform(Some(QkTransform {
             q: hq.clone(),
             k: hq,
-        });
+        }));
     }
     Ok(log)
+}
+
+pub const SPEC: MethodSpec = MethodSpec {
+    name: "rotate",
+    about: "QuaRot-style rotations (Hadamard / random orthogonal), then round to nearest.",
+    trained: false,
+    preset: None,
+    own_keys: &[],
+    asym_activations: false,
+    build: |m: &MethodInput| {
+        Ok(Box::new(Rotate {
+            plan: m.plan.clone(),
+            seed: m.seed,
+        }))
+    },
+};
+
+pub struct Rotate {
+    plan: QuantPlan,
+    seed: u64,
+}
+
+impl Method for Rotate {
+    fn label(&self) -> &'static str {
+        "gptq"
+    }
+    fn prepare(&mut self, model: &mut Model) -> Result<Vec<String>> {
+        rotate(model, self.seed)
+    }
+    fn calibrate(
+        &mut self,
+        block: &Block,
+        _: &Rope,
+        _: &Tensor,
+        _: &Tensor,
+        _: &SiteStats,
+        _: &mut dyn FnMut(&EpochLog),
+    ) -> Result<(Block, MethodReport)> {
+        untrained(block, &self.plan)
+    }
 }

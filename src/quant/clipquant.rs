@@ -306,7 +306,7 @@ mod tests {
 
     #[test]
     fn fused_op_matches_graph_values_and_gradients() {
-        let mut rng = crate::transforms::linalg::Rng::new(11);
+        let mut rng = crate::rng::Rng::new(11);
         for (spec, clamp_input, per_row) in [
             (QuantSpec::sym(4), true, true),
             (QuantSpec::sym(4), false, false),

@@ -285,7 +285,7 @@ pub fn output_error(w: &[f32], w_hat: &[f32], out: usize, inp: usize, h: &[f64])
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transforms::linalg::Rng;
+    use crate::rng::Rng;
 
     /// GPTQ and RTN of the same weight on the same grid.
     #[allow(clippy::too_many_arguments)]

@@ -55,7 +55,7 @@ pub(crate) fn unit_params(xs: &[f32], spec: &QuantSpec, clip_search: bool) -> Un
 }
 
 /// Checks that `g` (if grouped) divides `inp`; returns the unit length along a row.
-pub(crate) fn unit_len(name: &str, inp: usize, granularity: Granularity) -> Result<usize> {
+pub fn unit_len(name: &str, inp: usize, granularity: Granularity) -> Result<usize> {
     match granularity {
         Granularity::Group(g) if g == 0 || !inp.is_multiple_of(g) => Err(Error::Usage(format!(
             "group size {g} does not divide the input size {inp} of {name}"

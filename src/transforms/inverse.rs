@@ -97,7 +97,7 @@ mod tests {
 
     #[test]
     fn inverse_times_matrix_is_identity() {
-        let mut rng = crate::transforms::linalg::Rng::new(5);
+        let mut rng = crate::rng::Rng::new(5);
         for n in [1, 3, 24, 48] {
             let a: Vec<f64> = (0..n * n)
                 .map(|i| rng.normal() + if i % (n + 1) == 0 { 3.0 } else { 0.0 })

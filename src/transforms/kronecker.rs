@@ -5,7 +5,6 @@
 //! a full `n × n` matrix (`n1 = 1`) or a head-mixing `P⊗I`.
 
 use crate::error::{Error, Result};
-use crate::weights::{StoredTensor, TensorStore};
 use candle_core::{Device, Tensor};
 
 #[derive(Clone)]
@@ -96,70 +95,13 @@ impl KroneckerTransform {
         }
         Ok(t)
     }
-
-    pub fn export(&self, prefix: &str) -> Result<Vec<(String, StoredTensor)>> {
-        let mut v = vec![(
-            format!("{prefix}.dims"),
-            StoredTensor::i64(&[self.n1 as i64, self.n2 as i64], &[2]),
-        )];
-        for (name, t) in [("p1", &self.p1), ("p2", &self.p2), ("scale", &self.scale)] {
-            if let Some(t) = t {
-                v.push((format!("{prefix}.{name}"), StoredTensor::from_f32(t)?));
-            }
-        }
-        Ok(v)
-    }
-
-    /// Reads a transform written by `export`, if `{prefix}.dims` exists.
-    pub fn load(store: &TensorStore, prefix: &str, n: usize) -> Result<Option<Self>> {
-        let dims_name = format!("{prefix}.dims");
-        if !store.contains(&dims_name) {
-            return Ok(None);
-        }
-        let raw = store.raw(&dims_name)?;
-        let path = store
-            .path_of(&dims_name)
-            .unwrap_or(store.first_path())
-            .to_path_buf();
-        let d: Vec<i64> = raw
-            .data
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-            .collect();
-        if raw.dtype != safetensors::Dtype::I64
-            || d.len() != 2
-            || d[0] <= 0
-            || d[1] <= 0
-            || (d[0] * d[1]) as usize != n
-        {
-            return Err(Error::format(
-                &path,
-                format!("`{dims_name}` must be I64 [n1, n2] with n1·n2 = {n}"),
-            ));
-        }
-        let (n1, n2) = (d[0] as usize, d[1] as usize);
-        let get = |name: &str, shape: &[usize]| -> Result<Option<Tensor>> {
-            let full = format!("{prefix}.{name}");
-            if store.contains(&full) {
-                Ok(Some(store.f32(&full, shape)?))
-            } else {
-                Ok(None)
-            }
-        };
-        Ok(Some(KroneckerTransform {
-            n1,
-            n2,
-            p1: get("p1", &[n1, n1])?,
-            p2: get("p2", &[n2, n2])?,
-            scale: get("scale", &[n])?,
-        }))
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transforms::linalg::{random_orthogonal, Rng};
+    use crate::rng::Rng;
+    use crate::transforms::linalg::random_orthogonal;
 
     #[test]
     fn kronecker_apply_equals_dense_matmul() {

@@ -1,0 +1,605 @@
+//! FlatQuant (algorithms.md §2): per linear input a learned affine transform
+//! `T = diag(c)·(P1⊗P2)`, a head mixer `P_h` on the o_proj input, per-head `P_v` (values) and `P_k`
+//! (queries/keys after RoPE) when the KV cache is quantized, learnable weight clipping (LWC) per
+//! output row and learnable activation clipping (LAC) per quantizer, trained block by block to
+//! minimise the quantized block's output MSE.
+//!
+//! Factor parameterisation: each `P` is a plain matrix started at a random orthogonal matrix, with
+//! `P⁻ᵀ` from a differentiable f64 Gauss–Jordan inverse (FlatQuant's `--direct_inv` mode). One
+//! inverse per factor per step is cheaper than the SVD form's two Cayley solves, has the same
+//! expressive power, and an orthogonal start is perfectly conditioned; the small learning rate
+//! keeps it away from singularity, and the deployment step checks the pivot ratio in f64 and
+//! reports a near-singular factor instead of writing garbage.
+
+use super::lwc::{clamp_rows, lwc_bounds, lwc_units, Clip};
+use super::train::{train, var, Group, Loss, Schedule, TrainConfig, Trainee};
+use super::{EpochLog, Method, MethodInput, MethodReport, MethodSpec, SiteStats};
+use crate::backend::simulated::QuantLinear;
+use crate::error::{Error, Result};
+use crate::model::{Block, DenseLinear, LinearKind, Mode, NoHook, QkTransform, Rope, Site};
+use crate::quant::act::sigmoid;
+use crate::quant::clipquant::clip_quant;
+use crate::quant::{ActQuantizer, Granularity, QuantSpec};
+use crate::rng::Rng;
+use crate::transforms::inverse::{inverse, inverse_f64};
+use crate::transforms::linalg::random_orthogonal;
+use crate::transforms::{per_head_output, KroneckerTransform};
+use candle_core::{DType, Device, Tensor, Var, D};
+use std::sync::Arc;
+
+/// Hyper-parameters (recipes in calib/*.toml).
+#[derive(Debug, Clone)]
+pub struct FlatQuantConfig {
+    pub weights: Option<QuantSpec>,
+    pub activations: Option<QuantSpec>,
+    pub kv_cache: Option<QuantSpec>,
+    pub epochs: usize,
+    pub batch: usize,
+    /// Learning rate of the transforms; the clip parameters use `clip_lr_mult ×` this.
+    pub lr: f64,
+    pub clip_lr_mult: f64,
+    pub weight_decay: f64,
+    /// SmoothQuant-style migration strength of the channel-scale init (§2.5).
+    pub alpha: f64,
+    pub seed: u64,
+    /// Weight group size along the (transformed) input dimension: LWC per (row, group), as
+    /// the weight-only settings of the paper; `None` per channel.
+    pub group_size: Option<usize>,
+}
+
+pub const SPEC: MethodSpec = MethodSpec {
+    name: "flatquant",
+    about:
+        "Learned Kronecker affine transforms with learnable clipping, calibrated block by block.",
+    trained: true,
+    preset: Some("cpu"),
+    own_keys: &[],
+    asym_activations: false,
+    build: |m: &MethodInput| Ok(Box::new(FlatQuant::new(FlatQuantConfig::new(m))?)),
+};
+
+impl FlatQuantConfig {
+    /// The configuration of a resolved recipe and plan (defaults: the paper's, §2.12).
+    pub fn new(m: &MethodInput) -> Self {
+        let (r, plan) = (m.recipe, m.plan);
+        FlatQuantConfig {
+            weights: plan.weights.as_ref().map(|w| w.spec),
+            activations: plan.activations,
+            kv_cache: plan.kv_cache,
+            epochs: r.epochs.unwrap_or(3),
+            batch: r.batch.unwrap_or(1),
+            lr: r.lr.unwrap_or(5e-3),
+            clip_lr_mult: 10.0,
+            weight_decay: 0.01,
+            alpha: r.alpha.unwrap_or(0.3),
+            seed: m.seed,
+            group_size: plan.weights.as_ref().and_then(|w| match w.granularity {
+                Granularity::Group(g) => Some(g),
+                _ => None,
+            }),
+        }
+    }
+}
+
+/// `n1` = the largest divisor of `n` not above √n (algorithms.md §2.2, affq's rule).
+pub fn kron_dims(n: usize) -> (usize, usize) {
+    let mut n1 = 1;
+    let mut d = 1;
+    while d * d <= n {
+        if n.is_multiple_of(d) {
+            n1 = d;
+        }
+        d += 1;
+    }
+    (n1, n / n1)
+}
+
+fn orthogonal_var(n: usize, rng: &mut Rng) -> Result<Var> {
+    let m: Vec<f32> = random_orthogonal(n, rng)
+        .iter()
+        .map(|&x| x as f32)
+        .collect();
+    var(&m, &[n, n])
+}
+
+/// `diag(c)·(P1⊗P2)` with trainable factors.
+struct Kron {
+    n1: usize,
+    n2: usize,
+    p1: Var,
+    p2: Var,
+    c: Var,
+}
+
+impl Kron {
+    fn new(n: usize, c: &[f32], rng: &mut Rng) -> Result<Self> {
+        let (n1, n2) = kron_dims(n);
+        Ok(Kron {
+            n1,
+            n2,
+            p1: orthogonal_var(n1, rng)?,
+            p2: orthogonal_var(n2, rng)?,
+            c: var(c, &[n])?,
+        })
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        vec![self.p1.clone(), self.p2.clone(), self.c.clone()]
+    }
+
+    /// Activation side `x ↦ x·diag(c)·(P1⊗P2)` (training form, `c` online).
+    fn online(&self) -> KroneckerTransform {
+        KroneckerTransform {
+            n1: self.n1,
+            n2: self.n2,
+            p1: Some(self.p1.as_tensor().clone()),
+            p2: Some(self.p2.as_tensor().clone()),
+            scale: Some(self.c.as_tensor().clone()),
+        }
+    }
+
+    /// Weight side: rows `w ↦ w·diag(1/c)·(P1⁻ᵀ⊗P2⁻ᵀ)`.
+    fn weight_side(&self) -> Result<KroneckerTransform> {
+        Ok(KroneckerTransform {
+            n1: self.n1,
+            n2: self.n2,
+            p1: Some(inverse(self.p1.as_tensor())?.t()?),
+            p2: Some(inverse(self.p2.as_tensor())?.t()?),
+            scale: Some(self.c.as_tensor().recip()?),
+        })
+    }
+}
+
+/// All trainable parameters of one block.
+struct Params {
+    attn: Kron,
+    mlp: Kron,
+    down: Kron,
+    head_mix: Var,
+    /// `(P_v, P_k)` when the KV cache is quantized.
+    kv: Option<(Var, Var)>,
+    /// LWC per linear, `[out, 1]`.
+    lwc: Vec<Clip>,
+    /// LAC per linear input.
+    lac: Vec<Clip>,
+    /// LAC of keys and values.
+    kv_lac: Option<(Clip, Clip)>,
+}
+
+impl Params {
+    fn transform_vars(&self) -> Vec<Var> {
+        let mut v = [self.attn.vars(), self.mlp.vars(), self.down.vars()].concat();
+        v.push(self.head_mix.clone());
+        if let Some((pv, pk)) = &self.kv {
+            v.push(pv.clone());
+            v.push(pk.clone());
+        }
+        v
+    }
+    fn clip_vars(&self) -> Vec<Var> {
+        let mut v: Vec<Var> = self
+            .lwc
+            .iter()
+            .chain(&self.lac)
+            .flat_map(Clip::vars)
+            .collect();
+        if let Some((k, vv)) = &self.kv_lac {
+            v.extend(k.vars());
+            v.extend(vv.vars());
+        }
+        v
+    }
+    fn all_vars(&self) -> Vec<Var> {
+        [self.transform_vars(), self.clip_vars()].concat()
+    }
+}
+
+pub struct FlatQuant {
+    pub cfg: FlatQuantConfig,
+    /// Clip logit whose sigmoid is 1 in f32: quantization without clipping.
+    no_clip: Tensor,
+}
+
+const LINEAR_SITE: [Site; 7] = [
+    Site::AttnIn,
+    Site::AttnIn,
+    Site::AttnIn,
+    Site::OIn,
+    Site::MlpIn,
+    Site::MlpIn,
+    Site::DownIn,
+];
+
+impl FlatQuant {
+    pub fn new(cfg: FlatQuantConfig) -> Result<Self> {
+        Ok(FlatQuant {
+            cfg,
+            no_clip: Tensor::new(&[[30f32]], &Device::Cpu)?,
+        })
+    }
+
+    /// Channel-scale init `c_j = max_o|W[o,j]|^(1−α) / max_t|x[t,j]|^α` (§2.5).
+    fn init_scale(
+        &self,
+        block: &Block,
+        kinds: &[LinearKind],
+        act_max: Option<&Tensor>,
+    ) -> Result<Vec<f32>> {
+        let ws = kinds
+            .iter()
+            .map(|&k| block.linear(k).weight())
+            .collect::<Result<Vec<_>>>()?;
+        let wmax: Vec<f32> = Tensor::cat(&ws, 0)?.abs()?.max(0)?.to_vec1()?;
+        let xmax: Vec<f32> = match act_max {
+            Some(t) => t.to_vec1()?,
+            None => vec![1.0; wmax.len()],
+        };
+        let a = self.cfg.alpha as f32;
+        Ok(wmax
+            .iter()
+            .zip(&xmax)
+            .map(|(w, x)| (w.powf(1.0 - a) / x.max(1e-5).powf(a)).max(1e-5))
+            .collect())
+    }
+
+    fn init_params(&self, block: &Block, stats: &SiteStats) -> Result<Params> {
+        let c = &**block.config();
+        let mut rng = Rng::new(
+            self.cfg
+                .seed
+                .wrapping_mul(1000)
+                .wrapping_add(block.index() as u64),
+        );
+        use LinearKind::*;
+        let attn_c = self.init_scale(block, &[Q, K, V], stats.attn_in.as_ref())?;
+        let mlp_c = self.init_scale(block, &[Up, Gate], stats.mlp_in.as_ref())?;
+        let down_c = self.init_scale(block, &[Down], stats.down_in.as_ref())?;
+        Ok(Params {
+            attn: Kron::new(c.hidden_size, &attn_c, &mut rng)?,
+            mlp: Kron::new(c.hidden_size, &mlp_c, &mut rng)?,
+            down: Kron::new(c.intermediate_size, &down_c, &mut rng)?,
+            head_mix: orthogonal_var(c.num_heads, &mut rng)?,
+            kv: match self.cfg.kv_cache {
+                Some(_) => Some((
+                    orthogonal_var(c.head_dim, &mut rng)?,
+                    orthogonal_var(c.head_dim, &mut rng)?,
+                )),
+                None => None,
+            },
+            lwc: LinearKind::ALL
+                .iter()
+                .map(|k| {
+                    let (out, inp) = k.shape(c);
+                    let g = self.cfg.group_size.unwrap_or(inp);
+                    Clip::new(&[out * inp / g.max(1), 1])
+                })
+                .collect::<Result<_>>()?,
+            lac: LinearKind::ALL
+                .iter()
+                .map(|_| Clip::new(&[1, 1]))
+                .collect::<Result<_>>()?,
+            kv_lac: match self.cfg.kv_cache {
+                Some(_) => Some((Clip::new(&[1, 1])?, Clip::new(&[1, 1])?)),
+                None => None,
+            },
+        })
+    }
+
+    /// The differentiable quantized block for the current parameters.
+    fn train_block(&self, block: &Block, p: &Params) -> Result<Block> {
+        let c = &**block.config();
+        let (nh, hd) = (c.num_heads, c.head_dim);
+        let mut b = block.clone();
+        let pv = p.kv.as_ref().map(|(pv, _)| pv.as_tensor());
+        let o_online = KroneckerTransform {
+            n1: nh,
+            n2: hd,
+            p1: Some(p.head_mix.as_tensor().clone()),
+            p2: None,
+            scale: None,
+        };
+        let o_weight = KroneckerTransform {
+            n1: nh,
+            n2: hd,
+            p1: Some(inverse(p.head_mix.as_tensor())?.t()?),
+            p2: pv
+                .map(|pv| inverse(pv).and_then(|i| Ok(i.t()?)))
+                .transpose()?,
+            scale: None,
+        };
+        let weight_side = [
+            p.attn.weight_side()?,
+            o_weight,
+            p.mlp.weight_side()?,
+            p.down.weight_side()?,
+        ];
+        for (i, kind) in LinearKind::ALL.into_iter().enumerate() {
+            let layer = block.linear(kind);
+            let w = weight_side[LINEAR_SITE[i] as usize].apply(&layer.weight()?)?;
+            let mut bias = layer.bias().cloned();
+            let (lwc_hi, lwc_lo) = (p.lwc[i].max.as_tensor(), p.lwc[i].min.as_tensor());
+            let gs = self.cfg.group_size;
+            let w = match (kind, pv, &self.cfg.weights) {
+                (LinearKind::V, Some(pv), spec) => {
+                    // Output side of v_proj: each head's values times P_v, after the clip (§2.6).
+                    let u = lwc_units(&w, gs)?;
+                    let (lo, hi) = lwc_bounds(&u, &p.lwc[i])?;
+                    let clipped = clamp_rows(&u, &lo, &hi)?.reshape(w.shape())?;
+                    let (w, b) = per_head_output(&clipped, bias.as_ref(), pv, hd)?;
+                    bias = b;
+                    match spec {
+                        Some(spec) => clip_quant(
+                            &lwc_units(&w, gs)?,
+                            &self.no_clip,
+                            &self.no_clip,
+                            spec,
+                            false,
+                        )?
+                        .reshape(w.shape())?,
+                        None => w,
+                    }
+                }
+                (_, _, Some(spec)) => clip_quant(&lwc_units(&w, gs)?, lwc_hi, lwc_lo, spec, true)?
+                    .reshape(w.shape())?,
+                (_, _, None) => w,
+            };
+            let act = self.cfg.activations.map(|spec| p.lac[i].learned(spec));
+            let act = act.map(|a| Arc::new(a) as Arc<dyn ActQuantizer>);
+            // The weight is a graph tensor already on the grid: a full-precision-weight layer.
+            b.set_linear(
+                kind,
+                Box::new(QuantLinear::with_quantizer(None, w, bias, act)?),
+            )?;
+        }
+        b.set_site(Site::AttnIn, Some(p.attn.online()));
+        b.set_site(Site::OIn, Some(o_online));
+        b.set_site(Site::MlpIn, Some(p.mlp.online()));
+        b.set_site(Site::DownIn, Some(p.down.online()));
+        if let Some((_, pk)) = &p.kv {
+            b.set_qk_transform(Some(QkTransform {
+                q: inverse(pk.as_tensor())?.t()?,
+                k: pk.as_tensor().clone(),
+            }));
+        }
+        if let (Some(spec), Some((kc, vc))) = (self.cfg.kv_cache, &p.kv_lac) {
+            b.set_kv_quantizers(
+                Some(Arc::new(kc.learned(spec))),
+                Some(Arc::new(vc.learned(spec))),
+            );
+        }
+        Ok(b)
+    }
+
+    /// The deployed block: `c` merged into the norms and up_proj, transforms merged into the
+    /// weights in f64, learned clips applied, weights on the grid. With `quantize = false` the
+    /// result computes the original function (the equivalence test).
+    fn deploy(
+        &self,
+        block: &Block,
+        p: &Params,
+        quantize: bool,
+        notes: &mut Vec<String>,
+    ) -> Result<Block> {
+        let c = &**block.config();
+        let (nh, hd) = (c.num_heads, c.head_dim);
+        let f64v = |v: &Var| -> Result<Vec<f64>> {
+            Ok(v.as_tensor()
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .into_iter()
+                .map(f64::from)
+                .collect())
+        };
+        let t64 = |m: &[f64], n: usize| -> Result<Tensor> {
+            Ok(Tensor::from_slice(m, (n, n), &Device::Cpu)?)
+        };
+        let mut inv_t = |v: &Var, n: usize, what: &str| -> Result<Tensor> {
+            let (inv, ratio) = inverse_f64(&f64v(v)?, n).ok_or_else(|| {
+                Error::Runtime(format!("block {}: {what} became singular", block.index()))
+            })?;
+            if ratio < 1e-6 {
+                notes.push(format!(
+                    "block {}: {what} is ill-conditioned (pivot ratio {ratio:.1e})",
+                    block.index()
+                ));
+            }
+            Ok(t64(&inv, n)?.t()?)
+        };
+        let kron64 = |k: &Kron,
+                      inv_t: &mut dyn FnMut(&Var, usize, &str) -> Result<Tensor>,
+                      what: &str|
+         -> Result<KroneckerTransform> {
+            let cinv: Vec<f64> = f64v(&k.c)?.iter().map(|x| 1.0 / x).collect();
+            Ok(KroneckerTransform {
+                n1: k.n1,
+                n2: k.n2,
+                p1: Some(inv_t(&k.p1, k.n1, what)?),
+                p2: Some(inv_t(&k.p2, k.n2, what)?),
+                scale: Some(Tensor::from_vec(cinv, k.n1 * k.n2, &Device::Cpu)?),
+            })
+        };
+        let pv64 =
+            p.kv.as_ref()
+                .map(|(pv, _)| -> Result<Tensor> { t64(&f64v(pv)?, hd) })
+                .transpose()?;
+        let o_weight = KroneckerTransform {
+            n1: nh,
+            n2: hd,
+            p1: Some(inv_t(&p.head_mix, nh, "head mixer")?),
+            p2: p
+                .kv
+                .as_ref()
+                .map(|(pv, _)| inv_t(pv, hd, "P_v"))
+                .transpose()?,
+            scale: None,
+        };
+        let weight_side = [
+            kron64(&p.attn, &mut inv_t, "attn_in factor")?,
+            o_weight,
+            kron64(&p.mlp, &mut inv_t, "mlp_in factor")?,
+            kron64(&p.down, &mut inv_t, "down_in factor")?,
+        ];
+        let c_down = f64v(&p.down.c)?;
+        let c_down_t = Tensor::from_slice(&c_down, (c_down.len(), 1), &Device::Cpu)?;
+        let sig = |v: &Var| -> Result<Tensor> { sigmoid(&v.as_tensor().to_dtype(DType::F64)?) };
+
+        let mut b = block.clone();
+        for (i, kind) in LinearKind::ALL.into_iter().enumerate() {
+            let layer = block.linear(kind);
+            let mut w = layer.weight()?.to_dtype(DType::F64)?;
+            let mut bias = layer.bias().map(|b| b.to_dtype(DType::F64)).transpose()?;
+            if kind == LinearKind::Up {
+                // c_d moves into up_proj's rows: silu(g)·(u⊙c) = (silu(g)·u)⊙c.
+                w = w.broadcast_mul(&c_down_t)?;
+                bias = bias.map(|b| b.mul(&c_down_t.flatten_all()?)).transpose()?;
+            }
+            let mut w = weight_side[LINEAR_SITE[i] as usize].apply(&w)?;
+            if quantize {
+                let u = lwc_units(&w, self.cfg.group_size)?;
+                let hi = u
+                    .max_keepdim(D::Minus1)?
+                    .broadcast_mul(&sig(&p.lwc[i].max)?)?;
+                let lo = u
+                    .min_keepdim(D::Minus1)?
+                    .broadcast_mul(&sig(&p.lwc[i].min)?)?;
+                w = clamp_rows(&u, &lo, &hi)?.reshape(w.shape())?;
+            }
+            if let (LinearKind::V, Some(pv)) = (kind, &pv64) {
+                (w, bias) = per_head_output(&w, bias.as_ref(), pv, hd)?;
+            }
+            let w = w.to_dtype(DType::F32)?;
+            let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
+            if !quantize {
+                b.set_linear(kind, Box::new(DenseLinear { weight: w, bias }))?;
+                continue;
+            }
+            // Weights stay in full precision (clipped): the engine's weight quantizer rounds them.
+            let act = self
+                .cfg
+                .activations
+                .map(|spec| p.lac[i].learned(spec).spec())
+                .transpose()?;
+            b.set_linear(kind, Box::new(QuantLinear::new(None, w, bias, act)?))?;
+        }
+        let f32t = |v: &Var| v.as_tensor().clone();
+        b.set_norms(
+            (block.input_norm() * f32t(&p.attn.c))?,
+            (block.post_norm() * f32t(&p.mlp.c))?,
+        );
+        let online = |k: &Kron| KroneckerTransform {
+            n1: k.n1,
+            n2: k.n2,
+            p1: Some(f32t(&k.p1)),
+            p2: Some(f32t(&k.p2)),
+            scale: None,
+        };
+        b.set_site(Site::AttnIn, Some(online(&p.attn)));
+        b.set_site(
+            Site::OIn,
+            Some(KroneckerTransform {
+                n1: nh,
+                n2: hd,
+                p1: Some(f32t(&p.head_mix)),
+                p2: None,
+                scale: None,
+            }),
+        );
+        b.set_site(Site::MlpIn, Some(online(&p.mlp)));
+        b.set_site(Site::DownIn, Some(online(&p.down)));
+        b.set_qk_transform(match &p.kv {
+            Some((_, pk)) => Some(QkTransform {
+                q: inv_t(pk, hd, "P_k")?.to_dtype(DType::F32)?,
+                k: f32t(pk),
+            }),
+            None => None,
+        });
+        b.set_kv_quantizers(None, None);
+        if let (true, Some(spec), Some((kc, vc))) = (quantize, self.cfg.kv_cache, &p.kv_lac) {
+            let k: Arc<dyn ActQuantizer> = Arc::new(kc.learned(spec).spec()?);
+            let v: Arc<dyn ActQuantizer> = Arc::new(vc.learned(spec).spec()?);
+            b.set_kv_quantizers(Some(k), Some(v));
+        }
+        Ok(b)
+    }
+
+    /// Deploys freshly initialised (untrained) parameters without quantization: for tests of the
+    /// reparameterisation.
+    pub fn deploy_initial_unquantized(&self, block: &Block, stats: &SiteStats) -> Result<Block> {
+        let p = self.init_params(block, stats)?;
+        self.deploy(block, &p, false, &mut Vec::new())
+    }
+}
+
+/// One block's training: the parameters and what the loss runs through.
+struct Training<'a> {
+    method: &'a FlatQuant,
+    block: &'a Block,
+    rope: &'a Rope,
+    p: &'a Params,
+}
+
+impl Trainee for Training<'_> {
+    fn vars(&self) -> Vec<Var> {
+        self.p.all_vars()
+    }
+    fn forward(&self, x: &Tensor, _epoch: usize) -> Result<Tensor> {
+        self.method
+            .train_block(self.block, self.p)?
+            .forward(x, self.rope, Mode::Train, &mut NoHook)
+    }
+}
+
+impl Method for FlatQuant {
+    fn label(&self) -> &'static str {
+        "flatquant"
+    }
+    fn training_summary(&self) -> Option<String> {
+        let c = &self.cfg;
+        Some(format!(
+            "{} epochs, batch {}, lr {}",
+            c.epochs, c.batch, c.lr
+        ))
+    }
+    fn calibrate(
+        &mut self,
+        block: &Block,
+        rope: &Rope,
+        x: &Tensor,
+        y: &Tensor,
+        stats: &SiteStats,
+        on_epoch: &mut dyn FnMut(&EpochLog),
+    ) -> Result<(Block, MethodReport)> {
+        let p = self.init_params(block, stats)?;
+        let (lr, wd) = (self.cfg.lr, self.cfg.weight_decay);
+        // Both groups decay to a thousandth of the transforms' rate.
+        let schedule = Schedule::Cosine { min: lr * 1e-3 };
+        let groups = [
+            Group {
+                vars: p.transform_vars(),
+                lr,
+                weight_decay: wd,
+                schedule,
+            },
+            Group {
+                vars: p.clip_vars(),
+                lr: lr * self.cfg.clip_lr_mult,
+                weight_decay: wd,
+                schedule,
+            },
+        ];
+        let cfg = TrainConfig {
+            epochs: self.cfg.epochs,
+            batch: self.cfg.batch,
+            loss: Loss::LogMse,
+        };
+        let t = Training {
+            method: self,
+            block,
+            rope,
+            p: &p,
+        };
+        let mut rep = train(&t, &groups, &cfg, block.index(), x, y, on_epoch)?;
+        let deployed = self.deploy(block, &p, true, &mut rep.notes)?;
+        Ok((deployed, rep))
+    }
+}

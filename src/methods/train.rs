@@ -1,0 +1,169 @@
+//! The one training loop of the learned methods (FlatQuant, AffineQuant): per block, AdamW over
+//! parameter groups with their own learning rates and schedules, minimising the quantized block's
+//! output MSE against the full-precision outputs; a non-finite loss or a method's own end-of-epoch
+//! check restores the last good epoch's parameters and stops, with a note; one log entry per
+//! epoch.
+
+use super::{EpochLog, MethodReport};
+use crate::error::Result;
+use candle_core::{Device, Tensor, Var};
+use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
+use std::time::Instant;
+
+/// A trainable variable holding `v` with `shape`.
+pub fn var(v: &[f32], shape: &[usize]) -> Result<Var> {
+    Ok(Var::from_tensor(&Tensor::from_slice(
+        v,
+        shape,
+        &Device::Cpu,
+    )?)?)
+}
+
+/// Learning-rate schedule of a parameter group over the run's steps.
+#[derive(Debug, Clone, Copy)]
+pub enum Schedule {
+    Constant,
+    /// Cosine decay from the group's rate to `min` over all steps (FlatQuant).
+    Cosine {
+        min: f64,
+    },
+}
+
+/// Variables optimised together with one learning rate.
+pub struct Group {
+    pub vars: Vec<Var>,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub schedule: Schedule,
+}
+
+/// The objective's form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Loss {
+    /// The MSE itself.
+    Mse,
+    /// `mse / stopgrad(mse)`: the gradient of `log(mse)`, independent of the MSE's scale.
+    LogMse,
+}
+
+pub struct TrainConfig {
+    pub epochs: usize,
+    /// Windows per step (clamped to the number of windows).
+    pub batch: usize,
+    pub loss: Loss,
+}
+
+/// What a method supplies to the loop for one block.
+pub trait Trainee {
+    /// Every trained variable (snapshot and restore cover these).
+    fn vars(&self) -> Vec<Var>;
+    /// Called before each step (e.g. a projection of the parameters).
+    fn before_step(&self) -> Result<()> {
+        Ok(())
+    }
+    /// The quantized block's output for inputs `x` at `epoch`, differentiable in the variables.
+    fn forward(&self, x: &Tensor, epoch: usize) -> Result<Tensor>;
+    /// Called after each epoch's last step; `Some(note)` restores the last good parameters and
+    /// stops training with that note.
+    fn end_of_epoch(&self, _epoch: usize) -> Result<Option<String>> {
+        Ok(None)
+    }
+}
+
+/// Copies of the variables' values: the last good state of a block's training.
+fn snapshot(vars: &[Var]) -> Result<Vec<Tensor>> {
+    vars.iter().map(|v| Ok(v.as_tensor().copy()?)).collect()
+}
+
+/// Puts the values of [`snapshot`] back.
+fn restore(vars: &[Var], snap: &[Tensor]) -> Result<()> {
+    for (v, t) in vars.iter().zip(snap) {
+        v.set(t)?;
+    }
+    Ok(())
+}
+
+/// `min + (lr − min)·(1 + cos(π·step/total))/2`.
+fn cosine(step: usize, total: usize, lr: f64, min: f64) -> f64 {
+    min + (lr - min) * (1.0 + (std::f64::consts::PI * step as f64 / total.max(1) as f64).cos())
+        / 2.0
+}
+
+/// Trains `t` on windows `x` → targets `y` (`[N, L, hidden]`) of block `block`.
+pub fn train(
+    t: &dyn Trainee,
+    groups: &[Group],
+    cfg: &TrainConfig,
+    block: usize,
+    x: &Tensor,
+    y: &Tensor,
+    on_epoch: &mut dyn FnMut(&EpochLog),
+) -> Result<MethodReport> {
+    let n = x.dim(0)?;
+    let bs = cfg.batch.clamp(1, n);
+    let steps_per_epoch = n / bs;
+    let total = cfg.epochs * steps_per_epoch;
+    let mut opts = groups
+        .iter()
+        .map(|g| {
+            AdamW::new(
+                g.vars.clone(),
+                ParamsAdamW {
+                    lr: g.lr,
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-8,
+                    weight_decay: g.weight_decay,
+                },
+            )
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let vars = t.vars();
+    let mut notes = Vec::new();
+    let mut epochs = Vec::new();
+    let mut step = 0;
+    let mut good = snapshot(&vars)?;
+    'train: for e in 0..cfg.epochs {
+        let t0 = Instant::now();
+        let mut sum = 0.0;
+        for k in 0..steps_per_epoch {
+            t.before_step()?;
+            let out = t.forward(&x.narrow(0, k * bs, bs)?, e)?;
+            let loss = (out - y.narrow(0, k * bs, bs)?)?.sqr()?.mean_all()?;
+            let lv = loss.to_scalar::<f32>()? as f64;
+            if !lv.is_finite() {
+                restore(&vars, &good)?;
+                notes.push(format!("block {block}: non-finite loss at epoch {e}; restored the parameters of the last finished epoch and stopped"));
+                break 'train;
+            }
+            sum += lv;
+            let grads = match cfg.loss {
+                Loss::Mse => loss.backward()?,
+                Loss::LogMse => (&loss / lv)?.backward()?,
+            };
+            for (opt, g) in opts.iter_mut().zip(groups) {
+                if let Schedule::Cosine { min } = g.schedule {
+                    opt.set_learning_rate(cosine(step, total, g.lr, min));
+                }
+            }
+            for opt in opts.iter_mut() {
+                opt.step(&grads)?;
+            }
+            step += 1;
+        }
+        if let Some(note) = t.end_of_epoch(e)? {
+            restore(&vars, &good)?;
+            notes.push(note);
+            break 'train;
+        }
+        let log = EpochLog {
+            epoch: e,
+            loss: sum / steps_per_epoch as f64,
+            seconds: t0.elapsed().as_secs_f64(),
+        };
+        on_epoch(&log);
+        epochs.push(log);
+        good = snapshot(&vars)?;
+    }
+    Ok(MethodReport { epochs, notes })
+}

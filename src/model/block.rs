@@ -1,0 +1,377 @@
+//! One decoder layer, written so that calibration can (a) run it on a batch of hidden states,
+//! (b) observe every linear layer's input, and (c) swap any linear layer, online transform or
+//! KV quantizer through the methods below. Llama, Mistral, Qwen2 and Qwen3 share this block; their
+//! differences are configuration flags (biases, q/k norm, sliding window, RoPE scaling).
+
+use super::config::ModelConfig;
+use super::linear::{LinearKind, LinearLayer, Site, SiteKernel};
+use super::ops::{attention_mask, rms_norm, Mode, Rope};
+use crate::error::{Error, Result};
+use crate::quant::ActQuantizer;
+use crate::transforms::KroneckerTransform;
+use candle_core::{Tensor, D};
+use std::sync::Arc;
+
+/// Per-head transforms of queries and keys after RoPE, `q ← q·Q`, `k ← k·K` with `Q·Kᵀ = I` so
+/// that `q·kᵀ` is unchanged; they shape the key distribution for KV-cache quantization.
+#[derive(Clone)]
+pub struct QkTransform {
+    /// `[hd, hd]` shared by all query heads, or `[heads, hd, hd]`.
+    pub q: Tensor,
+    /// `[hd, hd]` shared by all KV heads, or `[kv_heads, hd, hd]`.
+    pub k: Tensor,
+}
+
+/// Observes the input of every linear layer during a block forward (calibration capture).
+pub trait BlockHook {
+    fn linear_input(&mut self, _kind: LinearKind, _x: &Tensor) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The hook that does nothing.
+pub struct NoHook;
+impl BlockHook for NoHook {}
+
+/// The parts of a block, for [`Block::new`] (loaders build blocks from them).
+pub struct BlockParts {
+    pub input_norm: Tensor,
+    pub post_norm: Tensor,
+    /// Per-head RMSNorm weights on q and k (Qwen3), both or neither.
+    pub qk_norms: Option<(Tensor, Tensor)>,
+    /// Indexed like [`LinearKind::ALL`].
+    pub linears: Vec<Box<dyn LinearLayer>>,
+    /// Online transforms at the four input sites, indexed like [`Site::ALL`].
+    pub online: [Option<KroneckerTransform>; 4],
+    pub qk_transform: Option<QkTransform>,
+    pub k_quant: Option<Arc<dyn ActQuantizer>>,
+    pub v_quant: Option<Arc<dyn ActQuantizer>>,
+}
+
+/// One decoder layer. Cloning is cheap: tensors and layers are shared.
+#[derive(Clone)]
+pub struct Block {
+    index: usize,
+    config: Arc<ModelConfig>,
+    input_norm: Tensor,
+    post_norm: Tensor,
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    linears: Vec<Arc<dyn LinearLayer>>,
+    online: [Option<KroneckerTransform>; 4],
+    /// A backend's fused kernel per site (eval only); cleared when the site's transform or one of
+    /// its linears changes.
+    kernels: [Option<Arc<dyn SiteKernel>>; 4],
+    qk_transform: Option<QkTransform>,
+    /// Per-(token, head) quantization of keys (after RoPE and the Q/K transform) and values.
+    k_quant: Option<Arc<dyn ActQuantizer>>,
+    v_quant: Option<Arc<dyn ActQuantizer>>,
+}
+
+/// A site's input as the linears receive it: transformed dense activations, or a backend kernel's
+/// outputs of all the site's linears side by side.
+enum SiteInput {
+    Dense(Tensor),
+    Fused(Tensor),
+}
+
+impl Block {
+    /// Layer `index` of a model of configuration `config`; the linears' shapes are checked.
+    pub fn new(index: usize, config: Arc<ModelConfig>, parts: BlockParts) -> Result<Self> {
+        if parts.linears.len() != LinearKind::ALL.len() {
+            return Err(Error::Runtime(format!(
+                "layer {index}: {} linear layers, expected {}",
+                parts.linears.len(),
+                LinearKind::ALL.len()
+            )));
+        }
+        let (q_norm, k_norm) = parts.qk_norms.unzip();
+        let mut b = Block {
+            index,
+            config,
+            input_norm: parts.input_norm,
+            post_norm: parts.post_norm,
+            q_norm,
+            k_norm,
+            linears: Vec::with_capacity(7),
+            online: parts.online,
+            kernels: Default::default(),
+            qk_transform: parts.qk_transform,
+            k_quant: parts.k_quant,
+            v_quant: parts.v_quant,
+        };
+        for (kind, l) in LinearKind::ALL.into_iter().zip(parts.linears) {
+            b.check_shape(kind, l.as_ref())?;
+            b.linears.push(Arc::from(l));
+        }
+        Ok(b)
+    }
+
+    pub fn index(&self) -> usize {
+        self.index
+    }
+    pub fn config(&self) -> &Arc<ModelConfig> {
+        &self.config
+    }
+    pub fn input_norm(&self) -> &Tensor {
+        &self.input_norm
+    }
+    pub fn post_norm(&self) -> &Tensor {
+        &self.post_norm
+    }
+    /// `(q_norm, k_norm)` when the architecture has them (Qwen3).
+    pub fn qk_norms(&self) -> Option<(&Tensor, &Tensor)> {
+        self.q_norm.as_ref().zip(self.k_norm.as_ref())
+    }
+    pub fn qk_transform(&self) -> Option<&QkTransform> {
+        self.qk_transform.as_ref()
+    }
+    pub fn k_quant(&self) -> Option<&Arc<dyn ActQuantizer>> {
+        self.k_quant.as_ref()
+    }
+    pub fn v_quant(&self) -> Option<&Arc<dyn ActQuantizer>> {
+        self.v_quant.as_ref()
+    }
+
+    /// New RMSNorm gains in front of attention and MLP (e.g. with channel scales folded in).
+    pub fn set_norms(&mut self, input_norm: Tensor, post_norm: Tensor) {
+        self.input_norm = input_norm;
+        self.post_norm = post_norm;
+    }
+
+    /// New per-head q/k RMSNorm gains (architectures with them).
+    pub fn set_qk_norms(&mut self, q_norm: Tensor, k_norm: Tensor) {
+        self.q_norm = Some(q_norm);
+        self.k_norm = Some(k_norm);
+    }
+
+    pub fn set_qk_transform(&mut self, t: Option<QkTransform>) {
+        self.qk_transform = t;
+    }
+
+    /// The quantizers of keys and values (per token and head).
+    pub fn set_kv_quantizers(
+        &mut self,
+        k: Option<Arc<dyn ActQuantizer>>,
+        v: Option<Arc<dyn ActQuantizer>>,
+    ) {
+        self.k_quant = k;
+        self.v_quant = v;
+    }
+
+    pub fn site(&self, site: Site) -> Option<&KroneckerTransform> {
+        self.online[site as usize].as_ref()
+    }
+
+    pub fn set_site(&mut self, site: Site, t: Option<KroneckerTransform>) {
+        self.online[site as usize] = t;
+        self.kernels[site as usize] = None;
+    }
+
+    /// Installs (or removes) a backend's fused kernel for `site`: in eval mode it replaces the
+    /// site's online transform and linears (it must compute what they compute).
+    pub fn set_site_kernel(&mut self, site: Site, k: Option<Arc<dyn SiteKernel>>) {
+        self.kernels[site as usize] = k;
+    }
+
+    fn apply_site(&self, site: Site, x: &Tensor) -> Result<Tensor> {
+        match self.site(site) {
+            Some(t) => t.apply(x),
+            None => Ok(x.clone()),
+        }
+    }
+
+    pub fn linear(&self, kind: LinearKind) -> &dyn LinearLayer {
+        self.linears[kind.index()].as_ref()
+    }
+
+    fn check_shape(&self, kind: LinearKind, layer: &dyn LinearLayer) -> Result<()> {
+        let (o, n) = kind.shape(&self.config);
+        if layer.out_features() != o || layer.in_features() != n {
+            return Err(Error::Runtime(format!(
+                "layer {} {}: replacement is {}x{}, expected {o}x{n}",
+                self.index,
+                kind.short(),
+                layer.out_features(),
+                layer.in_features()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Replaces one linear layer (e.g. by a quantized one); shapes must agree. Clears the fused
+    /// kernel of the layer's site.
+    pub fn set_linear(&mut self, kind: LinearKind, layer: Box<dyn LinearLayer>) -> Result<()> {
+        self.set_linear_shared(kind, Arc::from(layer))
+    }
+
+    /// [`Self::set_linear`] for a layer that a backend also holds (e.g. in a site kernel).
+    pub fn set_linear_shared(
+        &mut self,
+        kind: LinearKind,
+        layer: Arc<dyn LinearLayer>,
+    ) -> Result<()> {
+        self.check_shape(kind, layer.as_ref())?;
+        self.linears[kind.index()] = layer;
+        if let Some(site) = Site::ALL.into_iter().find(|s| s.linears().contains(&kind)) {
+            self.kernels[site as usize] = None;
+        }
+        Ok(())
+    }
+
+    /// Cuts every tensor of the block from the autograd graph of its calibration: a deployed
+    /// block built from trained variables would otherwise record (and keep alive) the graph of
+    /// every forward pass run through it.
+    pub fn detach(&mut self) {
+        self.input_norm = self.input_norm.detach();
+        self.post_norm = self.post_norm.detach();
+        self.q_norm = self.q_norm.as_ref().map(Tensor::detach);
+        self.k_norm = self.k_norm.as_ref().map(Tensor::detach);
+        for t in self.online.iter_mut().flatten() {
+            t.p1 = t.p1.as_ref().map(Tensor::detach);
+            t.p2 = t.p2.as_ref().map(Tensor::detach);
+            t.scale = t.scale.as_ref().map(Tensor::detach);
+        }
+        if let Some(qk) = &mut self.qk_transform {
+            qk.q = qk.q.detach();
+            qk.k = qk.k.detach();
+        }
+        for l in self.linears.iter_mut() {
+            *l = Arc::from(l.detached());
+        }
+    }
+
+    fn lin(&self, kind: LinearKind, x: &Tensor, hook: &mut dyn BlockHook) -> Result<Tensor> {
+        hook.linear_input(kind, x)?;
+        self.linears[kind.index()].forward(x)
+    }
+
+    /// The input of `site`'s linears: through the backend's fused kernel in eval mode when one is
+    /// installed, else the online transform applied to `x`.
+    fn site_input(&self, site: Site, x: &Tensor, mode: Mode) -> Result<SiteInput> {
+        if mode == Mode::Eval {
+            if let Some(k) = &self.kernels[site as usize] {
+                return Ok(SiteInput::Fused(k.forward(x)?));
+            }
+        }
+        Ok(SiteInput::Dense(self.apply_site(site, x)?))
+    }
+
+    /// The output of linear `kind` (of `site`) given the site's input.
+    fn project(
+        &self,
+        input: &SiteInput,
+        site: Site,
+        kind: LinearKind,
+        hook: &mut dyn BlockHook,
+    ) -> Result<Tensor> {
+        match input {
+            SiteInput::Dense(x) => self.lin(kind, x, hook),
+            SiteInput::Fused(y) => {
+                let kinds = site.linears();
+                if kinds.len() == 1 {
+                    return Ok(y.clone());
+                }
+                let col: usize = kinds
+                    .iter()
+                    .take_while(|&&k| k != kind)
+                    .map(|&k| self.linear(k).out_features())
+                    .sum();
+                let n = self.linear(kind).out_features();
+                Ok(y.narrow(D::Minus1, col, n)?)
+            }
+        }
+    }
+
+    /// `x`: `[B, T, hidden]` → `[B, T, hidden]`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        mode: Mode,
+        hook: &mut dyn BlockHook,
+    ) -> Result<Tensor> {
+        use LinearKind::*;
+        let c = &*self.config;
+        let eps = c.rms_norm_eps;
+        let h = rms_norm(x, &self.input_norm, eps, mode)?;
+        let qkv = self.site_input(Site::AttnIn, &h, mode)?;
+        let attn = self.attention(rope, mode, &mut |k| {
+            self.project(&qkv, Site::AttnIn, k, hook)
+        })?;
+        let o_in = self.site_input(Site::OIn, &attn, mode)?;
+        let x = (x + self.project(&o_in, Site::OIn, O, hook)?)?;
+        let h = rms_norm(&x, &self.post_norm, eps, mode)?;
+        let mlp = self.site_input(Site::MlpIn, &h, mode)?;
+        let gate = self.project(&mlp, Site::MlpIn, Gate, hook)?;
+        let up = self.project(&mlp, Site::MlpIn, Up, hook)?;
+        let act = (candle_nn::ops::silu(&gate)? * up)?;
+        let down_in = self.site_input(Site::DownIn, &act, mode)?;
+        let down = self.project(&down_in, Site::DownIn, Down, hook)?;
+        Ok((x + down)?)
+    }
+
+    /// Self-attention given the q/k/v projections of the normed input (`proj`, each
+    /// `[B, T, heads·D]`); returns the o_proj input `[B, T, H·D]`.
+    fn attention(
+        &self,
+        rope: &Rope,
+        mode: Mode,
+        proj: &mut dyn FnMut(LinearKind) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let c = &*self.config;
+        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let g = nh / nkv;
+        let q = proj(LinearKind::Q)?;
+        let (b, t, _) = q.dims3()?;
+        let q = q.reshape((b, t, nh, hd))?;
+        let k = proj(LinearKind::K)?.reshape((b, t, nkv, hd))?;
+        let v = proj(LinearKind::V)?.reshape((b, t, nkv, hd))?;
+        let (q, k) = match (&self.q_norm, &self.k_norm) {
+            (Some(qn), Some(kn)) => (
+                rms_norm(&q, qn, c.rms_norm_eps, mode)?,
+                rms_norm(&k, kn, c.rms_norm_eps, mode)?,
+            ),
+            _ => (q, k),
+        };
+        let q = rope.apply(&q.transpose(1, 2)?.contiguous()?, mode)?; // [B, H, T, D]
+        let k = rope.apply(&k.transpose(1, 2)?.contiguous()?, mode)?; // [B, Hkv, T, D]
+        let v = v.transpose(1, 2)?.contiguous()?;
+        let (q, k) = match &self.qk_transform {
+            Some(t) => (q.broadcast_matmul(&t.q)?, k.broadcast_matmul(&t.k)?),
+            None => (q, k),
+        };
+        let k = match &self.k_quant {
+            Some(qz) => qz.apply(&k, hd)?,
+            None => k,
+        };
+        let v = match &self.v_quant {
+            Some(qz) => qz.apply(&v, hd)?,
+            None => v,
+        };
+        let scale = 1.0 / (hd as f64).sqrt();
+        if mode == Mode::Eval {
+            return Ok(super::attention_op::causal_attention(
+                &q,
+                &k,
+                &v,
+                scale as f32,
+                c.sliding_window,
+            )?);
+        }
+        // Differentiable path. Query head h reads KV head h / g: view q as [B, Hkv, g·T, D] so one
+        // batched matmul per KV head serves its g query heads without repeating K and V.
+        let q = (q.reshape((b, nkv, g * t, hd))? * scale)?;
+        let scores = q.matmul(&k.t()?)?;
+        let scores = scores.broadcast_add(&attention_mask(g, t, c.sliding_window)?)?;
+        // Softmax with the row max detached: it cancels mathematically, and its mask-based
+        // backward over the whole score tensor would be wasted work.
+        let m = scores.max_keepdim(D::Minus1)?.detach();
+        let e = scores.broadcast_sub(&m)?.exp()?;
+        let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+        let o = p.matmul(&v)?; // [B, Hkv, g·T, D]
+        Ok(o.reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?)
+    }
+}

@@ -1,0 +1,203 @@
+//! The linear layers of a decoder block and the two small traits backends implement: a linear
+//! layer, and an input-site kernel that turns a site's input into its linears' outputs.
+
+use super::config::ModelConfig;
+use crate::error::Result;
+use crate::quant::{ActQuantizer, QuantizedWeight};
+use candle_core::Tensor;
+use std::sync::Arc;
+
+/// The seven linear layers of a decoder block, in execution order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LinearKind {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl LinearKind {
+    pub const ALL: [LinearKind; 7] = [
+        LinearKind::Q,
+        LinearKind::K,
+        LinearKind::V,
+        LinearKind::O,
+        LinearKind::Gate,
+        LinearKind::Up,
+        LinearKind::Down,
+    ];
+
+    /// Module path inside a Hugging Face decoder layer.
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            LinearKind::Q => "self_attn.q_proj",
+            LinearKind::K => "self_attn.k_proj",
+            LinearKind::V => "self_attn.v_proj",
+            LinearKind::O => "self_attn.o_proj",
+            LinearKind::Gate => "mlp.gate_proj",
+            LinearKind::Up => "mlp.up_proj",
+            LinearKind::Down => "mlp.down_proj",
+        }
+    }
+
+    pub fn short(self) -> &'static str {
+        match self {
+            LinearKind::Q => "q",
+            LinearKind::K => "k",
+            LinearKind::V => "v",
+            LinearKind::O => "o",
+            LinearKind::Gate => "gate",
+            LinearKind::Up => "up",
+            LinearKind::Down => "down",
+        }
+    }
+
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+
+    /// (out, in) for this layer in a model of configuration `c`.
+    pub fn shape(self, c: &ModelConfig) -> (usize, usize) {
+        let (d, f) = (c.hidden_size, c.intermediate_size);
+        match self {
+            LinearKind::Q => (c.q_dim(), d),
+            LinearKind::K | LinearKind::V => (c.kv_dim(), d),
+            LinearKind::O => (d, c.q_dim()),
+            LinearKind::Gate | LinearKind::Up => (f, d),
+            LinearKind::Down => (d, f),
+        }
+    }
+
+    /// Whether the architecture gives this layer a bias.
+    pub fn has_bias(self, c: &ModelConfig) -> bool {
+        match self {
+            LinearKind::Q | LinearKind::K | LinearKind::V => c.qkv_bias,
+            LinearKind::O => c.o_bias,
+            LinearKind::Gate | LinearKind::Up | LinearKind::Down => c.mlp_bias,
+        }
+    }
+}
+
+/// A linear map `y = x·Wᵀ + b` over the last dimension. Quantized layers (simulated, integer
+/// kernels) implement it too; the decoder sees only this trait.
+pub trait LinearLayer: Send + Sync {
+    /// `x`: `[..., in]` → `[..., out]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+    /// The effective weight `[out, in]` in f32 (dequantized for quantized layers).
+    fn weight_ref(&self) -> &Tensor;
+    fn bias(&self) -> Option<&Tensor>;
+
+    fn weight(&self) -> Result<Tensor> {
+        Ok(self.weight_ref().clone())
+    }
+    fn in_features(&self) -> usize {
+        self.weight_ref().dims()[1]
+    }
+    fn out_features(&self) -> usize {
+        self.weight_ref().dims()[0]
+    }
+    /// The per-token quantizer this layer applies to its input, if any.
+    fn act_quantizer(&self) -> Option<Arc<dyn ActQuantizer>> {
+        None
+    }
+    /// The weight's codes and grid when the layer holds its weight quantized (what a checkpoint
+    /// stores and what an integer kernel packs); `None` for full-precision weights.
+    fn quantized_weight(&self) -> Option<&QuantizedWeight> {
+        None
+    }
+    /// The same layer with its tensors cut from any autograd graph.
+    fn detached(&self) -> Box<dyn LinearLayer>;
+}
+
+/// A full-precision linear layer.
+pub struct DenseLinear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+/// `x·Wᵀ + b` for any leading shape; `w` is `[out, in]`.
+pub fn linear_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let n_in = *dims.last().expect("linear input has a feature dim");
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let y = x.reshape((rows, n_in))?.matmul(&w.t()?)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out_dims = dims;
+    *out_dims.last_mut().unwrap() = w.dim(0)?;
+    Ok(y.reshape(out_dims)?)
+}
+
+impl LinearLayer for DenseLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        linear_forward(x, &self.weight, self.bias.as_ref())
+    }
+    fn weight_ref(&self) -> &Tensor {
+        &self.weight
+    }
+    fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+    fn detached(&self) -> Box<dyn LinearLayer> {
+        Box::new(DenseLinear {
+            weight: self.weight.detach(),
+            bias: self.bias.as_ref().map(Tensor::detach),
+        })
+    }
+}
+
+/// Where an online transform can sit: the input of a group of linears sharing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Site {
+    /// `input_layernorm` output → q, k, v.
+    AttnIn,
+    /// Attention output → o_proj.
+    OIn,
+    /// `post_attention_layernorm` output → gate, up.
+    MlpIn,
+    /// `silu(gate)·up` → down_proj.
+    DownIn,
+}
+
+impl Site {
+    pub const ALL: [Site; 4] = [Site::AttnIn, Site::OIn, Site::MlpIn, Site::DownIn];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Site::AttnIn => "attn_in",
+            Site::OIn => "o_in",
+            Site::MlpIn => "mlp_in",
+            Site::DownIn => "down_in",
+        }
+    }
+
+    pub fn dim(self, c: &ModelConfig) -> usize {
+        match self {
+            Site::AttnIn | Site::MlpIn => c.hidden_size,
+            Site::OIn => c.q_dim(),
+            Site::DownIn => c.intermediate_size,
+        }
+    }
+
+    pub fn linears(self) -> &'static [LinearKind] {
+        match self {
+            Site::AttnIn => &[LinearKind::Q, LinearKind::K, LinearKind::V],
+            Site::OIn => &[LinearKind::O],
+            Site::MlpIn => &[LinearKind::Gate, LinearKind::Up],
+            Site::DownIn => &[LinearKind::Down],
+        }
+    }
+}
+
+/// A kernel for a whole input site (inference only): the site's input `[.., k]`, *before* its
+/// online transform, to the outputs of the site's linears side by side, `[.., Σ nᵢ]`, in the
+/// order of [`Site::linears`]. Backends install one per site ([`super::Block::set_site_kernel`])
+/// when they can fuse the transform, the activation quantization and the linears.
+pub trait SiteKernel: Send + Sync {
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+}

@@ -1,0 +1,87 @@
+//! The decoder's shared ops in their two numerically equivalent forms: `Mode::Eval` uses candle's
+//! fused kernels (rms_norm, rope) and the fused causal attention; `Mode::Train` composes only ops
+//! that carry gradients (candle.md §2).
+
+use super::config::ModelConfig;
+use crate::error::{Error, Result};
+use candle_core::{Device, Tensor};
+
+/// Which implementation of the shared ops to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Fused kernels, causal chunking; no gradients.
+    Eval,
+    /// Composed, differentiable ops only.
+    Train,
+}
+
+/// `x / sqrt(mean(x²) + ε) · w` over the last dimension.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, mode: Mode) -> Result<Tensor> {
+    Ok(match mode {
+        Mode::Eval => candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)?,
+        Mode::Train => candle_nn::ops::rms_norm_slow(x, w, eps as f32)?,
+    })
+}
+
+/// RoPE tables for rotate-half (HF) convention: `cos`, `sin` are `[max_len, head_dim/2]`.
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    pub fn new(cfg: &ModelConfig, max_len: usize) -> Result<Self> {
+        let inv = cfg.rope_inv_freq();
+        let half = inv.len();
+        let mut cos = Vec::with_capacity(max_len * half);
+        let mut sin = Vec::with_capacity(max_len * half);
+        for p in 0..max_len {
+            for &f in &inv {
+                // Angles in f64 (as the oracle's float64 tables), rounded once to f32.
+                let a = p as f64 * f;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        Ok(Rope {
+            cos: Tensor::from_vec(cos, (max_len, half), &Device::Cpu)?,
+            sin: Tensor::from_vec(sin, (max_len, half), &Device::Cpu)?,
+        })
+    }
+
+    pub fn max_len(&self) -> usize {
+        self.cos.dims()[0]
+    }
+
+    /// Rotates `x` `[B, H, T, D]` at positions `0..T`.
+    pub fn apply(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let t = x.dim(2)?;
+        if t > self.max_len() {
+            return Err(Error::Runtime(format!(
+                "sequence of {t} tokens exceeds the RoPE table ({})",
+                self.max_len()
+            )));
+        }
+        let cos = self.cos.narrow(0, 0, t)?;
+        let sin = self.sin.narrow(0, 0, t)?;
+        Ok(match mode {
+            Mode::Eval => candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?,
+            Mode::Train => candle_nn::rotary_emb::rope_slow(x, &cos, &sin)?,
+        })
+    }
+}
+
+/// Additive causal mask `[g·T, T]` for `g` query heads sharing a KV head: 0 where visible, −∞ for
+/// future keys and keys outside a sliding window.
+pub(super) fn attention_mask(g: usize, t: usize, window: Option<usize>) -> Result<Tensor> {
+    let mut m = vec![0f32; g * t * t];
+    for (r, row) in m.chunks_exact_mut(t).enumerate() {
+        let pos = r % t;
+        for (j, v) in row.iter_mut().enumerate() {
+            if j > pos || window.is_some_and(|w| pos - j >= w.max(1)) {
+                *v = f32::NEG_INFINITY;
+            }
+        }
+    }
+    Ok(Tensor::from_vec(m, (g * t, t), &Device::Cpu)?)
+}

@@ -1,0 +1,150 @@
+//! Calibration recipes: small TOML files (calib/*.toml, built into the binary) that set method,
+//! bit widths and calibration budget. Precedence: command-line flags, then the recipe, then the
+//! method's default preset (its registry entry names it, e.g. `cpu` for FlatQuant).
+
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    pub method: Option<String>,
+    pub bits: Option<u8>,
+    pub a_bits: Option<u8>,
+    pub kv_bits: Option<u8>,
+    pub nsamples: Option<usize>,
+    pub calib_seqlen: Option<usize>,
+    pub epochs: Option<usize>,
+    pub batch: Option<usize>,
+    pub lr: Option<f64>,
+    pub alpha: Option<f64>,
+    pub calib: Option<String>,
+    /// `rtn` or `gptq`.
+    pub weight_quantizer: Option<String>,
+    pub gptq_damp: Option<f64>,
+    pub act_order: Option<bool>,
+    /// Calibration windows for GPTQ's Hessians (at least `nsamples`).
+    pub gptq_nsamples: Option<usize>,
+    /// Asymmetric weights.
+    pub asym: Option<bool>,
+    pub group_size: Option<usize>,
+    /// AffineQuant: off-diagonal factor of the gradual mask.
+    pub stability_factor: Option<f64>,
+    /// AffineQuant: dense norm→linear matrices (weight-only recipes).
+    pub ln_matrix: Option<bool>,
+}
+
+/// Recipes shipped in calib/.
+pub const BUILTIN: &[(&str, &str)] = &[
+    ("cpu", include_str!("../calib/cpu.toml")),
+    ("paper", include_str!("../calib/paper.toml")),
+    (
+        "flatquant-w4a4",
+        include_str!("../calib/flatquant-w4a4.toml"),
+    ),
+    (
+        "flatquant-w4a4kv4",
+        include_str!("../calib/flatquant-w4a4kv4.toml"),
+    ),
+    (
+        "flatquant-w4a4-gptq",
+        include_str!("../calib/flatquant-w4a4-gptq.toml"),
+    ),
+    (
+        "affinequant-cpu",
+        include_str!("../calib/affinequant-cpu.toml"),
+    ),
+    (
+        "affinequant-w4a4",
+        include_str!("../calib/affinequant-w4a4.toml"),
+    ),
+    (
+        "affinequant-w4a16",
+        include_str!("../calib/affinequant-w4a16.toml"),
+    ),
+    (
+        "affinequant-w3a16-g64",
+        include_str!("../calib/affinequant-w3a16-g64.toml"),
+    ),
+];
+
+impl Recipe {
+    fn parse(text: &str, origin: &Path) -> Result<Self> {
+        toml::from_str(text)
+            .map_err(|e| Error::format(origin, format!("invalid recipe: {}", e.message())))
+    }
+
+    /// A built-in recipe by name, or a TOML file by path.
+    pub fn load(name_or_path: &str) -> Result<Self> {
+        if let Some((_, text)) = BUILTIN.iter().find(|(n, _)| *n == name_or_path) {
+            return Self::parse(text, Path::new(&format!("calib/{name_or_path}.toml")));
+        }
+        let p = Path::new(name_or_path);
+        if p.is_file() {
+            let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+            return Self::parse(&text, p);
+        }
+        let names: Vec<&str> = BUILTIN.iter().map(|(n, _)| *n).collect();
+        Err(Error::Usage(format!(
+            "unknown recipe `{name_or_path}` (built-in: {}; or a path to a .toml file)",
+            names.join(", ")
+        )))
+    }
+
+    /// The keys this recipe sets (TOML names, e.g. `stability_factor`).
+    pub fn keys_set(&self) -> Vec<String> {
+        match serde_json::to_value(self) {
+            Ok(serde_json::Value::Object(m)) => m
+                .into_iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, _)| k)
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// `self` with every field that `over` sets replaced.
+    pub fn overridden_by(self, over: &Recipe) -> Recipe {
+        Recipe {
+            method: over.method.clone().or(self.method),
+            bits: over.bits.or(self.bits),
+            a_bits: over.a_bits.or(self.a_bits),
+            kv_bits: over.kv_bits.or(self.kv_bits),
+            nsamples: over.nsamples.or(self.nsamples),
+            calib_seqlen: over.calib_seqlen.or(self.calib_seqlen),
+            epochs: over.epochs.or(self.epochs),
+            batch: over.batch.or(self.batch),
+            lr: over.lr.or(self.lr),
+            alpha: over.alpha.or(self.alpha),
+            calib: over.calib.clone().or(self.calib),
+            weight_quantizer: over.weight_quantizer.clone().or(self.weight_quantizer),
+            gptq_damp: over.gptq_damp.or(self.gptq_damp),
+            act_order: over.act_order.or(self.act_order),
+            gptq_nsamples: over.gptq_nsamples.or(self.gptq_nsamples),
+            asym: over.asym.or(self.asym),
+            group_size: over.group_size.or(self.group_size),
+            stability_factor: over.stability_factor.or(self.stability_factor),
+            ln_matrix: over.ln_matrix.or(self.ln_matrix),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_recipes_parse() {
+        for (name, _) in BUILTIN {
+            Recipe::load(name).unwrap();
+        }
+        let cpu = Recipe::load("cpu").unwrap();
+        let r = cpu.clone().overridden_by(&Recipe {
+            epochs: Some(9),
+            ..Default::default()
+        });
+        assert_eq!(r.epochs, Some(9));
+        assert_eq!(r.nsamples, cpu.nsamples);
+    }
+}

@@ -1,0 +1,258 @@
+//! Every supported architecture through the loader and decoder, on tiny random models: the fused
+//! eval path equals the differentiable path, and each family's distinguishing feature (biases,
+//! q/k norm, sliding window, Llama 3 RoPE scaling) really takes part in the computation.
+
+use crate::common::max_abs;
+
+use affq::formats::Checkpoint;
+use affq::model::{Mode, Model};
+use candle_core::{Device, Tensor};
+use std::path::Path;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.4
+    }
+}
+
+/// Writes config.json + model.safetensors for a tiny model of the given family.
+fn write_model(dir: &Path, config: serde_json::Value, seed: u64) {
+    let c = affq::model::ModelConfig::from_json_str(&config.to_string()).unwrap();
+    let mut rng = Rng(seed);
+    let mut tensors: Vec<(String, Vec<usize>)> = vec![
+        (
+            "model.embed_tokens.weight".into(),
+            vec![c.vocab_size, c.hidden_size],
+        ),
+        ("model.norm.weight".into(), vec![c.hidden_size]),
+    ];
+    if !c.tie_word_embeddings {
+        tensors.push(("lm_head.weight".into(), vec![c.vocab_size, c.hidden_size]));
+    }
+    for i in 0..c.num_layers {
+        let p = format!("model.layers.{i}");
+        for kind in affq::model::LinearKind::ALL {
+            let (o, n) = kind.shape(&c);
+            tensors.push((format!("{p}.{}.weight", kind.hf_name()), vec![o, n]));
+        }
+        if c.qkv_bias {
+            for k in ["q", "k", "v"] {
+                let o = if k == "q" { c.q_dim() } else { c.kv_dim() };
+                tensors.push((format!("{p}.self_attn.{k}_proj.bias"), vec![o]));
+            }
+        }
+        if c.qk_norm {
+            tensors.push((format!("{p}.self_attn.q_norm.weight"), vec![c.head_dim]));
+            tensors.push((format!("{p}.self_attn.k_norm.weight"), vec![c.head_dim]));
+        }
+        tensors.push((format!("{p}.input_layernorm.weight"), vec![c.hidden_size]));
+        tensors.push((
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![c.hidden_size],
+        ));
+    }
+    let data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(n, s)| {
+            let count: usize = s.iter().product();
+            let norm = n.contains("norm");
+            let v: Vec<u8> = (0..count)
+                .flat_map(|_| {
+                    let x = if norm { 1.0 + rng.next() } else { rng.next() };
+                    half::bf16::from_f32(x).to_le_bytes()
+                })
+                .collect();
+            (n, s, v)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = data
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    std::fs::create_dir_all(dir).unwrap();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+}
+
+fn base(arch: &str) -> serde_json::Value {
+    serde_json::json!({"architectures": [arch], "hidden_size": 32, "intermediate_size": 48,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 40,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": false})
+}
+
+fn logits(model: &Model, ids: &[u32], mode: Mode) -> Tensor {
+    let t = Tensor::from_slice(ids, (1, ids.len()), &Device::Cpu).unwrap();
+    model.logits(&t, mode).unwrap().squeeze(0).unwrap()
+}
+
+fn check_paths_agree(model: &Model) {
+    let ids: Vec<u32> = (0..150).map(|i| (i * 7 % 40) as u32).collect();
+    let a = logits(model, &ids, Mode::Eval);
+    let b = logits(model, &ids, Mode::Train);
+    let d = max_abs(&(a - &b).unwrap());
+    assert!(d / max_abs(&b) < 1e-5, "eval vs train differ by {d}");
+}
+
+fn open(dir: &Path) -> Model {
+    Checkpoint::open(dir).unwrap().load_model(256).unwrap()
+}
+
+#[test]
+fn qwen2_uses_qkv_bias() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_model(tmp.path(), base("Qwen2ForCausalLM"), 1);
+    let mut model = open(tmp.path());
+    check_paths_agree(&model);
+    let ids: Vec<u32> = (0..20).collect();
+    let before = logits(&model, &ids, Mode::Eval);
+    // Dropping the q/k/v biases must change the output.
+    for b in &mut model.blocks {
+        for kind in [
+            affq::model::LinearKind::Q,
+            affq::model::LinearKind::K,
+            affq::model::LinearKind::V,
+        ] {
+            let w = b.linear(kind).weight().unwrap();
+            b.set_linear(
+                kind,
+                Box::new(affq::model::DenseLinear {
+                    weight: w,
+                    bias: None,
+                }),
+            )
+            .unwrap();
+        }
+    }
+    let after = logits(&model, &ids, Mode::Eval);
+    assert!(max_abs(&(before - after).unwrap()) > 1e-3);
+}
+
+#[test]
+fn qwen3_uses_qk_norm_and_explicit_head_dim() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = base("Qwen3ForCausalLM");
+    c["head_dim"] = serde_json::json!(16); // 4 heads × 16 ≠ hidden 32
+    c["tie_word_embeddings"] = serde_json::json!(true);
+    write_model(tmp.path(), c, 2);
+    let mut model = open(tmp.path());
+    assert_eq!(model.config.q_dim(), 64);
+    assert!(model.tied_head);
+    check_paths_agree(&model);
+    let ids: Vec<u32> = (0..20).collect();
+    let before = logits(&model, &ids, Mode::Eval);
+    for b in &mut model.blocks {
+        let (q, k) = b.qk_norms().unwrap();
+        let (q, k) = ((q * 2.0).unwrap(), k.clone());
+        b.set_qk_norms(q, k);
+    }
+    let after = logits(&model, &ids, Mode::Eval);
+    assert!(max_abs(&(before - after).unwrap()) > 1e-3);
+}
+
+#[test]
+fn mistral_sliding_window_limits_context() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = base("MistralForCausalLM");
+    c["sliding_window"] = serde_json::json!(8);
+    c["num_hidden_layers"] = serde_json::json!(1);
+    write_model(tmp.path(), c, 3);
+    let model = open(tmp.path());
+    check_paths_agree(&model);
+    // With one layer, position p sees tokens p−7..p only: changing token 0 leaves p ≥ 8 unchanged
+    // and changes p < 8.
+    let a: Vec<u32> = (0..100).map(|i| (i * 3 % 40) as u32).collect();
+    let mut b = a.clone();
+    b[0] = 39;
+    for mode in [Mode::Eval, Mode::Train] {
+        let d = (logits(&model, &a, mode) - logits(&model, &b, mode)).unwrap();
+        assert!(
+            max_abs(&d.narrow(0, 8, 92).unwrap()) == 0.0,
+            "{mode:?}: leak beyond the window"
+        );
+        assert!(max_abs(&d.narrow(0, 0, 8).unwrap()) > 0.0);
+    }
+}
+
+#[test]
+fn llama3_rope_scaling_changes_long_range_positions_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = base("LlamaForCausalLM");
+    c["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64});
+    write_model(tmp.path(), c.clone(), 4);
+    let scaled = open(tmp.path());
+    check_paths_agree(&scaled);
+    c["rope_scaling"] = serde_json::Value::Null;
+    std::fs::write(tmp.path().join("config.json"), c.to_string()).unwrap();
+    let plain = open(tmp.path());
+    let ids: Vec<u32> = (0..64).map(|i| (i * 5 % 40) as u32).collect();
+    let d = (logits(&scaled, &ids, Mode::Eval) - logits(&plain, &ids, Mode::Eval)).unwrap();
+    // Position 0 has angle 0 under any frequencies; later positions differ.
+    assert_eq!(max_abs(&d.narrow(0, 0, 1).unwrap()), 0.0);
+    assert!(max_abs(&d) > 1e-4);
+}
+
+#[test]
+fn bf16_single_file_with_config_beside_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_model(tmp.path(), base("LlamaForCausalLM"), 5);
+    let m = Checkpoint::open(&tmp.path().join("model.safetensors"))
+        .unwrap()
+        .load_model(256)
+        .unwrap();
+    check_paths_agree(&m);
+}
+
+#[test]
+fn sharded_checkpoint_equals_single_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let single = tmp.path().join("single");
+    write_model(&single, base("LlamaForCausalLM"), 6);
+    // Split the single file into two shards by tensor name.
+    let ckpt = Checkpoint::open(&single).unwrap();
+    let names = ckpt.store.names();
+    let sharded = tmp.path().join("sharded");
+    std::fs::create_dir_all(&sharded).unwrap();
+    let mut map = serde_json::Map::new();
+    for (part, chunk) in names.chunks(names.len().div_ceil(2)).enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", part + 1);
+        let raws: Vec<_> = chunk
+            .iter()
+            .map(|n| (n.clone(), ckpt.store.raw(n).unwrap()))
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = raws
+            .iter()
+            .map(|(n, r)| {
+                (
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(r.dtype, r.shape.clone(), r.data).unwrap(),
+                )
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &sharded.join(&file)).unwrap();
+        for n in chunk {
+            map.insert(n.clone(), serde_json::json!(file));
+        }
+    }
+    std::fs::write(
+        sharded.join("model.safetensors.index.json"),
+        serde_json::json!({"metadata": {}, "weight_map": map}).to_string(),
+    )
+    .unwrap();
+    std::fs::copy(single.join("config.json"), sharded.join("config.json")).unwrap();
+    let ids: Vec<u32> = (0..30).collect();
+    let a = logits(&open(&single), &ids, Mode::Eval);
+    let b = logits(&open(&sharded), &ids, Mode::Eval);
+    assert_eq!(max_abs(&(a - b).unwrap()), 0.0);
+}

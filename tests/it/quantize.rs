@@ -1,0 +1,329 @@
+//! The quantization core end to end: checkpoints written and read back, RTN and rotation through
+//! the binary on stories260K, rotation equivalence, and the bad-input cases of `affq quantize`.
+
+use crate::common::*;
+use affq::formats::Checkpoint;
+use affq::methods::{self, QuantPlan};
+use affq::model::{Mode, Model};
+use affq::quant::{Granularity, QuantSpec};
+use candle_core::{Device, Tensor};
+use std::path::Path;
+
+fn ids() -> Vec<u32> {
+    let raw = std::fs::read_to_string(data_dir().join("wikitext-2-raw/wiki.valid.raw")).unwrap();
+    let tok = affq::tokenizer::Tok::load(&stories_hf().join("tokenizer.json")).unwrap();
+    tok.encode(&raw[..6000], true).unwrap()[..256].to_vec()
+}
+
+fn logits(m: &Model, ids: &[u32]) -> Tensor {
+    let t = Tensor::from_slice(ids, (1, ids.len()), &Device::Cpu).unwrap();
+    m.logits(&t, Mode::Eval).unwrap()
+}
+
+fn run_ok(args: &[&str]) -> serde_json::Value {
+    let out = affq(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn rtn_checkpoint_round_trip_gives_identical_logits() {
+    // Quantize in memory, write, read back: the loaded model computes bit-identical logits.
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = Checkpoint::open(&stories_hf()).unwrap();
+    for (bits, gran, asym, a, kv) in [
+        (4u8, Granularity::Channel, false, Some(4u8), Some(4u8)),
+        (3, Granularity::Group(4), true, None, None),
+        (5, Granularity::Group(2), false, Some(8), None),
+        (2, Granularity::Channel, true, Some(6), Some(3)),
+    ] {
+        let mut m = ckpt.load_model(512).unwrap();
+        let spec = if asym {
+            QuantSpec::asym(bits)
+        } else {
+            QuantSpec::sym(bits)
+        };
+        let plan = QuantPlan {
+            weights: Some(affq::formats::checkpoint::WeightScheme {
+                spec,
+                granularity: gran,
+                clip_search: false,
+                quantizer: "rtn".into(),
+            }),
+            activations: a.map(QuantSpec::sym),
+            kv_cache: kv.map(QuantSpec::asym),
+            quantize_head: false,
+        };
+        methods::plan::quantize(&mut m, &plan).unwrap();
+        let qcfg = affq::formats::checkpoint::QuantConfig {
+            quant_method: "affq".into(),
+            format: affq::formats::checkpoint::FORMAT.into(),
+            format_version: affq::formats::checkpoint::FORMAT_VERSION,
+            affq_version: affq::VERSION.into(),
+            method: "rtn".into(),
+            weights: plan.weights.clone(),
+            activations: plan.activations,
+            kv_cache: plan.kv_cache,
+            quantize_head: false,
+            transforms: vec![],
+            seed: 0,
+        };
+        let out = tmp.path().join(format!("q{bits}"));
+        affq::formats::checkpoint::write(
+            &m,
+            &ckpt.files.dir,
+            &ckpt.files.config,
+            &qcfg,
+            &out,
+            false,
+            &[],
+        )
+        .unwrap();
+        let back = Checkpoint::open(&out).unwrap();
+        assert_eq!(back.quant.as_ref(), Some(&qcfg));
+        let m2 = back.load_model(512).unwrap();
+        // Same codes and scales → same dequantized weights → identical logits.
+        for (b1, b2) in m.blocks.iter().zip(&m2.blocks) {
+            for kind in affq::model::LinearKind::ALL {
+                let w1 = b1.linear(kind).weight().unwrap();
+                let w2 = b2.linear(kind).weight().unwrap();
+                assert_eq!(max_abs(&(w1 - w2).unwrap()), 0.0);
+            }
+        }
+        let ids = ids();
+        assert_eq!(
+            max_abs(&(logits(&m, &ids) - logits(&m2, &ids)).unwrap()),
+            0.0,
+            "W{bits}"
+        );
+    }
+}
+
+#[test]
+fn rotation_without_quantization_preserves_the_function() {
+    {
+        let dir = stories_hf();
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let base = ckpt.load_model(512).unwrap();
+        let mut rot = ckpt.load_model(512).unwrap();
+        let log = methods::rotate::rotate(&mut rot, 7).unwrap();
+        assert!(
+            log.iter().any(|l| l.contains("random orthogonal 172")),
+            "{log:?}"
+        );
+        let ids = ids();
+        let (a, b) = (logits(&base, &ids), logits(&rot, &ids));
+        let rel = max_abs(&(a - &b).unwrap()) / max_abs(&b);
+        // Orthogonal merges in f64, stored in f32: differences at f32 rounding level.
+        assert!(rel < 1e-5, "relative logit difference {rel}");
+    }
+}
+
+#[test]
+fn rotation_preserves_smollm2() {
+    let ckpt = Checkpoint::open(&smollm2_dir()).unwrap();
+    let base = ckpt.load_model(512).unwrap();
+    let mut rot = ckpt.load_model(512).unwrap();
+    methods::rotate::rotate(&mut rot, 0).unwrap();
+    let tok = affq::tokenizer::Tok::load(&smollm2_dir().join("tokenizer.json")).unwrap();
+    let raw = std::fs::read_to_string(data_dir().join("wikitext-2-raw/wiki.valid.raw")).unwrap();
+    let ids = tok.encode(&raw[..3000], false).unwrap()[..200].to_vec();
+    let (a, b) = (logits(&base, &ids), logits(&rot, &ids));
+    let rel = max_abs(&(a - &b).unwrap()) / max_abs(&b);
+    assert!(rel < 1e-4, "relative logit difference {rel}");
+}
+
+fn eval_ppl(model: &Path) -> f64 {
+    let v = run_ok(&[
+        "eval",
+        model.to_str().unwrap(),
+        "--seqlen",
+        "256",
+        "--max-windows",
+        "4",
+        "--json",
+    ]);
+    v["ppl"].as_f64().unwrap()
+}
+
+#[test]
+fn rtn_and_rotate_through_the_binary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fp = eval_ppl(&stories_hf());
+    let mut results = Vec::new();
+    for (method, flags) in [
+        ("rtn", vec!["--bits", "16"]),
+        ("rtn", vec!["--bits", "8", "--a-bits", "8"]),
+        ("rtn", vec!["--bits", "4", "--group-size", "4", "--asym"]),
+        ("rotate", vec!["--bits", "16"]),
+        (
+            "rotate",
+            vec![
+                "--bits",
+                "4",
+                "--a-bits",
+                "4",
+                "--kv-bits",
+                "4",
+                "--weight-clip-search",
+            ],
+        ),
+    ] {
+        let out = tmp.path().join(format!("{method}-{}", results.len()));
+        let model = stories_hf();
+        let mut args = vec![
+            "quantize",
+            model.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--method",
+            method,
+            "--json",
+        ];
+        args.extend(flags.iter().copied());
+        let v = run_ok(&args);
+        assert_eq!(v["method"], method);
+        assert_eq!(v["format"], "affq-packed");
+        assert!(out.join("tokenizer.json").exists() && out.join("config.json").exists());
+        let cfg = read_json(&out.join("config.json"));
+        assert_eq!(cfg["quantization_config"]["quant_method"], "affq");
+        results.push((method, flags.clone(), eval_ppl(&out)));
+    }
+    // No quantization: the same function (rotation exact up to f32 rounding).
+    assert!((results[0].2 / fp - 1.0).abs() < 1e-9);
+    assert!(
+        (results[3].2 / fp - 1.0).abs() < 1e-4,
+        "rotate fp {} vs {fp}",
+        results[3].2
+    );
+    // W8A8 stays within a few percent of FP (8-bit steps are 1/127 of each row's range);
+    // every quantized model gives a finite PPL.
+    assert!((results[1].2 / fp - 1.0).abs() < 0.05, "{results:?}");
+    for r in &results[1..] {
+        assert!(r.2.is_finite(), "{r:?}");
+    }
+}
+
+#[test]
+fn packed_weights_are_what_the_config_says() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("q3");
+    run_ok(&[
+        "quantize",
+        stories_hf().to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--bits",
+        "3",
+        "--group-size",
+        "4",
+        "--json",
+    ]);
+    let c = Checkpoint::open(&out).unwrap();
+    let name = "model.layers.0.mlp.down_proj";
+    // 3-bit codes densely packed: 172 codes × 3 bits = 516 bits → 17 words per row.
+    let raw = c.store.raw(&format!("{name}.weight_packed")).unwrap();
+    assert_eq!(raw.shape, vec![64, 17]);
+    assert_eq!(
+        c.store.shape(&format!("{name}.weight_scale")).unwrap(),
+        vec![64, 172 / 4]
+    );
+}
+
+fn expect_usage_error(args: &[&str], must_say: &str) {
+    let out = affq(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+    assert!(
+        err.contains(must_say),
+        "{args:?}: expected {must_say:?} in {err}"
+    );
+    assert!(!err.contains("panicked"));
+}
+
+#[test]
+fn bad_quantize_flags() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o");
+    let model = stories_hf();
+    let (m, o) = (model.to_str().unwrap(), out.to_str().unwrap().to_string());
+    expect_usage_error(&["quantize", m, "-o", &o, "--bits", "1"], "--bits 1");
+    expect_usage_error(&["quantize", m, "-o", &o, "--bits", "9"], "--bits 9");
+    expect_usage_error(&["quantize", m, "-o", &o, "--a-bits", "12"], "--a-bits 12");
+    expect_usage_error(
+        &["quantize", m, "-o", &o, "--group-size", "24"],
+        "model.layers.0.self_attn.q_proj",
+    );
+    expect_usage_error(
+        &["quantize", m, "-o", &o, "--sym", "--asym"],
+        "cannot be used with",
+    );
+    expect_usage_error(&["quantize", m, "-o", &o, "--clip", "1.5"], "--clip");
+    assert!(!out.exists(), "nothing written on errors");
+    // An output inside the model directory.
+    let copy = tmp.path().join("model");
+    std::fs::create_dir(&copy).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(stories_hf().join(f), copy.join(f)).unwrap();
+    }
+    let inside = copy.join("q");
+    expect_usage_error(
+        &[
+            "quantize",
+            copy.to_str().unwrap(),
+            "-o",
+            inside.to_str().unwrap(),
+        ],
+        "inside the model directory",
+    );
+}
+
+#[test]
+fn non_finite_weight_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    std::fs::create_dir(&dir).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(stories_hf().join(f), dir.join(f)).unwrap();
+    }
+    // Overwrite one value of layer 2's up_proj with NaN.
+    let src = Checkpoint::open(&stories_hf()).unwrap();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for n in src.store.names() {
+        let r = src.store.raw(&n).unwrap();
+        let mut bytes = r.data.to_vec();
+        if n == "model.layers.2.mlp.up_proj.weight" {
+            bytes[40..44].copy_from_slice(&f32::NAN.to_le_bytes());
+        }
+        tensors.push((n, r.shape.clone(), bytes));
+    }
+    let views: Vec<_> = tensors
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    let out = tmp.path().join("o");
+    let r = affq(&[
+        "quantize",
+        dir.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_ne!(r.status.code(), Some(0));
+    assert!(
+        err.contains("model.layers.2.mlp.up_proj") && err.contains("NaN"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
