@@ -11,8 +11,8 @@ pub mod resume;
 pub mod weight_quant;
 
 use crate::error::{Error, Result};
-use crate::methods::plan::quantize_block;
-use crate::methods::{EpochLog, Method, QuantPlan, SiteStats};
+use crate::methods::plan::{attach_quantizers, quantize_block};
+use crate::methods::{EpochLog, Method, MethodReport, QuantPlan, SiteStats};
 use crate::model::{Block, BlockHook, Mode, Model, NoHook, Rope};
 use candle_core::Tensor;
 use std::time::Instant;
@@ -134,10 +134,16 @@ pub fn calibrate_model(
         let loss_rtn = mse(&run_block(&rtn, &model.rope, &xp, 4, &mut NoHook)?, &yp)?;
         drop(rtn);
 
-        let (mut block, mut rep) =
-            method.calibrate(&model.blocks[i], &model.rope, &x, &y, &stats, &mut |e| {
+        let (mut block, mut rep) = match method.trainer() {
+            Some(t) => t.calibrate(&model.blocks[i], &model.rope, &x, &y, &stats, &mut |e| {
                 on_epoch(i, e)
-            })?;
+            })?,
+            None => {
+                let mut b = model.blocks[i].clone();
+                attach_quantizers(&mut b, &engine.plan)?;
+                (b, MethodReport::default())
+            }
+        };
         block.detach();
         weight_quant::quantize_block_weights(
             &mut block,

@@ -168,3 +168,114 @@ pub fn perplexity(
         window_ppl,
     })
 }
+
+/// How quantized linears compute during evaluation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    /// Integer kernels where the scheme has one (f32 online transforms).
+    Int,
+    /// As `Int`, with the online transforms in bf16 where the CPU can.
+    IntBf16,
+    /// The float simulation everywhere.
+    Simulate,
+}
+
+/// Where the integer kernels run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda,
+}
+
+/// An `affq eval` run.
+#[derive(Debug, Clone)]
+pub struct EvalRequest {
+    pub model: PathBuf,
+    pub dataset: Dataset,
+    pub protocol: Protocol,
+    pub seqlen: usize,
+    pub max_windows: Option<usize>,
+    pub data_dir: Option<PathBuf>,
+    pub kernels: Kernels,
+    pub device: Device,
+}
+
+/// What an evaluation measured and how.
+pub struct EvalOutcome {
+    pub result: PplResult,
+    /// Tokens of the whole evaluation text.
+    pub text_tokens: usize,
+    /// The BOS rule that was applied, in words.
+    pub bos: String,
+    pub load_seconds: f64,
+    /// The kernels that ran, in words (`int (avx512-vnni, 84 layers)`, `simulate`, …).
+    pub kernels: String,
+}
+
+/// Evaluates the request's model: data located, model loaded and converted to the requested
+/// backend, windows scored; `progress(done, total, running_ppl)` after each window.
+pub fn run(req: &EvalRequest, progress: impl FnMut(usize, usize, f64)) -> Result<EvalOutcome> {
+    use crate::backend::{cuda, int_cpu};
+    let dir = data::data_dir(req.data_dir.as_deref());
+    if req.device == Device::Cuda && req.kernels != Kernels::Int {
+        return Err(Error::Usage(
+            "--device cuda runs the integer kernels with f32 transforms: use --kernels int".into(),
+        ));
+    }
+    // Resolve every input before the expensive load.
+    let data_path = req.dataset.locate(&dir)?;
+    let t_load = Instant::now();
+    let ckpt = crate::formats::Checkpoint::open(&req.model)?;
+    let tok_path = ckpt.files.tokenizer.clone().ok_or_else(|| {
+        Error::format(
+            ckpt.files.dir.join("tokenizer.json"),
+            "missing: evaluation needs the model's tokenizer",
+        )
+    })?;
+    let tok = Tok::load(&tok_path)?;
+    let bos = bos_policy(&tok)?;
+    let ids = req
+        .dataset
+        .tokens(&data_path, req.protocol, &tok, req.seqlen)?;
+    let mut model = ckpt.load_model(req.seqlen)?;
+    let isa = crate::kernels::int_gemm::Isa::detect();
+    let bf16 = req.kernels == Kernels::IntBf16;
+    let (int_layers, bf16_sites) = match req.kernels {
+        Kernels::Int | Kernels::IntBf16 => int_cpu::use_int_kernels(&mut model, isa, bf16)?,
+        Kernels::Simulate => (0, 0),
+    };
+    let mut kernels = if int_layers > 0 {
+        let xf = match (bf16, bf16_sites) {
+            (false, _) => String::new(),
+            (true, 0) => ", f32 transforms: no AVX-512 BF16 or no transforms".into(),
+            (true, n) => format!(", {n} transforms in bf16"),
+        };
+        format!("int ({}, {int_layers} layers{xf})", isa.name())
+    } else {
+        "simulate".to_string()
+    };
+    if req.device == Device::Cuda {
+        let gpu = cuda::Cuda::new()?;
+        let n = cuda::use_cuda(&mut model, &gpu)?;
+        kernels = format!("int (cuda {}, {n} layers)", gpu.name);
+    }
+    let load_seconds = t_load.elapsed().as_secs_f64();
+    let opts = PplOptions {
+        seqlen: req.seqlen,
+        max_windows: req.max_windows,
+        protocol: req.protocol,
+    };
+    let result = perplexity(&model, &ids, &opts, bos, progress)?;
+    let bos = match (req.protocol, bos) {
+        (Protocol::Paper, _) => "none".to_string(),
+        (Protocol::Llamacpp, Some(b)) => format!("bos {b} replaces each chunk's first token"),
+        (Protocol::Llamacpp, None) => "none (vocabulary adds no BOS)".to_string(),
+    };
+    Ok(EvalOutcome {
+        result,
+        text_tokens: ids.len(),
+        bos,
+        load_seconds,
+        kernels,
+    })
+}

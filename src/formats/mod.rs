@@ -5,7 +5,6 @@
 pub mod checkpoint;
 pub mod config_json;
 pub mod gguf;
-pub mod gguf_vocab;
 pub mod safetensors;
 pub mod schema;
 

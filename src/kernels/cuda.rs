@@ -2,286 +2,215 @@
 //!
 //! The kernels (`cuda/int_kernels.cu`) are compiled to PTX at build time by
 //! `scripts/build-cuda.sh` (NVRTC from PyPI's wheel, no CUDA toolkit) and embedded; at run time
-//! the driver library `libcuda.so.1` is opened with `dlopen` and the PTX is JIT-compiled for the
-//! GPU by the driver. Nothing CUDA is needed to build or run the CPU binary.
+//! the driver library (`libcuda.so.1`) is opened by `cudarc` (its `dynamic-loading` mode) and the
+//! PTX is JIT-compiled for the GPU by the driver. Nothing CUDA is needed to build or run the CPU
+//! binary.
 //!
 //! Scope: the quantized linears of a site run on the GPU — upload the site input, fused online
 //! transform + per-token quantization (`transform_quantize`), int8 tensor-core GEMM with the
 //! scales in the epilogue (`int_gemm`), download the outputs. The rest of the decoder stays on
 //! the CPU.
+//!
+//! The driver API comes from `cudarc::driver` (as in candle) in its dynamic-loading mode, so no
+//! CUDA toolkit is needed at build time. cudarc resolves each driver symbol lazily and *panics*
+//! when the library or a symbol is missing, so [`Cuda::new`] checks both first and returns an
+//! error instead.
 
 use super::int_gemm::{PackedWeights, QuantizedActs};
 use super::transform_quant::FusedTransform;
 use crate::error::{Error, Result};
 use crate::quant::{QuantSpec, SymScale};
-use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
+use cudarc::driver::{
+    sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DriverError, LaunchArgs, LaunchConfig,
+    PushKernelArg,
+};
+use cudarc::nvrtc::Ptx;
+use std::ffi::c_int;
 use std::sync::Arc;
 
-const PTX: &str = concat!(
-    include_str!(env!(
-        "AFFQ_CUDA_PTX",
-        "the cuda feature embeds PTX compiled by scripts/build-cuda.sh, which sets AFFQ_CUDA_PTX"
-    )),
-    "\0"
-);
+const PTX: &str = include_str!(env!(
+    "AFFQ_CUDA_PTX",
+    "the cuda feature embeds PTX compiled by scripts/build-cuda.sh, which sets AFFQ_CUDA_PTX"
+));
 
 /// k padding of the GPU layouts (the GEMM's k tile).
 pub const KP_ALIGN: usize = 32;
-const CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES: c_int = 8;
 
-type CuResult = c_int;
-type Ptr = u64;
+/// Every driver entry point cudarc's safe API reaches on the paths used here (context on the
+/// default stream, module load, function attribute, stream-ordered or plain alloc/free, copies,
+/// launch, synchronize, error strings). Checked up front: a missing one would panic in cudarc.
+const SYMBOLS: &[&str] = &[
+    "cuInit",
+    "cuDeviceGet",
+    "cuDeviceGetName",
+    "cuDeviceGetAttribute",
+    "cuDevicePrimaryCtxRetain",
+    "cuDevicePrimaryCtxRelease_v2",
+    "cuCtxGetCurrent",
+    "cuCtxSetCurrent",
+    "cuCtxSynchronize",
+    "cuStreamSynchronize",
+    "cuModuleLoadData",
+    "cuModuleUnload",
+    "cuModuleGetFunction",
+    "cuFuncSetAttribute",
+    "cuMemAlloc_v2",
+    "cuMemFree_v2",
+    "cuMemAllocAsync",
+    "cuMemFreeAsync",
+    "cuMemcpyHtoDAsync_v2",
+    "cuMemcpyDtoHAsync_v2",
+    "cuLaunchKernel",
+    "cuGetErrorString",
+    "cuGetErrorName",
+];
 
-/// Driver API entry points resolved with `dlsym`.
-#[allow(non_snake_case)]
-struct Api {
-    cuInit: unsafe extern "C" fn(c_uint) -> CuResult,
-    cuDeviceGet: unsafe extern "C" fn(*mut c_int, c_int) -> CuResult,
-    cuDeviceGetName: unsafe extern "C" fn(*mut c_char, c_int, c_int) -> CuResult,
-    cuDevicePrimaryCtxRetain: unsafe extern "C" fn(*mut *mut c_void, c_int) -> CuResult,
-    cuCtxSetCurrent: unsafe extern "C" fn(*mut c_void) -> CuResult,
-    cuCtxSynchronize: unsafe extern "C" fn() -> CuResult,
-    cuModuleLoadData: unsafe extern "C" fn(*mut *mut c_void, *const c_void) -> CuResult,
-    cuModuleGetFunction:
-        unsafe extern "C" fn(*mut *mut c_void, *mut c_void, *const c_char) -> CuResult,
-    cuFuncSetAttribute: unsafe extern "C" fn(*mut c_void, c_int, c_int) -> CuResult,
-    cuMemAlloc_v2: unsafe extern "C" fn(*mut Ptr, usize) -> CuResult,
-    cuMemFree_v2: unsafe extern "C" fn(Ptr) -> CuResult,
-    cuMemcpyHtoD_v2: unsafe extern "C" fn(Ptr, *const c_void, usize) -> CuResult,
-    cuMemcpyDtoH_v2: unsafe extern "C" fn(*mut c_void, Ptr, usize) -> CuResult,
-    #[allow(clippy::type_complexity)]
-    cuLaunchKernel: unsafe extern "C" fn(
-        *mut c_void,
-        c_uint,
-        c_uint,
-        c_uint,
-        c_uint,
-        c_uint,
-        c_uint,
-        c_uint,
-        *mut c_void,
-        *mut *mut c_void,
-        *mut *mut c_void,
-    ) -> CuResult,
-    cuGetErrorString: unsafe extern "C" fn(CuResult, *mut *const c_char) -> CuResult,
-}
-
-/// A GPU with the kernels loaded (device 0, its primary context).
+/// A GPU with the kernels loaded (device 0, its primary context, the default stream).
 pub struct Cuda {
-    api: Api,
-    ctx: *mut c_void,
-    transform_quantize: *mut c_void,
-    int_gemm: *mut c_void,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    transform_quantize: CudaFunction,
+    int_gemm: CudaFunction,
     pub name: String,
 }
-
-// SAFETY: the driver API is thread safe; every call first makes the primary context current.
-unsafe impl Send for Cuda {}
-unsafe impl Sync for Cuda {}
 
 fn err(what: &str) -> Error {
     Error::Runtime(format!("cuda: {what}"))
 }
 
+/// `what: <the driver's error string>`, as the hand-written version printed it.
+fn drv(what: &str) -> impl FnOnce(DriverError) -> Error + '_ {
+    move |e| {
+        let msg = match e.error_string() {
+            Ok(s) => s.to_string_lossy().into_owned(),
+            Err(_) => format!("error {:?}", e.0),
+        };
+        err(&format!("{what}: {msg}"))
+    }
+}
+
+/// Fails (instead of cudarc panicking later) when the driver library or one of the symbols
+/// cudarc will resolve is absent.
+fn check_driver() -> Result<()> {
+    // SAFETY: opens (and closes) the candidate driver libraries, calls nothing in them.
+    if !unsafe { sys::is_culib_present() } {
+        return Err(err(
+            "libcuda.so.1 not found: no NVIDIA driver on this machine (--device cpu runs the same model)",
+        ));
+    }
+    // SAFETY: present, so `culib` loads it rather than panicking; symbols are only looked up.
+    let lib = unsafe { sys::culib() };
+    for name in SYMBOLS {
+        // SAFETY: a lookup only; the symbol is never called through this type.
+        if unsafe { lib.get::<unsafe extern "C" fn()>(name.as_bytes()) }.is_err() {
+            return Err(err(&format!("driver lacks {name}")));
+        }
+    }
+    Ok(())
+}
+
+/// Element types whose bytes go to and from device memory as they are: no padding, every bit
+/// pattern valid.
+pub trait Plain: Copy + sealed::Sealed {}
+mod sealed {
+    pub trait Sealed {}
+}
+macro_rules! plain {
+    ($($t:ty),*) => {$(impl sealed::Sealed for $t {} impl Plain for $t {})*};
+}
+plain!(u8, i8, i32, u32, f32);
+
+fn bytes_of<T: Plain>(v: &[T]) -> &[u8] {
+    // SAFETY: `Plain` types have no padding; u8 has alignment 1.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), std::mem::size_of_val(v)) }
+}
+
+fn bytes_of_mut<T: Plain>(v: &mut [T]) -> &mut [u8] {
+    // SAFETY: as above, and every byte pattern is a valid `Plain` value.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), std::mem::size_of_val(v)) }
+}
+
 impl Cuda {
     /// Opens the driver and loads the kernels; an error says what is missing.
     pub fn new() -> Result<Arc<Cuda>> {
-        // SAFETY: dlopen/dlsym with NUL-terminated names; each symbol is cast to the documented
-        // signature of that driver API function.
-        unsafe {
-            let lib = libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW);
-            if lib.is_null() {
-                return Err(err(
-                    "libcuda.so.1 not found: no NVIDIA driver on this machine (--device cpu runs the same model)",
-                ));
-            }
-            macro_rules! sym {
-                ($name:ident) => {{
-                    let p = libc::dlsym(lib, concat!(stringify!($name), "\0").as_ptr().cast());
-                    if p.is_null() {
-                        return Err(err(concat!("driver lacks ", stringify!($name))));
-                    }
-                    // The field's type is the function's signature; a fn pointer has the size
-                    // of a data pointer.
-                    std::mem::transmute_copy(&p)
-                }};
-            }
-            let api = Api {
-                cuInit: sym!(cuInit),
-                cuDeviceGet: sym!(cuDeviceGet),
-                cuDeviceGetName: sym!(cuDeviceGetName),
-                cuDevicePrimaryCtxRetain: sym!(cuDevicePrimaryCtxRetain),
-                cuCtxSetCurrent: sym!(cuCtxSetCurrent),
-                cuCtxSynchronize: sym!(cuCtxSynchronize),
-                cuModuleLoadData: sym!(cuModuleLoadData),
-                cuModuleGetFunction: sym!(cuModuleGetFunction),
-                cuFuncSetAttribute: sym!(cuFuncSetAttribute),
-                cuMemAlloc_v2: sym!(cuMemAlloc_v2),
-                cuMemFree_v2: sym!(cuMemFree_v2),
-                cuMemcpyHtoD_v2: sym!(cuMemcpyHtoD_v2),
-                cuMemcpyDtoH_v2: sym!(cuMemcpyDtoH_v2),
-                cuLaunchKernel: sym!(cuLaunchKernel),
-                cuGetErrorString: sym!(cuGetErrorString),
-            };
-            let mut cuda = Cuda {
-                api,
-                ctx: std::ptr::null_mut(),
-                transform_quantize: std::ptr::null_mut(),
-                int_gemm: std::ptr::null_mut(),
-                name: String::new(),
-            };
-            cuda.check((cuda.api.cuInit)(0), "cuInit")?;
-            let mut dev = 0;
-            cuda.check((cuda.api.cuDeviceGet)(&mut dev, 0), "cuDeviceGet")?;
-            let mut name = [0 as c_char; 256];
-            cuda.check(
-                (cuda.api.cuDeviceGetName)(name.as_mut_ptr(), 256, dev),
-                "cuDeviceGetName",
-            )?;
-            cuda.name = CStr::from_ptr(name.as_ptr()).to_string_lossy().into_owned();
-            let mut ctx = std::ptr::null_mut();
-            cuda.check(
-                (cuda.api.cuDevicePrimaryCtxRetain)(&mut ctx, dev),
-                "cuDevicePrimaryCtxRetain",
-            )?;
-            cuda.ctx = ctx;
-            cuda.check((cuda.api.cuCtxSetCurrent)(cuda.ctx), "cuCtxSetCurrent")?;
-            let mut module = std::ptr::null_mut();
-            cuda.check(
-                (cuda.api.cuModuleLoadData)(&mut module, PTX.as_ptr().cast()),
-                "loading the kernels' PTX",
-            )?;
-            let get = |name: &CStr| -> Result<*mut c_void> {
-                let mut f = std::ptr::null_mut();
-                let rc = (cuda.api.cuModuleGetFunction)(&mut f, module, name.as_ptr());
-                if rc != 0 {
-                    return Err(err(&format!("kernel {name:?} missing from the PTX ({rc})")));
-                }
-                Ok(f)
-            };
-            let (tq, gm) = (get(c"transform_quantize")?, get(c"int_gemm")?);
-            cuda.transform_quantize = tq;
-            cuda.int_gemm = gm;
-            Ok(Arc::new(cuda))
+        check_driver()?;
+        let ctx = CudaContext::new(0).map_err(drv("opening device 0"))?;
+        // SAFETY: one stream (the default one) only, so cudarc's per-buffer cross-stream events
+        // are not needed; without this every allocation also creates two events.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let name = ctx.name().map_err(drv("cuDeviceGetName"))?;
+        if PTX.contains('\0') {
+            return Err(err("the embedded PTX contains a NUL byte"));
         }
-    }
-
-    fn check(&self, rc: CuResult, what: &str) -> Result<()> {
-        if rc == 0 {
-            return Ok(());
-        }
-        let mut s: *const c_char = std::ptr::null();
-        // SAFETY: cuGetErrorString writes a static string pointer (or leaves it null).
-        let msg = unsafe {
-            (self.api.cuGetErrorString)(rc, &mut s);
-            if s.is_null() {
-                format!("error {rc}")
-            } else {
-                CStr::from_ptr(s).to_string_lossy().into_owned()
-            }
+        let module = ctx
+            .load_module(Ptx::from_src(PTX))
+            .map_err(drv("loading the kernels' PTX"))?;
+        let get = |name: &str| {
+            module
+                .load_function(name)
+                .map_err(|e| err(&format!("kernel {name:?} missing from the PTX ({e:?})")))
         };
-        Err(err(&format!("{what}: {msg}")))
+        let (transform_quantize, int_gemm) = (get("transform_quantize")?, get("int_gemm")?);
+        Ok(Arc::new(Cuda {
+            ctx,
+            stream,
+            transform_quantize,
+            int_gemm,
+            name,
+        }))
     }
 
     fn current(&self) -> Result<()> {
-        // SAFETY: the context is retained for the process lifetime.
-        self.check(
-            unsafe { (self.api.cuCtxSetCurrent)(self.ctx) },
-            "cuCtxSetCurrent",
-        )
+        self.ctx.bind_to_thread().map_err(drv("cuCtxSetCurrent"))
     }
 
     pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<DeviceBuffer> {
-        self.current()?;
-        let mut ptr = 0;
-        // SAFETY: out-pointer to a local.
-        self.check(
-            unsafe { (self.api.cuMemAlloc_v2)(&mut ptr, bytes.max(1)) },
-            &format!("allocating {bytes} bytes"),
-        )?;
-        Ok(DeviceBuffer {
-            ptr,
-            bytes,
-            cuda: self.clone(),
-        })
+        // SAFETY: uninitialised device memory, as from cuMemAlloc; every kernel writes its
+        // outputs in full before they are read.
+        let slice = unsafe { self.stream.alloc::<u8>(bytes.max(1)) }
+            .map_err(drv(&format!("allocating {bytes} bytes")))?;
+        Ok(DeviceBuffer { slice, bytes })
     }
 
-    pub fn upload<T: Copy>(self: &Arc<Self>, data: &[T]) -> Result<DeviceBuffer> {
-        let b = self.alloc(std::mem::size_of_val(data))?;
-        // SAFETY: the buffer holds exactly the bytes of `data`.
-        self.check(
-            unsafe { (self.api.cuMemcpyHtoD_v2)(b.ptr, data.as_ptr().cast(), b.bytes) },
-            "copy to the GPU",
-        )?;
+    pub fn upload<T: Plain>(self: &Arc<Self>, data: &[T]) -> Result<DeviceBuffer> {
+        let mut b = self.alloc(std::mem::size_of_val(data))?;
+        self.stream
+            .memcpy_htod(bytes_of(data), &mut b.slice)
+            .map_err(drv("copy to the GPU"))?;
         Ok(b)
     }
 
-    pub fn download<T: Copy>(&self, b: &DeviceBuffer, out: &mut [T]) -> Result<()> {
+    pub fn download<T: Plain>(&self, b: &DeviceBuffer, out: &mut [T]) -> Result<()> {
         let bytes = std::mem::size_of_val(out);
         if bytes > b.bytes {
             return Err(err("download larger than the buffer"));
         }
-        self.current()?;
-        // SAFETY: `out` has room for `bytes`, the buffer holds at least that many.
-        self.check(
-            unsafe { (self.api.cuMemcpyDtoH_v2)(out.as_mut_ptr().cast(), b.ptr, bytes) },
-            "copy from the GPU",
-        )
+        // Into pageable memory the copy has completed when the call returns.
+        self.stream
+            .memcpy_dtoh(&b.slice.slice(..bytes), bytes_of_mut(out))
+            .map_err(drv("copy from the GPU"))
     }
 
     pub fn synchronize(&self) -> Result<()> {
-        self.current()?;
-        // SAFETY: no arguments.
-        self.check(unsafe { (self.api.cuCtxSynchronize)() }, "synchronize")
-    }
-
-    /// # Safety
-    /// `params` must match the kernel's parameter list in number, order and type.
-    unsafe fn launch(
-        &self,
-        f: *mut c_void,
-        grid: (u32, u32),
-        block: u32,
-        smem: u32,
-        params: &mut [*mut c_void],
-        what: &str,
-    ) -> Result<()> {
-        self.current()?;
-        self.check(
-            (self.api.cuLaunchKernel)(
-                f,
-                grid.0,
-                grid.1,
-                1,
-                block,
-                1,
-                1,
-                smem,
-                std::ptr::null_mut(),
-                params.as_mut_ptr(),
-                std::ptr::null_mut(),
-            ),
-            what,
-        )
+        self.ctx.synchronize().map_err(drv("synchronize"))
     }
 }
 
-/// Device memory, freed on drop.
+/// Device memory, freed on drop (stream-ordered where the device has memory pools).
 pub struct DeviceBuffer {
-    ptr: Ptr,
+    slice: CudaSlice<u8>,
     bytes: usize,
-    cuda: Arc<Cuda>,
 }
 
-impl Drop for DeviceBuffer {
-    fn drop(&mut self) {
-        // SAFETY: allocated by cuMemAlloc in this context, freed once.
-        unsafe { (self.cuda.api.cuMemFree_v2)(self.ptr) };
-    }
-}
+const NULL: sys::CUdeviceptr = 0;
 
-fn arg<T>(v: &mut T) -> *mut c_void {
-    (v as *mut T).cast()
+/// Pushes `b`'s device pointer, or a null pointer (the kernels read null as "absent").
+fn arg_opt<'a>(l: &mut LaunchArgs<'a>, b: Option<&'a DeviceBuffer>) {
+    match b {
+        Some(b) => l.arg(&b.slice),
+        None => l.arg(&NULL),
+    };
 }
 
 /// An online transform's factors on the GPU (absent factors are identities).
@@ -359,7 +288,7 @@ pub fn transform_quantize(
         )));
     }
     let kp = k.div_ceil(KP_ALIGN) * KP_ALIGN;
-    let acts = DeviceActs {
+    let mut acts = DeviceActs {
         m,
         kp,
         q: cuda.alloc(m * kp)?,
@@ -367,64 +296,41 @@ pub fn transform_quantize(
         sum: cuda.alloc(4 * m)?,
     };
     let half = (1u32 << (spec.bits - 1)) as f32;
-    let mut div = match spec.sym_scale {
+    let div = match spec.sym_scale {
         SymScale::MaxPos => half - 1.0,
         SymScale::HalfRange => spec.qmax() as f32 / 2.0,
     };
-    let ptr = |b: Option<&DeviceBuffer>| b.map_or(0, |b| b.ptr);
-    let (mut px, mut p1, mut p2, mut pc) = (
-        xd.ptr,
-        ptr(t.and_then(|t| t.p1.as_ref())),
-        ptr(t.and_then(|t| t.p2.as_ref())),
-        ptr(t.and_then(|t| t.scale.as_ref())),
-    );
-    let (mut m_, mut n1_, mut n2_, mut kp_) = (m as c_int, n1 as c_int, n2 as c_int, kp as c_int);
-    let (mut chi, mut clo, mut zero, mut qmax) =
-        (spec.clip, spec.clip_min, half, spec.qmax() as f32);
-    let (mut pq, mut ps, mut psum) = (acts.q.ptr, acts.scale.ptr, acts.sum.ptr);
+    let (m_, n1_, n2_, kp_) = (m as c_int, n1 as c_int, n2 as c_int, kp as c_int);
+    let (chi, clo, zero, qmax) = (spec.clip, spec.clip_min, half, spec.qmax() as f32);
     let smem = 2 * k * 4;
     if smem > 48 * 1024 {
-        // SAFETY: attribute set on a loaded function.
-        cuda.check(
-            unsafe {
-                (cuda.api.cuFuncSetAttribute)(
-                    cuda.transform_quantize,
-                    CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    smem as c_int,
-                )
-            },
-            "shared memory for the transform",
-        )?;
+        cuda.current()?;
+        cuda.transform_quantize
+            .set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as c_int,
+            )
+            .map_err(drv("shared memory for the transform"))?;
     }
-    let mut params = [
-        arg(&mut px),
-        arg(&mut p1),
-        arg(&mut p2),
-        arg(&mut pc),
-        arg(&mut m_),
-        arg(&mut n1_),
-        arg(&mut n2_),
-        arg(&mut kp_),
-        arg(&mut chi),
-        arg(&mut clo),
-        arg(&mut div),
-        arg(&mut zero),
-        arg(&mut qmax),
-        arg(&mut pq),
-        arg(&mut ps),
-        arg(&mut psum),
-    ];
-    // SAFETY: parameters in the order and types of `transform_quantize` in int_kernels.cu.
-    unsafe {
-        cuda.launch(
-            cuda.transform_quantize,
-            (m as u32, 1),
-            256,
-            smem as u32,
-            &mut params,
-            "transform_quantize",
-        )?
+    let cfg = LaunchConfig {
+        grid_dim: (m as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: smem as u32,
     };
+    {
+        let mut l = cuda.stream.launch_builder(&cuda.transform_quantize);
+        l.arg(&xd.slice);
+        arg_opt(&mut l, t.and_then(|t| t.p1.as_ref()));
+        arg_opt(&mut l, t.and_then(|t| t.p2.as_ref()));
+        arg_opt(&mut l, t.and_then(|t| t.scale.as_ref()));
+        l.arg(&m_).arg(&n1_).arg(&n2_).arg(&kp_);
+        l.arg(&chi).arg(&clo).arg(&div).arg(&zero).arg(&qmax);
+        l.arg(&mut acts.q.slice)
+            .arg(&mut acts.scale.slice)
+            .arg(&mut acts.sum.slice);
+        // SAFETY: parameters in the order and types of `transform_quantize` in int_kernels.cu.
+        unsafe { l.launch(cfg) }.map_err(drv("transform_quantize"))?;
+    }
     Ok(acts)
 }
 
@@ -471,38 +377,25 @@ pub fn gemm(cuda: &Arc<Cuda>, a: &DeviceActs, w: &CudaWeights) -> Result<DeviceB
             a.kp, w.kp
         )));
     }
-    let out = cuda.alloc(4 * a.m * w.n)?;
-    let (mut pa, mut psa, mut pw, mut psw, mut pb, mut pc) = (
-        a.q.ptr,
-        a.scale.ptr,
-        w.w.ptr,
-        w.scale.ptr,
-        w.bias.as_ref().map_or(0, |b| b.ptr),
-        out.ptr,
-    );
-    let (mut m_, mut n_, mut kp_) = (a.m as c_int, w.n as c_int, a.kp as c_int);
-    let mut params = [
-        arg(&mut pa),
-        arg(&mut psa),
-        arg(&mut pw),
-        arg(&mut psw),
-        arg(&mut pb),
-        arg(&mut m_),
-        arg(&mut n_),
-        arg(&mut kp_),
-        arg(&mut pc),
-    ];
-    // SAFETY: parameters in the order and types of `int_gemm` in int_kernels.cu.
-    unsafe {
-        cuda.launch(
-            cuda.int_gemm,
-            (w.n.div_ceil(64) as u32, a.m.div_ceil(64) as u32),
-            128,
-            0,
-            &mut params,
-            "int_gemm",
-        )?
+    let mut out = cuda.alloc(4 * a.m * w.n)?;
+    let (m_, n_, kp_) = (a.m as c_int, w.n as c_int, a.kp as c_int);
+    let cfg = LaunchConfig {
+        grid_dim: (w.n.div_ceil(64) as u32, a.m.div_ceil(64) as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
     };
+    {
+        let mut l = cuda.stream.launch_builder(&cuda.int_gemm);
+        l.arg(&a.q.slice)
+            .arg(&a.scale.slice)
+            .arg(&w.w.slice)
+            .arg(&w.scale.slice);
+        arg_opt(&mut l, w.bias.as_ref());
+        l.arg(&m_).arg(&n_).arg(&kp_);
+        l.arg(&mut out.slice);
+        // SAFETY: parameters in the order and types of `int_gemm` in int_kernels.cu.
+        unsafe { l.launch(cfg) }.map_err(drv("int_gemm"))?;
+    }
     Ok(out)
 }
 

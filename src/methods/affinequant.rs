@@ -25,14 +25,14 @@
 //! for every method.
 
 use super::lwc::{clamp_rows, lwc_bounds, lwc_units, Clip};
-use super::plan::{attach_kv, fixed_quantizer};
+use super::plan::{attach_kv, fixed_quantizer, Grids};
 use super::train::{train, var, Group, Loss, Schedule, TrainConfig, Trainee};
-use super::{EpochLog, Method, MethodInput, MethodReport, MethodSpec, SiteStats};
+use super::{BlockTrainer, EpochLog, Method, MethodInput, MethodReport, MethodSpec, SiteStats};
 use crate::backend::simulated::QuantLinear;
 use crate::error::{Error, Result};
 use crate::model::{Block, LinearKind, Mode, NoHook, QkTransform, Rope, Site};
 use crate::quant::clipquant::clip_quant;
-use crate::quant::{ActQuantizer, Granularity, QuantSpec};
+use crate::quant::ActQuantizer;
 use crate::transforms::inverse::{inverse, inverse_f64};
 use crate::transforms::KroneckerTransform;
 use candle_core::{DType, Device, Tensor, Var};
@@ -41,11 +41,7 @@ use std::sync::Arc;
 /// Hyper-parameters (recipes calib/affinequant-*.toml; defaults §3.9).
 #[derive(Debug, Clone)]
 pub struct AffineQuantConfig {
-    pub weights: Option<QuantSpec>,
-    /// Weight group size (LWC per (row, group)); `None` per channel.
-    pub group_size: Option<usize>,
-    pub activations: Option<QuantSpec>,
-    pub kv_cache: Option<QuantSpec>,
+    pub grids: Grids,
     pub epochs: usize,
     /// Learning rate of the scales and matrices (`let_lr`).
     pub lr: f64,
@@ -79,13 +75,7 @@ impl AffineQuantConfig {
     pub fn new(m: &MethodInput) -> Self {
         let (r, plan) = (m.recipe, m.plan);
         AffineQuantConfig {
-            weights: plan.weights.as_ref().map(|w| w.spec),
-            group_size: plan.weights.as_ref().and_then(|w| match w.granularity {
-                Granularity::Group(g) => Some(g),
-                _ => None,
-            }),
-            activations: plan.activations,
-            kv_cache: plan.kv_cache,
+            grids: plan.grids(),
             epochs: r.epochs.unwrap_or(4),
             lr: r.lr.unwrap_or(5e-3),
             lwc_lr: 1e-2,
@@ -271,12 +261,12 @@ impl AffineQuant {
                 }
             })
             .collect();
-        let gsz = self.cfg.group_size;
+        let gsz = self.cfg.grids.group_size;
         Ok(Params {
             qkv: smooth(s_qkv)?,
             fc1: smooth(s_fc1)?,
             out: var(&out, &[nkv, hd, hd])?,
-            qkt: match self.cfg.kv_cache {
+            qkt: match self.cfg.grids.kv_cache {
                 Some(_) => Some(var(&eye, &[nkv, hd, hd])?),
                 None => None,
             },
@@ -442,11 +432,11 @@ impl AffineQuant {
 
     /// Weight `[out, in]` viewed as LWC units `[out·groups, g]`.
     fn units(&self, w: &Tensor) -> Result<Tensor> {
-        lwc_units(w, self.cfg.group_size)
+        lwc_units(w, self.cfg.grids.group_size)
     }
 
     fn act(&self) -> Option<Arc<dyn ActQuantizer>> {
-        fixed_quantizer(self.cfg.activations)
+        fixed_quantizer(self.cfg.grids.activations)
     }
 
     /// The differentiable quantized block for the parameters at `epoch`'s mask.
@@ -454,7 +444,7 @@ impl AffineQuant {
         let m = self.masked(p, Some(epoch), &|a| inverse(a))?;
         let (mut b, ws) = self.merged(block, &m)?;
         for (i, (kind, (w, bias))) in LinearKind::ALL.into_iter().zip(ws).enumerate() {
-            let w = match &self.cfg.weights {
+            let w = match &self.cfg.grids.weights {
                 Some(spec) => clip_quant(
                     &self.units(&w)?,
                     p.lwc[i].max.as_tensor(),
@@ -470,7 +460,7 @@ impl AffineQuant {
                 Box::new(QuantLinear::with_quantizer(None, w, bias, self.act())?),
             )?;
         }
-        attach_kv(&mut b, self.cfg.kv_cache);
+        attach_kv(&mut b, self.cfg.grids.kv_cache);
         Ok(b)
     }
 
@@ -536,7 +526,7 @@ impl AffineQuant {
         let m = self.masked(&p64, None, &inv64)?;
         let (mut b, ws) = self.merged(block, &m)?;
         for (i, (kind, (w, bias))) in LinearKind::ALL.into_iter().zip(ws).enumerate() {
-            let w = if quantize && self.cfg.weights.is_some() {
+            let w = if quantize && self.cfg.grids.weights.is_some() {
                 let u = self.units(&w)?;
                 let (lo, hi) = lwc_bounds(&u.to_dtype(DType::F32)?, &p.lwc[i])?;
                 clamp_rows(&u, &lo.to_dtype(DType::F64)?, &hi.to_dtype(DType::F64)?)?
@@ -552,7 +542,7 @@ impl AffineQuant {
                 Box::new(QuantLinear::with_quantizer(None, w, bias, act)?),
             )?;
         }
-        attach_kv(&mut b, self.cfg.kv_cache.filter(|_| quantize));
+        attach_kv(&mut b, self.cfg.grids.kv_cache.filter(|_| quantize));
         Ok(b)
     }
 
@@ -640,6 +630,12 @@ impl Method for AffineQuant {
             }
         ))
     }
+    fn trainer(&mut self) -> Option<&mut dyn BlockTrainer> {
+        Some(self)
+    }
+}
+
+impl BlockTrainer for AffineQuant {
     fn calibrate(
         &mut self,
         block: &Block,

@@ -12,14 +12,15 @@
 //! reports a near-singular factor instead of writing garbage.
 
 use super::lwc::{clamp_rows, lwc_bounds, lwc_units, Clip};
+use super::plan::Grids;
 use super::train::{train, var, Group, Loss, Schedule, TrainConfig, Trainee};
-use super::{EpochLog, Method, MethodInput, MethodReport, MethodSpec, SiteStats};
+use super::{BlockTrainer, EpochLog, Method, MethodInput, MethodReport, MethodSpec, SiteStats};
 use crate::backend::simulated::QuantLinear;
 use crate::error::{Error, Result};
 use crate::model::{Block, DenseLinear, LinearKind, Mode, NoHook, QkTransform, Rope, Site};
 use crate::quant::act::sigmoid;
 use crate::quant::clipquant::clip_quant;
-use crate::quant::{ActQuantizer, Granularity, QuantSpec};
+use crate::quant::ActQuantizer;
 use crate::rng::Rng;
 use crate::transforms::inverse::{inverse, inverse_f64};
 use crate::transforms::linalg::random_orthogonal;
@@ -30,9 +31,7 @@ use std::sync::Arc;
 /// Hyper-parameters (recipes in calib/*.toml).
 #[derive(Debug, Clone)]
 pub struct FlatQuantConfig {
-    pub weights: Option<QuantSpec>,
-    pub activations: Option<QuantSpec>,
-    pub kv_cache: Option<QuantSpec>,
+    pub grids: Grids,
     pub epochs: usize,
     pub batch: usize,
     /// Learning rate of the transforms; the clip parameters use `clip_lr_mult ×` this.
@@ -42,9 +41,6 @@ pub struct FlatQuantConfig {
     /// SmoothQuant-style migration strength of the channel-scale init (§2.5).
     pub alpha: f64,
     pub seed: u64,
-    /// Weight group size along the (transformed) input dimension: LWC per (row, group), as
-    /// the weight-only settings of the paper; `None` per channel.
-    pub group_size: Option<usize>,
 }
 
 pub const SPEC: MethodSpec = MethodSpec {
@@ -63,9 +59,7 @@ impl FlatQuantConfig {
     pub fn new(m: &MethodInput) -> Self {
         let (r, plan) = (m.recipe, m.plan);
         FlatQuantConfig {
-            weights: plan.weights.as_ref().map(|w| w.spec),
-            activations: plan.activations,
-            kv_cache: plan.kv_cache,
+            grids: plan.grids(),
             epochs: r.epochs.unwrap_or(3),
             batch: r.batch.unwrap_or(1),
             lr: r.lr.unwrap_or(5e-3),
@@ -73,10 +67,6 @@ impl FlatQuantConfig {
             weight_decay: 0.01,
             alpha: r.alpha.unwrap_or(0.3),
             seed: m.seed,
-            group_size: plan.weights.as_ref().and_then(|w| match w.granularity {
-                Granularity::Group(g) => Some(g),
-                _ => None,
-            }),
         }
     }
 }
@@ -259,7 +249,7 @@ impl FlatQuant {
             mlp: Kron::new(c.hidden_size, &mlp_c, &mut rng)?,
             down: Kron::new(c.intermediate_size, &down_c, &mut rng)?,
             head_mix: orthogonal_var(c.num_heads, &mut rng)?,
-            kv: match self.cfg.kv_cache {
+            kv: match self.cfg.grids.kv_cache {
                 Some(_) => Some((
                     orthogonal_var(c.head_dim, &mut rng)?,
                     orthogonal_var(c.head_dim, &mut rng)?,
@@ -270,7 +260,7 @@ impl FlatQuant {
                 .iter()
                 .map(|k| {
                     let (out, inp) = k.shape(c);
-                    let g = self.cfg.group_size.unwrap_or(inp);
+                    let g = self.cfg.grids.group_size.unwrap_or(inp);
                     Clip::new(&[out * inp / g.max(1), 1])
                 })
                 .collect::<Result<_>>()?,
@@ -278,7 +268,7 @@ impl FlatQuant {
                 .iter()
                 .map(|_| Clip::new(&[1, 1]))
                 .collect::<Result<_>>()?,
-            kv_lac: match self.cfg.kv_cache {
+            kv_lac: match self.cfg.grids.kv_cache {
                 Some(_) => Some((Clip::new(&[1, 1])?, Clip::new(&[1, 1])?)),
                 None => None,
             },
@@ -318,8 +308,8 @@ impl FlatQuant {
             let w = weight_side[LINEAR_SITE[i] as usize].apply(&layer.weight()?)?;
             let mut bias = layer.bias().cloned();
             let (lwc_hi, lwc_lo) = (p.lwc[i].max.as_tensor(), p.lwc[i].min.as_tensor());
-            let gs = self.cfg.group_size;
-            let w = match (kind, pv, &self.cfg.weights) {
+            let gs = self.cfg.grids.group_size;
+            let w = match (kind, pv, &self.cfg.grids.weights) {
                 (LinearKind::V, Some(pv), spec) => {
                     // Output side of v_proj: each head's values times P_v, after the clip (§2.6).
                     let u = lwc_units(&w, gs)?;
@@ -343,7 +333,11 @@ impl FlatQuant {
                     .reshape(w.shape())?,
                 (_, _, None) => w,
             };
-            let act = self.cfg.activations.map(|spec| p.lac[i].learned(spec));
+            let act = self
+                .cfg
+                .grids
+                .activations
+                .map(|spec| p.lac[i].learned(spec));
             let act = act.map(|a| Arc::new(a) as Arc<dyn ActQuantizer>);
             // The weight is a graph tensor already on the grid: a full-precision-weight layer.
             b.set_linear(
@@ -361,7 +355,7 @@ impl FlatQuant {
                 k: pk.as_tensor().clone(),
             }));
         }
-        if let (Some(spec), Some((kc, vc))) = (self.cfg.kv_cache, &p.kv_lac) {
+        if let (Some(spec), Some((kc, vc))) = (self.cfg.grids.kv_cache, &p.kv_lac) {
             b.set_kv_quantizers(
                 Some(Arc::new(kc.learned(spec))),
                 Some(Arc::new(vc.learned(spec))),
@@ -455,7 +449,7 @@ impl FlatQuant {
             }
             let mut w = weight_side[LINEAR_SITE[i] as usize].apply(&w)?;
             if quantize {
-                let u = lwc_units(&w, self.cfg.group_size)?;
+                let u = lwc_units(&w, self.cfg.grids.group_size)?;
                 let hi = u
                     .max_keepdim(D::Minus1)?
                     .broadcast_mul(&sig(&p.lwc[i].max)?)?;
@@ -476,6 +470,7 @@ impl FlatQuant {
             // Weights stay in full precision (clipped): the engine's weight quantizer rounds them.
             let act = self
                 .cfg
+                .grids
                 .activations
                 .map(|spec| p.lac[i].learned(spec).spec())
                 .transpose()?;
@@ -514,7 +509,7 @@ impl FlatQuant {
             None => None,
         });
         b.set_kv_quantizers(None, None);
-        if let (true, Some(spec), Some((kc, vc))) = (quantize, self.cfg.kv_cache, &p.kv_lac) {
+        if let (true, Some(spec), Some((kc, vc))) = (quantize, self.cfg.grids.kv_cache, &p.kv_lac) {
             let k: Arc<dyn ActQuantizer> = Arc::new(kc.learned(spec).spec()?);
             let v: Arc<dyn ActQuantizer> = Arc::new(vc.learned(spec).spec()?);
             b.set_kv_quantizers(Some(k), Some(v));
@@ -560,6 +555,12 @@ impl Method for FlatQuant {
             c.epochs, c.batch, c.lr
         ))
     }
+    fn trainer(&mut self) -> Option<&mut dyn BlockTrainer> {
+        Some(self)
+    }
+}
+
+impl BlockTrainer for FlatQuant {
     fn calibrate(
         &mut self,
         block: &Block,

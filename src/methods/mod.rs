@@ -79,6 +79,15 @@ pub trait Method {
     fn prepare(&mut self, _model: &mut Model) -> Result<Vec<String>> {
         Ok(Vec::new())
     }
+    /// The block-by-block training of a learned method; `None`: blocks are used as they are
+    /// (after [`Self::prepare`]) with the plan's quantizers attached.
+    fn trainer(&mut self) -> Option<&mut dyn BlockTrainer> {
+        None
+    }
+}
+
+/// The per-block calibration of a learned method.
+pub trait BlockTrainer {
     /// Returns the block in its deployed form except for the weight grid: transforms merged or
     /// attached, learned clipping applied to the weights, activation and KV quantizers attached,
     /// weights still in full precision (the engine's weight quantizer rounds them).

@@ -5,7 +5,7 @@ use crate::backend::simulated::QuantLinear;
 use crate::error::Result;
 use crate::formats::schema::WeightScheme;
 use crate::model::{Block, LinearKind, LinearLayer, Model};
-use crate::quant::{ActQuantizer, QuantSpec, QuantizedWeight};
+use crate::quant::{ActQuantizer, Granularity, QuantSpec, QuantizedWeight};
 use std::sync::Arc;
 
 /// What to quantize and how.
@@ -15,6 +15,32 @@ pub struct QuantPlan {
     pub activations: Option<QuantSpec>,
     pub kv_cache: Option<QuantSpec>,
     pub quantize_head: bool,
+}
+
+impl QuantPlan {
+    /// The plan's grids as a learned method trains against them.
+    pub fn grids(&self) -> Grids {
+        Grids {
+            weights: self.weights.as_ref().map(|w| w.spec),
+            group_size: self.weights.as_ref().and_then(|w| match w.granularity {
+                Granularity::Group(g) => Some(g),
+                _ => None,
+            }),
+            activations: self.activations,
+            kv_cache: self.kv_cache,
+        }
+    }
+}
+
+/// The grids of weights, activations and the KV cache, as one value.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Grids {
+    pub weights: Option<QuantSpec>,
+    /// Weight group size along the (transformed) input dimension: learnable clipping per
+    /// (row, group); `None` per channel.
+    pub group_size: Option<usize>,
+    pub activations: Option<QuantSpec>,
+    pub kv_cache: Option<QuantSpec>,
 }
 
 /// Round-to-nearest quantization of one linear's weight (per the plan's scheme), keeping `act`

@@ -11,10 +11,9 @@
 //! All merges are computed in f64. With quantization off, logits equal the original's up to f32
 //! rounding (tests/rotate.rs).
 
-use super::rtn::untrained;
-use super::{EpochLog, Method, MethodInput, MethodReport, MethodSpec, QuantPlan, SiteStats};
+use super::{Method, MethodInput, MethodSpec};
 use crate::error::Result;
-use crate::model::{Block, DenseLinear, LinearKind, LinearLayer, Model, QkTransform, Rope, Site};
+use crate::model::{DenseLinear, LinearKind, LinearLayer, Model, QkTransform, Site};
 use crate::rng::Rng;
 use crate::transforms::hadamard::hadamard_factors;
 use crate::transforms::linalg::{kron, random_orthogonal};
@@ -211,16 +210,10 @@ pub const SPEC: MethodSpec = MethodSpec {
     preset: None,
     own_keys: &[],
     asym_activations: false,
-    build: |m: &MethodInput| {
-        Ok(Box::new(Rotate {
-            plan: m.plan.clone(),
-            seed: m.seed,
-        }))
-    },
+    build: |m: &MethodInput| Ok(Box::new(Rotate { seed: m.seed })),
 };
 
 pub struct Rotate {
-    plan: QuantPlan,
     seed: u64,
 }
 
@@ -230,16 +223,5 @@ impl Method for Rotate {
     }
     fn prepare(&mut self, model: &mut Model) -> Result<Vec<String>> {
         rotate(model, self.seed)
-    }
-    fn calibrate(
-        &mut self,
-        block: &Block,
-        _: &Rope,
-        _: &Tensor,
-        _: &Tensor,
-        _: &SiteStats,
-        _: &mut dyn FnMut(&EpochLog),
-    ) -> Result<(Block, MethodReport)> {
-        untrained(block, &self.plan)
     }
 }

@@ -1,10 +1,6 @@
 //! Round to nearest: no transform; the engine's weight quantizer (RTN or GPTQ) does everything.
 
-use super::plan::attach_quantizers;
-use super::{EpochLog, Method, MethodInput, MethodReport, MethodSpec, QuantPlan, SiteStats};
-use crate::error::Result;
-use crate::model::{Block, Rope};
-use candle_core::Tensor;
+use super::{Method, MethodInput, MethodSpec};
 
 pub const SPEC: MethodSpec = MethodSpec {
     name: "rtn",
@@ -13,37 +9,13 @@ pub const SPEC: MethodSpec = MethodSpec {
     preset: None,
     own_keys: &[],
     asym_activations: false,
-    build: |m: &MethodInput| {
-        Ok(Box::new(Rtn {
-            plan: m.plan.clone(),
-        }))
-    },
+    build: |_: &MethodInput| Ok(Box::new(Rtn)),
 };
 
-pub struct Rtn {
-    plan: QuantPlan,
-}
-
-/// A block of an untrained method: the plan's activation and KV quantizers on it as it is.
-pub(super) fn untrained(block: &Block, plan: &QuantPlan) -> Result<(Block, MethodReport)> {
-    let mut b = block.clone();
-    attach_quantizers(&mut b, plan)?;
-    Ok((b, MethodReport::default()))
-}
+pub struct Rtn;
 
 impl Method for Rtn {
     fn label(&self) -> &'static str {
         "gptq"
-    }
-    fn calibrate(
-        &mut self,
-        block: &Block,
-        _: &Rope,
-        _: &Tensor,
-        _: &Tensor,
-        _: &SiteStats,
-        _: &mut dyn FnMut(&EpochLog),
-    ) -> Result<(Block, MethodReport)> {
-        untrained(block, &self.plan)
     }
 }

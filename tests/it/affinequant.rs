@@ -7,6 +7,7 @@ use crate::common::*;
 use affq::calib::run_block;
 use affq::formats::Checkpoint;
 use affq::methods::affinequant::{AffineQuant, AffineQuantConfig};
+use affq::methods::plan::Grids;
 use affq::methods::SiteStats;
 use affq::model::Mode;
 use affq::quant::QuantSpec;
@@ -14,10 +15,12 @@ use candle_core::{Device, Tensor};
 
 fn config(ln_matrix: bool, kv: bool) -> AffineQuantConfig {
     AffineQuantConfig {
-        weights: Some(QuantSpec::asym(4)),
-        group_size: None,
-        activations: Some(QuantSpec::asym(4)),
-        kv_cache: kv.then(|| QuantSpec::asym(4)),
+        grids: Grids {
+            weights: Some(QuantSpec::asym(4)),
+            group_size: None,
+            activations: Some(QuantSpec::asym(4)),
+            kv_cache: kv.then(|| QuantSpec::asym(4)),
+        },
         epochs: 2,
         lr: 5e-3,
         lwc_lr: 1e-2,
@@ -67,18 +70,8 @@ fn reparameterisation_without_quantization_is_exact() {
 }
 
 fn quantize(out: &std::path::Path, extra: &[&str]) {
-    let mut args = vec![
-        "--method",
-        "affinequant",
-        "--nsamples",
-        "8",
-        "--calib-seqlen",
-        "128",
-        "--epochs",
-        "5",
-    ];
-    args.extend_from_slice(extra);
-    quantize_stories(out, &args);
+    let run = Calibrated::new(8, 128).method("affinequant").epochs(5);
+    quantize_stories(out, &run.with(extra).args());
 }
 
 #[test]

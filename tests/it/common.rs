@@ -65,9 +65,9 @@ pub fn smollm2_dir() -> PathBuf {
     dir
 }
 
-pub fn affq(args: &[&str]) -> Output {
+pub fn affq<S: AsRef<str>>(args: &[S]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_affq"))
-        .args(args)
+        .args(args.iter().map(|a| a.as_ref()))
         .env("AFFQ_DATA_DIR", data_dir())
         .output()
         .expect("run affq")
@@ -98,47 +98,98 @@ pub fn stories_hf() -> PathBuf {
 }
 
 /// Runs the binary with `args` plus `--json`, asserts success, returns the JSON on stdout.
-pub fn affq_json(args: &[&str]) -> serde_json::Value {
-    let mut all = args.to_vec();
+pub fn affq_json<S: AsRef<str>>(args: &[S]) -> serde_json::Value {
+    let mut all: Vec<&str> = args.iter().map(|a| a.as_ref()).collect();
     all.push("--json");
     let o = affq(&all);
     assert!(
         o.status.success(),
-        "{args:?}: {}",
+        "{all:?}: {}",
         String::from_utf8_lossy(&o.stderr)
     );
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
+/// The arguments of `affq quantize <stories260K> -o OUT ARGS…`.
+pub fn quantize_stories_args<S: AsRef<str>>(out: &Path, args: &[S]) -> Vec<String> {
+    let mut all = vec![
+        "quantize".to_string(),
+        stories_hf().to_str().unwrap().to_string(),
+        "-o".to_string(),
+        out.to_str().unwrap().to_string(),
+    ];
+    all.extend(args.iter().map(|a| a.as_ref().to_string()));
+    all
+}
+
 /// `affq quantize <stories260K> -o OUT ARGS…`.
-pub fn quantize_stories(out: &Path, args: &[&str]) -> serde_json::Value {
-    let (m, o) = (stories_hf(), out.to_str().unwrap().to_string());
-    let mut all = vec!["quantize", m.to_str().unwrap(), "-o", &o];
-    all.extend_from_slice(args);
-    affq_json(&all)
+pub fn quantize_stories<S: AsRef<str>>(out: &Path, args: &[S]) -> serde_json::Value {
+    affq_json(&quantize_stories_args(out, args))
 }
 
 /// `affq quantize <stories260K> -o OUT ARGS…` must be refused as a usage error (exit 2) whose
 /// message contains `must_say`, leaving nothing at OUT. Returns stderr.
-pub fn quantize_stories_refused(out: &Path, args: &[&str], must_say: &str) -> String {
-    let (m, o) = (stories_hf(), out.to_str().unwrap().to_string());
-    let mut all = vec!["quantize", m.to_str().unwrap(), "-o", &o];
-    all.extend_from_slice(args);
-    let r = affq(&all);
+pub fn quantize_stories_refused<S: AsRef<str>>(out: &Path, args: &[S], must_say: &str) -> String {
+    let r = affq(&quantize_stories_args(out, args));
     let err = String::from_utf8_lossy(&r.stderr).to_string();
-    assert_eq!(r.status.code(), Some(2), "{args:?}: {err}");
+    let shown: Vec<&str> = args.iter().map(|a| a.as_ref()).collect();
+    assert_eq!(r.status.code(), Some(2), "{shown:?}: {err}");
     assert!(
         err.contains(must_say),
-        "{args:?}: expected {must_say:?} in {err}"
+        "{shown:?}: expected {must_say:?} in {err}"
     );
-    assert!(!out.exists(), "{args:?}: {} was written", out.display());
+    assert!(!out.exists(), "{shown:?}: {} was written", out.display());
     err
 }
 
+/// The `quantize` flags of a calibrated run, built in one place for every test:
+/// `Calibrated::new(4, 128).method("flatquant").scheme(4, 4).epochs(2).args()`.
+#[derive(Debug, Clone, Default)]
+pub struct Calibrated {
+    args: Vec<String>,
+}
+
+impl Calibrated {
+    /// `--nsamples N --calib-seqlen L`.
+    pub fn new(nsamples: usize, seqlen: usize) -> Self {
+        Calibrated::default().with(&[
+            "--nsamples",
+            &nsamples.to_string(),
+            "--calib-seqlen",
+            &seqlen.to_string(),
+        ])
+    }
+    pub fn method(self, m: &str) -> Self {
+        self.with(&["--method", m])
+    }
+    /// `--bits W --a-bits A`.
+    pub fn scheme(self, bits: u8, a_bits: u8) -> Self {
+        self.with(&["--bits", &bits.to_string(), "--a-bits", &a_bits.to_string()])
+    }
+    pub fn kv(self, bits: u8) -> Self {
+        self.with(&["--kv-bits", &bits.to_string()])
+    }
+    pub fn epochs(self, e: usize) -> Self {
+        self.with(&["--epochs", &e.to_string()])
+    }
+    pub fn gptq(self) -> Self {
+        self.with(&["--weight-quantizer", "gptq"])
+    }
+    /// Any further flags.
+    pub fn with<S: AsRef<str>>(mut self, extra: &[S]) -> Self {
+        self.args
+            .extend(extra.iter().map(|a| a.as_ref().to_string()));
+        self
+    }
+    pub fn args(&self) -> Vec<String> {
+        self.args.clone()
+    }
+}
+
 /// `affq eval DIR ARGS…`.
-pub fn eval_json(dir: &Path, args: &[&str]) -> serde_json::Value {
+pub fn eval_json<S: AsRef<str>>(dir: &Path, args: &[S]) -> serde_json::Value {
     let d = dir.to_str().unwrap();
     let mut all = vec!["eval", d];
-    all.extend_from_slice(args);
+    all.extend(args.iter().map(|a| a.as_ref()));
     affq_json(&all)
 }

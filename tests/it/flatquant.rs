@@ -6,6 +6,7 @@ use crate::common::*;
 use affq::calib::run_block;
 use affq::formats::Checkpoint;
 use affq::methods::flatquant::{FlatQuant, FlatQuantConfig};
+use affq::methods::plan::Grids;
 use affq::methods::SiteStats;
 use affq::model::Mode;
 use affq::quant::QuantSpec;
@@ -13,9 +14,12 @@ use candle_core::{Device, Tensor};
 
 fn config(kv: bool) -> FlatQuantConfig {
     FlatQuantConfig {
-        weights: Some(QuantSpec::sym(4)),
-        activations: Some(QuantSpec::sym(4)),
-        kv_cache: kv.then(|| QuantSpec::asym(4)),
+        grids: Grids {
+            weights: Some(QuantSpec::sym(4)),
+            group_size: None,
+            activations: Some(QuantSpec::sym(4)),
+            kv_cache: kv.then(|| QuantSpec::asym(4)),
+        },
         epochs: 1,
         batch: 1,
         lr: 5e-3,
@@ -23,7 +27,6 @@ fn config(kv: bool) -> FlatQuantConfig {
         weight_decay: 0.01,
         alpha: 0.3,
         seed: 0,
-        group_size: None,
     }
 }
 
@@ -58,22 +61,11 @@ fn reparameterisation_without_quantization_is_exact() {
 }
 
 fn quantize(out: &std::path::Path, extra: &[&str]) -> serde_json::Value {
-    let mut args = vec![
-        "--method",
-        "flatquant",
-        "--bits",
-        "4",
-        "--a-bits",
-        "4",
-        "--nsamples",
-        "4",
-        "--calib-seqlen",
-        "128",
-        "--epochs",
-        "2",
-    ];
-    args.extend_from_slice(extra);
-    quantize_stories(out, &args)
+    let run = Calibrated::new(4, 128)
+        .method("flatquant")
+        .scheme(4, 4)
+        .epochs(2);
+    quantize_stories(out, &run.with(extra).args())
 }
 
 /// Rows `[block, loss_rtn, loss_final, seconds]` of a checkpoint's calibration.csv.
@@ -97,22 +89,8 @@ fn weight_only_groups_beat_group_rtn() {
     let tmp = tempfile::tempdir().unwrap();
     let (fq, rtn) = (tmp.path().join("fq"), tmp.path().join("rtn"));
     let scheme = ["--bits", "3", "--group-size", "4"];
-    let v = quantize_stories(
-        &fq,
-        &[
-            &[
-                "--method",
-                "flatquant",
-                "--nsamples",
-                "4",
-                "--calib-seqlen",
-                "128",
-            ][..],
-            &["--epochs", "2"],
-            &scheme,
-        ]
-        .concat(),
-    );
+    let run = Calibrated::new(4, 128).method("flatquant").epochs(2);
+    let v = quantize_stories(&fq, &run.with(&scheme).args());
     assert_eq!(v["weights"]["granularity"]["group"], 4, "{v}");
     let rows = block_losses(&fq);
     let (l_rtn, l_fq) = rows

@@ -74,16 +74,7 @@ fn gptq_lowers_every_layer_output_error_on_stories260k() {
 }
 
 fn quantize(out: &std::path::Path, args: &[&str]) -> serde_json::Value {
-    let mut all = vec![
-        "--nsamples",
-        "4",
-        "--calib-seqlen",
-        "128",
-        "--weight-quantizer",
-        "gptq",
-    ];
-    all.extend_from_slice(args);
-    quantize_stories(out, &all)
+    quantize_stories(out, &Calibrated::new(4, 128).gptq().with(args).args())
 }
 
 fn eval_ppl(dir: &std::path::Path) -> f64 {

@@ -82,34 +82,18 @@ fn integer_layers_match_the_simulated_layers() {
 fn integer_path_perplexity_matches_the_simulation() {
     let tmp = tempfile::tempdir().unwrap();
     for (i, args) in [
-        vec!["--bits", "4", "--a-bits", "4", "--kv-bits", "4"],
-        vec!["--bits", "8", "--a-bits", "8"],
-        vec![
-            "--method",
-            "flatquant",
-            "--bits",
-            "4",
-            "--a-bits",
-            "4",
-            "--nsamples",
-            "4",
-            "--calib-seqlen",
-            "128",
-            "--epochs",
-            "1",
-        ],
-        vec![
-            "--method",
-            "affinequant",
-            "--recipe",
-            "affinequant-w4a4",
-            "--nsamples",
-            "4",
-            "--calib-seqlen",
-            "128",
-            "--epochs",
-            "2",
-        ],
+        Calibrated::default().scheme(4, 4).kv(4).args(),
+        Calibrated::default().scheme(8, 8).args(),
+        Calibrated::new(4, 128)
+            .method("flatquant")
+            .scheme(4, 4)
+            .epochs(1)
+            .args(),
+        Calibrated::new(4, 128)
+            .method("affinequant")
+            .with(&["--recipe", "affinequant-w4a4"])
+            .epochs(2)
+            .args(),
     ]
     .into_iter()
     .enumerate()
@@ -132,7 +116,7 @@ fn integer_path_perplexity_matches_the_simulation() {
         // unit tests; over the whole model they flip more 4-bit rounding decisions than f32
         // rounding does (measured ≈ 1 % PPL here), so only that the path runs is asserted.
         let (bf, kb) = ppl(&out, "int-bf16");
-        if args.contains(&"flatquant") && affq::kernels::small_gemm::bf16_available() {
+        if args.iter().any(|a| a == "flatquant") && affq::kernels::small_gemm::bf16_available() {
             assert!(kb.contains("transforms in bf16"), "{kb}");
         }
         assert!(bf.is_finite(), "{args:?}: int-bf16 {bf}");

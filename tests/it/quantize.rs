@@ -174,18 +174,7 @@ fn rtn_and_rotate_through_the_binary() {
         ),
     ] {
         let out = tmp.path().join(format!("{method}-{}", results.len()));
-        let model = stories_hf();
-        let mut args = vec![
-            "quantize",
-            model.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "--method",
-            method,
-            "--json",
-        ];
-        args.extend(flags.iter().copied());
-        let v = run_ok(&args);
+        let v = quantize_stories(&out, &[&["--method", method][..], &flags].concat());
         assert_eq!(v["method"], method);
         assert_eq!(v["format"], "affq-packed");
         assert!(out.join("tokenizer.json").exists() && out.join("config.json").exists());

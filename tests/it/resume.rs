@@ -6,41 +6,25 @@ use crate::common::*;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const ARGS: &[&str] = &[
-    "--method",
-    "flatquant",
-    "--bits",
-    "4",
-    "--a-bits",
-    "4",
-    "--kv-bits",
-    "4",
-    "--weight-quantizer",
-    "gptq",
-    "--nsamples",
-    "16",
-    "--calib-seqlen",
-    "256",
-    "--epochs",
-    "3",
-];
+/// W4A4KV4 FlatQuant + GPTQ on 16 × 256 tokens, 3 epochs: long enough per block to be killed.
+fn run() -> Calibrated {
+    Calibrated::new(16, 256)
+        .method("flatquant")
+        .scheme(4, 4)
+        .kv(4)
+        .gptq()
+        .epochs(3)
+}
 
 fn args_for(out: &std::path::Path, extra: &[&str]) -> Vec<String> {
-    let mut v = vec![
-        "quantize".to_string(),
-        stories_hf().to_str().unwrap().to_string(),
-        "-o".to_string(),
-        out.to_str().unwrap().to_string(),
-    ];
-    v.extend(ARGS.iter().chain(extra).map(|s| s.to_string()));
-    v
+    quantize_stories_args(out, &run().with(extra).args())
 }
 
 #[test]
 fn killed_run_resumes_to_a_byte_identical_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let (full, cut) = (tmp.path().join("full"), tmp.path().join("cut"));
-    quantize_stories(&full, ARGS);
+    quantize_stories(&full, &run().args());
 
     // Start the same run and SIGKILL it once two blocks are on disk.
     let work = tmp.path().join(".cut.affq-work");

@@ -1,7 +1,7 @@
 //! Building `tokenizer.json` and `tokenizer_config.json` from a GGUF vocabulary (byte-level BPE
 //! `gpt2`, SentencePiece-style `llama`), test-data.md §2.4.
 
-use super::gguf::{GgufFile, Value};
+use super::file::{GgufFile, Value};
 use crate::error::{Error, Result};
 use serde_json::{json, Map};
 use std::collections::HashMap;

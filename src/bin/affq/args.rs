@@ -1,0 +1,359 @@
+//! The command line: clap derive structs (the low-level arguments) and their conversion into the
+//! library's requests (`affq::plan::QuantizeRequest`, `affq::eval::EvalRequest`).
+
+use affq::eval::{Dataset, Device, EvalRequest, Kernels, Protocol};
+use affq::plan::QuantizeRequest;
+use affq::quant::{AsymZero, SymScale};
+use affq::recipe::Recipe;
+use clap::builder::{PossibleValue, PossibleValuesParser};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "affq",
+    version,
+    about = "Post-training quantization of LLMs with learned affine transforms"
+)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Args, Clone)]
+pub(crate) struct Common {
+    /// Print one JSON object on stdout instead of text.
+    #[arg(long, global = true)]
+    pub(crate) json: bool,
+    /// Worker threads (default: RAYON_NUM_THREADS or the number of cores).
+    #[arg(long, global = true)]
+    pub(crate) threads: Option<usize>,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Command {
+    /// Import a llama.cpp GGUF file into a Hugging Face model directory.
+    Import(ImportArgs),
+    /// Measure perplexity of a model (original or quantized).
+    Eval(EvalArgs),
+    /// Quantize a model and write a quantized checkpoint.
+    Quantize(Box<QuantizeArgs>),
+}
+
+/// `--method` values: the registered methods.
+pub(crate) fn method_names() -> PossibleValuesParser {
+    PossibleValuesParser::new(
+        affq::methods::REGISTRY
+            .iter()
+            .map(|m| PossibleValue::new(m.name).help(m.about)),
+    )
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum SymScaleArg {
+    /// s = amax / (2^(b-1) - 1)  (amax/7 at 4 bits; FlatQuant, QuaRot)
+    Maxpos,
+    /// s = amax / ((2^b - 1)/2)   (amax/7.5; GPTQ repo, compressed-tensors)
+    Halfrange,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum ZeroArg {
+    /// Range widened to include 0, integer zero point.
+    Integer,
+    /// No widening, float offset (GGUF Q4_1 style).
+    FloatOffset,
+}
+
+#[derive(Args)]
+pub(crate) struct QuantizeArgs {
+    /// Model directory or .safetensors file (config.json beside it).
+    pub(crate) model: PathBuf,
+    /// Output checkpoint directory.
+    #[arg(short, long)]
+    pub(crate) output: PathBuf,
+    /// Quantization method.
+    #[arg(long, default_value = "rtn", value_parser = method_names())]
+    pub(crate) method: String,
+    /// Weight bits (2..8; 16 = keep full precision) [default: 4].
+    #[arg(long)]
+    pub(crate) bits: Option<u8>,
+    /// Activation bits for every decoder linear input, per token (2..8; 16 = off) [default: 16].
+    #[arg(long)]
+    pub(crate) a_bits: Option<u8>,
+    /// Key/value cache bits, per (token, head) (2..8; 16 = off) [default: 16].
+    #[arg(long)]
+    pub(crate) kv_bits: Option<u8>,
+    /// Calibration recipe: a built-in name (cpu, paper, flatquant-w4a4, flatquant-w4a4kv4) or a
+    /// .toml path. Flags override it.
+    #[arg(long)]
+    pub(crate) recipe: Option<String>,
+    /// Calibration text: wikitext2 (train split if present, else validation), c4, or a .txt/.jsonl file.
+    #[arg(long)]
+    pub(crate) calib: Option<String>,
+    /// Calibration windows.
+    #[arg(long)]
+    pub(crate) nsamples: Option<usize>,
+    /// Tokens per calibration window.
+    #[arg(long)]
+    pub(crate) calib_seqlen: Option<usize>,
+    /// Training epochs per block.
+    #[arg(long)]
+    pub(crate) epochs: Option<usize>,
+    /// Windows per optimisation step.
+    #[arg(long)]
+    pub(crate) batch: Option<usize>,
+    /// Learning rate of the transforms (clip parameters: 10×).
+    #[arg(long)]
+    pub(crate) lr: Option<f64>,
+    /// Channel-scale init strength α (FlatQuant's diag_alpha).
+    #[arg(long)]
+    pub(crate) alpha: Option<f64>,
+    /// Directory with the calibration texts (default: $AFFQ_DATA_DIR, else ~/.cache/affq/data).
+    #[arg(long)]
+    pub(crate) data_dir: Option<PathBuf>,
+    /// Weight group size along the input dimension (default: one group per output channel).
+    #[arg(long)]
+    pub(crate) group_size: Option<usize>,
+    /// Symmetric weights (default).
+    #[arg(long, conflicts_with = "asym")]
+    pub(crate) sym: bool,
+    /// Asymmetric weights.
+    #[arg(long)]
+    pub(crate) asym: bool,
+    /// Scale convention of symmetric grids.
+    #[arg(long, value_enum, default_value = "maxpos")]
+    pub(crate) sym_scale: SymScaleArg,
+    /// Zero-point convention of asymmetric weight grids.
+    #[arg(long, value_enum, default_value = "integer")]
+    pub(crate) zero_point: ZeroArg,
+    /// Weight clip ratio (multiplies each unit's range).
+    #[arg(long, default_value_t = 1.0)]
+    pub(crate) clip: f32,
+    /// Activation clip ratio.
+    #[arg(long, default_value_t = 1.0)]
+    pub(crate) a_clip: f32,
+    /// Symmetric KV-cache quantization (default asymmetric, as FlatQuant).
+    #[arg(long)]
+    pub(crate) kv_sym: bool,
+    /// Per-unit MSE search of the weight clip range (80-point grid).
+    #[arg(long)]
+    pub(crate) weight_clip_search: bool,
+    /// Also quantize the LM head (weights and its input).
+    #[arg(long)]
+    pub(crate) quantize_head: bool,
+    /// Seed of every random choice (rotations).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) seed: u64,
+    /// How weights are rounded onto their grid, under any method [default: rtn].
+    #[arg(long, value_enum)]
+    pub(crate) weight_quantizer: Option<WeightQuantizerArg>,
+    /// GPTQ dampening: fraction of the mean Hessian diagonal added to it [default: 0.01].
+    #[arg(long)]
+    pub(crate) gptq_damp: Option<f64>,
+    /// GPTQ: quantize columns by decreasing Hessian diagonal (groups then use static grids).
+    #[arg(long)]
+    pub(crate) act_order: bool,
+    /// GPTQ: calibration windows for the Hessians; a trained method still trains on the first
+    /// --nsamples of them [default: --nsamples for rtn/rotate, at least 32 for flatquant and
+    /// affinequant].
+    #[arg(long)]
+    pub(crate) gptq_nsamples: Option<usize>,
+    /// AffineQuant: off-diagonal factor of the gradual mask [default: 0.1 with --a-bits, else 0.01].
+    #[arg(long)]
+    pub(crate) stability_factor: Option<f64>,
+    /// AffineQuant: dense norm→q/k/v and norm→up/gate matrices (inverse kept online) instead of
+    /// per-channel scales (the weight-only recipes).
+    #[arg(long)]
+    pub(crate) ln_matrix: bool,
+    /// Continue an interrupted calibration from the blocks it finished (kept in `.OUT.affq-work`
+    /// beside the output); the other flags must be the same as in the interrupted run.
+    #[arg(long)]
+    pub(crate) resume: bool,
+    /// Replace an existing output directory.
+    #[arg(long)]
+    pub(crate) force: bool,
+    #[command(flatten)]
+    pub(crate) common: Common,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub(crate) enum WeightQuantizerArg {
+    /// Round to nearest.
+    Rtn,
+    /// GPTQ: error-compensating rounding with calibration Hessians.
+    Gptq,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum DtypeArg {
+    F16,
+    F32,
+}
+
+#[derive(Args)]
+pub(crate) struct ImportArgs {
+    /// The .gguf file.
+    pub(crate) gguf: PathBuf,
+    /// Output directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(short, long)]
+    pub(crate) output: PathBuf,
+    /// Storage dtype of the dequantized weights.
+    #[arg(long, value_enum, default_value = "f16")]
+    pub(crate) dtype: DtypeArg,
+    /// Replace an existing output directory.
+    #[arg(long)]
+    pub(crate) force: bool,
+    #[command(flatten)]
+    pub(crate) common: Common,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum PplSet {
+    Wikitext2,
+    C4,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum ProtocolArg {
+    Paper,
+    Llamacpp,
+}
+
+#[derive(Args)]
+pub(crate) struct EvalArgs {
+    /// Model directory or .safetensors file (config.json beside it).
+    pub(crate) model: PathBuf,
+    /// Evaluation text.
+    #[arg(long, value_enum, default_value = "wikitext2")]
+    pub(crate) ppl: PplSet,
+    /// Window length in tokens.
+    #[arg(long, default_value_t = 2048)]
+    pub(crate) seqlen: usize,
+    /// Evaluate only the first N windows.
+    #[arg(long)]
+    pub(crate) max_windows: Option<usize>,
+    /// Windowing and scoring rules: the papers' (GPTQ, FlatQuant) or llama.cpp's.
+    #[arg(long, value_enum, default_value = "paper")]
+    pub(crate) protocol: ProtocolArg,
+    /// Directory with wikitext-2-raw/ and calibration/ (default: $AFFQ_DATA_DIR, else ~/.cache/affq/data).
+    #[arg(long)]
+    pub(crate) data_dir: Option<PathBuf>,
+    /// How quantized linears run: integer kernels where the scheme has one (per-channel weights
+    /// with an integer zero, quantized activations), or the float simulation everywhere.
+    #[arg(long, value_enum, default_value = "int")]
+    pub(crate) kernels: KernelsArg,
+    /// Where the integer kernels run: the CPU, or an NVIDIA GPU (builds with the cuda feature;
+    /// the quantized linears run there, the rest of the model on the CPU).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub(crate) device: DeviceArg,
+    #[command(flatten)]
+    pub(crate) common: Common,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub(crate) enum KernelsArg {
+    /// Real low-bit kernels (integer GEMM; AVX-512 VNNI, AVX2 or portable, detected at run time).
+    Int,
+    /// As `int`, with the online Kronecker transforms computed in bf16 (AVX-512 BF16: twice the
+    /// MACs per instruction; f32 where the CPU lacks it). Transformed values move by bf16
+    /// rounding (≈ 2⁻⁷ relative), so results differ slightly from `int` and `simulate`.
+    IntBf16,
+    /// Dequantized weights and fake-quantized activations in f32.
+    Simulate,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub(crate) enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+impl QuantizeArgs {
+    /// The low-level arguments as the library's request.
+    pub(crate) fn request(&self) -> QuantizeRequest {
+        QuantizeRequest {
+            model: self.model.clone(),
+            output: self.output.clone(),
+            method: self.method.clone(),
+            recipe: self.recipe.clone(),
+            flags: Recipe {
+                method: None,
+                bits: self.bits,
+                a_bits: self.a_bits,
+                kv_bits: self.kv_bits,
+                nsamples: self.nsamples,
+                calib_seqlen: self.calib_seqlen,
+                epochs: self.epochs,
+                batch: self.batch,
+                lr: self.lr,
+                alpha: self.alpha,
+                calib: self.calib.clone(),
+                weight_quantizer: self.weight_quantizer.map(|w| {
+                    match w {
+                        WeightQuantizerArg::Rtn => "rtn",
+                        WeightQuantizerArg::Gptq => "gptq",
+                    }
+                    .to_string()
+                }),
+                gptq_damp: self.gptq_damp,
+                act_order: self.act_order.then_some(true),
+                gptq_nsamples: self.gptq_nsamples,
+                asym: if self.sym {
+                    Some(false)
+                } else {
+                    self.asym.then_some(true)
+                },
+                group_size: self.group_size,
+                stability_factor: self.stability_factor,
+                ln_matrix: self.ln_matrix.then_some(true),
+            },
+            sym_scale: match self.sym_scale {
+                SymScaleArg::Maxpos => SymScale::MaxPos,
+                SymScaleArg::Halfrange => SymScale::HalfRange,
+            },
+            zero_point: match self.zero_point {
+                ZeroArg::Integer => AsymZero::Integer,
+                ZeroArg::FloatOffset => AsymZero::FloatOffset,
+            },
+            clip: self.clip,
+            a_clip: self.a_clip,
+            kv_sym: self.kv_sym,
+            weight_clip_search: self.weight_clip_search,
+            quantize_head: self.quantize_head,
+            seed: self.seed,
+            data_dir: self.data_dir.clone(),
+            resume: self.resume,
+            force: self.force,
+        }
+    }
+}
+
+impl EvalArgs {
+    /// The low-level arguments as the library's request.
+    pub(crate) fn request(&self) -> EvalRequest {
+        EvalRequest {
+            model: self.model.clone(),
+            dataset: match self.ppl {
+                PplSet::Wikitext2 => Dataset::Wikitext2,
+                PplSet::C4 => Dataset::C4,
+            },
+            protocol: match self.protocol {
+                ProtocolArg::Paper => Protocol::Paper,
+                ProtocolArg::Llamacpp => Protocol::Llamacpp,
+            },
+            seqlen: self.seqlen,
+            max_windows: self.max_windows,
+            data_dir: self.data_dir.clone(),
+            kernels: match self.kernels {
+                KernelsArg::Int => Kernels::Int,
+                KernelsArg::IntBf16 => Kernels::IntBf16,
+                KernelsArg::Simulate => Kernels::Simulate,
+            },
+            device: match self.device {
+                DeviceArg::Cpu => Device::Cpu,
+                DeviceArg::Cuda => Device::Cuda,
+            },
+        }
+    }
+}

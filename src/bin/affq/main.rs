@@ -1,0 +1,231 @@
+//! The `affq` binary: parses arguments ([`args`], clap), hands them to the library as requests,
+//! and prints what comes back. Validation lives in `affq::plan`, the work in the library.
+
+mod args;
+
+use affq::calib::BlockReport;
+use affq::eval;
+use affq::formats::gguf::{self, ImportDtype};
+use affq::methods::EpochLog;
+use affq::quantize::Progress;
+use anyhow::Context;
+use args::{Cli, Command, Common, DtypeArg, EvalArgs, ImportArgs, QuantizeArgs};
+use clap::Parser;
+use std::time::Instant;
+
+fn init_threads(common: &Common) -> anyhow::Result<()> {
+    if let Some(n) = common.threads {
+        if n == 0 {
+            return Err(affq::Error::Usage("--threads must be at least 1".into()).into());
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("cannot start the thread pool")?;
+    }
+    Ok(())
+}
+
+fn run_import(a: ImportArgs) -> anyhow::Result<()> {
+    init_threads(&a.common)?;
+    let dtype = match a.dtype {
+        DtypeArg::F16 => ImportDtype::F16,
+        DtypeArg::F32 => ImportDtype::F32,
+    };
+    let t0 = Instant::now();
+    let report = gguf::import(&a.gguf, &a.output, dtype, a.force)?;
+    if a.common.json {
+        let mut v = serde_json::to_value(&report)?;
+        v["seconds"] = serde_json::json!(t0.elapsed().as_secs_f64());
+        println!("{v}");
+    } else {
+        println!(
+            "imported {} ({} tensors, {} parameters; {:?}) with a {} tokenizer into {} in {:.1}s",
+            report.architecture,
+            report.tensors,
+            report.parameters,
+            report.tensor_types,
+            report.tokenizer,
+            report.output.display(),
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
+    init_threads(&a.common)?;
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} windows  ppl {msg}  [{elapsed}<{eta}]",
+        )
+        .expect("valid template"),
+    );
+    let req = a.request();
+    let out = eval::run(&req, |done, total, ppl| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+        bar.set_message(format!("{ppl:.4}"));
+    })?;
+    bar.finish_and_clear();
+    let res = &out.result;
+    if a.common.json {
+        let mut v = serde_json::to_value(res)?;
+        v["model"] = serde_json::json!(a.model.display().to_string());
+        v["dataset"] = serde_json::json!(req.dataset.name());
+        v["text_tokens"] = serde_json::json!(out.text_tokens);
+        v["bos"] = serde_json::json!(out.bos);
+        v["load_seconds"] = serde_json::json!(out.load_seconds);
+        v["kernels"] = serde_json::json!(out.kernels);
+        println!("{v}");
+    } else {
+        println!(
+            "{} PPL {:.4}  ({} windows × {} tokens, {} predictions, protocol {:?}, BOS {})",
+            req.dataset.name(),
+            res.ppl,
+            res.windows,
+            res.seqlen,
+            res.predictions,
+            req.protocol,
+            out.bos
+        );
+        println!(
+            "model {}  text tokens {}  eval {:.1}s  {:.0} tok/s  (load {:.1}s)  kernels {}",
+            a.model.display(),
+            out.text_tokens,
+            res.seconds,
+            res.tok_per_s,
+            out.load_seconds,
+            out.kernels
+        );
+    }
+    Ok(())
+}
+
+/// Shows a quantization run on stderr: a progress bar over blocks, a line per finished block.
+struct Bars {
+    quiet: bool,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Progress for Bars {
+    fn resumed(&mut self, n: usize) {
+        if !self.quiet {
+            eprintln!("resuming: blocks 0..{n} were finished by the interrupted run");
+        }
+    }
+    fn calibration_started(&mut self, summary: &str, blocks: usize) {
+        if !self.quiet {
+            eprintln!("{summary}");
+        }
+        let bar = indicatif::ProgressBar::new(blocks as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "blocks {pos}/{len} {bar:30} [{elapsed}<{eta}] {msg}",
+            )
+            .expect("valid template"),
+        );
+        self.bar = Some(bar);
+    }
+    fn epoch(&mut self, block: usize, e: &EpochLog) {
+        if let Some(bar) = &self.bar {
+            bar.set_message(format!(
+                "block {block} epoch {} loss {:.3e}",
+                e.epoch, e.loss
+            ));
+        }
+    }
+    fn block_done(&mut self, done: usize, _total: usize, rep: &BlockReport, label: &str) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(done as u64);
+            bar.suspend(|| {
+                eprintln!(
+                    "block {:>2}: loss rtn {:.3e} -> {label} {:.3e} ({:.1}s)",
+                    rep.block, rep.loss_rtn, rep.loss_final, rep.seconds
+                )
+            });
+        }
+    }
+    fn calibration_finished(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+    fn warning(&mut self, msg: &str) {
+        eprintln!("warning: {msg}");
+    }
+}
+
+fn run_quantize(a: QuantizeArgs) -> anyhow::Result<()> {
+    init_threads(&a.common)?;
+    let plan = affq::plan::plan(a.request())?;
+    let t0 = Instant::now();
+    let mut bars = Bars {
+        quiet: a.common.json,
+        bar: None,
+    };
+    let out = affq::quantize::run(&plan, &mut bars)?;
+    let secs = t0.elapsed().as_secs_f64();
+    if a.common.json {
+        let mut v = serde_json::to_value(&out.config)?;
+        v["output"] = serde_json::json!(a.output.display().to_string());
+        v["seconds"] = serde_json::json!(secs);
+        println!("{v}");
+    } else {
+        let q = &plan.quant;
+        let wdesc = q
+            .weights
+            .as_ref()
+            .map_or("16".to_string(), |w| format!("{}", w.spec.bits));
+        let bits =
+            |s: Option<affq::quant::QuantSpec>| s.map_or("16".to_string(), |s| s.bits.to_string());
+        println!(
+            "quantized {} with {}: W{wdesc}A{}KV{} -> {} in {secs:.1}s",
+            a.model.display(),
+            plan.method.name,
+            bits(q.activations),
+            bits(q.kv_cache),
+            a.output.display()
+        );
+        for t in out.transforms {
+            println!("  {t}");
+        }
+    }
+    Ok(())
+}
+
+/// Keeps large tensor buffers in the malloc heap instead of fresh mmap/munmap pairs: every munmap
+/// costs page faults and a cross-core TLB shootdown, which dominated the calibration profile.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only adjusts glibc allocator thresholds; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20); // glibc maximum
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
+fn main() {
+    // Die quietly on a closed stdout (`affq eval … | head -1`), as Unix tools do, instead of
+    // panicking on the failed write.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of SIGPIPE before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    tune_allocator();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Import(a) => run_import(a),
+        Command::Eval(a) => run_eval(a),
+        Command::Quantize(a) => run_quantize(*a),
+    };
+    if let Err(e) = result {
+        let code = e
+            .downcast_ref::<affq::Error>()
+            .map_or(1, affq::Error::exit_code);
+        eprintln!("error: {e:#}");
+        std::process::exit(code);
+    }
+}
