@@ -116,6 +116,16 @@ fn weight_quantizer(r: &Recipe) -> Result<WeightQuantizer> {
     })
 }
 
+/// The registered methods that train, as `a or b`.
+fn trained_methods() -> String {
+    let names: Vec<&str> = methods::REGISTRY
+        .iter()
+        .filter(|m| m.trained)
+        .map(|m| m.name)
+        .collect();
+    names.join(" or ")
+}
+
 /// The flag spelling of a recipe key.
 fn flag(key: &str) -> String {
     format!("--{}", key.replace('_', "-"))
@@ -163,7 +173,7 @@ fn resolve_recipe(req: &QuantizeRequest, m: &MethodSpec) -> Result<Recipe> {
             f.alpha.is_some(),
         ];
         if training.iter().any(|&x| x) {
-            return Err(usage("training flags (--epochs, --batch, --lr, --alpha) need a trained method (--method flatquant or affinequant)"));
+            return Err(usage(format!("training flags (--epochs, --batch, --lr, --alpha) need a trained method (--method {})", trained_methods())));
         }
         let data = [
             f.nsamples.is_some(),
@@ -171,7 +181,7 @@ fn resolve_recipe(req: &QuantizeRequest, m: &MethodSpec) -> Result<Recipe> {
             f.calib.is_some(),
         ];
         if !gptq && data.iter().any(|&x| x) {
-            return Err(usage("calibration data flags (--calib, --nsamples, --calib-seqlen) need a calibrated method (--method flatquant or affinequant) or --weight-quantizer gptq"));
+            return Err(usage(format!("calibration data flags (--calib, --nsamples, --calib-seqlen) need a calibrated method (--method {}) or --weight-quantizer gptq", trained_methods())));
         }
     }
     let set = f.keys_set();
@@ -296,9 +306,10 @@ pub fn plan(req: QuantizeRequest) -> Result<QuantizePlan> {
     let weight_quantizer = weight_quantizer(&recipe)?;
     let calibrated = method.trained || weight_quantizer != WeightQuantizer::Rtn;
     if req.resume && !calibrated {
-        return Err(usage(
-            "--resume continues a calibration: it needs --method flatquant or affinequant, or --weight-quantizer gptq",
-        ));
+        return Err(usage(format!(
+            "--resume continues a calibration: it needs --method {}, or --weight-quantizer gptq",
+            trained_methods()
+        )));
     }
     Ok(QuantizePlan {
         request: req,

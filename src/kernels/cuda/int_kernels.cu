@@ -1,4 +1,4 @@
-// CUDA kernels of the W4A4 / W4A8 / W8A8 inference path (the GPU twin of int_linear.rs and
+// CUDA kernels of the W4A4 / W4A8 / W8A8 inference path (the GPU twin of transform_quant.rs and
 // int_gemm.rs), compiled to PTX ahead of time (scripts/build-cuda.sh, NVRTC) and loaded with the
 // driver API, so neither the build nor the GPU machine needs a CUDA toolkit.
 //
