@@ -18,7 +18,8 @@ use std::path::PathBuf;
 #[derive(Debug, Clone)]
 pub struct QuantizeRequest {
     pub model: PathBuf,
-    pub output: PathBuf,
+    /// `None`: [`default_output`].
+    pub output: Option<PathBuf>,
     /// A name of [`methods::REGISTRY`].
     pub method: String,
     /// `--recipe`: a built-in name or a TOML path.
@@ -41,9 +42,13 @@ pub struct QuantizeRequest {
 #[derive(Debug, Clone)]
 pub struct QuantizePlan {
     pub request: QuantizeRequest,
+    /// The checkpoint directory to write (the request's, or the default).
+    pub output: PathBuf,
     pub method: &'static MethodSpec,
-    /// Method preset, then `--recipe`, then flags.
+    /// Method preset, then `--recipe` (or the method's recipe for the scheme), then flags.
     pub recipe: Recipe,
+    /// The recipe picked for the requested scheme when no `--recipe` was given.
+    pub chosen_recipe: Option<&'static str>,
     pub quant: QuantPlan,
     pub weight_quantizer: WeightQuantizer,
     /// The block-by-block calibration engine runs (a trained method, or GPTQ).
@@ -132,7 +137,7 @@ fn flag(key: &str) -> String {
 }
 
 /// Method preset, then `--recipe`, then flags; with the rules on which keys go together.
-fn resolve_recipe(req: &QuantizeRequest, m: &MethodSpec) -> Result<Recipe> {
+fn resolve_recipe(req: &QuantizeRequest, m: &MethodSpec) -> Result<(Recipe, Option<&'static str>)> {
     // Untrained methods take only the CPU preset's data budget (used by GPTQ).
     let cpu = Recipe::load("cpu")?;
     let base = match m.preset {
@@ -144,7 +149,11 @@ fn resolve_recipe(req: &QuantizeRequest, m: &MethodSpec) -> Result<Recipe> {
             ..Recipe::default()
         },
     };
-    let base = match &req.recipe {
+    let chosen = match &req.recipe {
+        Some(_) => None,
+        None => (m.scheme_recipe)(req.flags.bits.unwrap_or(4), req.flags.a_bits.unwrap_or(16)),
+    };
+    let base = match req.recipe.as_deref().or(chosen) {
         Some(r) => {
             let r = Recipe::load(r)?;
             if let Some(want) = &r.method {
@@ -220,7 +229,7 @@ fn resolve_recipe(req: &QuantizeRequest, m: &MethodSpec) -> Result<Recipe> {
         }
         r.gptq_nsamples = Some(g);
     }
-    Ok(r)
+    Ok((r, chosen))
 }
 
 /// Grids of weights, activations and the KV cache.
@@ -291,6 +300,41 @@ fn quant_plan(req: &QuantizeRequest, m: &MethodSpec, r: &Recipe) -> Result<Quant
     })
 }
 
+/// The scheme's short name: `w4a16`, `w4a4kv4`, `w3a16g64`.
+pub fn scheme_name(q: &QuantPlan) -> String {
+    let mut s = format!(
+        "w{}a{}",
+        q.weights.as_ref().map_or(16, |w| w.spec.bits),
+        q.activations.map_or(16, |a| a.bits)
+    );
+    if let Some(kv) = q.kv_cache {
+        s.push_str(&format!("kv{}", kv.bits));
+    }
+    if let Some(Granularity::Group(g)) = q.weights.as_ref().map(|w| w.granularity) {
+        s.push_str(&format!("g{g}"));
+    }
+    s
+}
+
+/// Where a checkpoint goes without `-o` (as llama-quantize writes beside its input): a sibling of
+/// the model directory named `DIR-affq-METHOD-SCHEME` (the model directory itself is never
+/// written into).
+pub fn default_output(model: &std::path::Path, method: &str, q: &QuantPlan) -> PathBuf {
+    let dir = if model.is_dir() {
+        model.to_path_buf()
+    } else {
+        model
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), |p| p.to_path_buf())
+    };
+    let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+    let name = dir
+        .file_name()
+        .map_or("model".into(), |n| n.to_string_lossy().into_owned());
+    dir.with_file_name(format!("{name}-affq-{method}-{}", scheme_name(q)))
+}
+
 /// Validates `req` into a plan (nothing is read but the recipe).
 pub fn plan(req: QuantizeRequest) -> Result<QuantizePlan> {
     let names: Vec<&str> = methods::REGISTRY.iter().map(|m| m.name).collect();
@@ -301,7 +345,7 @@ pub fn plan(req: QuantizeRequest) -> Result<QuantizePlan> {
             names.join(", ")
         ))
     })?;
-    let recipe = resolve_recipe(&req, method)?;
+    let (recipe, chosen_recipe) = resolve_recipe(&req, method)?;
     let quant = quant_plan(&req, method, &recipe)?;
     let weight_quantizer = weight_quantizer(&recipe)?;
     let calibrated = method.trained || weight_quantizer != WeightQuantizer::Rtn;
@@ -311,10 +355,25 @@ pub fn plan(req: QuantizeRequest) -> Result<QuantizePlan> {
             trained_methods()
         )));
     }
+    let output = match &req.output {
+        Some(o) => o.clone(),
+        None => {
+            let o = default_output(&req.model, method.name, &quant);
+            if o.exists() {
+                return Err(usage(format!(
+                    "{}: the default output exists; pass -o to choose another path (the default never replaces one)",
+                    o.display()
+                )));
+            }
+            o
+        }
+    };
     Ok(QuantizePlan {
+        output,
         request: req,
         method,
         recipe,
+        chosen_recipe,
         quant,
         weight_quantizer,
         calibrated,

@@ -29,6 +29,8 @@ pub trait Progress {
     fn calibration_finished(&mut self) {}
     /// Something the user should know (numerical trouble the method handled).
     fn warning(&mut self, _msg: &str) {}
+    /// A choice made for the user (e.g. the recipe picked for the scheme).
+    fn info(&mut self, _msg: &str) {}
 }
 
 /// A run that shows nothing.
@@ -82,11 +84,19 @@ fn calibration_csv(reports: &[BlockReport]) -> String {
             ));
         }
     }
-    csv.push_str("\nblock,loss_rtn,loss_final,seconds\n");
+    csv.push_str("\nblock,loss_rtn,loss_final,seconds,deployed\n");
     for rep in reports {
         csv.push_str(&format!(
-            "{},{:.6e},{:.6e},{:.2}\n",
-            rep.block, rep.loss_rtn, rep.loss_final, rep.seconds
+            "{},{:.6e},{:.6e},{:.2},{}\n",
+            rep.block,
+            rep.loss_rtn,
+            rep.loss_final,
+            rep.seconds,
+            if rep.kept_untrained {
+                "untrained"
+            } else {
+                "trained"
+            }
         ));
     }
     csv
@@ -174,8 +184,8 @@ pub fn run(p: &QuantizePlan, progress: &mut dyn Progress) -> Result<QuantizeOutc
             req.model.display()
         )));
     }
-    check_output_outside(&ckpt.files.dir, &req.output)?;
-    crate::fsutil::check_output(&req.output, req.force)?;
+    check_output_outside(&ckpt.files.dir, &p.output)?;
+    crate::fsutil::check_output(&p.output, req.force)?;
     p.check_model(&ckpt.config)?;
     let mut model = ckpt.load_model(1)?;
     let mut method = (p.method.build)(&MethodInput {
@@ -183,7 +193,19 @@ pub fn run(p: &QuantizePlan, progress: &mut dyn Progress) -> Result<QuantizeOutc
         plan: &p.quant,
         seed: req.seed,
     })?;
-    let mut transforms = method.prepare(&mut model)?;
+    let mut transforms = Vec::new();
+    if let Some(r) = p.chosen_recipe {
+        let q = &p.quant;
+        let line = format!(
+            "{}: recipe {r} for W{}A{} (no --recipe given)",
+            p.method.name,
+            q.weights.as_ref().map_or(16, |w| w.spec.bits),
+            q.activations.map_or(16, |a| a.bits)
+        );
+        progress.info(&line);
+        transforms.push(line);
+    }
+    transforms.extend(method.prepare(&mut model)?);
     let mut config = QuantConfig {
         quant_method: "affq".into(),
         format: checkpoint::FORMAT.into(),
@@ -212,7 +234,7 @@ pub fn run(p: &QuantizePlan, progress: &mut dyn Progress) -> Result<QuantizeOutc
             req.seed
         );
         let w = WorkDir::open(
-            &req.output,
+            &p.output,
             &fingerprint,
             req.resume,
             req.force,
@@ -244,7 +266,7 @@ pub fn run(p: &QuantizePlan, progress: &mut dyn Progress) -> Result<QuantizeOutc
         &ckpt.files.dir,
         &ckpt.files.config,
         &config,
-        &req.output,
+        &p.output,
         req.force,
         &extra,
     )?;

@@ -26,6 +26,9 @@ pub struct BlockReport {
     pub loss_rtn: f64,
     /// Output MSE of the deployed block (transforms merged, weights on the grid), same windows.
     pub loss_final: f64,
+    /// The trained block lost to its untrained start, which was deployed instead.
+    #[serde(default)]
+    pub kept_untrained: bool,
     pub epochs: Vec<EpochLog>,
     pub seconds: f64,
     /// Anything the method had to do about numerical trouble.
@@ -48,6 +51,13 @@ pub struct EngineConfig {
     /// all of them. A Hessian of an n-wide input needs well over n tokens to generalise (GPTQ
     /// uses 128 × 2048), more than a CPU training budget such as AffineQuant's 8 × 512.
     pub method_windows: usize,
+}
+
+/// A block of an untrained method: the plan's activation and KV quantizers on it as it is.
+fn untrained(block: &Block, plan: &QuantPlan) -> Result<(Block, MethodReport)> {
+    let mut b = block.clone();
+    attach_quantizers(&mut b, plan)?;
+    Ok((b, MethodReport::default()))
 }
 
 /// Runs `block` over `x` in chunks of `batch` samples (eval path) with `hook` observing.
@@ -126,34 +136,61 @@ pub fn calibrate_model(
             x = y;
             continue;
         }
-        // Diagnostics on the first windows: plain RTN versus the final block.
+        // The untrained start on the first windows: plain RTN of the full-precision block.
         let probe = x.dim(0)?.min(4);
         let (xp, yp) = (x.narrow(0, 0, probe)?, y.narrow(0, 0, probe)?);
         let mut rtn = model.blocks[i].clone();
         quantize_block(&mut rtn, &engine.plan)?;
         let loss_rtn = mse(&run_block(&rtn, &model.rope, &xp, 4, &mut NoHook)?, &yp)?;
-        drop(rtn);
 
+        let trained = method.trainer().is_some();
         let (mut block, mut rep) = match method.trainer() {
             Some(t) => t.calibrate(&model.blocks[i], &model.rope, &x, &y, &stats, &mut |e| {
                 on_epoch(i, e)
             })?,
-            None => {
-                let mut b = model.blocks[i].clone();
-                attach_quantizers(&mut b, &engine.plan)?;
-                (b, MethodReport::default())
-            }
+            None => untrained(&model.blocks[i], &engine.plan)?,
         };
         block.detach();
+        let wx = xq.as_ref().unwrap_or(&x);
         weight_quant::quantize_block_weights(
             &mut block,
             &engine.plan,
             &engine.weight_quantizer,
             &model.rope,
-            xq.as_ref().unwrap_or(&x),
+            wx,
             &mut rep.notes,
         )?;
-        let loss_final = mse(&run_block(&block, &model.rope, &xp, 4, &mut NoHook)?, &yp)?;
+        let mut loss_final = mse(&run_block(&block, &model.rope, &xp, 4, &mut NoHook)?, &yp)?;
+        // A trained block is deployed only if it beats its untrained start on the calibration
+        // windows (a diverged training must not cost more than not training at all); the start
+        // gets the engine's weight quantizer (GPTQ where asked, RTN if GPTQ does no better).
+        let mut kept_untrained = false;
+        if trained && (loss_final.is_nan() || loss_final > loss_rtn) {
+            let (mut start, _) = untrained(&model.blocks[i], &engine.plan)?;
+            let mut notes = Vec::new();
+            weight_quant::quantize_block_weights(
+                &mut start,
+                &engine.plan,
+                &engine.weight_quantizer,
+                &model.rope,
+                wx,
+                &mut notes,
+            )?;
+            let loss_start = mse(&run_block(&start, &model.rope, &xp, 4, &mut NoHook)?, &yp)?;
+            let (start, loss_start) = if loss_start <= loss_rtn {
+                rep.notes.extend(notes);
+                (start, loss_start)
+            } else {
+                (rtn, loss_rtn)
+            };
+            rep.notes.push(format!(
+                "block {i}: the trained block's loss {loss_final:.3e} is above the untrained start's {loss_rtn:.3e} (RTN); deployed the untrained block ({} weights, loss {loss_start:.3e})",
+                engine.weight_quantizer.name()
+            ));
+            block = start;
+            loss_final = loss_start;
+            kept_untrained = true;
+        }
         if let Some(xq) = &mut xq {
             *xq = run_block(&block, &model.rope, xq, 4, &mut NoHook)?;
         }
@@ -161,6 +198,7 @@ pub fn calibrate_model(
             block: i,
             loss_rtn,
             loss_final,
+            kept_untrained,
             epochs: rep.epochs,
             seconds: t0.elapsed().as_secs_f64(),
             notes: rep.notes,

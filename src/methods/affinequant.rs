@@ -61,6 +61,14 @@ pub const SPEC: MethodSpec = MethodSpec {
         "Learned affine matrices with the gradual mask (AffineQuant), calibrated block by block.",
     trained: true,
     preset: Some("affinequant-cpu"),
+    // Weight-only and weight-activation settings differ in kind (§3.3): dense norm matrices and
+    // a small stability factor without activation quantization, scales and 0.1 with it.
+    scheme_recipe: |bits, a_bits| match (bits, a_bits) {
+        (16, _) => None,
+        (3, 16) => Some("affinequant-w3a16-g64"),
+        (_, 16) => Some("affinequant-w4a16"),
+        _ => Some("affinequant-w4a4"),
+    },
     own_keys: &["stability_factor", "ln_matrix"],
     asym_activations: true,
     build: |m: &MethodInput| {

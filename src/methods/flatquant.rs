@@ -49,6 +49,7 @@ pub const SPEC: MethodSpec = MethodSpec {
         "Learned Kronecker affine transforms with learnable clipping, calibrated block by block.",
     trained: true,
     preset: Some("cpu"),
+    scheme_recipe: |_, _| None,
     own_keys: &[],
     asym_activations: false,
     build: |m: &MethodInput| Ok(Box::new(FlatQuant::new(FlatQuantConfig::new(m))?)),
@@ -92,40 +93,50 @@ fn orthogonal_var(n: usize, rng: &mut Rng) -> Result<Var> {
     var(&m, &[n, n])
 }
 
-/// `diag(c)·(P1⊗P2)` with trainable factors.
+/// `diag(c)·(P1⊗P2)` with trainable factors. The channel scale is trained as `c = exp(s)`: its
+/// init spans orders of magnitude across channels (outlier channels get `c ≪ 1`, §2.5), and
+/// AdamW moves every parameter by about the learning rate per step, which is a relative step in
+/// `s` — the same learning rate suits every channel and every model.
 struct Kron {
     n1: usize,
     n2: usize,
     p1: Var,
     p2: Var,
-    c: Var,
+    /// `s = ln c`.
+    s: Var,
 }
 
 impl Kron {
     fn new(n: usize, c: &[f32], rng: &mut Rng) -> Result<Self> {
         let (n1, n2) = kron_dims(n);
+        let s: Vec<f32> = c.iter().map(|c| c.ln()).collect();
         Ok(Kron {
             n1,
             n2,
             p1: orthogonal_var(n1, rng)?,
             p2: orthogonal_var(n2, rng)?,
-            c: var(c, &[n])?,
+            s: var(&s, &[n])?,
         })
     }
 
     fn vars(&self) -> Vec<Var> {
-        vec![self.p1.clone(), self.p2.clone(), self.c.clone()]
+        vec![self.p1.clone(), self.p2.clone(), self.s.clone()]
+    }
+
+    /// The channel scale `c` (differentiable in the parameters).
+    fn c(&self) -> Result<Tensor> {
+        Ok(self.s.as_tensor().exp()?)
     }
 
     /// Activation side `x ↦ x·diag(c)·(P1⊗P2)` (training form, `c` online).
-    fn online(&self) -> KroneckerTransform {
-        KroneckerTransform {
+    fn online(&self) -> Result<KroneckerTransform> {
+        Ok(KroneckerTransform {
             n1: self.n1,
             n2: self.n2,
             p1: Some(self.p1.as_tensor().clone()),
             p2: Some(self.p2.as_tensor().clone()),
-            scale: Some(self.c.as_tensor().clone()),
-        }
+            scale: Some(self.c()?),
+        })
     }
 
     /// Weight side: rows `w ↦ w·diag(1/c)·(P1⁻ᵀ⊗P2⁻ᵀ)`.
@@ -135,7 +146,7 @@ impl Kron {
             n2: self.n2,
             p1: Some(inverse(self.p1.as_tensor())?.t()?),
             p2: Some(inverse(self.p2.as_tensor())?.t()?),
-            scale: Some(self.c.as_tensor().recip()?),
+            scale: Some(self.c()?.recip()?),
         })
     }
 }
@@ -345,10 +356,10 @@ impl FlatQuant {
                 Box::new(QuantLinear::with_quantizer(None, w, bias, act)?),
             )?;
         }
-        b.set_site(Site::AttnIn, Some(p.attn.online()));
+        b.set_site(Site::AttnIn, Some(p.attn.online()?));
         b.set_site(Site::OIn, Some(o_online));
-        b.set_site(Site::MlpIn, Some(p.mlp.online()));
-        b.set_site(Site::DownIn, Some(p.down.online()));
+        b.set_site(Site::MlpIn, Some(p.mlp.online()?));
+        b.set_site(Site::DownIn, Some(p.down.online()?));
         if let Some((_, pk)) = &p.kv {
             b.set_qk_transform(Some(QkTransform {
                 q: inverse(pk.as_tensor())?.t()?,
@@ -399,11 +410,19 @@ impl FlatQuant {
             }
             Ok(t64(&inv, n)?.t()?)
         };
+        // `c` as the norms receive it (f32), widened exactly to f64 for the weight side.
+        let c64 = |k: &Kron| -> Result<Vec<f64>> {
+            Ok(k.c()?
+                .to_vec1::<f32>()?
+                .into_iter()
+                .map(f64::from)
+                .collect())
+        };
         let kron64 = |k: &Kron,
                       inv_t: &mut dyn FnMut(&Var, usize, &str) -> Result<Tensor>,
                       what: &str|
          -> Result<KroneckerTransform> {
-            let cinv: Vec<f64> = f64v(&k.c)?.iter().map(|x| 1.0 / x).collect();
+            let cinv: Vec<f64> = c64(k)?.iter().map(|x| 1.0 / x).collect();
             Ok(KroneckerTransform {
                 n1: k.n1,
                 n2: k.n2,
@@ -433,7 +452,7 @@ impl FlatQuant {
             kron64(&p.mlp, &mut inv_t, "mlp_in factor")?,
             kron64(&p.down, &mut inv_t, "down_in factor")?,
         ];
-        let c_down = f64v(&p.down.c)?;
+        let c_down = c64(&p.down)?;
         let c_down_t = Tensor::from_slice(&c_down, (c_down.len(), 1), &Device::Cpu)?;
         let sig = |v: &Var| -> Result<Tensor> { sigmoid(&v.as_tensor().to_dtype(DType::F64)?) };
 
@@ -478,8 +497,8 @@ impl FlatQuant {
         }
         let f32t = |v: &Var| v.as_tensor().clone();
         b.set_norms(
-            (block.input_norm() * f32t(&p.attn.c))?,
-            (block.post_norm() * f32t(&p.mlp.c))?,
+            (block.input_norm() * p.attn.c()?)?,
+            (block.post_norm() * p.mlp.c()?)?,
         );
         let online = |k: &Kron| KroneckerTransform {
             n1: k.n1,

@@ -208,6 +208,7 @@ pub const SPEC: MethodSpec = MethodSpec {
     about: "QuaRot-style rotations (Hadamard / random orthogonal), then round to nearest.",
     trained: false,
     preset: None,
+    scheme_recipe: |_, _| None,
     own_keys: &[],
     asym_activations: false,
     build: |m: &MethodInput| Ok(Box::new(Rotate { seed: m.seed })),

@@ -7,6 +7,7 @@ pub const SPEC: MethodSpec = MethodSpec {
     about: "Round to nearest, no transform.",
     trained: false,
     preset: None,
+    scheme_recipe: |_, _| None,
     own_keys: &[],
     asym_activations: false,
     build: |_: &MethodInput| Ok(Box::new(Rtn)),

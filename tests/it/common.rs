@@ -193,3 +193,34 @@ pub fn eval_json<S: AsRef<str>>(dir: &Path, args: &[S]) -> serde_json::Value {
     all.extend(args.iter().map(|a| a.as_ref()));
     affq_json(&all)
 }
+
+/// One row of a checkpoint's per-block calibration table (`calibration.csv`).
+#[derive(Debug, Clone)]
+pub struct BlockRow {
+    pub block: usize,
+    pub loss_rtn: f64,
+    pub loss_final: f64,
+    /// `trained`, or `untrained` where the trained block lost to its untrained start.
+    pub deployed: String,
+}
+
+/// The per-block table of `DIR/calibration.csv`.
+pub fn block_table(dir: &Path) -> Vec<BlockRow> {
+    let csv = std::fs::read_to_string(dir.join("calibration.csv")).unwrap();
+    let summary = csv
+        .split("block,loss_rtn,loss_final,seconds,deployed\n")
+        .nth(1)
+        .expect("summary table");
+    summary
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            BlockRow {
+                block: f[0].parse().unwrap(),
+                loss_rtn: f[1].parse().unwrap(),
+                loss_final: f[2].parse().unwrap(),
+                deployed: f[4].to_string(),
+            }
+        })
+        .collect()
+}

@@ -69,18 +69,6 @@ fn quantize(out: &std::path::Path, extra: &[&str]) -> serde_json::Value {
 }
 
 /// Rows `[block, loss_rtn, loss_final, seconds]` of a checkpoint's calibration.csv.
-fn block_losses(dir: &std::path::Path) -> Vec<Vec<f64>> {
-    let csv = std::fs::read_to_string(dir.join("calibration.csv")).unwrap();
-    let summary = csv
-        .split("block,loss_rtn,loss_final,seconds\n")
-        .nth(1)
-        .expect("summary table");
-    summary
-        .lines()
-        .map(|l| l.split(',').map(|x| x.parse().unwrap()).collect())
-        .collect()
-}
-
 #[test]
 fn weight_only_groups_beat_group_rtn() {
     // W3A16 in groups of 4 (LWC per (row, group)): the checkpoint stores groups, and the trained
@@ -92,10 +80,10 @@ fn weight_only_groups_beat_group_rtn() {
     let run = Calibrated::new(4, 128).method("flatquant").epochs(2);
     let v = quantize_stories(&fq, &run.with(&scheme).args());
     assert_eq!(v["weights"]["granularity"]["group"], 4, "{v}");
-    let rows = block_losses(&fq);
+    let rows = block_table(&fq);
     let (l_rtn, l_fq) = rows
         .iter()
-        .fold((0.0, 0.0), |(a, b), r| (a + r[1], b + r[2]));
+        .fold((0.0, 0.0), |(a, b), r| (a + r.loss_rtn, b + r.loss_final));
     assert!(
         l_fq < l_rtn,
         "total block loss: flatquant {l_fq} vs rtn {l_rtn}"
@@ -117,15 +105,16 @@ fn calibration_lowers_every_block_loss_and_is_deterministic() {
     let v = quantize(&a, &["--kv-bits", "4"]);
     assert_eq!(v["method"], "flatquant");
     // The per-block log: the deployed block's output MSE beats plain RTN's on every block.
-    let rows = block_losses(&a);
+    let rows = block_table(&a);
     assert_eq!(rows.len(), 5);
     for r in &rows {
         assert!(
-            r[2] < r[1],
-            "block {}: flatquant {} not below rtn {}",
-            r[0],
-            r[2],
-            r[1]
+            r.loss_final < r.loss_rtn && r.deployed == "trained",
+            "block {}: flatquant {} ({}) not below rtn {}",
+            r.block,
+            r.loss_final,
+            r.deployed,
+            r.loss_rtn
         );
     }
     // Same inputs, seed and threads: byte-identical checkpoint.
@@ -189,4 +178,30 @@ fn thread_count_does_not_change_the_checkpoint() {
             == std::fs::read(b.join("model.safetensors")).unwrap(),
         "checkpoints differ between 1 and 2 threads"
     );
+}
+
+#[test]
+fn a_diverged_block_is_never_deployed() {
+    // A learning rate far past stable (AdamW moves every factor entry by ~lr per step): the
+    // trained blocks end worse than RTN, and the engine deploys the untrained start instead,
+    // saying so in the per-block table and in the checkpoint's notes.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("q");
+    let v = quantize(&out, &["--lr", "2"]);
+    let rows = block_table(&out);
+    assert!(rows.iter().any(|r| r.deployed == "untrained"), "{rows:?}");
+    for r in &rows {
+        assert!(r.loss_final <= r.loss_rtn, "{r:?}");
+    }
+    let notes = v["transforms"].as_array().unwrap();
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.as_str().unwrap().contains("deployed the untrained block")),
+        "{notes:?}"
+    );
+    let ppl = eval_json(&out, &["--seqlen", "128", "--max-windows", "2"])["ppl"]
+        .as_f64()
+        .unwrap();
+    assert!(ppl.is_finite(), "{ppl}");
 }

@@ -316,3 +316,60 @@ fn non_finite_weight_is_named() {
     );
     assert!(!out.exists());
 }
+
+#[test]
+fn without_output_the_checkpoint_goes_beside_the_model_and_never_over_a_path() {
+    // `affq quantize model.safetensors --bits 4`, as llama-quantize is used: the default output
+    // is a sibling of the model directory named after method and scheme.
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("stories");
+    std::fs::create_dir(&model).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(stories_hf().join(f), model.join(f)).unwrap();
+    }
+    let file = model.join("model.safetensors");
+    let v = affq_json(&["quantize", file.to_str().unwrap(), "--bits", "4"]);
+    let want = tmp.path().join("stories-affq-rtn-w4a16");
+    assert!(want.join("model.safetensors").is_file(), "{v}");
+    assert_eq!(
+        std::fs::canonicalize(v["output"].as_str().unwrap()).unwrap(),
+        std::fs::canonicalize(&want).unwrap()
+    );
+    let again = affq(&["quantize", file.to_str().unwrap(), "--bits", "4"]);
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert_eq!(again.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("stories-affq-rtn-w4a16") && err.contains("-o"),
+        "{err}"
+    );
+}
+
+#[test]
+fn affinequant_picks_the_recipe_of_the_scheme() {
+    // Weight-only AffineQuant without --recipe trains the weight-only setting (dense norm
+    // matrices, stability factor 1e-2) and says so.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("aq");
+    let v = quantize_stories(
+        &out,
+        &Calibrated::new(2, 64)
+            .method("affinequant")
+            .epochs(2)
+            .with(&["--bits", "4"])
+            .args(),
+    );
+    let notes: Vec<&str> = v["transforms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    assert!(
+        notes[0].contains("recipe affinequant-w4a16 for W4A16"),
+        "{notes:?}"
+    );
+    assert!(
+        notes.iter().any(|n| n.contains("dense matrices")),
+        "{notes:?}"
+    );
+}

@@ -69,9 +69,10 @@ pub(crate) enum ZeroArg {
 pub(crate) struct QuantizeArgs {
     /// Model directory or .safetensors file (config.json beside it).
     pub(crate) model: PathBuf,
-    /// Output checkpoint directory.
+    /// Output checkpoint directory [default: MODEL_DIR-affq-METHOD-SCHEME beside the model
+    /// directory, e.g. smollm2-affq-rtn-w4a16; never an existing path].
     #[arg(short, long)]
-    pub(crate) output: PathBuf,
+    pub(crate) output: Option<PathBuf>,
     /// Quantization method.
     #[arg(long, default_value = "rtn", value_parser = method_names())]
     pub(crate) method: String,

@@ -155,6 +155,11 @@ impl Progress for Bars {
     fn warning(&mut self, msg: &str) {
         eprintln!("warning: {msg}");
     }
+    fn info(&mut self, msg: &str) {
+        if !self.quiet {
+            eprintln!("{msg}");
+        }
+    }
 }
 
 fn run_quantize(a: QuantizeArgs) -> anyhow::Result<()> {
@@ -169,7 +174,7 @@ fn run_quantize(a: QuantizeArgs) -> anyhow::Result<()> {
     let secs = t0.elapsed().as_secs_f64();
     if a.common.json {
         let mut v = serde_json::to_value(&out.config)?;
-        v["output"] = serde_json::json!(a.output.display().to_string());
+        v["output"] = serde_json::json!(plan.output.display().to_string());
         v["seconds"] = serde_json::json!(secs);
         println!("{v}");
     } else {
@@ -186,7 +191,7 @@ fn run_quantize(a: QuantizeArgs) -> anyhow::Result<()> {
             plan.method.name,
             bits(q.activations),
             bits(q.kv_cache),
-            a.output.display()
+            plan.output.display()
         );
         for t in out.transforms {
             println!("  {t}");
