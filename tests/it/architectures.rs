@@ -256,3 +256,143 @@ fn sharded_checkpoint_equals_single_file() {
     let b = logits(&open(&sharded), &ids, Mode::Eval);
     assert_eq!(max_abs(&(a - b).unwrap()), 0.0);
 }
+
+/// A tiny random Qwen2 with the real model's awkward shapes: hidden 56 = 2³·7 and FFN 76 = 2²·19
+/// (Hadamard and Kronecker factor sizes), 7 query heads on 1 KV head (GQA 7:1), q/k/v biases and
+/// an untied head.
+fn qwen2_like(dir: &Path) -> Model {
+    let mut cfg = base("Qwen2ForCausalLM");
+    cfg["hidden_size"] = 56.into();
+    cfg["intermediate_size"] = 76.into();
+    cfg["num_attention_heads"] = 7.into();
+    cfg["num_key_value_heads"] = 1.into();
+    write_model(dir, cfg, 21);
+    open(dir)
+}
+
+#[test]
+fn qwen2_shapes_keep_every_transform_exact() {
+    // With quantization off, each method's reparameterisation must compute the original function
+    // on Qwen2's shapes: rotations (no Hadamard of every order), FlatQuant's Kronecker factors
+    // (56 = 7×8, 76 = 4×19), its 7-head mixer and per-head KV transforms, AffineQuant's per-KV-head
+    // matrices shared by 7 query heads, and the q/k/v biases through all of them.
+    use affq::calib::run_block;
+    use affq::methods::affinequant::{AffineQuant, AffineQuantConfig};
+    use affq::methods::flatquant::{FlatQuant, FlatQuantConfig};
+    use affq::methods::plan::Grids;
+    use affq::methods::SiteStats;
+    use affq::quant::QuantSpec;
+    let tmp = tempfile::tempdir().unwrap();
+    let model = qwen2_like(tmp.path());
+    assert!(model.config.qkv_bias && !model.tied_head);
+    check_paths_agree(&model);
+    let ids: Vec<u32> = (0..120).map(|i| (i * 11 % 40) as u32).collect();
+    let want = logits(&model, &ids, Mode::Eval);
+    let rel = |m: &Model| max_abs(&(logits(m, &ids, Mode::Eval) - &want).unwrap()) / max_abs(&want);
+
+    let mut rot = open(tmp.path());
+    affq::methods::rotate::rotate(&mut rot, 3).unwrap();
+    assert!(rel(&rot) < 1e-5, "rotate: {}", rel(&rot));
+
+    let grids = Grids {
+        weights: Some(QuantSpec::sym(4)),
+        group_size: None,
+        activations: Some(QuantSpec::sym(4)),
+        kv_cache: Some(QuantSpec::asym(4)),
+    };
+    let fq = FlatQuant::new(FlatQuantConfig {
+        grids,
+        epochs: 1,
+        batch: 1,
+        lr: 5e-3,
+        clip_lr_mult: 10.0,
+        weight_decay: 0.01,
+        alpha: 0.3,
+        seed: 0,
+    })
+    .unwrap();
+    let aq = AffineQuant {
+        cfg: AffineQuantConfig {
+            grids,
+            epochs: 2,
+            lr: 5e-3,
+            lwc_lr: 1e-2,
+            alpha: 0.5,
+            stability_factor: 0.1,
+            ln_matrix: true,
+        },
+    };
+    for which in ["flatquant", "affinequant"] {
+        let mut m = open(tmp.path());
+        let t = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu).unwrap();
+        let mut x = m.embed(&t).unwrap();
+        for i in 0..m.blocks.len() {
+            let mut stats = SiteStats::default();
+            let y = run_block(&m.blocks[i], &m.rope, &x, 1, &mut stats).unwrap();
+            m.blocks[i] = match which {
+                "flatquant" => fq.deploy_initial_unquantized(&m.blocks[i], &stats),
+                _ => aq.deploy_initial_unquantized(&m.blocks[i], &stats, Some(i as u64 + 1)),
+            }
+            .unwrap();
+            x = y;
+        }
+        assert!(rel(&m) < 1e-4, "{which}: {}", rel(&m));
+    }
+}
+
+#[test]
+fn qwen2_shapes_through_the_binary() {
+    // Calibrated W4A4KV4 FlatQuant and rotation + GPTQ on the Qwen2-shaped tiny model (vocabulary
+    // of stories260K's tokenizer), then the integer kernels (Kronecker 7×8 and 4×19 sites, 7:1
+    // GQA): the checkpoint evaluates, and the integer path agrees with the simulation.
+    use crate::common::*;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("qwen2");
+    let mut cfg = base("Qwen2ForCausalLM");
+    cfg["hidden_size"] = 56.into();
+    cfg["intermediate_size"] = 76.into();
+    cfg["num_attention_heads"] = 7.into();
+    cfg["num_key_value_heads"] = 1.into();
+    cfg["vocab_size"] = 512.into();
+    write_model(&dir, cfg, 5);
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(stories_hf().join(f), dir.join(f)).unwrap();
+    }
+    for (name, run) in [
+        (
+            "fq",
+            Calibrated::new(4, 64)
+                .method("flatquant")
+                .scheme(4, 4)
+                .kv(4)
+                .epochs(1),
+        ),
+        (
+            "rot",
+            Calibrated::new(4, 64).method("rotate").scheme(4, 4).gptq(),
+        ),
+    ] {
+        let out = tmp.path().join(name);
+        let mut args = vec![
+            "quantize".to_string(),
+            dir.to_str().unwrap().to_string(),
+            "-o".to_string(),
+            out.to_str().unwrap().to_string(),
+        ];
+        args.extend(run.args());
+        affq_json(&args);
+        let ppl = |k: &str| {
+            eval_json(
+                &out,
+                &["--seqlen", "64", "--max-windows", "4", "--kernels", k],
+            )["ppl"]
+                .as_f64()
+                .unwrap()
+        };
+        let (sim, int) = (ppl("simulate"), ppl("int"));
+        assert!(
+            sim.is_finite() && (int / sim - 1.0).abs() < 1e-2,
+            "{name}: {int} vs {sim}"
+        );
+    }
+}
