@@ -137,7 +137,10 @@ fn flag(key: &str) -> String {
 }
 
 /// Method preset, then `--recipe`, then flags; with the rules on which keys go together.
-fn resolve_recipe(req: &QuantizeRequest, m: &MethodSpec) -> Result<(Recipe, Option<&'static str>)> {
+fn resolve_recipe(
+    req: &QuantizeRequest,
+    m: &MethodSpec,
+) -> Result<(Recipe, Option<&'static str>, WeightQuantizer)> {
     // Untrained methods take only the CPU preset's data budget (used by GPTQ).
     let cpu = Recipe::load("cpu")?;
     let base = match m.preset {
@@ -173,7 +176,8 @@ fn resolve_recipe(req: &QuantizeRequest, m: &MethodSpec) -> Result<(Recipe, Opti
     if r.epochs == Some(0) {
         return Err(usage("--epochs must be at least 1"));
     }
-    let gptq = weight_quantizer(&r)? != WeightQuantizer::Rtn;
+    let wq = weight_quantizer(&r)?;
+    let gptq = wq != WeightQuantizer::Rtn;
     if !m.trained {
         let training = [
             f.epochs.is_some(),
@@ -229,11 +233,16 @@ fn resolve_recipe(req: &QuantizeRequest, m: &MethodSpec) -> Result<(Recipe, Opti
         }
         r.gptq_nsamples = Some(g);
     }
-    Ok((r, chosen))
+    Ok((r, chosen, wq))
 }
 
 /// Grids of weights, activations and the KV cache.
-fn quant_plan(req: &QuantizeRequest, m: &MethodSpec, r: &Recipe) -> Result<QuantPlan> {
+fn quant_plan(
+    req: &QuantizeRequest,
+    m: &MethodSpec,
+    r: &Recipe,
+    wq: &WeightQuantizer,
+) -> Result<QuantPlan> {
     let sym_scale = req.sym_scale;
     for (flag, v) in [("--clip", req.clip), ("--a-clip", req.a_clip)] {
         if !(v > 0.0 && v <= 1.0) {
@@ -241,7 +250,7 @@ fn quant_plan(req: &QuantizeRequest, m: &MethodSpec, r: &Recipe) -> Result<Quant
         }
     }
     let group_size = r.group_size;
-    let quantizer = weight_quantizer(r)?.name();
+    let quantizer = wq.name();
     let weights = bits_arg("--bits", r.bits.unwrap_or(4))?.map(|bits| {
         let base = if r.asym == Some(true) {
             QuantSpec::asym(bits)
@@ -345,9 +354,8 @@ pub fn plan(req: QuantizeRequest) -> Result<QuantizePlan> {
             names.join(", ")
         ))
     })?;
-    let (recipe, chosen_recipe) = resolve_recipe(&req, method)?;
-    let quant = quant_plan(&req, method, &recipe)?;
-    let weight_quantizer = weight_quantizer(&recipe)?;
+    let (recipe, chosen_recipe, weight_quantizer) = resolve_recipe(&req, method)?;
+    let quant = quant_plan(&req, method, &recipe, &weight_quantizer)?;
     let calibrated = method.trained || weight_quantizer != WeightQuantizer::Rtn;
     if req.resume && !calibrated {
         return Err(usage(format!(

@@ -13,7 +13,6 @@ use crate::methods::plan::{quantize, quantize_head};
 use crate::methods::{EpochLog, Method, MethodInput};
 use crate::model::Model;
 use crate::plan::QuantizePlan;
-use crate::tokenizer::Tok;
 use candle_core::Tensor;
 use std::path::{Path, PathBuf};
 
@@ -53,13 +52,7 @@ fn calibration_tokens(p: &QuantizePlan, ckpt: &Checkpoint) -> Result<(Tensor, St
         path => CalibSource::File(PathBuf::from(path)),
     };
     let (path, desc) = calib::data::resolve(&source, &dir)?;
-    let tok_path = ckpt.files.tokenizer.clone().ok_or_else(|| {
-        Error::format(
-            ckpt.files.dir.join("tokenizer.json"),
-            "missing: calibration needs the model's tokenizer",
-        )
-    })?;
-    let tok = Tok::load(&tok_path)?;
+    let tok = ckpt.tokenizer("calibration")?;
     let (n, l) = (p.nsamples(), p.calib_seqlen());
     // Windows are drawn in sequence from the seed: the first n are the training windows
     // whether or not GPTQ asks for more.

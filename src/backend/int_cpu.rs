@@ -208,7 +208,7 @@ pub fn use_int_kernels(
             let linears: Option<Vec<Arc<IntLinear>>> = site
                 .linears()
                 .iter()
-                .map(|k| ints[LinearKind::ALL.iter().position(|x| x == k).unwrap()].clone())
+                .map(|k| ints[k.index()].clone())
                 .collect();
             if let Some(linears) = linears {
                 if linears.iter().all(|l| l.act == linears[0].act) {

@@ -166,22 +166,28 @@ pub fn calibrate_model(
         // gets the engine's weight quantizer (GPTQ where asked, RTN if GPTQ does no better).
         let mut kept_untrained = false;
         if trained && (loss_final.is_nan() || loss_final > loss_rtn) {
-            let (mut start, _) = untrained(&model.blocks[i], &engine.plan)?;
-            let mut notes = Vec::new();
-            weight_quant::quantize_block_weights(
-                &mut start,
-                &engine.plan,
-                &engine.weight_quantizer,
-                &model.rope,
-                wx,
-                &mut notes,
-            )?;
-            let loss_start = mse(&run_block(&start, &model.rope, &xp, 4, &mut NoHook)?, &yp)?;
-            let (start, loss_start) = if loss_start <= loss_rtn {
-                rep.notes.extend(notes);
-                (start, loss_start)
-            } else {
-                (rtn, loss_rtn)
+            // With RTN weights the untrained start is `rtn` itself.
+            let (start, loss_start) = match engine.weight_quantizer {
+                WeightQuantizer::Rtn => (rtn, loss_rtn),
+                WeightQuantizer::Gptq(_) => {
+                    let (mut start, _) = untrained(&model.blocks[i], &engine.plan)?;
+                    let mut notes = Vec::new();
+                    weight_quant::quantize_block_weights(
+                        &mut start,
+                        &engine.plan,
+                        &engine.weight_quantizer,
+                        &model.rope,
+                        wx,
+                        &mut notes,
+                    )?;
+                    let loss = mse(&run_block(&start, &model.rope, &xp, 4, &mut NoHook)?, &yp)?;
+                    if loss <= loss_rtn {
+                        rep.notes.extend(notes);
+                        (start, loss)
+                    } else {
+                        (rtn, loss_rtn)
+                    }
+                }
             };
             rep.notes.push(format!(
                 "block {i}: the trained block's loss {loss_final:.3e} is above the untrained start's {loss_rtn:.3e} (RTN); deployed the untrained block ({} weights, loss {loss_start:.3e})",

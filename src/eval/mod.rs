@@ -226,13 +226,7 @@ pub fn run(req: &EvalRequest, progress: impl FnMut(usize, usize, f64)) -> Result
     let data_path = req.dataset.locate(&dir)?;
     let t_load = Instant::now();
     let ckpt = crate::formats::Checkpoint::open(&req.model)?;
-    let tok_path = ckpt.files.tokenizer.clone().ok_or_else(|| {
-        Error::format(
-            ckpt.files.dir.join("tokenizer.json"),
-            "missing: evaluation needs the model's tokenizer",
-        )
-    })?;
-    let tok = Tok::load(&tok_path)?;
+    let tok = ckpt.tokenizer("evaluation")?;
     let bos = bos_policy(&tok)?;
     let ids = req
         .dataset

@@ -45,6 +45,18 @@ impl Checkpoint {
         })
     }
 
+    /// The model's tokenizer (`tokenizer.json` beside its config); `needed_by` names what asks,
+    /// for the error when it is missing.
+    pub fn tokenizer(&self, needed_by: &str) -> Result<crate::tokenizer::Tok> {
+        let path = self.files.tokenizer.clone().ok_or_else(|| {
+            Error::format(
+                self.files.dir.join("tokenizer.json"),
+                format!("missing: {needed_by} needs the model's tokenizer"),
+            )
+        })?;
+        crate::tokenizer::Tok::load(&path)
+    }
+
     /// The decoder of this checkpoint with RoPE tables for `max_len` positions (simulated
     /// quantized layers where the checkpoint is quantized).
     pub fn load_model(&self, max_len: usize) -> Result<Model> {

@@ -13,7 +13,8 @@ use affq::model::Mode;
 use affq::quant::QuantSpec;
 use candle_core::{Device, Tensor};
 
-fn config(ln_matrix: bool, kv: bool) -> AffineQuantConfig {
+/// The configuration the reparameterisation tests use (also on Qwen2 shapes).
+pub(crate) fn config(ln_matrix: bool, kv: bool) -> AffineQuantConfig {
     AffineQuantConfig {
         grids: Grids {
             weights: Some(QuantSpec::asym(4)),

@@ -277,11 +277,9 @@ fn qwen2_shapes_keep_every_transform_exact() {
     // (56 = 7×8, 76 = 4×19), its 7-head mixer and per-head KV transforms, AffineQuant's per-KV-head
     // matrices shared by 7 query heads, and the q/k/v biases through all of them.
     use affq::calib::run_block;
-    use affq::methods::affinequant::{AffineQuant, AffineQuantConfig};
-    use affq::methods::flatquant::{FlatQuant, FlatQuantConfig};
-    use affq::methods::plan::Grids;
+    use affq::methods::affinequant::AffineQuant;
+    use affq::methods::flatquant::FlatQuant;
     use affq::methods::SiteStats;
-    use affq::quant::QuantSpec;
     let tmp = tempfile::tempdir().unwrap();
     let model = qwen2_like(tmp.path());
     assert!(model.config.qkv_bias && !model.tied_head);
@@ -294,33 +292,9 @@ fn qwen2_shapes_keep_every_transform_exact() {
     affq::methods::rotate::rotate(&mut rot, 3).unwrap();
     assert!(rel(&rot) < 1e-5, "rotate: {}", rel(&rot));
 
-    let grids = Grids {
-        weights: Some(QuantSpec::sym(4)),
-        group_size: None,
-        activations: Some(QuantSpec::sym(4)),
-        kv_cache: Some(QuantSpec::asym(4)),
-    };
-    let fq = FlatQuant::new(FlatQuantConfig {
-        grids,
-        epochs: 1,
-        batch: 1,
-        lr: 5e-3,
-        clip_lr_mult: 10.0,
-        weight_decay: 0.01,
-        alpha: 0.3,
-        seed: 0,
-    })
-    .unwrap();
+    let fq = FlatQuant::new(crate::flatquant::config(true)).unwrap();
     let aq = AffineQuant {
-        cfg: AffineQuantConfig {
-            grids,
-            epochs: 2,
-            lr: 5e-3,
-            lwc_lr: 1e-2,
-            alpha: 0.5,
-            stability_factor: 0.1,
-            ln_matrix: true,
-        },
+        cfg: crate::affinequant::config(true, true),
     };
     for which in ["flatquant", "affinequant"] {
         let mut m = open(tmp.path());

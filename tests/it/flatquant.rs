@@ -12,7 +12,8 @@ use affq::model::Mode;
 use affq::quant::QuantSpec;
 use candle_core::{Device, Tensor};
 
-fn config(kv: bool) -> FlatQuantConfig {
+/// The configuration the reparameterisation tests use (also on Qwen2 shapes).
+pub(crate) fn config(kv: bool) -> FlatQuantConfig {
     FlatQuantConfig {
         grids: Grids {
             weights: Some(QuantSpec::sym(4)),

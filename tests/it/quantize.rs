@@ -20,16 +20,6 @@ fn logits(m: &Model, ids: &[u32]) -> Tensor {
     m.logits(&t, Mode::Eval).unwrap()
 }
 
-fn run_ok(args: &[&str]) -> serde_json::Value {
-    let out = affq(args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 #[test]
 fn rtn_checkpoint_round_trip_gives_identical_logits() {
     // Quantize in memory, write, read back: the loaded model computes bit-identical logits.
@@ -138,16 +128,9 @@ fn rotation_preserves_smollm2() {
 }
 
 fn eval_ppl(model: &Path) -> f64 {
-    let v = run_ok(&[
-        "eval",
-        model.to_str().unwrap(),
-        "--seqlen",
-        "256",
-        "--max-windows",
-        "4",
-        "--json",
-    ]);
-    v["ppl"].as_f64().unwrap()
+    eval_json(model, &["--seqlen", "256", "--max-windows", "4"])["ppl"]
+        .as_f64()
+        .unwrap()
 }
 
 #[test]
@@ -201,17 +184,7 @@ fn rtn_and_rotate_through_the_binary() {
 fn packed_weights_are_what_the_config_says() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("q3");
-    run_ok(&[
-        "quantize",
-        stories_hf().to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--bits",
-        "3",
-        "--group-size",
-        "4",
-        "--json",
-    ]);
+    quantize_stories(&out, &["--bits", "3", "--group-size", "4"]);
     let c = Checkpoint::open(&out).unwrap();
     let name = "model.layers.0.mlp.down_proj";
     // 3-bit codes densely packed: 172 codes × 3 bits = 516 bits → 17 words per row.

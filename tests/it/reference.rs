@@ -338,30 +338,20 @@ mod smollm2 {
     }
 }
 
-fn eval_json(args: &[&str]) -> serde_json::Value {
-    let out = affq(args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 #[test]
 fn llamacpp_protocol_replaces_bos_and_scores_second_half() {
     let dir = stories_dir().join("hf");
-    let v = eval_json(&[
-        "eval",
-        dir.to_str().unwrap(),
-        "--protocol",
-        "llamacpp",
-        "--seqlen",
-        "128",
-        "--max-windows",
-        "3",
-        "--json",
-    ]);
+    let v = eval_json(
+        &dir,
+        &[
+            "--protocol",
+            "llamacpp",
+            "--seqlen",
+            "128",
+            "--max-windows",
+            "3",
+        ],
+    );
     assert_eq!(v["predictions"], 3 * (128 - 1 - 64));
     // The same computation by hand: verbatim text minus one trailing newline, BOS added by the
     // vocabulary; each chunk's first token replaced by BOS; positions 64..126 scored.
@@ -384,17 +374,10 @@ fn llamacpp_protocol_replaces_bos_and_scores_second_half() {
 #[test]
 fn c4_uses_first_1100_documents() {
     let dir = stories_dir().join("hf");
-    let v = eval_json(&[
-        "eval",
-        dir.to_str().unwrap(),
-        "--ppl",
-        "c4",
-        "--seqlen",
-        "128",
-        "--max-windows",
-        "2",
-        "--json",
-    ]);
+    let v = eval_json(
+        &dir,
+        &["--ppl", "c4", "--seqlen", "128", "--max-windows", "2"],
+    );
     let (model, tok) = load(&dir, 128);
     let text = data::c4_eval_text(&data_dir().join("calibration/c4_validation_2k.jsonl")).unwrap();
     let ids = tok.encode(&text, false).unwrap();
