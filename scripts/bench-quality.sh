@@ -6,6 +6,8 @@
 #   scripts/bench-quality.sh --full-only  # only the 2048 column, for rows already quantized
 #   scripts/bench-quality.sh --table    # print what is cached, run nothing
 #   scripts/bench-quality.sh --markdown # the same as a Markdown table (README)
+#   scripts/bench-quality.sh --qwen [..] # the second model, Qwen2.5-Coder-0.5B-Instruct, its own grid
+#                                        # and cache (target/bench-quality-qwen/); --qwen comes first
 # Every row is cached under $RESULTS (default target/bench-quality/<row>/): the checkpoint, the
 # quantize time and each PPL. A rerun skips what is there, so an interrupted run goes on where it
 # stopped; delete a row's directory to redo it.
@@ -17,6 +19,13 @@ cd "$here"
 export AFFQ_DATA_DIR=${AFFQ_DATA_DIR:-$here/../shared/data}
 model=${MODEL:-target/affq-models/smollm2}
 results=${RESULTS:-target/bench-quality}
+which=smollm2
+if [ "${1:-}" = --qwen ]; then
+  shift
+  which=qwen
+  model=${MODEL:-target/affq-models/qwen25-05b}
+  results=${RESULTS:-target/bench-quality-qwen}
+fi
 full=0 run=1 quantize=1 markdown=0
 case "${1:-}" in
   --markdown) run=0 markdown=1 ;;
@@ -30,7 +39,9 @@ esac
 bin=${AFFQ_BIN:-target/release/affq}
 if [ $run = 1 ]; then
   [ -n "${AFFQ_BIN:-}" ] || cargo build --release --quiet
-  [ -f "$model/model.safetensors" ] || scripts/fetch-smollm2.sh "$model"
+  if [ ! -f "$model/model.safetensors" ]; then
+    if [ $which = qwen ]; then scripts/fetch-qwen25-05b.sh "$model"; else scripts/fetch-smollm2.sh "$model"; fi
+  fi
 fi
 threads=${RAYON_NUM_THREADS:-$(nproc)}
 
@@ -38,6 +49,43 @@ threads=${RAYON_NUM_THREADS:-$(nproc)}
 # Calibrated rows use the CPU presets (calib/cpu.toml for FlatQuant, calib/affinequant-cpu.toml and
 # the affinequant-* recipes) on the WikiText-2 validation split (the data directory has no train split).
 grid() {
+  if [ $which = qwen ]; then grid_qwen; else grid_smollm2; fi
+}
+
+# The second model's grid (issue 17): every method × {rtn, gptq} weights at W4A16, W3A16 g64
+# (896 = 14·64 and 4 864 = 76·64, so g64 divides), W4A8, W4A4, W4A4KV4; cheap rows first so an
+# interrupted run has whole columns of them.
+grid_qwen() {
+  local scheme flags method wq
+  {
+    echo "FP none none"
+    for method in rtn rotate flatquant affinequant; do
+      while read -r scheme flags; do
+        for wq in rtn gptq; do
+          if [ $method = affinequant ]; then
+            # AffineQuant picks its recipe by scheme (issue 17.6); stated here to keep the row explicit.
+            case $scheme in
+              W4A16) flags="--recipe affinequant-w4a16" ;;
+              W3A16g64) flags="--recipe affinequant-w3a16-g64" ;;
+              W4A8) flags="--recipe affinequant-w4a4 --a-bits 8" ;;
+              W4A4) flags="--recipe affinequant-w4a4" ;;
+              W4A4KV4) flags="--recipe affinequant-w4a4 --kv-bits 4" ;;
+            esac
+          fi
+          echo "$scheme $method $wq $flags"
+        done
+      done <<'SCHEMES'
+W4A16 --bits 4
+W3A16g64 --bits 3 --group-size 64
+W4A8 --bits 4 --a-bits 8
+W4A4 --bits 4 --a-bits 4
+W4A4KV4 --bits 4 --a-bits 4 --kv-bits 4
+SCHEMES
+    done
+  }
+}
+
+grid_smollm2() {
   cat <<'GRID'
 FP none none
 W8A8 rtn rtn --bits 8 --a-bits 8
@@ -167,7 +215,12 @@ PY
   done
   exit 0
 fi
-echo "SmolLM2-135M-Instruct (dequantized Q4_1 weights), WikiText-2 paper protocol; PPL with the default"
+if [ $which = qwen ]; then
+  echo "Qwen2.5-Coder-0.5B-Instruct (GGUF of an AWQ checkpoint: Q5_0/Q8_0/K-quant weights, dequantized),"
+  echo "WikiText-2 paper protocol; PPL with the default"
+else
+  echo "SmolLM2-135M-Instruct (dequantized Q4_1 weights), WikiText-2 paper protocol; PPL with the default"
+fi
 echo "(integer) kernels; weights symmetric amax/7-style per channel unless gN; activations symmetric per"
 echo "token; KV asymmetric per (token, head); quantize = wall seconds of 'affq quantize' (threads)"
 printf '%-9s %-12s %-5s %10s %10s %12s\n' scheme method wq "512x8" "2048 full" "quantize s"

@@ -5,16 +5,38 @@
 
 use crate::calib::data::CalibSource;
 use crate::calib::resume::WorkDir;
-use crate::calib::{self, BlockReport, BlockStore, EngineConfig, WeightQuantizer};
+use crate::calib::{self, BlockFlow, BlockReport, BlockStore, EngineConfig, WeightQuantizer};
 use crate::data;
 use crate::error::{Error, Result};
 use crate::formats::checkpoint::{self, Checkpoint, QuantConfig};
-use crate::methods::plan::{quantize, quantize_head};
+use crate::formats::checkpoint::{CheckpointWriter, Precision};
+use crate::methods::plan::{quantize_block, quantize_head};
 use crate::methods::{EpochLog, Method, MethodInput};
-use crate::model::Model;
+use crate::model::{Block, Model, ModelConfig};
 use crate::plan::QuantizePlan;
 use candle_core::Tensor;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The calibration's blocks read one at a time from the source checkpoint and written to the
+/// output as they are finished: a quantization holds one block's weights.
+struct Streamed<'a> {
+    ckpt: &'a Checkpoint,
+    config: Arc<ModelConfig>,
+    writer: &'a mut CheckpointWriter,
+}
+
+impl BlockFlow for Streamed<'_> {
+    fn num_blocks(&self) -> usize {
+        self.config.num_layers
+    }
+    fn take(&mut self, i: usize) -> Result<Block> {
+        self.ckpt.load_block(self.config.clone(), i, Precision::F32)
+    }
+    fn put(&mut self, block: Block) -> Result<()> {
+        self.writer.add_block(&block)
+    }
+}
 
 /// Observer of a quantization run.
 pub trait Progress {
@@ -101,6 +123,7 @@ fn run_calibration(
     p: &QuantizePlan,
     ckpt: &Checkpoint,
     model: &mut Model,
+    blocks: &mut dyn BlockFlow,
     method: &mut dyn Method,
     store: Option<&dyn BlockStore>,
     progress: &mut dyn Progress,
@@ -122,11 +145,12 @@ fn run_calibration(
         weight_quantizer: p.weight_quantizer,
         method_windows: p.nsamples(),
     };
-    progress.calibration_started(&summary, model.blocks.len());
+    progress.calibration_started(&summary, blocks.num_blocks());
     // Both callbacks report to `progress`; a cell lets them share it.
     let progress = std::cell::RefCell::new(progress);
     let reports = calib::calibrate_model(
         model,
+        blocks,
         &tokens,
         method,
         &engine,
@@ -180,7 +204,14 @@ pub fn run(p: &QuantizePlan, progress: &mut dyn Progress) -> Result<QuantizeOutc
     check_output_outside(&ckpt.files.dir, &p.output)?;
     crate::fsutil::check_output(&p.output, req.force)?;
     p.check_model(&ckpt.config)?;
-    let mut model = ckpt.load_model(1)?;
+    // The embedding, final norm and head; blocks are read (and written) one at a time.
+    // The head is only multiplied by when it is quantized (round to nearest reads it in f32).
+    let head = if p.quant.quantize_head {
+        Precision::F32
+    } else {
+        Precision::Stored
+    };
+    let mut model = ckpt.load_ends(1, head)?;
     let mut method = (p.method.build)(&MethodInput {
         recipe: &p.recipe,
         plan: &p.quant,
@@ -214,6 +245,7 @@ pub fn run(p: &QuantizePlan, progress: &mut dyn Progress) -> Result<QuantizeOutc
     };
     let mut extra = Vec::new();
     let mut work = None;
+    let mut writer = CheckpointWriter::create(&p.output, req.force)?;
     if p.calibrated {
         // Everything that decides the result: a resumed run must have the same.
         let model_id = std::fs::canonicalize(&req.model).unwrap_or(req.model.clone());
@@ -237,10 +269,16 @@ pub fn run(p: &QuantizePlan, progress: &mut dyn Progress) -> Result<QuantizeOutc
         if w.resumed > 0 {
             progress.resumed(w.resumed);
         }
+        let mut flow = Streamed {
+            ckpt: &ckpt,
+            config: model.config.clone(),
+            writer: &mut writer,
+        };
         let (csv, notes) = run_calibration(
             p,
             &ckpt,
             &mut model,
+            &mut flow,
             method.as_mut(),
             Some(&w as &dyn BlockStore),
             progress,
@@ -251,18 +289,16 @@ pub fn run(p: &QuantizePlan, progress: &mut dyn Progress) -> Result<QuantizeOutc
         quantize_head(&mut model, &p.quant)?;
         work = Some(w);
     } else {
-        quantize(&mut model, &p.quant)?;
+        for i in 0..model.config.num_layers {
+            let mut block = ckpt.load_block(model.config.clone(), i, Precision::F32)?;
+            method.prepare_block(&mut block)?;
+            quantize_block(&mut block, &p.quant)?;
+            writer.add_block(&block)?;
+        }
+        quantize_head(&mut model, &p.quant)?;
     }
     config.transforms = transforms.clone();
-    checkpoint::write(
-        &model,
-        &ckpt.files.dir,
-        &ckpt.files.config,
-        &config,
-        &p.output,
-        req.force,
-        &extra,
-    )?;
+    writer.finish(&model, &ckpt.files.dir, &ckpt.files.config, &config, &extra)?;
     if let Some(w) = work {
         w.finish()?;
     }

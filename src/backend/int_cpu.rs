@@ -3,19 +3,22 @@
 //! `kernels::int_gemm`; per site, the online transform and the quantization are fused
 //! (`kernels::transform_quant`) and shared by the site's linears ([`IntSiteKernel`]).
 
-use super::simulated::QuantLinear;
 use crate::error::Result;
 use crate::kernels::int_gemm::{self, gemm_into, Isa, PackedWeights};
 use crate::kernels::transform_quant::{quantize_rows, FusedTransform};
-use crate::model::{LinearKind, LinearLayer, Model, Site, SiteKernel};
+use crate::model::{Block, LinearKind, LinearLayer, Model, Site, SiteKernel};
 use crate::quant::{ActQuantizer, QuantSpec, QuantizedWeight};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-/// A quantized linear evaluated with integer kernels. The simulated layer is kept for the dense
-/// weight view.
+/// A quantized linear evaluated with integer kernels. Holds the codes and the packed weights; the
+/// dense (dequantized) weight is only made when asked for, so an evaluated model holds no f32
+/// copy of its quantized weights.
 pub struct IntLinear {
-    inner: QuantLinear,
+    qweight: QuantizedWeight,
+    dense: OnceLock<Tensor>,
+    bias_t: Option<Tensor>,
+    act_q: Arc<dyn ActQuantizer>,
     packed: PackedWeights,
     act: QuantSpec,
     bias: Option<Vec<f32>>,
@@ -40,12 +43,10 @@ impl IntLinear {
             .map(|b| b.flatten_all()?.to_vec1::<f32>())
             .transpose()?;
         Ok(Some(IntLinear {
-            inner: QuantLinear::from_parts(
-                Some(qw.clone()),
-                layer.weight_ref().detach(),
-                layer.bias().map(Tensor::detach),
-                Some(act),
-            ),
+            qweight: qw.clone(),
+            dense: OnceLock::new(),
+            bias_t: layer.bias().map(Tensor::detach),
+            act_q: act,
             packed,
             act: spec,
             bias,
@@ -133,20 +134,33 @@ impl LinearLayer for IntLinear {
         .forward(x)
     }
     fn weight_ref(&self) -> &Tensor {
-        self.inner.weight_ref()
+        self.dense.get_or_init(|| {
+            let q = &self.qweight;
+            Tensor::from_vec(q.dequantize(), (q.out, q.inp), &candle_core::Device::Cpu)
+                .expect("dequantized weight has its shape")
+        })
+    }
+    fn in_features(&self) -> usize {
+        self.qweight.inp
+    }
+    fn out_features(&self) -> usize {
+        self.qweight.out
     }
     fn bias(&self) -> Option<&Tensor> {
-        self.inner.bias()
+        self.bias_t.as_ref()
     }
     fn act_quantizer(&self) -> Option<Arc<dyn ActQuantizer>> {
-        self.inner.act_quantizer()
+        Some(self.act_q.clone())
     }
     fn quantized_weight(&self) -> Option<&QuantizedWeight> {
-        self.inner.quantized_weight()
+        Some(&self.qweight)
     }
     fn detached(&self) -> Box<dyn LinearLayer> {
         Box::new(IntLinear {
-            inner: self.inner.detached_copy(),
+            qweight: self.qweight.clone(),
+            dense: self.dense.clone(),
+            bias_t: self.bias_t.clone(),
+            act_q: self.act_q.clone(),
             packed: self.packed.clone(),
             act: self.act,
             bias: self.bias.clone(),
@@ -184,49 +198,69 @@ pub fn use_int_kernels(
 ) -> Result<(usize, usize)> {
     let (mut n, mut bf16) = (0, 0);
     for b in &mut model.blocks {
-        let mut ints: Vec<Option<Arc<IntLinear>>> = vec![None; LinearKind::ALL.len()];
-        for (slot, kind) in ints.iter_mut().zip(LinearKind::ALL) {
-            if let Some(l) = IntLinear::from_layer(b.linear(kind), isa)? {
-                let l = Arc::new(l);
-                b.set_linear_shared(kind, l.clone())?;
-                *slot = Some(l);
-                n += 1;
-            }
-        }
-        for site in Site::ALL {
-            let transform = match b.site(site) {
-                Some(t) => {
-                    let mut f = FusedTransform::new(t)?;
-                    if bf16_transforms {
-                        f = f.with_bf16();
-                        bf16 += f.is_bf16() as usize;
-                    }
-                    Some(Arc::new(f))
-                }
-                None => None,
-            };
-            let linears: Option<Vec<Arc<IntLinear>>> = site
-                .linears()
-                .iter()
-                .map(|k| ints[k.index()].clone())
-                .collect();
-            if let Some(linears) = linears {
-                if linears.iter().all(|l| l.act == linears[0].act) {
-                    b.set_site_kernel(site, Some(Arc::new(IntSiteKernel { transform, linears })));
-                }
-            }
+        let (bn, bb) = use_int_kernels_block(b, isa, bf16_transforms)?;
+        n += bn;
+        bf16 += bb;
+    }
+    n += use_int_kernels_head(model, isa)? as usize;
+    Ok((n, bf16))
+}
+
+/// [`use_int_kernels`] on one block (a model converted as it is loaded, block by block).
+pub fn use_int_kernels_block(
+    b: &mut Block,
+    isa: Isa,
+    bf16_transforms: bool,
+) -> Result<(usize, usize)> {
+    let (mut n, mut bf16) = (0, 0);
+    let mut ints: Vec<Option<Arc<IntLinear>>> = vec![None; LinearKind::ALL.len()];
+    for (slot, kind) in ints.iter_mut().zip(LinearKind::ALL) {
+        if let Some(l) = IntLinear::from_layer(b.linear(kind), isa)? {
+            let l = Arc::new(l);
+            b.set_linear_shared(kind, l.clone())?;
+            *slot = Some(l);
+            n += 1;
         }
     }
-    if let Some(l) = IntLinear::from_layer(model.head.as_ref(), isa)? {
-        model.head = Box::new(l);
-        n += 1;
+    for site in Site::ALL {
+        let transform = match b.site(site) {
+            Some(t) => {
+                let mut f = FusedTransform::new(t)?;
+                if bf16_transforms {
+                    f = f.with_bf16();
+                    bf16 += f.is_bf16() as usize;
+                }
+                Some(Arc::new(f))
+            }
+            None => None,
+        };
+        let linears: Option<Vec<Arc<IntLinear>>> = site
+            .linears()
+            .iter()
+            .map(|k| ints[k.index()].clone())
+            .collect();
+        if let Some(linears) = linears {
+            if linears.iter().all(|l| l.act == linears[0].act) {
+                b.set_site_kernel(site, Some(Arc::new(IntSiteKernel { transform, linears })));
+            }
+        }
     }
     Ok((n, bf16))
+}
+
+/// The head on the integer kernels when it is quantized with a kernel's scheme.
+pub fn use_int_kernels_head(model: &mut Model, isa: Isa) -> Result<bool> {
+    if let Some(l) = IntLinear::from_layer(model.head.as_ref(), isa)? {
+        model.head = Box::new(l);
+        return Ok(true);
+    }
+    Ok(false)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::simulated::QuantLinear;
     use crate::quant::QuantSpec;
     use crate::rng::Rng;
     use candle_core::Device;

@@ -43,6 +43,34 @@ pub trait BlockStore {
     fn save(&self, block: &Block, report: &BlockReport) -> Result<()>;
 }
 
+/// Where the engine reads the full-precision blocks and where it puts the deployed ones, so a
+/// calibration holds one block at a time (the checkpoint reader and writer), or all of them
+/// ([`InMemory`]).
+pub trait BlockFlow {
+    fn num_blocks(&self) -> usize;
+    /// Block `i` in full precision, as the model has it (before the method's whole-model step).
+    fn take(&mut self, i: usize) -> Result<Block>;
+    /// The deployed block `block.index()`; blocks come in order.
+    fn put(&mut self, block: Block) -> Result<()>;
+}
+
+/// The blocks of a model in memory, replaced in place by their deployed form.
+pub struct InMemory<'a>(pub &'a mut Vec<Block>);
+
+impl BlockFlow for InMemory<'_> {
+    fn num_blocks(&self) -> usize {
+        self.0.len()
+    }
+    fn take(&mut self, i: usize) -> Result<Block> {
+        Ok(self.0[i].clone())
+    }
+    fn put(&mut self, block: Block) -> Result<()> {
+        let i = block.index();
+        self.0[i] = block;
+        Ok(())
+    }
+}
+
 /// What the engine does after the method: the quantization plan and how weights are rounded.
 pub struct EngineConfig {
     pub plan: QuantPlan,
@@ -88,15 +116,19 @@ pub fn mse(a: &Tensor, b: &Tensor) -> Result<f64> {
         .to_scalar::<f64>()?)
 }
 
-/// Calibrates every block of `model` on `tokens` `[N, L]` with `method` (on the first
-/// `engine.method_windows` windows; GPTQ on all), replacing the blocks by their deployed form.
-/// `progress(done, total, report)` after each block.
+/// Calibrates every block of `blocks` on `tokens` `[N, L]` with `method` (on the first
+/// `engine.method_windows` windows; GPTQ on all): each block is taken from `blocks`, goes through
+/// the method's whole-model step ([`Method::prepare_block`]; `ends` already went through
+/// [`Method::prepare`]) and its calibration, and is put back in its deployed form.
+/// `ends` gives the embedding and RoPE. `progress(done, total, report)` after each block.
 ///
 /// Methods train on the full-precision inputs and targets (no error propagation, as FlatQuant and
 /// AffineQuant do); GPTQ's Hessians come from the inputs produced by the already-quantized
 /// preceding blocks (as GPTQ and QuaRot do), so those are carried along only when GPTQ runs.
+#[allow(clippy::too_many_arguments)]
 pub fn calibrate_model(
-    model: &mut Model,
+    ends: &mut Model,
+    blocks: &mut dyn BlockFlow,
     tokens: &Tensor,
     method: &mut dyn Method,
     engine: &EngineConfig,
@@ -105,22 +137,25 @@ pub fn calibrate_model(
     mut progress: impl FnMut(usize, usize, &BlockReport),
 ) -> Result<Vec<BlockReport>> {
     let (_, l) = tokens.dims2()?;
-    if l > model.rope.max_len() {
-        model.rope = Rope::new(&model.config, l)?;
+    if l > ends.rope.max_len() {
+        ends.rope = Rope::new(&ends.config, l)?;
     }
-    let all = model.embed(tokens)?;
+    let rope = &ends.rope;
+    let all = ends.embed(tokens)?;
     let windows = engine.method_windows.min(all.dim(0)?).max(1);
     let mut x = all.narrow(0, 0, windows)?;
     let mut xq = match engine.weight_quantizer {
         WeightQuantizer::Gptq(_) => Some(all),
         WeightQuantizer::Rtn => None,
     };
-    let total = model.blocks.len();
+    let total = blocks.num_blocks();
     let mut reports = Vec::with_capacity(total);
     for i in 0..total {
         let t0 = Instant::now();
+        let mut fp = blocks.take(i)?;
+        method.prepare_block(&mut fp)?;
         let mut stats = SiteStats::default();
-        let y = run_block(&model.blocks[i], &model.rope, &x, 4, &mut stats)?;
+        let y = run_block(&fp, rope, &x, 4, &mut stats)?;
         if !y.flatten_all()?.max(0)?.to_scalar::<f32>()?.is_finite() {
             return Err(Error::Runtime(format!(
                 "block {i}: full-precision outputs are not finite"
@@ -128,9 +163,9 @@ pub fn calibrate_model(
         }
         if let Some((block, report)) = store.map(|s| s.load(i)).transpose()?.flatten() {
             if let Some(xq) = &mut xq {
-                *xq = run_block(&block, &model.rope, xq, 4, &mut NoHook)?;
+                *xq = run_block(&block, rope, xq, 4, &mut NoHook)?;
             }
-            model.blocks[i] = block;
+            blocks.put(block)?;
             progress(i + 1, total, &report);
             reports.push(report);
             x = y;
@@ -139,16 +174,14 @@ pub fn calibrate_model(
         // The untrained start on the first windows: plain RTN of the full-precision block.
         let probe = x.dim(0)?.min(4);
         let (xp, yp) = (x.narrow(0, 0, probe)?, y.narrow(0, 0, probe)?);
-        let mut rtn = model.blocks[i].clone();
+        let mut rtn = fp.clone();
         quantize_block(&mut rtn, &engine.plan)?;
-        let loss_rtn = mse(&run_block(&rtn, &model.rope, &xp, 4, &mut NoHook)?, &yp)?;
+        let loss_rtn = mse(&run_block(&rtn, rope, &xp, 4, &mut NoHook)?, &yp)?;
 
         let trained = method.trainer().is_some();
         let (mut block, mut rep) = match method.trainer() {
-            Some(t) => t.calibrate(&model.blocks[i], &model.rope, &x, &y, &stats, &mut |e| {
-                on_epoch(i, e)
-            })?,
-            None => untrained(&model.blocks[i], &engine.plan)?,
+            Some(t) => t.calibrate(&fp, rope, &x, &y, &stats, &mut |e| on_epoch(i, e))?,
+            None => untrained(&fp, &engine.plan)?,
         };
         block.detach();
         let wx = xq.as_ref().unwrap_or(&x);
@@ -156,11 +189,11 @@ pub fn calibrate_model(
             &mut block,
             &engine.plan,
             &engine.weight_quantizer,
-            &model.rope,
+            rope,
             wx,
             &mut rep.notes,
         )?;
-        let mut loss_final = mse(&run_block(&block, &model.rope, &xp, 4, &mut NoHook)?, &yp)?;
+        let mut loss_final = mse(&run_block(&block, rope, &xp, 4, &mut NoHook)?, &yp)?;
         // A trained block is deployed only if it beats its untrained start on the calibration
         // windows (a diverged training must not cost more than not training at all); the start
         // gets the engine's weight quantizer (GPTQ where asked, RTN if GPTQ does no better).
@@ -170,17 +203,17 @@ pub fn calibrate_model(
             let (start, loss_start) = match engine.weight_quantizer {
                 WeightQuantizer::Rtn => (rtn, loss_rtn),
                 WeightQuantizer::Gptq(_) => {
-                    let (mut start, _) = untrained(&model.blocks[i], &engine.plan)?;
+                    let (mut start, _) = untrained(&fp, &engine.plan)?;
                     let mut notes = Vec::new();
                     weight_quant::quantize_block_weights(
                         &mut start,
                         &engine.plan,
                         &engine.weight_quantizer,
-                        &model.rope,
+                        rope,
                         wx,
                         &mut notes,
                     )?;
-                    let loss = mse(&run_block(&start, &model.rope, &xp, 4, &mut NoHook)?, &yp)?;
+                    let loss = mse(&run_block(&start, rope, &xp, 4, &mut NoHook)?, &yp)?;
                     if loss <= loss_rtn {
                         rep.notes.extend(notes);
                         (start, loss)
@@ -198,7 +231,7 @@ pub fn calibrate_model(
             kept_untrained = true;
         }
         if let Some(xq) = &mut xq {
-            *xq = run_block(&block, &model.rope, xq, 4, &mut NoHook)?;
+            *xq = run_block(&block, rope, xq, 4, &mut NoHook)?;
         }
         let report = BlockReport {
             block: i,
@@ -212,7 +245,7 @@ pub fn calibrate_model(
         if let Some(s) = store {
             s.save(&block, &report)?;
         }
-        model.blocks[i] = block;
+        blocks.put(block)?;
         progress(i + 1, total, &report);
         reports.push(report);
         x = y;

@@ -8,7 +8,7 @@
 
 use super::{BlockReport, BlockStore};
 use crate::error::{Error, Result};
-use crate::formats::checkpoint::{block_tensors, load_block};
+use crate::formats::checkpoint::{block_tensors, load_block, Precision};
 use crate::formats::safetensors::{write_safetensors, TensorStore};
 use crate::formats::schema::QuantConfig;
 use crate::model::{Block, ModelConfig};
@@ -122,7 +122,13 @@ impl BlockStore for WorkDir {
             return Ok(None);
         }
         let store = TensorStore::open(std::slice::from_ref(&path))?;
-        let block = load_block(&store, self.config.clone(), i, Some(&self.quant))?;
+        let block = load_block(
+            &store,
+            self.config.clone(),
+            i,
+            Some(&self.quant),
+            Precision::F32,
+        )?;
         let report = store
             .metadata()
             .get("affq.report")

@@ -2,6 +2,7 @@
 
 use crate::data::{self, DataFile};
 use crate::error::{Error, Result};
+use crate::formats::checkpoint::Precision;
 use crate::model::Model;
 use crate::tokenizer::Tok;
 use serde::Serialize;
@@ -231,13 +232,28 @@ pub fn run(req: &EvalRequest, progress: impl FnMut(usize, usize, f64)) -> Result
     let ids = req
         .dataset
         .tokens(&data_path, req.protocol, &tok, req.seqlen)?;
-    let mut model = ckpt.load_model(req.seqlen)?;
+    // Block by block, each converted to its kernels as it is read: full-precision weights stay in
+    // their stored 16-bit dtype, quantized ones keep only codes and packed weights, so the model
+    // is never held twice.
+    // The head multiplies every position in 256-row chunks: held in f32 (widening a 16-bit head
+    // per chunk would cost a vocabulary-sized conversion each time).
+    let mut model = ckpt.load_ends(req.seqlen, Precision::F32)?;
     let isa = crate::kernels::int_gemm::Isa::detect();
     let bf16 = req.kernels == Kernels::IntBf16;
-    let (int_layers, bf16_sites) = match req.kernels {
-        Kernels::Int | Kernels::IntBf16 => int_cpu::use_int_kernels(&mut model, isa, bf16)?,
-        Kernels::Simulate => (0, 0),
-    };
+    let int = matches!(req.kernels, Kernels::Int | Kernels::IntBf16);
+    let (mut int_layers, mut bf16_sites) = (0, 0);
+    for i in 0..model.config.num_layers {
+        let mut block = ckpt.load_block(model.config.clone(), i, Precision::Stored)?;
+        if int {
+            let (n, b) = int_cpu::use_int_kernels_block(&mut block, isa, bf16)?;
+            int_layers += n;
+            bf16_sites += b;
+        }
+        model.blocks.push(block);
+    }
+    if int {
+        int_layers += int_cpu::use_int_kernels_head(&mut model, isa)? as usize;
+    }
     let mut kernels = if int_layers > 0 {
         let xf = match (bf16, bf16_sites) {
             (false, _) => String::new(),

@@ -3,7 +3,7 @@
 //! (schema: [`super::schema`]), `model.safetensors` with packed codes, scales, zero points and the
 //! online transforms, tokenizer files copied from the source model.
 
-use super::safetensors::{write_safetensors, ModelFiles, StoredTensor, TensorStore};
+use super::safetensors::{ModelFiles, SpooledSafetensors, StoredTensor, TensorStore};
 pub use super::schema::{QuantConfig, WeightScheme, FORMAT, FORMAT_VERSION};
 use crate::backend::simulated::QuantLinear;
 use crate::error::{Error, Result};
@@ -60,20 +60,47 @@ impl Checkpoint {
     /// The decoder of this checkpoint with RoPE tables for `max_len` positions (simulated
     /// quantized layers where the checkpoint is quantized).
     pub fn load_model(&self, max_len: usize) -> Result<Model> {
+        let mut model = self.load_ends(max_len, Precision::F32)?;
+        model.blocks = (0..model.config.num_layers)
+            .map(|i| self.load_block(model.config.clone(), i, Precision::F32))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(model)
+    }
+
+    /// Block `i` of this checkpoint, for a pass that holds one block at a time (blocks loaded
+    /// this way share `config`, the one of [`Self::load_ends`]).
+    pub fn load_block(
+        &self,
+        config: Arc<ModelConfig>,
+        i: usize,
+        precision: Precision,
+    ) -> Result<Block> {
+        load_block(&self.store, config, i, self.quant.as_ref(), precision)
+    }
+
+    /// The decoder without its blocks (`blocks` empty): embedding, final norm, head (an untied
+    /// full-precision one held at `head`'s precision) and RoPE tables; the blocks come one at a
+    /// time from [`Self::load_block`].
+    pub fn load_ends(&self, max_len: usize, head: Precision) -> Result<Model> {
         let config = Arc::new(self.config.clone());
         let c = &*config;
         let store = &self.store;
         let quant = self.quant.clone();
-        let embed = store.f32("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
-        let blocks = (0..c.num_layers)
-            .map(|i| load_block(store, config.clone(), i, quant.as_ref()))
-            .collect::<Result<Vec<_>>>()?;
+        // The embedding is only gathered from: kept as stored (16-bit stays 16-bit) unless it is
+        // also the head, which multiplies every position and is held in f32.
+        let has_head = store.contains("lm_head.weight") || store.contains("lm_head.weight_packed");
+        let embed_name = "model.embed_tokens.weight";
+        let embed = if has_head {
+            store.weight(embed_name, &[c.vocab_size, c.hidden_size])?
+        } else {
+            store.f32(embed_name, &[c.vocab_size, c.hidden_size])?
+        };
+        let blocks = Vec::new();
         let norm = store.f32("model.norm.weight", &[c.hidden_size])?;
         let head_act = quant
             .as_ref()
             .filter(|q| q.quantize_head)
             .and_then(|q| q.activations);
-        let has_head = store.contains("lm_head.weight") || store.contains("lm_head.weight_packed");
         let (head, tied_head): (Box<dyn LinearLayer>, bool) = if has_head {
             (
                 load_linear(
@@ -84,6 +111,7 @@ impl Checkpoint {
                     false,
                     quant.as_ref(),
                     head_act,
+                    head,
                 )?,
                 false,
             )
@@ -114,6 +142,16 @@ impl Checkpoint {
     }
 }
 
+/// How full-precision weights are held in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// f32: what calibration and the transforms compute on.
+    F32,
+    /// As stored (F16/BF16 stay 16-bit and are widened to f32 per product): evaluation, where
+    /// weights are only multiplied by.
+    Stored,
+}
+
 /// Loads layer `i` from `store`: full-precision linears, or packed quantized ones when the
 /// checkpoint carries them (`quant` is its quantization_config).
 pub fn load_block(
@@ -121,6 +159,7 @@ pub fn load_block(
     config: Arc<ModelConfig>,
     i: usize,
     quant: Option<&QuantConfig>,
+    precision: Precision,
 ) -> Result<Block> {
     let c = &*config;
     let p = format!("model.layers.{i}");
@@ -137,6 +176,7 @@ pub fn load_block(
             kind.has_bias(c),
             quant,
             act,
+            precision,
         )?);
     }
     let d = c.hidden_size;
@@ -250,6 +290,7 @@ pub fn block_tensors(b: &Block) -> Result<Vec<(String, StoredTensor)>> {
 
 /// Loads one linear layer: packed quantized (`{name}.weight_packed`), dense with input
 /// quantization, or plain dense.
+#[allow(clippy::too_many_arguments)]
 fn load_linear(
     store: &TensorStore,
     name: &str,
@@ -258,6 +299,7 @@ fn load_linear(
     has_bias: bool,
     quant: Option<&QuantConfig>,
     act: Option<QuantSpec>,
+    precision: Precision,
 ) -> Result<Box<dyn LinearLayer>> {
     let act = act
         .map(|a| with_stored_clip(store, &format!("{name}.input_clip"), a))
@@ -278,7 +320,11 @@ fn load_linear(
             store, name, out, inp, &spec, act,
         )?));
     }
-    let weight = store.f32(&format!("{name}.weight"), &[out, inp])?;
+    let weight = match (precision, act) {
+        // The simulated activation quantizer's layer computes in f32.
+        (Precision::Stored, None) => store.weight(&format!("{name}.weight"), &[out, inp])?,
+        _ => store.f32(&format!("{name}.weight"), &[out, inp])?,
+    };
     let bias_name = format!("{name}.bias");
     let bias = if has_bias || store.contains(&bias_name) {
         Some(store.f32(&bias_name, &[out])?)
@@ -551,8 +597,8 @@ pub fn transform_tensors(
     Ok(v)
 }
 
-/// Every tensor of the model for a checkpoint (the head only when not tied).
-pub fn model_tensors(m: &Model) -> Result<Vec<(String, StoredTensor)>> {
+/// The tensors of the model outside its blocks (the head only when not tied).
+pub fn ends_tensors(m: &Model) -> Result<Vec<(String, StoredTensor)>> {
     let mut v = vec![
         (
             "model.embed_tokens.weight".to_string(),
@@ -566,15 +612,19 @@ pub fn model_tensors(m: &Model) -> Result<Vec<(String, StoredTensor)>> {
     if !m.tied_head {
         v.extend(linear_tensors(m.head.as_ref(), "lm_head")?);
     }
+    Ok(v)
+}
+
+/// Every tensor of the model for a checkpoint.
+pub fn model_tensors(m: &Model) -> Result<Vec<(String, StoredTensor)>> {
+    let mut v = ends_tensors(m)?;
     for b in &m.blocks {
         v.extend(block_tensors(b)?);
     }
     Ok(v)
 }
 
-/// Writes `model` (quantized in memory) as a checkpoint in `out`, next to a copy of the source
-/// model's config and tokenizer files, plus `extra` files (name, contents) such as the calibration
-/// log. Crash-safe: written to a temporary directory, then renamed.
+/// Writes `model` (quantized in memory) as a checkpoint in `out`; see [`CheckpointWriter`].
 pub fn write(
     model: &Model,
     src_dir: &Path,
@@ -584,41 +634,100 @@ pub fn write(
     force: bool,
     extra: &[(String, String)],
 ) -> Result<()> {
-    crate::fsutil::check_output(out, force)?;
-    let tmp = TempDir::beside(out)?;
-    let mut tensors = model_tensors(model)?;
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut meta = std::collections::BTreeMap::new();
-    meta.insert("format".to_string(), "pt".to_string());
-    meta.insert("affq.version".to_string(), crate::VERSION.to_string());
-    meta.insert(
-        "affq.quantization".to_string(),
-        serde_json::to_string(qcfg).unwrap_or_default(),
-    );
-    write_safetensors(&tmp.path().join("model.safetensors"), &tensors, &meta)?;
+    let mut w = CheckpointWriter::create(out, force)?;
+    for b in &model.blocks {
+        w.add_block(b)?;
+    }
+    w.finish(model, src_dir, src_config, qcfg, extra)
+}
 
-    let text = std::fs::read_to_string(src_config).map_err(|e| Error::io(src_config, e))?;
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::format(src_config, e.to_string()))?;
-    cfg["quantization_config"] =
-        serde_json::to_value(qcfg).map_err(|e| Error::Runtime(e.to_string()))?;
-    cfg["tie_word_embeddings"] = serde_json::json!(model.tied_head);
-    write_json(&tmp.path().join("config.json"), &cfg)?;
-    for f in [
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "generation_config.json",
-        "tokenizer.model",
-    ] {
-        let p = src_dir.join(f);
-        if p.is_file() {
-            std::fs::copy(&p, tmp.path().join(f)).map_err(|e| Error::io(&p, e))?;
+/// A checkpoint written block by block as blocks are finished, so a quantization holds one block
+/// at a time: the blocks' tensors go to a spool ([`SpooledSafetensors`]); [`Self::finish`] adds
+/// the embedding, norm and head, a copy of the source model's config (with its
+/// `quantization_config`) and tokenizer files, plus `extra` files (name, contents) such as the
+/// calibration log. Crash-safe: everything is written in a temporary directory beside `out`, then
+/// renamed; dropped unfinished, nothing is left.
+pub struct CheckpointWriter {
+    tmp: TempDir,
+    tensors: SpooledSafetensors,
+    out: std::path::PathBuf,
+    force: bool,
+}
+
+impl CheckpointWriter {
+    pub fn create(out: &Path, force: bool) -> Result<Self> {
+        crate::fsutil::check_output(out, force)?;
+        let tmp = TempDir::beside(out)?;
+        let tensors = SpooledSafetensors::create(&tmp.path().join("model.safetensors"))?;
+        Ok(CheckpointWriter {
+            tmp,
+            tensors,
+            out: out.to_path_buf(),
+            force,
+        })
+    }
+
+    pub fn add_block(&mut self, b: &Block) -> Result<()> {
+        self.tensors.add(block_tensors(b)?)
+    }
+
+    /// `ends`: the model whose embedding, final norm and head are written (its blocks are not:
+    /// those were added).
+    pub fn finish(
+        mut self,
+        ends: &Model,
+        src_dir: &Path,
+        src_config: &Path,
+        qcfg: &QuantConfig,
+        extra: &[(String, String)],
+    ) -> Result<()> {
+        // One tensor in memory at a time (ends_tensors would hold embedding and head together).
+        self.tensors.add(vec![(
+            "model.embed_tokens.weight".to_string(),
+            StoredTensor::from_f32(&ends.embed)?,
+        )])?;
+        self.tensors.add(vec![(
+            "model.norm.weight".to_string(),
+            StoredTensor::from_f32(&ends.norm)?,
+        )])?;
+        if !ends.tied_head {
+            for t in linear_tensors(ends.head.as_ref(), "lm_head")? {
+                self.tensors.add(vec![t])?;
+            }
         }
+        let mut meta = std::collections::BTreeMap::new();
+        meta.insert("format".to_string(), "pt".to_string());
+        meta.insert("affq.version".to_string(), crate::VERSION.to_string());
+        meta.insert(
+            "affq.quantization".to_string(),
+            serde_json::to_string(qcfg).unwrap_or_default(),
+        );
+        self.tensors.finish(&meta)?;
+        let tmp = self.tmp;
+
+        let text = std::fs::read_to_string(src_config).map_err(|e| Error::io(src_config, e))?;
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::format(src_config, e.to_string()))?;
+        cfg["quantization_config"] =
+            serde_json::to_value(qcfg).map_err(|e| Error::Runtime(e.to_string()))?;
+        cfg["tie_word_embeddings"] = serde_json::json!(ends.tied_head);
+        write_json(&tmp.path().join("config.json"), &cfg)?;
+        for f in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "generation_config.json",
+            "tokenizer.model",
+        ] {
+            let p = src_dir.join(f);
+            if p.is_file() {
+                std::fs::copy(&p, tmp.path().join(f)).map_err(|e| Error::io(&p, e))?;
+            }
+        }
+        for (name, contents) in extra {
+            let p = tmp.path().join(name);
+            std::fs::write(&p, contents).map_err(|e| Error::io(&p, e))?;
+        }
+        tmp.persist(&self.out, self.force)
     }
-    for (name, contents) in extra {
-        let p = tmp.path().join(name);
-        std::fs::write(&p, contents).map_err(|e| Error::io(&p, e))?;
-    }
-    tmp.persist(out, force)
 }

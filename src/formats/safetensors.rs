@@ -240,7 +240,68 @@ impl TensorStore {
                 ),
             ));
         }
+        self.release(name);
         Ok(Tensor::from_vec(values, expected, &Device::Cpu)?)
+    }
+
+    /// Loads `name` in its stored dtype when that is F16 or BF16 (else as f32), checking its
+    /// shape: 16-bit weights stay 16-bit in memory and are widened where they are used.
+    pub fn weight(&self, name: &str, expected: &[usize]) -> Result<Tensor> {
+        let raw = self.raw(name)?;
+        let dtype = match raw.dtype {
+            Dtype::F16 => candle_core::DType::F16,
+            Dtype::BF16 => candle_core::DType::BF16,
+            _ => return self.f32(name, expected),
+        };
+        let path = self.path_of(name).unwrap_or(self.first_path());
+        if raw.shape != expected {
+            return Err(Error::format(
+                path,
+                format!(
+                    "tensor `{name}` has shape {:?} but config.json implies {:?}",
+                    raw.shape, expected
+                ),
+            ));
+        }
+        let finite = |c: &[u8]| {
+            let b = u16::from_le_bytes([c[0], c[1]]);
+            match raw.dtype {
+                Dtype::F16 => half::f16::from_bits(b).is_finite(),
+                _ => half::bf16::from_bits(b).is_finite(),
+            }
+        };
+        if let Some(i) = raw.data.chunks_exact(2).position(|c| !finite(c)) {
+            return Err(Error::format(
+                path,
+                format!("tensor `{name}` has a non-finite value at element {i}"),
+            ));
+        }
+        let t = Tensor::from_raw_buffer(raw.data, dtype, expected, &Device::Cpu)?;
+        self.release(name);
+        Ok(t)
+    }
+
+    /// Drops this process's mapping of `name`'s pages once they have been decoded into owned
+    /// memory: mapped file pages count in the resident set, and a model read block by block would
+    /// otherwise end with the whole file resident. The pages stay in the page cache; a later read
+    /// maps them again.
+    pub fn release(&self, name: &str) {
+        let Some(&i) = self.index.get(name) else {
+            return;
+        };
+        let s = &self.shards[i];
+        if let Some(info) = s.meta.info(name) {
+            let (b, e) = info.data_offsets;
+            // SAFETY: a read-only shared file mapping; MADV_DONTNEED only unmaps its pages, and a
+            // later access reads the same file contents again. A failure only keeps them resident.
+            let _ = unsafe {
+                s.mmap.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    s.data_start + b,
+                    e - b,
+                )
+            };
+        }
     }
 }
 
@@ -272,15 +333,25 @@ pub struct StoredTensor {
 }
 
 impl StoredTensor {
+    /// `t` as F32 bytes, read in place (no intermediate `Vec<f32>`: a vocabulary matrix is
+    /// 0.5 GB per copy).
     pub fn from_f32(t: &Tensor) -> Result<Self> {
-        let v: Vec<f32> = t
-            .flatten_all()?
-            .to_dtype(candle_core::DType::F32)?
-            .to_vec1()?;
+        let t = t.to_dtype(candle_core::DType::F32)?.contiguous()?;
+        let (storage, layout) = t.storage_and_layout();
+        let bytes = match (&*storage, layout.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => {
+                v[a..b].iter().flat_map(|x| x.to_le_bytes()).collect()
+            }
+            _ => {
+                drop(storage);
+                let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+                v.iter().flat_map(|x| x.to_le_bytes()).collect()
+            }
+        };
         Ok(StoredTensor {
             dtype: Dtype::F32,
             shape: t.dims().to_vec(),
-            bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            bytes,
         })
     }
 
@@ -323,11 +394,13 @@ impl TensorStore {
                 ),
             ));
         }
-        Ok(raw
+        let v = raw
             .data
             .chunks_exact(4)
             .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
+            .collect();
+        self.release(name);
+        Ok(v)
     }
 
     /// Shape of a stored tensor.
@@ -345,6 +418,41 @@ pub fn write_safetensors(
     metadata: &BTreeMap<String, String>,
 ) -> Result<()> {
     use std::io::Write;
+    let mut entries = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        check_size(name, t)?;
+        entries.push((name.as_str(), t.dtype, t.shape.as_slice(), t.bytes.len()));
+    }
+    let h = header(&entries, metadata)?;
+    let f = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, DiskLimit::new(f));
+    let io = |e| Error::io(path, e);
+    w.write_all(&h).map_err(io)?;
+    for (_, t) in tensors {
+        w.write_all(&t.bytes).map_err(io)?;
+    }
+    finish_file(w, path)
+}
+
+fn check_size(name: &str, t: &StoredTensor) -> Result<()> {
+    let expected = t.shape.iter().product::<usize>() * t.dtype.bitsize() / 8;
+    if expected != t.bytes.len() {
+        return Err(Error::Runtime(format!(
+            "tensor {name}: {} bytes for shape {:?} {:?}",
+            t.bytes.len(),
+            t.shape,
+            t.dtype
+        )));
+    }
+    Ok(())
+}
+
+/// The 8-byte length and the JSON header for tensors laid out back to back in `entries` order
+/// (name, dtype, shape, bytes).
+fn header(
+    entries: &[(&str, Dtype, &[usize], usize)],
+    metadata: &BTreeMap<String, String>,
+) -> Result<Vec<u8>> {
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
         header.insert(
@@ -353,41 +461,118 @@ pub fn write_safetensors(
         );
     }
     let mut offset = 0usize;
-    for (name, t) in tensors {
-        let expected = t.shape.iter().product::<usize>() * t.dtype.bitsize() / 8;
-        if expected != t.bytes.len() {
-            return Err(Error::Runtime(format!(
-                "tensor {name}: {} bytes for shape {:?} {:?}",
-                t.bytes.len(),
-                t.shape,
-                t.dtype
-            )));
-        }
+    for &(name, dtype, shape, len) in entries {
         header.insert(
-            name.clone(),
-            serde_json::json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, offset + t.bytes.len()]}),
+            name.to_string(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len]}),
         );
-        offset += t.bytes.len();
+        offset += len;
     }
     // serde_json's Map is ordered by key (no `preserve_order`), so the header is canonical.
     let mut h = serde_json::to_vec(&header).map_err(|e| Error::Runtime(e.to_string()))?;
     while (8 + h.len()) % 8 != 0 {
         h.push(b' ');
     }
-    let f = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, DiskLimit::new(f));
-    let io = |e| Error::io(path, e);
-    w.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
-    w.write_all(&h).map_err(io)?;
-    for (_, t) in tensors {
-        w.write_all(&t.bytes).map_err(io)?;
-    }
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend(h);
+    Ok(out)
+}
+
+fn finish_file(w: std::io::BufWriter<DiskLimit>, path: &Path) -> Result<()> {
     w.into_inner()
         .map_err(|e| Error::io(path, e.into_error()))?
         .file
         .sync_all()
-        .map_err(io)?;
-    Ok(())
+        .map_err(|e| Error::io(path, e))
+}
+
+/// A safetensors file written a few tensors at a time, so no more than one block's tensors are in
+/// memory: tensors are appended to a spool file as they come; [`Self::finish`] writes the header
+/// and copies the data in name order. The result is byte for byte what [`write_safetensors`]
+/// writes for the same tensors sorted by name. Disk: the spool and the file (twice the output)
+/// until the spool is removed.
+pub struct SpooledSafetensors {
+    path: PathBuf,
+    spool_path: PathBuf,
+    spool: std::io::BufWriter<DiskLimit>,
+    /// name → (dtype, shape, offset in the spool, bytes).
+    entries: BTreeMap<String, (Dtype, Vec<usize>, u64, usize)>,
+    len: u64,
+}
+
+impl SpooledSafetensors {
+    pub fn create(path: &Path) -> Result<Self> {
+        let mut spool_path = path.as_os_str().to_owned();
+        spool_path.push(".spool");
+        let spool_path = PathBuf::from(spool_path);
+        let f = std::fs::File::create(&spool_path).map_err(|e| Error::io(&spool_path, e))?;
+        Ok(SpooledSafetensors {
+            path: path.to_path_buf(),
+            spool_path,
+            spool: std::io::BufWriter::with_capacity(1 << 20, DiskLimit::new(f)),
+            entries: BTreeMap::new(),
+            len: 0,
+        })
+    }
+
+    pub fn add(&mut self, tensors: Vec<(String, StoredTensor)>) -> Result<()> {
+        use std::io::Write;
+        for (name, t) in tensors {
+            check_size(&name, &t)?;
+            if self.entries.contains_key(&name) {
+                return Err(Error::Runtime(format!("tensor {name} written twice")));
+            }
+            self.spool
+                .write_all(&t.bytes)
+                .map_err(|e| Error::io(&self.spool_path, e))?;
+            self.entries
+                .insert(name, (t.dtype, t.shape, self.len, t.bytes.len()));
+            self.len += t.bytes.len() as u64;
+        }
+        Ok(())
+    }
+
+    pub fn finish(self, metadata: &BTreeMap<String, String>) -> Result<()> {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let SpooledSafetensors {
+            path,
+            spool_path,
+            spool,
+            entries,
+            ..
+        } = self;
+        spool
+            .into_inner()
+            .map_err(|e| Error::io(&spool_path, e.into_error()))?
+            .file
+            .flush()
+            .map_err(|e| Error::io(&spool_path, e))?;
+        let list: Vec<(&str, Dtype, &[usize], usize)> = entries
+            .iter()
+            .map(|(n, (d, s, _, l))| (n.as_str(), *d, s.as_slice(), *l))
+            .collect();
+        let h = header(&list, metadata)?;
+        let f = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, DiskLimit::new(f));
+        let io = |e| Error::io(&path, e);
+        w.write_all(&h).map_err(io)?;
+        let mut src = std::fs::File::open(&spool_path).map_err(|e| Error::io(&spool_path, e))?;
+        let mut buf = vec![0u8; 1 << 22];
+        for (_, _, off, len) in entries.values() {
+            src.seek(SeekFrom::Start(*off))
+                .map_err(|e| Error::io(&spool_path, e))?;
+            let mut left = *len;
+            while left > 0 {
+                let n = left.min(buf.len());
+                src.read_exact(&mut buf[..n])
+                    .map_err(|e| Error::io(&spool_path, e))?;
+                w.write_all(&buf[..n]).map_err(io)?;
+                left -= n;
+            }
+        }
+        finish_file(w, &path)?;
+        std::fs::remove_file(&spool_path).map_err(|e| Error::io(&spool_path, e))
+    }
 }
 
 /// A file writer that fails like a full disk (ENOSPC) after `AFFQ_TEST_DISK_LIMIT` bytes when
@@ -418,5 +603,50 @@ impl std::io::Write for DiskLimit {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         self.file.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spooled_file_is_the_sorted_write_byte_for_byte() {
+        // Tensors added out of name order, a few at a time: the same bytes as one sorted write,
+        // and readable back with every value in place.
+        let dir = tempfile::tempdir().unwrap();
+        let t = |n: usize, k: f32| {
+            StoredTensor::f32(&(0..n).map(|i| i as f32 * k).collect::<Vec<_>>(), &[n])
+        };
+        let tensors = vec![
+            ("model.layers.10.w".to_string(), t(5, 1.0)),
+            ("model.layers.2.w".to_string(), t(3, 2.0)),
+            ("a".to_string(), StoredTensor::i32(&[7, -1], &[2])),
+            ("model.norm.weight".to_string(), t(4, 0.5)),
+        ];
+        let mut meta = BTreeMap::new();
+        meta.insert("format".to_string(), "pt".to_string());
+        let mut sorted = tensors.clone();
+        sorted.sort_by(|a, b| a.0.cmp(&b.0));
+        let whole = dir.path().join("whole.safetensors");
+        write_safetensors(&whole, &sorted, &meta).unwrap();
+        let spooled = dir.path().join("spooled.safetensors");
+        let mut s = SpooledSafetensors::create(&spooled).unwrap();
+        s.add(tensors[..2].to_vec()).unwrap();
+        s.add(tensors[2..].to_vec()).unwrap();
+        assert!(s.add(vec![tensors[0].clone()]).is_err(), "a name twice");
+        s.finish(&meta).unwrap();
+        assert_eq!(
+            std::fs::read(&whole).unwrap(),
+            std::fs::read(&spooled).unwrap()
+        );
+        assert!(!dir.path().join("spooled.safetensors.spool").exists());
+        let store = TensorStore::open(&[spooled]).unwrap();
+        let v: Vec<f32> = store
+            .f32("model.layers.10.w", &[5])
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(v, vec![0.0, 1.0, 2.0, 3.0, 4.0]);
     }
 }

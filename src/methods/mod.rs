@@ -77,10 +77,16 @@ pub trait Method {
     fn training_summary(&self) -> Option<String> {
         None
     }
-    /// A whole-model step before any block is calibrated (e.g. rotations); returns what it did,
-    /// one line each, for the checkpoint's list of transforms.
+    /// A whole-model step before any block is calibrated (e.g. rotations), on the model's ends
+    /// (embedding, final norm, head; `model.blocks` may be empty: the blocks are read one at a
+    /// time and each goes through [`Self::prepare_block`]); returns what it did, one line each,
+    /// for the checkpoint's list of transforms.
     fn prepare(&mut self, _model: &mut Model) -> Result<Vec<String>> {
         Ok(Vec::new())
+    }
+    /// The whole-model step's part on one full-precision block, as it is read.
+    fn prepare_block(&mut self, _block: &mut Block) -> Result<()> {
+        Ok(())
     }
     /// The block-by-block training of a learned method; `None`: blocks are used as they are
     /// (after [`Self::prepare`]) with the plan's quantizers attached.

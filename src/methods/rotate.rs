@@ -13,7 +13,9 @@
 
 use super::{Method, MethodInput, MethodSpec};
 use crate::error::Result;
-use crate::model::{DenseLinear, LinearKind, LinearLayer, Model, QkTransform, Site};
+use crate::model::{
+    Block, DenseLinear, LinearKind, LinearLayer, Model, ModelConfig, QkTransform, Site,
+};
 use crate::rng::Rng;
 use crate::transforms::hadamard::hadamard_factors;
 use crate::transforms::linalg::{kron, random_orthogonal};
@@ -83,6 +85,20 @@ fn scale_columns(w: &Tensor, g: &Tensor) -> Result<Tensor> {
     Ok(w.broadcast_mul(&to_f64(g)?.unsqueeze(0)?)?)
 }
 
+/// `f` (on f64) of `w`'s rows, 8 192 at a time, back in f32.
+fn by_rows(w: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    const ROWS: usize = 8192;
+    let n = w.dim(0)?;
+    let mut parts = Vec::with_capacity(n.div_ceil(ROWS));
+    let mut r = 0;
+    while r < n {
+        let k = ROWS.min(n - r);
+        parts.push(to_f32(&f(&to_f64(&w.narrow(0, r, k)?)?)?)?);
+        r += k;
+    }
+    Ok(Tensor::cat(&parts, 0)?)
+}
+
 /// Replaces a dense layer by `W' = f(W)` (f64), bias `b' = g(b)`.
 fn rewrite(
     layer: &dyn LinearLayer,
@@ -99,56 +115,102 @@ fn rewrite(
 
 /// Applies the rotation baseline to a full-precision model; returns what was done, one line each.
 pub fn rotate(model: &mut Model, seed: u64) -> Result<Vec<String>> {
-    let c = model.config.clone();
-    let (d, hd, nh) = (c.hidden_size, c.head_dim, c.num_heads);
-    let mut rng = Rng::new(seed);
-    let mut log = Vec::new();
-
-    // Residual rotation Q = D·H, with random signs D on the rows.
-    let res = Rotation::new(d, &mut rng);
-    let signs: Vec<f64> = (0..d).map(|_| rng.sign()).collect();
-    let mut q = res.dense();
-    for (i, s) in signs.iter().enumerate() {
-        q[i * d..(i + 1) * d].iter_mut().for_each(|x| *x *= s);
-    }
-    let q = f64_tensor(&q, d, d)?;
-    log.push(format!("residual stream: random signs × {}", res.what));
-    let ffn = Rotation::new(c.intermediate_size, &mut rng);
-    log.push(format!("down_proj input: online {}", ffn.what));
-    let head_mix = Rotation::new(nh, &mut rng);
-    let hdrot = Rotation::new(hd, &mut rng);
-    log.push(format!(
-        "o_proj input: online {} across heads; values: {} per head, merged",
-        head_mix.what, hdrot.what
-    ));
-    log.push(format!(
-        "queries and keys: {} per head after RoPE",
-        hdrot.what
-    ));
-    let h_hd = f64_tensor(&hdrot.dense(), hd, hd)?;
-    let o_mix = f64_tensor(
-        &kron(&head_mix.dense(), nh, &hdrot.dense(), hd),
-        nh * hd,
-        nh * hd,
-    )?;
-    let t_ffn = f64_tensor(&ffn.dense(), c.intermediate_size, c.intermediate_size)?;
-
-    // Untie, fold the final norm into the head, rotate embedding and head.
-    let head_w = rewrite(
-        model.head.as_ref(),
-        |w| {
-            scale_columns(w, &model.norm)?
-                .matmul(&q)
-                .map_err(Into::into)
-        },
-        |b| Ok(b.clone()),
-    )?;
-    model.head = Box::new(head_w);
-    model.tied_head = false;
-    model.embed = to_f32(&to_f64(&model.embed)?.matmul(&q)?)?;
-    model.norm = model.norm.ones_like()?;
-
+    let (r, log) = Rotations::new(&model.config, seed)?;
+    r.rotate_ends(model)?;
     for block in &mut model.blocks {
+        r.rotate_block(block)?;
+    }
+    Ok(log)
+}
+
+/// The rotations of one model (drawn once from the seed), applied to its ends and then to each
+/// block on its own, so a model can be rotated one block at a time.
+pub struct Rotations {
+    /// Residual rotation `Q = D·H` (f64, `[d, d]`).
+    q: Tensor,
+    ffn: Rotation,
+    head_mix: Rotation,
+    /// Per-head rotation `H` of values, queries and keys (f64, `[hd, hd]`).
+    h_hd: Tensor,
+    /// `H_heads ⊗ H` on the o_proj input (f64).
+    o_mix: Tensor,
+    /// The down_proj input rotation (f64).
+    t_ffn: Tensor,
+    num_heads: usize,
+    head_dim: usize,
+}
+
+impl Rotations {
+    /// Draws the rotations for `c`; also returns what they are, one line each.
+    pub fn new(c: &ModelConfig, seed: u64) -> Result<(Self, Vec<String>)> {
+        let (d, hd, nh) = (c.hidden_size, c.head_dim, c.num_heads);
+        let mut rng = Rng::new(seed);
+        let mut log = Vec::new();
+
+        // Residual rotation Q = D·H, with random signs D on the rows.
+        let res = Rotation::new(d, &mut rng);
+        let signs: Vec<f64> = (0..d).map(|_| rng.sign()).collect();
+        let mut q = res.dense();
+        for (i, s) in signs.iter().enumerate() {
+            q[i * d..(i + 1) * d].iter_mut().for_each(|x| *x *= s);
+        }
+        let q = f64_tensor(&q, d, d)?;
+        log.push(format!("residual stream: random signs × {}", res.what));
+        let ffn = Rotation::new(c.intermediate_size, &mut rng);
+        log.push(format!("down_proj input: online {}", ffn.what));
+        let head_mix = Rotation::new(nh, &mut rng);
+        let hdrot = Rotation::new(hd, &mut rng);
+        log.push(format!(
+            "o_proj input: online {} across heads; values: {} per head, merged",
+            head_mix.what, hdrot.what
+        ));
+        log.push(format!(
+            "queries and keys: {} per head after RoPE",
+            hdrot.what
+        ));
+        let h_hd = f64_tensor(&hdrot.dense(), hd, hd)?;
+        let o_mix = f64_tensor(
+            &kron(&head_mix.dense(), nh, &hdrot.dense(), hd),
+            nh * hd,
+            nh * hd,
+        )?;
+        let t_ffn = f64_tensor(&ffn.dense(), c.intermediate_size, c.intermediate_size)?;
+        Ok((
+            Rotations {
+                q,
+                ffn,
+                head_mix,
+                h_hd,
+                o_mix,
+                t_ffn,
+                num_heads: nh,
+                head_dim: hd,
+            },
+            log,
+        ))
+    }
+
+    /// Unties the head, folds the final norm into it, rotates embedding and head. Both are
+    /// vocabulary-sized: computed a slice of rows at a time (rows are independent), so no f64
+    /// copy of a whole matrix exists.
+    pub fn rotate_ends(&self, model: &mut Model) -> Result<()> {
+        let q = &self.q;
+        let head = model.head.as_ref();
+        let weight = by_rows(&head.weight()?, |w| {
+            Ok(scale_columns(w, &model.norm)?.matmul(q)?)
+        })?;
+        let bias = head.bias().cloned();
+        model.head = Box::new(DenseLinear { weight, bias });
+        model.tied_head = false;
+        model.embed = by_rows(&model.embed, |e| Ok(e.matmul(q)?))?;
+        model.norm = model.norm.ones_like()?;
+        Ok(())
+    }
+
+    /// Folds the block's norms into its linears and merges the rotations; attaches the online ones.
+    pub fn rotate_block(&self, block: &mut Block) -> Result<()> {
+        let (q, h_hd, o_mix, t_ffn) = (&self.q, &self.h_hd, &self.o_mix, &self.t_ffn);
+        let (nh, hd) = (self.num_heads, self.head_dim);
         let g_in = block.input_norm().clone();
         let g_post = block.post_norm().clone();
         for kind in LinearKind::ALL {
@@ -156,14 +218,14 @@ pub fn rotate(model: &mut Model, seed: u64) -> Result<Vec<String>> {
             let new = match kind {
                 LinearKind::Q | LinearKind::K => rewrite(
                     layer,
-                    |w| Ok(scale_columns(w, &g_in)?.matmul(&q)?),
+                    |w| Ok(scale_columns(w, &g_in)?.matmul(q)?),
                     |b| Ok(b.clone()),
                 )?,
                 LinearKind::V => {
                     // Values rotated per head by H: W_v ← (I ⊗ Hᵀ)·W_v·diag(γ)·Q, b ← b·H.
-                    let w = scale_columns(&to_f64(&layer.weight()?)?, &g_in)?.matmul(&q)?;
+                    let w = scale_columns(&to_f64(&layer.weight()?)?, &g_in)?.matmul(q)?;
                     let bias = layer.bias().map(to_f64).transpose()?;
-                    let (w, bias) = per_head_output(&w, bias.as_ref(), &h_hd, hd)?;
+                    let (w, bias) = per_head_output(&w, bias.as_ref(), h_hd, hd)?;
                     DenseLinear {
                         weight: to_f32(&w)?,
                         bias: bias.as_ref().map(to_f32).transpose()?,
@@ -171,36 +233,36 @@ pub fn rotate(model: &mut Model, seed: u64) -> Result<Vec<String>> {
                 }
                 LinearKind::O => rewrite(
                     layer,
-                    |w| Ok(q.t()?.matmul(&w.matmul(&o_mix)?)?),
-                    |b| Ok(b.unsqueeze(0)?.matmul(&q)?.squeeze(0)?),
+                    |w| Ok(q.t()?.matmul(&w.matmul(o_mix)?)?),
+                    |b| Ok(b.unsqueeze(0)?.matmul(q)?.squeeze(0)?),
                 )?,
                 LinearKind::Gate | LinearKind::Up => rewrite(
                     layer,
-                    |w| Ok(scale_columns(w, &g_post)?.matmul(&q)?),
+                    |w| Ok(scale_columns(w, &g_post)?.matmul(q)?),
                     |b| Ok(b.clone()),
                 )?,
                 LinearKind::Down => rewrite(
                     layer,
-                    |w| Ok(q.t()?.matmul(&w.matmul(&t_ffn)?)?),
-                    |b| Ok(b.unsqueeze(0)?.matmul(&q)?.squeeze(0)?),
+                    |w| Ok(q.t()?.matmul(&w.matmul(t_ffn)?)?),
+                    |b| Ok(b.unsqueeze(0)?.matmul(q)?.squeeze(0)?),
                 )?,
             };
             block.set_linear(kind, Box::new(new))?;
         }
         block.set_norms(g_in.ones_like()?, g_post.ones_like()?);
-        block.set_site(Site::DownIn, Some(ffn.online()?));
-        let p1 = (nh > 1).then_some(head_mix.dense());
+        block.set_site(Site::DownIn, Some(self.ffn.online()?));
+        let p1 = (nh > 1).then_some(self.head_mix.dense());
         block.set_site(
             Site::OIn,
             Some(KroneckerTransform::new(nh, p1.as_deref(), hd, None)?),
         );
-        let hq = to_f32(&h_hd)?;
+        let hq = to_f32(h_hd)?;
         block.set_qk_transform(Some(QkTransform {
             q: hq.clone(),
             k: hq,
         }));
+        Ok(())
     }
-    Ok(log)
 }
 
 pub const SPEC: MethodSpec = MethodSpec {
@@ -211,11 +273,17 @@ pub const SPEC: MethodSpec = MethodSpec {
     scheme_recipe: |_, _| None,
     own_keys: &[],
     asym_activations: false,
-    build: |m: &MethodInput| Ok(Box::new(Rotate { seed: m.seed })),
+    build: |m: &MethodInput| {
+        Ok(Box::new(Rotate {
+            seed: m.seed,
+            rotations: None,
+        }))
+    },
 };
 
 pub struct Rotate {
     seed: u64,
+    rotations: Option<Rotations>,
 }
 
 impl Method for Rotate {
@@ -223,6 +291,15 @@ impl Method for Rotate {
         "gptq"
     }
     fn prepare(&mut self, model: &mut Model) -> Result<Vec<String>> {
-        rotate(model, self.seed)
+        let (r, log) = Rotations::new(&model.config, self.seed)?;
+        r.rotate_ends(model)?;
+        self.rotations = Some(r);
+        Ok(log)
+    }
+    fn prepare_block(&mut self, block: &mut Block) -> Result<()> {
+        let r = self.rotations.as_ref().ok_or_else(|| {
+            crate::error::Error::Runtime("rotate: prepare_block before prepare".into())
+        })?;
+        r.rotate_block(block)
     }
 }

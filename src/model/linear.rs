@@ -86,7 +86,8 @@ impl LinearKind {
 pub trait LinearLayer: Send + Sync {
     /// `x`: `[..., in]` → `[..., out]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
-    /// The effective weight `[out, in]` in f32 (dequantized for quantized layers).
+    /// The effective weight `[out, in]` in f32 (dequantized for quantized layers; a model loaded
+    /// for evaluation may hold full-precision weights in their stored 16-bit dtype).
     fn weight_ref(&self) -> &Tensor;
     fn bias(&self) -> Option<&Tensor>;
 
@@ -118,8 +119,16 @@ pub struct DenseLinear {
     pub bias: Option<Tensor>,
 }
 
-/// `x·Wᵀ + b` for any leading shape; `w` is `[out, in]`.
+/// `x·Wᵀ + b` for any leading shape; `w` is `[out, in]`. A 16-bit `w` is widened to `x`'s dtype
+/// for the product (exactly the values an f32 copy would hold).
 pub fn linear_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let wide;
+    let w = if w.dtype() != x.dtype() {
+        wide = w.to_dtype(x.dtype())?;
+        &wide
+    } else {
+        w
+    };
     let dims = x.dims().to_vec();
     let n_in = *dims.last().expect("linear input has a feature dim");
     let rows: usize = dims[..dims.len() - 1].iter().product();
@@ -200,4 +209,45 @@ impl Site {
 /// when they can fuse the transform, the activation quantization and the linears.
 pub trait SiteKernel: Send + Sync {
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn sixteen_bit_weight_gives_the_f32_product_exactly() {
+        // Widening f16/bf16 weights per product is exact: the same values an f32 copy holds, so
+        // the same product bit for bit.
+        let w32: Vec<f32> = (0..48)
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.173)
+            .collect();
+        let x = Tensor::from_vec(
+            (0..24).map(|i| (i as f32 * 0.31).sin()).collect::<Vec<_>>(),
+            (2, 3, 4),
+            &Device::Cpu,
+        )
+        .unwrap();
+        for dt in [DType::F16, DType::BF16] {
+            let w16 = Tensor::from_vec(w32.clone(), (12, 4), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+            let wide = w16.to_dtype(DType::F32).unwrap();
+            let a: Vec<f32> = linear_forward(&x, &w16, None)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let b: Vec<f32> = linear_forward(&x, &wide, None)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(a, b, "{dt:?}");
+        }
+    }
 }

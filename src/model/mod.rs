@@ -22,6 +22,7 @@ use std::sync::Arc;
 /// A whole causal LM: embedding, blocks, final norm and head.
 pub struct Model {
     pub config: Arc<ModelConfig>,
+    /// `[vocab, hidden]`, f32 or the checkpoint's 16-bit dtype (rows are widened when gathered).
     pub embed: Tensor,
     pub blocks: Vec<Block>,
     pub norm: Tensor,
@@ -43,6 +44,7 @@ impl Model {
         Ok(self
             .embed
             .index_select(&flat, 0)?
+            .to_dtype(DType::F32)?
             .reshape((b, t, self.config.hidden_size))?)
     }
 

@@ -106,6 +106,22 @@ pub struct TensorInfo {
     pub len: usize,
 }
 
+impl TensorInfo {
+    /// Rows `r0..r0 + n` of a 2-D tensor (quantization blocks never straddle rows).
+    pub fn rows(&self, r0: usize, n: usize) -> TensorInfo {
+        let row_bytes = self.len / self.shape[0].max(1);
+        let mut shape = self.shape.clone();
+        shape[0] = n;
+        TensorInfo {
+            name: self.name.clone(),
+            shape,
+            ggml_type: self.ggml_type,
+            start: self.start + r0 * row_bytes,
+            len: n * row_bytes,
+        }
+    }
+}
+
 /// A parsed, memory-mapped GGUF file.
 pub struct GgufFile {
     pub path: PathBuf,
@@ -381,6 +397,13 @@ impl GgufFile {
                     .flatten_all()?
                     .to_vec1::<f32>()?
             }
+        };
+        // SAFETY: a read-only shared file mapping; MADV_DONTNEED only drops this process's view
+        // of pages already decoded (they count in the resident set otherwise), a later read maps
+        // the same contents again.
+        let _ = unsafe {
+            self.mmap
+                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, t.start, t.len)
         };
         Ok(out)
     }
