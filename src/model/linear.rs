@@ -124,7 +124,10 @@ pub struct DenseLinear {
 pub fn linear_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let wide;
     let w = if w.dtype() != x.dtype() {
-        wide = w.to_dtype(x.dtype())?;
+        wide = match x.dtype() {
+            candle_core::DType::F32 => super::ops::widen_f32(w)?,
+            dt => w.to_dtype(dt)?,
+        };
         &wide
     } else {
         w

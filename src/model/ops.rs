@@ -85,3 +85,40 @@ pub(super) fn attention_mask(g: usize, t: usize, window: Option<usize>) -> Resul
     }
     Ok(Tensor::from_vec(m, (g * t, t), &Device::Cpu)?)
 }
+
+/// `t` in f32: 16-bit storage widened with the CPU's conversion instructions (F16C where present,
+/// through `half`'s slice conversion) across threads — the per-product cost of keeping weights
+/// 16-bit in memory. Exact: every f16/bf16 value is an f32.
+pub fn widen_f32(t: &Tensor) -> Result<Tensor> {
+    use candle_core::{CpuStorage, DType, Storage};
+    use half::slice::HalfFloatSliceExt;
+    use rayon::prelude::*;
+    if t.dtype() == DType::F32 {
+        return Ok(t.clone());
+    }
+    const CHUNK: usize = 1 << 16;
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let out: Option<Vec<f32>> = match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F16(v)), Some((a, b))) => {
+            let mut out = vec![0f32; b - a];
+            out.par_chunks_mut(CHUNK)
+                .zip(v[a..b].par_chunks(CHUNK))
+                .for_each(|(o, s)| s.convert_to_f32_slice(o));
+            Some(out)
+        }
+        (Storage::Cpu(CpuStorage::BF16(v)), Some((a, b))) => {
+            let mut out = vec![0f32; b - a];
+            out.par_chunks_mut(CHUNK)
+                .zip(v[a..b].par_chunks(CHUNK))
+                .for_each(|(o, s)| s.convert_to_f32_slice(o));
+            Some(out)
+        }
+        _ => None,
+    };
+    drop(storage);
+    Ok(match out {
+        Some(v) => Tensor::from_vec(v, t.shape(), t.device())?,
+        None => t.to_dtype(DType::F32)?,
+    })
+}
