@@ -160,13 +160,14 @@ run_row() {
         [ -d "$dir/.q.affq-work" ] && resumed=true
       fi
       t0=$(date +%s.%N)
-      if ! "$bin" quantize "$model" -o "$ckpt" --method "$method" --weight-quantizer "$wq" "$@" "${resume[@]}" --force > "$dir/quantize.log" 2>&1; then
+      if ! /usr/bin/time -f %M -o "$dir/quantize.rss" "$bin" quantize "$model" -o "$ckpt" --method "$method" --weight-quantizer "$wq" "$@" "${resume[@]}" --force > "$dir/quantize.log" 2>&1; then
         echo "$name $method $wq: quantize failed: $(tail -1 "$dir/quantize.log")" >&2
         return 0
       fi
       t1=$(date +%s.%N)
-      python3 -c 'import json,sys; json.dump({"seconds": float(sys.argv[1]) - float(sys.argv[2]), "threads": int(sys.argv[3]), "flags": sys.argv[4], "resumed": sys.argv[5] == "true"}, open(sys.argv[6], "w"))' \
-        "$t1" "$t0" "$threads" "$*" "$resumed" "$dir/quantize.json"
+      # Peak RSS of the quantize process (GNU time's %M, KiB).
+      python3 -c 'import json,sys; json.dump({"seconds": float(sys.argv[1]) - float(sys.argv[2]), "threads": int(sys.argv[3]), "flags": sys.argv[4], "resumed": sys.argv[5] == "true", "peak_rss_kib": int(open(sys.argv[7]).read().split()[-1])}, open(sys.argv[6], "w"))' \
+        "$t1" "$t0" "$threads" "$*" "$resumed" "$dir/quantize.json" "$dir/quantize.rss"
     fi
   fi
   eval_once "$ckpt" "$dir/ppl-512x8.json" --seqlen 512 --max-windows 8
@@ -189,8 +190,8 @@ if [ $run = 1 ]; then
 fi
 
 if [ $markdown = 1 ]; then
-  echo "| scheme | method | weights | PPL 512 × 8 | PPL 2048, full | quantize (threads) |"
-  echo "|---|---|---|---:|---:|---:|"
+  echo "| scheme | method | weights | PPL 512 × 8 | PPL 2048, full | quantize (threads) | peak RSS |"
+  echo "|---|---|---|---:|---:|---:|---:|"
   grid | while read -r name method wq flags; do
     dir="$results/$name-$method-$wq"
     [ -d "$dir" ] || continue
@@ -203,14 +204,16 @@ def ppl(f):
         return ""
     v = json.load(open(p))["ppl"]
     return f"{v / 1e6:.1f} M" if v >= 1e6 else (f"{v:,.0f}".replace(",", " ") if v >= 1e4 else f"{v:.2f}")
-q = ""
+q = rss = ""
 qf = os.path.join(d, "quantize.json")
 if os.path.exists(qf):
     j = json.load(open(qf))
     s = j["seconds"]
     q = (f"{s:.0f} s" if s < 60 else f"{s / 60:.1f} min") + f" ({j['threads']})" + ("*" if j.get("resumed") else "")
+    if "peak_rss_kib" in j:
+        rss = f"{j['peak_rss_kib'] / 1048576:.2f} GB"
 none = lambda x: "—" if x == "none" else x
-print(f"| {name} | {none(method)} | {none(wq)} | {ppl('ppl-512x8.json')} | {ppl('ppl-2048.json')} | {q} |")
+print(f"| {name} | {none(method)} | {none(wq)} | {ppl('ppl-512x8.json')} | {ppl('ppl-2048.json')} | {q} | {rss} |")
 PY
   done
   exit 0
