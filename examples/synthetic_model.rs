@@ -4,7 +4,9 @@
 //!   cargo run --release --example synthetic_model -- SHAPE LAYERS OUT_DIR TOKENIZER_DIR
 //!
 //! SHAPE: smollm2 (576/1536, 9:3 heads), 1b (Llama-3.2-1B: 2048/8192, 32:8), 8b (Llama-3-8B:
-//! 4096/14336, 32:8), 70b (Llama-3-70B: 8192/28672, 64:8); head_dim 64 for smollm2, else 128. The
+//! 4096/14336, 32:8), 70b (Llama-3-70B: 8192/28672, 64:8), qwen2-1.5b (Qwen2: 1536/8960, 12:2,
+//! q/k/v biases, untied head: 1.78 B parameters with the 151 936 vocabulary); head_dim 64 for
+//! smollm2, else 128. The
 //! vocabulary is the tokenizer's (TOKENIZER_DIR's tokenizer.json and config.json vocab_size, e.g.
 //! SmolLM2's 49 152), so `affq eval` and calibration run on real text; the real models' 128k
 //! vocabularies only change the embedding and head, which the scale table accounts for apart.
@@ -38,8 +40,10 @@ fn main() -> anyhow::Result<()> {
         "1b" => (2048, 8192, 32, 8, 128),
         "8b" => (4096, 14336, 32, 8, 128),
         "70b" => (8192, 28672, 64, 8, 128),
-        s => anyhow::bail!("unknown shape {s}: smollm2, 1b, 8b or 70b"),
+        "qwen2-1.5b" => (1536, 8960, 12, 2, 128),
+        s => anyhow::bail!("unknown shape {s}: smollm2, 1b, 8b, 70b or qwen2-1.5b"),
     };
+    let qwen2 = args[1].starts_with("qwen2");
     let layers: usize = args[2].parse()?;
     let out = PathBuf::from(&args[3]);
     let tok_dir = PathBuf::from(&args[4]);
@@ -76,7 +80,7 @@ fn main() -> anyhow::Result<()> {
         let lin = |rng: &mut Rng, o: usize, n: usize| {
             f16(&[o, n], f16_normal(rng, o * n, 1.0 / (n as f64).sqrt()))
         };
-        let block = vec![
+        let mut block = vec![
             (
                 format!("{p}.input_layernorm.weight"),
                 f16(&[d], f16_ones(d)),
@@ -105,6 +109,18 @@ fn main() -> anyhow::Result<()> {
             (format!("{p}.mlp.up_proj.weight"), lin(&mut rng, f, d)),
             (format!("{p}.mlp.down_proj.weight"), lin(&mut rng, d, f)),
         ];
+        if qwen2 {
+            for (name, n) in [
+                ("q_proj", nh * hd),
+                ("k_proj", nkv * hd),
+                ("v_proj", nkv * hd),
+            ] {
+                block.push((
+                    format!("{p}.self_attn.{name}.bias"),
+                    f16(&[n], f16_normal(&mut rng, n, 0.1)),
+                ));
+            }
+        }
         st.add(block)?;
     }
     let mut meta = BTreeMap::new();
@@ -114,9 +130,14 @@ fn main() -> anyhow::Result<()> {
         format!("synthetic {}-shaped model, random weights", args[1]),
     );
     st.finish(&meta)?;
+    let (arch, model_type) = if qwen2 {
+        ("Qwen2ForCausalLM", "qwen2")
+    } else {
+        ("LlamaForCausalLM", "llama")
+    };
     let config = serde_json::json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [arch],
+        "model_type": model_type,
         "hidden_size": d,
         "intermediate_size": f,
         "num_hidden_layers": layers,
