@@ -66,6 +66,14 @@ impl QuantizePlan {
         self.recipe.calib_seqlen.unwrap_or(512)
     }
 
+    /// The dtype the engine keeps calibration activations in (validated when the plan is made).
+    pub fn calib_activations(&self) -> candle_core::DType {
+        match self.recipe.calib_activations.as_deref() {
+            Some("bf16") => candle_core::DType::BF16,
+            _ => candle_core::DType::F32,
+        }
+    }
+
     /// Checks what the plan needs of the model: weight groups must tile every linear's input.
     pub fn check_model(&self, c: &ModelConfig) -> Result<()> {
         if let Some(g @ Granularity::Group(_)) = self.quant.weights.as_ref().map(|w| w.granularity)
@@ -176,6 +184,13 @@ fn resolve_recipe(
     if r.epochs == Some(0) {
         return Err(usage("--epochs must be at least 1"));
     }
+    if let Some(a) = r.calib_activations.as_deref() {
+        if a != "f32" && a != "bf16" {
+            return Err(usage(format!(
+                "calib_activations must be f32 or bf16, not `{a}`"
+            )));
+        }
+    }
     let wq = weight_quantizer(&r)?;
     let gptq = wq != WeightQuantizer::Rtn;
     if !m.trained {
@@ -192,9 +207,10 @@ fn resolve_recipe(
             f.nsamples.is_some(),
             f.calib_seqlen.is_some(),
             f.calib.is_some(),
+            f.calib_activations.is_some(),
         ];
         if !gptq && data.iter().any(|&x| x) {
-            return Err(usage(format!("calibration data flags (--calib, --nsamples, --calib-seqlen) need a calibrated method (--method {}) or --weight-quantizer gptq", trained_methods())));
+            return Err(usage(format!("calibration data flags (--calib, --nsamples, --calib-seqlen, --calib-activations) need a calibrated method (--method {}) or --weight-quantizer gptq", trained_methods())));
         }
     }
     let set = f.keys_set();

@@ -144,7 +144,11 @@ fn run_calibration(
         plan: p.quant.clone(),
         weight_quantizer: p.weight_quantizer,
         method_windows: p.nsamples(),
+        activations: p.calib_activations(),
     };
+    if engine.activations == candle_core::DType::BF16 {
+        summary.push_str(", activations kept in bf16");
+    }
     progress.calibration_started(&summary, blocks.num_blocks());
     // Both callbacks report to `progress`; a cell lets them share it.
     let progress = std::cell::RefCell::new(progress);

@@ -33,6 +33,9 @@ pub struct Recipe {
     pub stability_factor: Option<f64>,
     /// AffineQuant: dense norm→linear matrices (weight-only recipes).
     pub ln_matrix: Option<bool>,
+    /// How the engine keeps the calibration activations (block inputs and targets): `f32`
+    /// (default) or `bf16` (half the memory; widened per batch).
+    pub calib_activations: Option<String>,
 }
 
 /// Recipes shipped in calib/.
@@ -126,6 +129,7 @@ impl Recipe {
             group_size: over.group_size.or(self.group_size),
             stability_factor: over.stability_factor.or(self.stability_factor),
             ln_matrix: over.ln_matrix.or(self.ln_matrix),
+            calib_activations: over.calib_activations.clone().or(self.calib_activations),
         }
     }
 }

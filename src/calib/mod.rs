@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::methods::plan::{attach_quantizers, quantize_block};
 use crate::methods::{EpochLog, Method, MethodReport, QuantPlan, SiteStats};
 use crate::model::{Block, BlockHook, Mode, Model, NoHook, Rope};
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use std::time::Instant;
 pub use weight_quant::WeightQuantizer;
 
@@ -79,6 +79,9 @@ pub struct EngineConfig {
     /// all of them. A Hessian of an n-wide input needs well over n tokens to generalise (GPTQ
     /// uses 128 × 2048), more than a CPU training budget such as AffineQuant's 8 × 512.
     pub method_windows: usize,
+    /// The dtype the block inputs and targets are kept in between blocks (f32, or bf16 for half
+    /// the memory); every product still runs in f32.
+    pub activations: DType,
 }
 
 /// A block of an untrained method: the plan's activation and KV quantizers on it as it is.
@@ -88,7 +91,8 @@ fn untrained(block: &Block, plan: &QuantPlan) -> Result<(Block, MethodReport)> {
     Ok((b, MethodReport::default()))
 }
 
-/// Runs `block` over `x` in chunks of `batch` samples (eval path) with `hook` observing.
+/// Runs `block` over `x` in chunks of `batch` samples (eval path) with `hook` observing; the
+/// output has `x`'s dtype (a bf16 store is widened per chunk, the block computes in f32).
 pub fn run_block(
     block: &Block,
     rope: &Rope,
@@ -101,14 +105,20 @@ pub fn run_block(
     let mut s = 0;
     while s < n {
         let b = batch.min(n - s);
-        outs.push(block.forward(&x.narrow(0, s, b)?, rope, Mode::Eval, hook)?);
+        let xb = x.narrow(0, s, b)?.to_dtype(DType::F32)?;
+        outs.push(
+            block
+                .forward(&xb, rope, Mode::Eval, hook)?
+                .to_dtype(x.dtype())?,
+        );
         s += b;
     }
     Ok(Tensor::cat(&outs, 0)?)
 }
 
-/// Mean squared error between two tensors, in f64.
+/// Mean squared error between two tensors (either dtype), in f64.
 pub fn mse(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
     Ok((a - b)?
         .sqr()?
         .mean_all()?
@@ -141,7 +151,7 @@ pub fn calibrate_model(
         ends.rope = Rope::new(&ends.config, l)?;
     }
     let rope = &ends.rope;
-    let all = ends.embed(tokens)?;
+    let all = ends.embed(tokens)?.to_dtype(engine.activations)?;
     let windows = engine.method_windows.min(all.dim(0)?).max(1);
     let mut x = all.narrow(0, 0, windows)?;
     let mut xq = match engine.weight_quantizer {
@@ -156,7 +166,8 @@ pub fn calibrate_model(
         method.prepare_block(&mut fp)?;
         let mut stats = SiteStats::default();
         let y = run_block(&fp, rope, &x, 4, &mut stats)?;
-        if !y.flatten_all()?.max(0)?.to_scalar::<f32>()?.is_finite() {
+        let ymax = y.flatten_all()?.max(0)?.to_dtype(DType::F32)?;
+        if !ymax.to_scalar::<f32>()?.is_finite() {
             return Err(Error::Runtime(format!(
                 "block {i}: full-precision outputs are not finite"
             )));

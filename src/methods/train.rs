@@ -128,8 +128,11 @@ pub fn train(
         let mut sum = 0.0;
         for k in 0..steps_per_epoch {
             t.before_step()?;
-            let out = t.forward(&x.narrow(0, k * bs, bs)?, e)?;
-            let loss = (out - y.narrow(0, k * bs, bs)?)?.sqr()?.mean_all()?;
+            // Windows may be kept in bf16 by the engine: widened per batch.
+            let f32 = candle_core::DType::F32;
+            let out = t.forward(&x.narrow(0, k * bs, bs)?.to_dtype(f32)?, e)?;
+            let target = y.narrow(0, k * bs, bs)?.to_dtype(f32)?;
+            let loss = (out - target)?.sqr()?.mean_all()?;
             let lv = loss.to_scalar::<f32>()? as f64;
             if !lv.is_finite() {
                 restore(&vars, &good)?;

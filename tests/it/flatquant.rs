@@ -206,3 +206,66 @@ fn a_diverged_block_is_never_deployed() {
         .unwrap();
     assert!(ppl.is_finite(), "{ppl}");
 }
+
+#[test]
+fn bf16_calibration_activations() {
+    // Block inputs and targets kept in bf16 between blocks (half the activation memory; every
+    // product still in f32): the run says so in its notes and the trained blocks still beat RTN
+    // in total. A command without calibration refuses the flag.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("fq");
+    let v = quantize(&out, &["--calib-activations", "bf16"]);
+    let notes = v["transforms"].as_array().unwrap();
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.as_str().unwrap().contains("activations kept in bf16")),
+        "{v}"
+    );
+    let rows = block_table(&out);
+    let (l_rtn, l_fq) = rows
+        .iter()
+        .fold((0.0, 0.0), |(a, b), r| (a + r.loss_rtn, b + r.loss_final));
+    assert!(l_fq < l_rtn, "total block loss: {l_fq} vs rtn {l_rtn}");
+    quantize_stories_refused(
+        &tmp.path().join("rtn"),
+        &["--calib-activations", "bf16"],
+        "calibration data flags",
+    );
+}
+
+#[test]
+fn a_bf16_store_is_the_f32_block_on_rounded_values() {
+    // The engine's block pass on bf16-kept activations = the f32 block on the bf16 values,
+    // rounded back to bf16: only the storage rounding changes, every product is f32.
+    use candle_core::DType;
+    let ckpt = affq::formats::Checkpoint::open(&stories_hf()).unwrap();
+    let model = ckpt.load_model(64).unwrap();
+    let ids: Vec<u32> = (0..3 * 64).map(|i| (i * 37 % 500) as u32).collect();
+    let ids = candle_core::Tensor::from_vec(ids, (3, 64), &candle_core::Device::Cpu).unwrap();
+    let x16 = model.embed(&ids).unwrap().to_dtype(DType::BF16).unwrap();
+    let run = |x: &candle_core::Tensor| {
+        affq::calib::run_block(
+            &model.blocks[0],
+            &model.rope,
+            x,
+            2,
+            &mut affq::model::NoHook,
+        )
+        .unwrap()
+    };
+    let a = run(&x16);
+    assert_eq!(a.dtype(), DType::BF16);
+    let b = run(&x16.to_dtype(DType::F32).unwrap())
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let v = |t: candle_core::Tensor| -> Vec<f32> {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    assert_eq!(v(a), v(b));
+}

@@ -98,6 +98,10 @@ pub(crate) struct QuantizeArgs {
     /// Tokens per calibration window.
     #[arg(long)]
     pub(crate) calib_seqlen: Option<usize>,
+    /// How calibration keeps the blocks' inputs and targets: f32, or bf16 for half the memory
+    /// (widened per batch) [default: f32].
+    #[arg(long, value_parser = ["f32", "bf16"])]
+    pub(crate) calib_activations: Option<String>,
     /// Training epochs per block.
     #[arg(long)]
     pub(crate) epochs: Option<usize>,
@@ -308,6 +312,7 @@ impl QuantizeArgs {
                 group_size: self.group_size,
                 stability_factor: self.stability_factor,
                 ln_matrix: self.ln_matrix.then_some(true),
+                calib_activations: self.calib_activations.clone(),
             },
             sym_scale: match self.sym_scale {
                 SymScaleArg::Maxpos => SymScale::MaxPos,
