@@ -16,6 +16,34 @@ pub fn check_output(out: &Path, force: bool) -> Result<()> {
     Ok(())
 }
 
+/// Removes `.{name}.affq-tmp-PID` siblings left by runs that were killed (PID no longer running;
+/// a quantization keeps its temporary directory for the whole calibration, so a killed one can
+/// leave blocks' worth of spooled tensors behind).
+fn remove_stale(parent: &Path, name: &str) {
+    // Whether a process runs is read from /proc; without it nothing is removed.
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let prefix = format!(".{name}.affq-tmp-");
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file = e.file_name();
+        let Some(pid) = file
+            .to_str()
+            .and_then(|f| f.strip_prefix(&prefix))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let alive = Path::new("/proc").join(pid.to_string()).exists();
+        if !alive && pid != std::process::id() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// A temporary directory next to the final output; removed on drop unless persisted.
 pub struct TempDir {
     path: PathBuf,
@@ -38,6 +66,7 @@ impl TempDir {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "out".into());
+        remove_stale(&parent, &name);
         let path = parent.join(format!(".{name}.affq-tmp-{}", std::process::id()));
         if path.exists() {
             std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;

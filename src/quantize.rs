@@ -209,7 +209,8 @@ pub fn run(p: &QuantizePlan, progress: &mut dyn Progress) -> Result<QuantizeOutc
     crate::fsutil::check_output(&p.output, req.force)?;
     p.check_model(&ckpt.config)?;
     // The embedding, final norm and head; blocks are read (and written) one at a time.
-    // The head is only multiplied by when it is quantized (round to nearest reads it in f32).
+    // The head is read in f32 only to be quantized (round to nearest); otherwise it is only
+    // copied (or rotated, in f64) and stays as stored until written.
     let head = if p.quant.quantize_head {
         Precision::F32
     } else {

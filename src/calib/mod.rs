@@ -44,31 +44,13 @@ pub trait BlockStore {
 }
 
 /// Where the engine reads the full-precision blocks and where it puts the deployed ones, so a
-/// calibration holds one block at a time (the checkpoint reader and writer), or all of them
-/// ([`InMemory`]).
+/// calibration holds one block at a time (the checkpoint reader and writer).
 pub trait BlockFlow {
     fn num_blocks(&self) -> usize;
     /// Block `i` in full precision, as the model has it (before the method's whole-model step).
     fn take(&mut self, i: usize) -> Result<Block>;
     /// The deployed block `block.index()`; blocks come in order.
     fn put(&mut self, block: Block) -> Result<()>;
-}
-
-/// The blocks of a model in memory, replaced in place by their deployed form.
-pub struct InMemory<'a>(pub &'a mut Vec<Block>);
-
-impl BlockFlow for InMemory<'_> {
-    fn num_blocks(&self) -> usize {
-        self.0.len()
-    }
-    fn take(&mut self, i: usize) -> Result<Block> {
-        Ok(self.0[i].clone())
-    }
-    fn put(&mut self, block: Block) -> Result<()> {
-        let i = block.index();
-        self.0[i] = block;
-        Ok(())
-    }
 }
 
 /// What the engine does after the method: the quantization plan and how weights are rounded.
@@ -184,7 +166,11 @@ pub fn calibrate_model(
         }
         // The untrained start on the first windows: plain RTN of the full-precision block.
         let probe = x.dim(0)?.min(4);
-        let (xp, yp) = (x.narrow(0, 0, probe)?, y.narrow(0, 0, probe)?);
+        // In f32 even when the store is bf16, so the deploy decision compares unrounded outputs.
+        let (xp, yp) = (
+            x.narrow(0, 0, probe)?.to_dtype(DType::F32)?,
+            y.narrow(0, 0, probe)?.to_dtype(DType::F32)?,
+        );
         let mut rtn = fp.clone();
         quantize_block(&mut rtn, &engine.plan)?;
         let loss_rtn = mse(&run_block(&rtn, rope, &xp, 4, &mut NoHook)?, &yp)?;

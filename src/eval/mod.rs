@@ -233,8 +233,9 @@ pub fn run(req: &EvalRequest, progress: impl FnMut(usize, usize, f64)) -> Result
         .dataset
         .tokens(&data_path, req.protocol, &tok, req.seqlen)?;
     // Block by block, each converted to its kernels as it is read: full-precision weights stay in
-    // their stored 16-bit dtype, quantized ones keep only codes and packed weights, so the model
-    // is never held twice.
+    // their stored 16-bit dtype; on the integer kernels quantized layers keep only codes and
+    // packed weights (simulated ones hold their dense f32 weights), so the model is never held
+    // twice.
     // The head multiplies every position in 256-row chunks: held in f32 (widening a 16-bit head
     // per chunk would cost a vocabulary-sized conversion each time).
     let mut model = ckpt.load_ends(req.seqlen, Precision::F32)?;

@@ -58,7 +58,8 @@ impl Checkpoint {
     }
 
     /// The decoder of this checkpoint with RoPE tables for `max_len` positions (simulated
-    /// quantized layers where the checkpoint is quantized).
+    /// quantized layers where the checkpoint is quantized), weights in f32 except an untied
+    /// embedding, which keeps its stored dtype (see [`Self::load_ends`]).
     pub fn load_model(&self, max_len: usize) -> Result<Model> {
         let mut model = self.load_ends(max_len, Precision::F32)?;
         model.blocks = (0..model.config.num_layers)
@@ -597,33 +598,6 @@ pub fn transform_tensors(
     Ok(v)
 }
 
-/// The tensors of the model outside its blocks (the head only when not tied).
-pub fn ends_tensors(m: &Model) -> Result<Vec<(String, StoredTensor)>> {
-    let mut v = vec![
-        (
-            "model.embed_tokens.weight".to_string(),
-            StoredTensor::from_f32(&m.embed)?,
-        ),
-        (
-            "model.norm.weight".to_string(),
-            StoredTensor::from_f32(&m.norm)?,
-        ),
-    ];
-    if !m.tied_head {
-        v.extend(linear_tensors(m.head.as_ref(), "lm_head")?);
-    }
-    Ok(v)
-}
-
-/// Every tensor of the model for a checkpoint.
-pub fn model_tensors(m: &Model) -> Result<Vec<(String, StoredTensor)>> {
-    let mut v = ends_tensors(m)?;
-    for b in &m.blocks {
-        v.extend(block_tensors(b)?);
-    }
-    Ok(v)
-}
-
 /// Writes `model` (quantized in memory) as a checkpoint in `out`; see [`CheckpointWriter`].
 pub fn write(
     model: &Model,
@@ -681,7 +655,7 @@ impl CheckpointWriter {
         qcfg: &QuantConfig,
         extra: &[(String, String)],
     ) -> Result<()> {
-        // One tensor in memory at a time (ends_tensors would hold embedding and head together).
+        // The embedding, norm and head (when not tied), one tensor in memory at a time.
         self.tensors.add(vec![(
             "model.embed_tokens.weight".to_string(),
             StoredTensor::from_f32(&ends.embed)?,

@@ -271,9 +271,13 @@ impl TensorStore {
             }
         };
         if let Some(i) = raw.data.chunks_exact(2).position(|c| !finite(c)) {
+            let v = decode_f32(raw.dtype, &raw.data[2 * i..2 * i + 2]).unwrap_or_default();
             return Err(Error::format(
                 path,
-                format!("tensor `{name}` has a non-finite value at element {i}"),
+                format!(
+                    "tensor `{name}` has a non-finite value ({}) at element {i}",
+                    v.first().copied().unwrap_or(f32::NAN)
+                ),
             ));
         }
         let t = Tensor::from_raw_buffer(raw.data, dtype, expected, &Device::Cpu)?;

@@ -123,11 +123,9 @@ pub struct DenseLinear {
 /// for the product (exactly the values an f32 copy would hold).
 pub fn linear_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let wide;
-    let w = if w.dtype() != x.dtype() {
-        wide = match x.dtype() {
-            candle_core::DType::F32 => super::ops::widen_f32(w)?,
-            dt => w.to_dtype(dt)?,
-        };
+    use candle_core::DType;
+    let w = if matches!(w.dtype(), DType::F16 | DType::BF16) && x.dtype() == DType::F32 {
+        wide = super::ops::widen_f32(w)?;
         &wide
     } else {
         w

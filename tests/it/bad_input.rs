@@ -462,3 +462,23 @@ fn full_disk_leaves_no_output() {
     let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+#[test]
+fn a_killed_runs_temporary_directory_is_removed() {
+    // A run killed mid-calibration leaves `.OUT.affq-tmp-PID` (its spooled blocks): the next run
+    // writing OUT removes it when PID no longer runs, and leaves a live process's one alone.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("q");
+    let dead = tmp.path().join(".q.affq-tmp-999999999");
+    let live = tmp
+        .path()
+        .join(format!(".q.affq-tmp-{}", std::process::id()));
+    for d in [&dead, &live] {
+        std::fs::create_dir(d).unwrap();
+        std::fs::write(d.join("model.safetensors.spool"), b"partial").unwrap();
+    }
+    quantize_stories(&out, &["--bits", "4"]);
+    assert!(out.join("model.safetensors").is_file());
+    assert!(!dead.exists(), "stale temporary directory left");
+    assert!(live.exists(), "a running process's directory was removed");
+}
