@@ -251,6 +251,11 @@ pub fn run(p: &QuantizePlan, progress: &mut dyn Progress) -> Result<QuantizeOutc
     let mut extra = Vec::new();
     let mut work = None;
     let mut writer = CheckpointWriter::create(&p.output, req.force)?;
+    let mut flow = Streamed {
+        ckpt: &ckpt,
+        config: model.config.clone(),
+        writer: &mut writer,
+    };
     if p.calibrated {
         // Everything that decides the result: a resumed run must have the same.
         let model_id = std::fs::canonicalize(&req.model).unwrap_or(req.model.clone());
@@ -274,11 +279,6 @@ pub fn run(p: &QuantizePlan, progress: &mut dyn Progress) -> Result<QuantizeOutc
         if w.resumed > 0 {
             progress.resumed(w.resumed);
         }
-        let mut flow = Streamed {
-            ckpt: &ckpt,
-            config: model.config.clone(),
-            writer: &mut writer,
-        };
         let (csv, notes) = run_calibration(
             p,
             &ckpt,
@@ -294,11 +294,11 @@ pub fn run(p: &QuantizePlan, progress: &mut dyn Progress) -> Result<QuantizeOutc
         quantize_head(&mut model, &p.quant)?;
         work = Some(w);
     } else {
-        for i in 0..model.config.num_layers {
-            let mut block = ckpt.load_block(model.config.clone(), i, Precision::F32)?;
+        for i in 0..flow.num_blocks() {
+            let mut block = flow.take(i)?;
             method.prepare_block(&mut block)?;
             quantize_block(&mut block, &p.quant)?;
-            writer.add_block(&block)?;
+            flow.put(block)?;
         }
         quantize_head(&mut model, &p.quant)?;
     }

@@ -49,7 +49,7 @@ impl SiteKernel for GpuSiteKernel {
 }
 
 /// Moves every site whose linears all have integer kernels with one GPU-supported activation grid
-/// onto the GPU (after [`super::int_cpu::use_int_kernels`]; other sites keep their CPU kernels).
+/// onto the GPU (after [`super::int_cpu::use_int_kernels_block`]; other sites keep their CPU kernels).
 /// Returns the number of linears moved.
 pub fn use_cuda(model: &mut Model, cuda: &Arc<Cuda>) -> Result<usize> {
     let mut n = 0;

@@ -187,26 +187,11 @@ impl SiteKernel for IntSiteKernel {
     }
 }
 
-/// Replaces every quantized linear whose scheme has an integer kernel by its integer-kernel form
-/// and installs a fused kernel at every site whose linears all converted with one activation grid
-/// (each site's transform in bf16 with `bf16_transforms` where the CPU can). Returns how many
-/// layers were converted and how many transforms run in bf16.
-pub fn use_int_kernels(
-    model: &mut Model,
-    isa: Isa,
-    bf16_transforms: bool,
-) -> Result<(usize, usize)> {
-    let (mut n, mut bf16) = (0, 0);
-    for b in &mut model.blocks {
-        let (bn, bb) = use_int_kernels_block(b, isa, bf16_transforms)?;
-        n += bn;
-        bf16 += bb;
-    }
-    n += use_int_kernels_head(model, isa)? as usize;
-    Ok((n, bf16))
-}
-
-/// [`use_int_kernels`] on one block (a model converted as it is loaded, block by block).
+/// Replaces every quantized linear of `b` whose scheme has an integer kernel by its
+/// integer-kernel form and installs a fused kernel at every site whose linears all converted with
+/// one activation grid (each site's transform in bf16 with `bf16_transforms` where the CPU can),
+/// as the model is loaded, block by block. Returns how many layers were converted and how many
+/// transforms run in bf16.
 pub fn use_int_kernels_block(
     b: &mut Block,
     isa: Isa,

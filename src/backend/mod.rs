@@ -4,7 +4,7 @@
 //! - [`simulated`]: dequantized weights and fake-quantized activations in f32 (what checkpoints
 //!   load into, and what calibration trains through);
 //! - [`int_cpu`]: integer GEMMs with the online transform fused into the per-token quantization
-//!   ([`int_cpu::use_int_kernels`] converts a loaded model);
+//!   ([`int_cpu::use_int_kernels_block`] converts each block as it is loaded);
 //! - [`cuda`]: the same sites on an NVIDIA GPU (`--features cuda`; without the feature a dummy
 //!   module whose constructor says how to build it).
 

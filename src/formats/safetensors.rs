@@ -209,8 +209,8 @@ impl TensorStore {
         })
     }
 
-    /// Loads `name` as f32, checking its shape against `expected` (derived from config.json).
-    pub fn f32(&self, name: &str, expected: &[usize]) -> Result<Tensor> {
+    /// `name`'s raw tensor and file, its shape checked against `expected` (from config.json).
+    fn raw_of_shape(&self, name: &str, expected: &[usize]) -> Result<(RawTensor<'_>, &Path)> {
         let raw = self.raw(name)?;
         let path = self.path_of(name).unwrap_or(self.first_path());
         if raw.shape != expected {
@@ -222,6 +222,12 @@ impl TensorStore {
                 ),
             ));
         }
+        Ok((raw, path))
+    }
+
+    /// Loads `name` as f32, checking its shape against `expected` (derived from config.json).
+    pub fn f32(&self, name: &str, expected: &[usize]) -> Result<Tensor> {
+        let (raw, path) = self.raw_of_shape(name, expected)?;
         let values = decode_f32(raw.dtype, raw.data).ok_or_else(|| {
             Error::format(
                 path,
@@ -247,22 +253,12 @@ impl TensorStore {
     /// Loads `name` in its stored dtype when that is F16 or BF16 (else as f32), checking its
     /// shape: 16-bit weights stay 16-bit in memory and are widened where they are used.
     pub fn weight(&self, name: &str, expected: &[usize]) -> Result<Tensor> {
-        let raw = self.raw(name)?;
+        let (raw, path) = self.raw_of_shape(name, expected)?;
         let dtype = match raw.dtype {
             Dtype::F16 => candle_core::DType::F16,
             Dtype::BF16 => candle_core::DType::BF16,
             _ => return self.f32(name, expected),
         };
-        let path = self.path_of(name).unwrap_or(self.first_path());
-        if raw.shape != expected {
-            return Err(Error::format(
-                path,
-                format!(
-                    "tensor `{name}` has shape {:?} but config.json implies {:?}",
-                    raw.shape, expected
-                ),
-            ));
-        }
         let finite = |c: &[u8]| {
             let b = u16::from_le_bytes([c[0], c[1]]);
             match raw.dtype {

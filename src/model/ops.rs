@@ -96,24 +96,22 @@ pub fn widen_f32(t: &Tensor) -> Result<Tensor> {
     if t.dtype() == DType::F32 {
         return Ok(t.clone());
     }
-    const CHUNK: usize = 1 << 16;
+    fn widen<T: Sync>(v: &[T]) -> Vec<f32>
+    where
+        [T]: HalfFloatSliceExt,
+    {
+        const CHUNK: usize = 1 << 16;
+        let mut out = vec![0f32; v.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(v.par_chunks(CHUNK))
+            .for_each(|(o, s)| s.convert_to_f32_slice(o));
+        out
+    }
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
-    let out: Option<Vec<f32>> = match (&*storage, layout.contiguous_offsets()) {
-        (Storage::Cpu(CpuStorage::F16(v)), Some((a, b))) => {
-            let mut out = vec![0f32; b - a];
-            out.par_chunks_mut(CHUNK)
-                .zip(v[a..b].par_chunks(CHUNK))
-                .for_each(|(o, s)| s.convert_to_f32_slice(o));
-            Some(out)
-        }
-        (Storage::Cpu(CpuStorage::BF16(v)), Some((a, b))) => {
-            let mut out = vec![0f32; b - a];
-            out.par_chunks_mut(CHUNK)
-                .zip(v[a..b].par_chunks(CHUNK))
-                .for_each(|(o, s)| s.convert_to_f32_slice(o));
-            Some(out)
-        }
+    let out = match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F16(v)), Some((a, b))) => Some(widen(&v[a..b])),
+        (Storage::Cpu(CpuStorage::BF16(v)), Some((a, b))) => Some(widen(&v[a..b])),
         _ => None,
     };
     drop(storage);

@@ -107,6 +107,19 @@ pub struct TensorInfo {
 }
 
 impl TensorInfo {
+    /// The tensor in slices of at most 4 096 rows when it is 2-D (the f32 copy of a 152k-row
+    /// vocabulary is 0.5 GB), else whole: what a reader dequantizes one at a time.
+    pub fn row_slices(&self) -> Vec<TensorInfo> {
+        const ROWS: usize = 4096;
+        if self.shape.len() != 2 {
+            return vec![self.clone()];
+        }
+        (0..self.shape[0])
+            .step_by(ROWS)
+            .map(|r| self.rows(r, ROWS.min(self.shape[0] - r)))
+            .collect()
+    }
+
     /// Rows `r0..r0 + n` of a 2-D tensor (quantization blocks never straddle rows).
     pub fn rows(&self, r0: usize, n: usize) -> TensorInfo {
         let row_bytes = self.len / self.shape[0].max(1);

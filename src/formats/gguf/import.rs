@@ -8,24 +8,17 @@ use crate::formats::safetensors::{SpooledSafetensors, StoredTensor};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// Whether two 2-D tensors of one shape dequantize to the same values, compared a slice of rows at
-/// a time (a 152k-row vocabulary in f32 is 0.5 GB per copy).
+/// Whether two tensors of one shape dequantize to the same values, compared a slice of rows at a
+/// time.
 fn same_values(
     g: &GgufFile,
     a: &super::file::TensorInfo,
     b: &super::file::TensorInfo,
 ) -> Result<bool> {
-    if a.shape.len() != 2 {
-        return Ok(g.dequantize(a)? == g.dequantize(b)?);
-    }
-    const ROWS: usize = 4096;
-    let mut r = 0;
-    while r < a.shape[0] {
-        let n = ROWS.min(a.shape[0] - r);
-        if g.dequantize(&a.rows(r, n))? != g.dequantize(&b.rows(r, n))? {
+    for (sa, sb) in a.row_slices().iter().zip(&b.row_slices()) {
+        if g.dequantize(sa)? != g.dequantize(sb)? {
             return Ok(false);
         }
-        r += n;
     }
     Ok(true)
 }
@@ -217,17 +210,10 @@ pub fn import(
                 &unpermute_rows(&g.dequantize(t)?, heads, row_len),
                 &mut bytes,
             );
-        } else if t.shape.len() == 2 {
-            // A slice of rows at a time: the f32 copy of a 152k-row vocabulary is 0.5 GB.
-            const ROWS: usize = 4096;
-            let mut r = 0;
-            while r < t.shape[0] {
-                let n = ROWS.min(t.shape[0] - r);
-                encode(&g.dequantize(&t.rows(r, n))?, &mut bytes);
-                r += n;
-            }
         } else {
-            encode(&g.dequantize(t)?, &mut bytes);
+            for slice in t.row_slices() {
+                encode(&g.dequantize(&slice)?, &mut bytes);
+            }
         }
         params += numel;
         let dtype = match dtype {
