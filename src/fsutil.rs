@@ -96,6 +96,18 @@ impl TempDir {
     }
 }
 
+impl TempDir {
+    /// Moves the file `name` of this directory to `out` (a file), replacing an existing one when
+    /// `force` is set; the directory itself is removed on drop.
+    pub fn persist_file(self, name: &str, out: &Path, force: bool) -> Result<()> {
+        check_output(out, force)?;
+        if out.is_dir() {
+            return Err(Error::Usage(format!("{}: is a directory", out.display())));
+        }
+        std::fs::rename(self.path.join(name), out).map_err(|e| Error::io(out, e))
+    }
+}
+
 impl Drop for TempDir {
     fn drop(&mut self) {
         if !self.done {

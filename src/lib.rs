@@ -11,14 +11,15 @@
 //! - `formats`: safetensors, `config.json`, GGUF, the affq checkpoint; `tokenizer`, `data`;
 //! - `recipe`, `methods` (rtn, rotate, flatquant, affinequant behind one trait), `calib` (the
 //!   block-by-block engine), `eval` (perplexity protocols);
-//! - `plan` (arguments + recipe → one validated plan) and `quantize` (running it); the binary
-//!   parses and prints.
+//! - `plan` (arguments + recipe → one validated plan) and `quantize` (running it); `export`
+//!   (a checkpoint in another runtime's format); the binary parses and prints.
 
 pub mod backend;
 pub mod calib;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod export;
 pub mod fastmath;
 pub mod formats;
 pub mod fsutil;

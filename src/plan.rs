@@ -4,12 +4,13 @@
 
 use crate::calib::WeightQuantizer;
 use crate::error::{Error, Result};
+use crate::export::Format;
 use crate::formats::schema::WeightScheme;
 use crate::methods::{self, MethodSpec, QuantPlan};
 use crate::model::{LinearKind, ModelConfig};
 use crate::quant::gptq::GptqConfig;
 use crate::quant::weight::unit_len;
-use crate::quant::{AsymZero, Granularity, QuantSpec, SymScale};
+use crate::quant::{AsymZero, Granularity, QuantSpec, ScaleDtype, SymScale};
 use crate::recipe::Recipe;
 use std::path::PathBuf;
 
@@ -34,6 +35,8 @@ pub struct QuantizeRequest {
     pub quantize_head: bool,
     pub seed: u64,
     pub data_dir: Option<PathBuf>,
+    /// `--format`: quantize on that format's grid, so that its export is exact.
+    pub target: Option<Format>,
     pub resume: bool,
     pub force: bool,
 }
@@ -325,6 +328,54 @@ fn quant_plan(
     })
 }
 
+/// Puts the plan on `format`'s grid (formats.md §3.2), or says why it cannot be: GGUF holds
+/// 4-bit symmetric (Q4_0), 4-bit float-offset (Q4_1) and 8-bit symmetric (Q8_0) weights with f16
+/// scales, one per 32 weights; it carries no activation or KV quantization and no online
+/// transform.
+fn target_grid(format: Format, m: &MethodSpec, q: &mut QuantPlan) -> Result<()> {
+    let Format::Gguf = format;
+    let w = q.weights.as_mut().ok_or_else(|| {
+        usage("--format gguf needs quantized weights (--bits 4 or 8); a full-precision model exports as it is (affq export --type f16|f32)")
+    })?;
+    match (w.spec.bits, w.spec.symmetric) {
+        (4, _) | (8, true) => {}
+        (b, s) => {
+            return Err(usage(format!(
+                "--format gguf: {b}-bit {} weights have no GGUF type (Q4_0: 4-bit symmetric, Q4_1: 4-bit asymmetric, Q8_0: 8-bit symmetric)",
+                if s { "symmetric" } else { "asymmetric" }
+            )))
+        }
+    }
+    if q.activations.is_some() || q.kv_cache.is_some() {
+        return Err(usage(
+            "--format gguf carries weights only (llama.cpp runs activations and the KV cache in its own types): drop --a-bits and --kv-bits",
+        ));
+    }
+    if m.name != "rtn" {
+        return Err(usage(format!(
+            "--format gguf: --method {} keeps online transforms, which llama.cpp cannot run; use --method rtn (with --weight-quantizer gptq for calibrated weights)",
+            m.name
+        )));
+    }
+    if !w.spec.symmetric {
+        w.spec.asym_zero = AsymZero::FloatOffset;
+    }
+    w.spec.scale_dtype = ScaleDtype::F16;
+    // GGUF's blocks are 32 weights: the default group (a per-channel scale would be repeated
+    // in every block anyway).
+    if w.granularity == Granularity::Channel {
+        w.granularity = Granularity::Group(32);
+    }
+    if let Granularity::Group(g) = w.granularity {
+        if !g.is_multiple_of(32) {
+            return Err(usage(format!(
+                "--format gguf: --group-size {g} is not a multiple of 32 (a GGUF block of 32 weights has one scale)"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The scheme's short name: `w4a16`, `w4a4kv4`, `w3a16g64`.
 pub fn scheme_name(q: &QuantPlan) -> String {
     let mut s = format!(
@@ -371,7 +422,10 @@ pub fn plan(req: QuantizeRequest) -> Result<QuantizePlan> {
         ))
     })?;
     let (recipe, chosen_recipe, weight_quantizer) = resolve_recipe(&req, method)?;
-    let quant = quant_plan(&req, method, &recipe, &weight_quantizer)?;
+    let mut quant = quant_plan(&req, method, &recipe, &weight_quantizer)?;
+    if let Some(f) = req.target {
+        target_grid(f, method, &mut quant)?;
+    }
     let calibrated = method.trained || weight_quantizer != WeightQuantizer::Rtn;
     if req.resume && !calibrated {
         return Err(usage(format!(

@@ -12,5 +12,5 @@ pub mod weight;
 
 pub use act::{ActQuantizer, LearnedClip};
 
-pub use quantizer::{AsymZero, QuantSpec, SymScale, UnitParams};
+pub use quantizer::{AsymZero, QuantSpec, ScaleDtype, SymScale, UnitParams};
 pub use weight::{Granularity, QuantizedWeight};

@@ -27,6 +27,66 @@ pub enum AsymZero {
     FloatOffset,
 }
 
+/// The dtype a format stores scales (and float offsets) in. A grid whose scales are rounded to it
+/// *before* codes are chosen is exactly the grid the format stores (formats.md §2, §3.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScaleDtype {
+    /// affq's own checkpoint: f32 scales.
+    #[default]
+    F32,
+    /// GGUF and GPTQ: f16 scales (and Q4_1's f16 offsets).
+    F16,
+}
+
+impl ScaleDtype {
+    pub fn is_f32(&self) -> bool {
+        *self == ScaleDtype::F32
+    }
+
+    /// `x` rounded to this dtype (to nearest, ties to even). A positive scale stays positive:
+    /// below f16's smallest subnormal it becomes that subnormal; above f16's largest finite value
+    /// it becomes that value (the grid then clips).
+    pub fn round_scale(&self, s: f32) -> f32 {
+        match self {
+            ScaleDtype::F32 => s,
+            ScaleDtype::F16 => {
+                let r = half::f16::from_f32(s).to_f32();
+                if r.is_infinite() {
+                    half::f16::MAX.to_f32()
+                } else if r == 0.0 && s > 0.0 {
+                    half::f16::from_bits(1).to_f32()
+                } else {
+                    r
+                }
+            }
+        }
+    }
+
+    /// A float offset rounded to this dtype (saturating like [`Self::round_scale`]).
+    pub fn round_offset(&self, m: f32) -> f32 {
+        match self {
+            ScaleDtype::F32 => m,
+            ScaleDtype::F16 => {
+                let r = half::f16::from_f32(m).to_f32();
+                if r.is_infinite() {
+                    half::f16::MAX.to_f32().copysign(m)
+                } else {
+                    r
+                }
+            }
+        }
+    }
+
+    /// Whether `x` is a value of this dtype.
+    pub fn holds(&self, x: f32) -> bool {
+        match self {
+            ScaleDtype::F32 => true,
+            ScaleDtype::F16 => half::f16::from_f32(x).to_f32() == x,
+        }
+    }
+}
+
 /// A quantization grid.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct QuantSpec {
@@ -39,6 +99,10 @@ pub struct QuantSpec {
     /// Multiplies `xmin` (learned activation clipping has separate ratios for the two ends).
     #[serde(default = "one")]
     pub clip_min: f32,
+    /// Scales (and float offsets) are rounded to this dtype before codes are chosen: a checkpoint
+    /// that targets GGUF or GPTQ quantizes on their f16 grid.
+    #[serde(default, skip_serializing_if = "ScaleDtype::is_f32")]
+    pub scale_dtype: ScaleDtype,
 }
 
 fn one() -> f32 {
@@ -54,6 +118,7 @@ impl QuantSpec {
             asym_zero: AsymZero::Integer,
             clip: 1.0,
             clip_min: 1.0,
+            scale_dtype: ScaleDtype::F32,
         }
     }
 
@@ -80,7 +145,9 @@ impl QuantSpec {
                 SymScale::HalfRange => self.qmax() as f32 / 2.0,
             };
             // An all-zero unit gets s = 1 (its codes are 0 under any positive scale).
-            let s = if amax > 0.0 { amax / div } else { 1.0 };
+            let s = self
+                .scale_dtype
+                .round_scale(if amax > 0.0 { amax / div } else { 1.0 });
             UnitParams {
                 scale: s,
                 zero: half,
@@ -94,7 +161,7 @@ impl QuantSpec {
                     if hi - lo <= 0.0 {
                         (lo, hi) = (-1.0, 1.0);
                     }
-                    let s = (hi - lo) / q;
+                    let s = self.scale_dtype.round_scale((hi - lo) / q);
                     UnitParams {
                         scale: s,
                         zero: round_even(-lo / s),
@@ -102,11 +169,15 @@ impl QuantSpec {
                     }
                 }
                 AsymZero::FloatOffset => {
-                    let s = if xmax > xmin { (xmax - xmin) / q } else { 1.0 };
+                    let s = self.scale_dtype.round_scale(if xmax > xmin {
+                        (xmax - xmin) / q
+                    } else {
+                        1.0
+                    });
                     UnitParams {
                         scale: s,
                         zero: 0.0,
-                        offset: xmin,
+                        offset: self.scale_dtype.round_offset(xmin),
                     }
                 }
             }

@@ -21,7 +21,7 @@ impl Rng {
 }
 
 /// Writes config.json + model.safetensors for a tiny model of the given family.
-fn write_model(dir: &Path, config: serde_json::Value, seed: u64) {
+pub fn write_model(dir: &Path, config: serde_json::Value, seed: u64) {
     let c = affq::model::ModelConfig::from_json_str(&config.to_string()).unwrap();
     let mut rng = Rng(seed);
     let mut tensors: Vec<(String, Vec<usize>)> = vec![

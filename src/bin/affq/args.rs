@@ -38,6 +38,78 @@ pub(crate) enum Command {
     Eval(EvalArgs),
     /// Quantize a model and write a quantized checkpoint.
     Quantize(Box<QuantizeArgs>),
+    /// Write a checkpoint in a format another runtime loads (GGUF for llama.cpp).
+    Export(ExportArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum FormatArg {
+    /// llama.cpp's GGUF (Q4_0, Q4_1, Q8_0, F16, F32).
+    Gguf,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum GgufTypeArg {
+    /// 4-bit symmetric, groups of 32, f16 scales.
+    #[value(name = "q4_0")]
+    Q4_0,
+    /// 4-bit with a float offset, groups of 32.
+    #[value(name = "q4_1")]
+    Q4_1,
+    /// 8-bit symmetric, groups of 32.
+    #[value(name = "q8_0")]
+    Q8_0,
+    F16,
+    F32,
+}
+
+#[derive(Args)]
+pub(crate) struct ExportArgs {
+    /// Checkpoint directory (affq's, or a full-precision Hugging Face model).
+    pub(crate) checkpoint: PathBuf,
+    /// Output file [default: CHECKPOINT_DIR.TYPE.gguf beside the checkpoint].
+    #[arg(short, long)]
+    pub(crate) output: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "gguf")]
+    pub(crate) format: FormatArg,
+    /// GGUF type of the linears [default: the checkpoint's grid (4-bit symmetric: q4_0, 8-bit:
+    /// q8_0, 4-bit asymmetric: q4_1), or its stored dtype for a full-precision model].
+    #[arg(long = "type", value_enum)]
+    pub(crate) gguf_type: Option<GgufTypeArg>,
+    /// Re-round what the format cannot hold exactly (reports the relative weight error per
+    /// tensor kind; drops activation and KV-cache quantization) instead of refusing.
+    #[arg(long)]
+    pub(crate) allow_lossy: bool,
+    /// Replace an existing output file.
+    #[arg(long)]
+    pub(crate) force: bool,
+    #[command(flatten)]
+    pub(crate) common: Common,
+}
+
+impl ExportArgs {
+    pub(crate) fn request(&self) -> affq::export::ExportRequest {
+        affq::export::ExportRequest {
+            checkpoint: self.checkpoint.clone(),
+            output: self.output.clone(),
+            format: match self.format {
+                FormatArg::Gguf => affq::export::Format::Gguf,
+            },
+            gguf_type: self.gguf_type.map(|t| {
+                match t {
+                    GgufTypeArg::Q4_0 => "q4_0",
+                    GgufTypeArg::Q4_1 => "q4_1",
+                    GgufTypeArg::Q8_0 => "q8_0",
+                    GgufTypeArg::F16 => "f16",
+                    GgufTypeArg::F32 => "f32",
+                }
+                .to_string()
+            }),
+            allow_lossy: self.allow_lossy,
+            force: self.force,
+        }
+    }
 }
 
 /// `--method` values: the registered methods.
@@ -171,6 +243,11 @@ pub(crate) struct QuantizeArgs {
     /// per-channel scales (the weight-only recipes).
     #[arg(long)]
     pub(crate) ln_matrix: bool,
+    /// Quantize on the grid of a format so that its export is exact: `gguf` = f16 scales, groups
+    /// of 32 (or --group-size, a multiple of 32), 4-bit symmetric (Q4_0), 4-bit asymmetric with
+    /// float offsets (Q4_1) or 8-bit symmetric (Q8_0); weights only.
+    #[arg(long, value_enum)]
+    pub(crate) format: Option<FormatArg>,
     /// Continue an interrupted calibration from the blocks it finished (kept in `.OUT.affq-work`
     /// beside the output); the other flags must be the same as in the interrupted run.
     #[arg(long)]
@@ -252,6 +329,11 @@ pub(crate) struct EvalArgs {
     /// the quantized linears run there, the rest of the model on the CPU).
     #[arg(long, value_enum, default_value = "cpu")]
     pub(crate) device: DeviceArg,
+    /// Also score the same windows on BASE (e.g. the full-precision model) and report the KL
+    /// divergence of the model's next-token distributions from BASE's: mean, median, 99th
+    /// percentile, top-1 agreement and PPL/PPL(BASE), as llama-perplexity's --kl-divergence.
+    #[arg(long, value_name = "BASE")]
+    pub(crate) kld_base: Option<PathBuf>,
     #[command(flatten)]
     pub(crate) common: Common,
 }
@@ -329,6 +411,9 @@ impl QuantizeArgs {
             quantize_head: self.quantize_head,
             seed: self.seed,
             data_dir: self.data_dir.clone(),
+            target: self.format.map(|f| match f {
+                FormatArg::Gguf => affq::export::Format::Gguf,
+            }),
             resume: self.resume,
             force: self.force,
         }
@@ -360,6 +445,7 @@ impl EvalArgs {
                 DeviceArg::Cpu => Device::Cpu,
                 DeviceArg::Cuda => Device::Cuda,
             },
+            kld_base: self.kld_base.clone(),
         }
     }
 }

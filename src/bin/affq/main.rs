@@ -9,7 +9,7 @@ use affq::formats::gguf::{self, ImportDtype};
 use affq::methods::EpochLog;
 use affq::quantize::Progress;
 use anyhow::Context;
-use args::{Cli, Command, Common, DtypeArg, EvalArgs, ImportArgs, QuantizeArgs};
+use args::{Cli, Command, Common, DtypeArg, EvalArgs, ExportArgs, ImportArgs, QuantizeArgs};
 use clap::Parser;
 use std::time::Instant;
 
@@ -78,6 +78,11 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         v["bos"] = serde_json::json!(out.bos);
         v["load_seconds"] = serde_json::json!(out.load_seconds);
         v["kernels"] = serde_json::json!(out.kernels);
+        if let Some(k) = &out.kld {
+            for (key, val) in serde_json::to_value(k)?.as_object().into_iter().flatten() {
+                v[key.as_str()] = val.clone();
+            }
+        }
         println!("{v}");
     } else {
         println!(
@@ -99,6 +104,19 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
             out.load_seconds,
             out.kernels
         );
+        if let Some(k) = &out.kld {
+            println!(
+                "KLD vs {}: mean {:.6}  median {:.6}  p99 {:.6}  max {:.4}  top-1 agreement {:.2} %  PPL(base) {:.4}  PPL/PPL(base) {:.4}",
+                k.base.display(),
+                k.kld_mean,
+                k.kld_median,
+                k.kld_p99,
+                k.kld_max,
+                100.0 * k.top1_agreement,
+                k.ppl_base,
+                k.ppl_ratio
+            );
+        }
     }
     Ok(())
 }
@@ -200,6 +218,41 @@ fn run_quantize(a: QuantizeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn run_export(a: ExportArgs) -> anyhow::Result<()> {
+    init_threads(&a.common)?;
+    let r = affq::export::export(&a.request())?;
+    if a.common.json {
+        println!("{}", serde_json::to_value(&r)?);
+        return Ok(());
+    }
+    let g = &r.gguf;
+    println!(
+        "exported {} as GGUF ({}, linears {}; {} tensors {:?}; {:.1} MB) -> {} in {:.1}s{}",
+        a.checkpoint.display(),
+        g.architecture,
+        g.linear_type,
+        g.tensors,
+        g.tensor_types,
+        g.bytes as f64 / 1e6,
+        r.output.display(),
+        r.seconds,
+        if g.exact { ", exact" } else { "" }
+    );
+    for n in &g.notes {
+        println!("  note: {n}");
+    }
+    for d in &g.dropped {
+        println!("  dropped: {d}");
+    }
+    for k in &g.lossy {
+        println!(
+            "  lossy: {} ({} tensors): relative weight error {:.3e} ({})",
+            k.kind, k.tensors, k.rel_error, k.how
+        );
+    }
+    Ok(())
+}
+
 /// Keeps large tensor buffers in the malloc heap instead of fresh mmap/munmap pairs: every munmap
 /// costs page faults and a cross-core TLB shootdown, which dominated the calibration profile.
 fn tune_allocator() {
@@ -225,6 +278,7 @@ fn main() {
         Command::Import(a) => run_import(a),
         Command::Eval(a) => run_eval(a),
         Command::Quantize(a) => run_quantize(*a),
+        Command::Export(a) => run_export(a),
     };
     if let Err(e) = result {
         let code = e

@@ -1,0 +1,461 @@
+//! `affq export --format gguf`: exact exports read back by independent readers — candle's GGML
+//! decoder (through `affq import`), llama.cpp's Python reader `gguf` (scripts/check-gguf.py) and,
+//! when it is built, llama.cpp itself — and the refusals of what GGUF cannot hold.
+
+use super::common::*;
+use affq::formats::checkpoint::Precision;
+use affq::formats::gguf::GgufFile;
+use affq::formats::Checkpoint;
+use affq::model::LinearKind;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+fn tmp(name: &str) -> PathBuf {
+    let d = repo().join("target/test-tmp/export").join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// `affq export` must fail with exit 2 and `must_say` in its one error line, writing nothing.
+fn export_refused(ckpt: &Path, out: &Path, extra: &[&str], must_say: &str) {
+    let mut args = vec!["export", s(ckpt), "-o", s(out)];
+    args.extend_from_slice(extra);
+    let r = affq(&args);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(2), "{args:?}: {err}");
+    assert!(
+        err.contains(must_say),
+        "{args:?}: expected {must_say:?} in {err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one error line: {err}");
+    assert!(!out.exists(), "{} was written", out.display());
+    let leftovers: Vec<_> = std::fs::read_dir(out.parent().unwrap())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("affq-tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+}
+
+/// The Python interpreter with `gguf` installed: `$AFFQ_PYTHON`, else target/py (made by .ci/run).
+fn gguf_python() -> Option<PathBuf> {
+    let cands = [
+        std::env::var_os("AFFQ_PYTHON").map(PathBuf::from),
+        Some(repo().join("target/py/bin/python")),
+    ];
+    let found = cands.into_iter().flatten().find(|p| {
+        Command::new(p)
+            .args(["-c", "import gguf, numpy"])
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var_os("AFFQ_REQUIRE_GGUF_READER").is_none(),
+            "AFFQ_REQUIRE_GGUF_READER is set but no Python with `gguf` (pip install gguf numpy) was found"
+        );
+        eprintln!(
+            "skipped: no Python with the `gguf` package (set AFFQ_PYTHON; .ci/run installs it)"
+        );
+    }
+    found
+}
+
+/// Every linear of an export, read back through `affq import` (candle's GGML decoder, llama's
+/// Q/K permutation undone), equals the checkpoint's dequantized weight bit for bit.
+fn assert_import_equals_checkpoint(ckpt: &Path, gguf: &Path, work: &Path) {
+    let back = work.join("imported");
+    affq_json(&[
+        "import",
+        s(gguf),
+        "-o",
+        s(&back),
+        "--dtype",
+        "f32",
+        "--force",
+    ]);
+    let a = Checkpoint::open(ckpt).unwrap();
+    let b = Checkpoint::open(&back).unwrap();
+    let cfg = Arc::new(a.config.clone());
+    for i in 0..a.config.num_layers {
+        let ba = a.load_block(cfg.clone(), i, Precision::F32).unwrap();
+        let bb = b.load_block(cfg.clone(), i, Precision::F32).unwrap();
+        for kind in LinearKind::ALL {
+            let wa: Vec<f32> = ba
+                .linear(kind)
+                .weight()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let wb: Vec<f32> = bb
+                .linear(kind)
+                .weight()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert!(
+                wa.iter().zip(&wb).all(|(x, y)| x == y),
+                "layer {i} {kind:?}: the import of {} differs from the checkpoint",
+                gguf.display()
+            );
+        }
+    }
+}
+
+/// SmolLM2 quantized on each GGUF grid (`quantize --format gguf`) exports exactly: the default
+/// type follows the grid, affq's import decodes it back to the checkpoint's weights, and the `gguf`
+/// reader dequantizes every tensor bit for bit to the F32 export of the same checkpoint.
+#[test]
+fn smollm2_gguf_grids_export_exactly() {
+    let smol = smollm2_dir();
+    let py = gguf_python();
+    for (name, flags, ty) in [
+        ("q4_0", &["--bits", "4"][..], "Q4_0"),
+        ("q8_0", &["--bits", "8", "--group-size", "64"][..], "Q8_0"),
+        (
+            "q4_1",
+            &[
+                "--bits",
+                "4",
+                "--asym",
+                "--weight-quantizer",
+                "gptq",
+                "--nsamples",
+                "4",
+                "--calib-seqlen",
+                "64",
+            ][..],
+            "Q4_1",
+        ),
+    ] {
+        let work = tmp(&format!("smol-{name}"));
+        let ckpt = work.join("ckpt");
+        let mut args = vec!["quantize", s(&smol), "-o", s(&ckpt), "--format", "gguf"];
+        args.extend_from_slice(flags);
+        affq_json(&args);
+        let q = work.join("model.gguf");
+        let r = affq_json(&["export", s(&ckpt), "-o", s(&q)]);
+        assert_eq!(r["linear_type"], ty, "{r}");
+        assert_eq!(r["exact"], true, "{r}");
+        assert_eq!(r["tensor_types"][ty], 210, "{r}");
+        let g = GgufFile::open(&q).unwrap();
+        assert_eq!(
+            g.get("general.architecture").unwrap().as_str(),
+            Some("llama")
+        );
+        assert_eq!(
+            g.get("tokenizer.ggml.pre").unwrap().as_str(),
+            Some("smollm")
+        );
+        assert!(g.get("tokenizer.chat_template").is_some());
+        assert_import_equals_checkpoint(&ckpt, &q, &work);
+        if let Some(py) = &py {
+            let f = work.join("f32.gguf");
+            let r = affq_json(&["export", s(&ckpt), "-o", s(&f), "--type", "f32"]);
+            assert_eq!(r["exact"], true);
+            let o = Command::new(py)
+                .arg(repo().join("scripts/check-gguf.py"))
+                .args([s(&q), s(&f), "--expect-type", ty])
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "check-gguf.py {name}: {}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        let _ = std::fs::remove_dir_all(&work);
+    }
+}
+
+/// The F32 export of stories260K is llama.cpp's own conversion of it (the golden GGUF beside the
+/// model): every tensor bit for bit (Q/K rows permuted; the HF model ties its head, which the
+/// golden file stores as a copy), the hyperparameters, and the vocabulary's tokens and types.
+#[test]
+fn stories_f32_export_equals_the_golden_gguf() {
+    let work = tmp("stories-f32");
+    let out = work.join("stories.gguf");
+    let r = affq_json(&["export", s(&stories_hf()), "-o", s(&out), "--type", "f32"]);
+    assert_eq!(r["exact"], true);
+    let ours = GgufFile::open(&out).unwrap();
+    let gold = GgufFile::open(&stories_dir().join("stories260K.gguf")).unwrap();
+    for t in &gold.tensors {
+        let name = if t.name == "output.weight" {
+            "token_embd.weight"
+        } else {
+            &t.name
+        };
+        let o = ours
+            .tensor(name)
+            .unwrap_or_else(|| panic!("{} missing", t.name));
+        assert_eq!(o.shape, t.shape, "{}", t.name);
+        assert_eq!(
+            ours.dequantize(o).unwrap(),
+            gold.dequantize(t).unwrap(),
+            "{} differs from llama.cpp's conversion",
+            t.name
+        );
+    }
+    assert_eq!(ours.tensors.len() + 1, gold.tensors.len());
+    for key in [
+        "general.architecture",
+        "llama.block_count",
+        "llama.embedding_length",
+        "llama.feed_forward_length",
+        "llama.attention.head_count",
+        "llama.attention.head_count_kv",
+        "llama.rope.dimension_count",
+        "llama.attention.layer_norm_rms_epsilon",
+        "tokenizer.ggml.model",
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.token_type",
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.unknown_token_id",
+    ] {
+        assert_eq!(ours.get(key), gold.get(key), "{key}");
+    }
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// What GGUF cannot hold is refused with one line naming it (and nothing written); --allow-lossy
+/// re-rounds and reports the error it introduced.
+#[test]
+fn gguf_refusals_and_lossy_export() {
+    let smol = smollm2_dir();
+    let work = tmp("refusals");
+    let out = work.join("x.gguf");
+    // f32 scales are not f16 values.
+    let rtn = work.join("rtn-g32");
+    affq_json(&[
+        "quantize",
+        s(&smol),
+        "-o",
+        s(&rtn),
+        "--bits",
+        "4",
+        "--group-size",
+        "32",
+    ]);
+    export_refused(&rtn, &out, &[], "is not an f16 value");
+    let r = affq_json(&["export", s(&rtn), "-o", s(&out), "--allow-lossy"]);
+    assert_eq!(r["exact"], false);
+    let lossy = r["lossy"].as_array().unwrap();
+    assert_eq!(lossy.len(), 7, "{r}");
+    for k in lossy {
+        // Kept codes, scales rounded to f16: a relative change of at most 2⁻¹¹ per scale.
+        let e = k["rel_error"].as_f64().unwrap();
+        assert!(e > 0.0 && e < 4.9e-4, "{k}");
+        assert_eq!(k["how"], "codes kept, scales rounded to f16");
+    }
+    std::fs::remove_file(&out).unwrap();
+    // Groups that are not a multiple of 32; 3-bit codes.
+    let g16 = work.join("g16");
+    affq_json(&[
+        "quantize",
+        s(&smol),
+        "-o",
+        s(&g16),
+        "--bits",
+        "4",
+        "--group-size",
+        "16",
+    ]);
+    export_refused(&g16, &out, &[], "groups of 16");
+    let b3 = work.join("b3");
+    affq_json(&[
+        "quantize",
+        s(&smol),
+        "-o",
+        s(&b3),
+        "--bits",
+        "3",
+        "--group-size",
+        "32",
+    ]);
+    export_refused(&b3, &out, &[], "no GGUF type holds 3-bit weights");
+    let r = affq_json(&[
+        "export",
+        s(&b3),
+        "-o",
+        s(&out),
+        "--type",
+        "q4_0",
+        "--allow-lossy",
+    ]);
+    for k in r["lossy"].as_array().unwrap() {
+        assert_eq!(k["how"], "llama.cpp reference quantizer");
+    }
+    std::fs::remove_file(&out).unwrap();
+    // Activation quantization is not carried; online transforms never are.
+    let w4a8 = work.join("w4a8");
+    affq_json(&[
+        "quantize",
+        s(&smol),
+        "-o",
+        s(&w4a8),
+        "--bits",
+        "8",
+        "--a-bits",
+        "8",
+    ]);
+    export_refused(&w4a8, &out, &[], "activations quantized to 8 bits");
+    let fq = work.join("fq");
+    quantize_stories(
+        &fq,
+        &Calibrated::new(2, 32)
+            .method("flatquant")
+            .scheme(4, 4)
+            .epochs(1)
+            .args(),
+    );
+    export_refused(&fq, &out, &[], "online transform");
+    export_refused(&fq, &out, &["--allow-lossy"], "online transform");
+    // A full-precision model on a block type is a quantization, not an export.
+    export_refused(
+        &smol,
+        &out,
+        &["--type", "q4_0"],
+        "is a full-precision weight",
+    );
+    // quantize --format gguf refuses what would not export.
+    for (flags, says) in [
+        (&["--bits", "3"][..], "have no GGUF type"),
+        (
+            &["--bits", "4", "--a-bits", "8"][..],
+            "carries weights only",
+        ),
+        (
+            &["--bits", "4", "--group-size", "48"][..],
+            "not a multiple of 32",
+        ),
+        (
+            &["--bits", "4", "--method", "rotate"][..],
+            "keeps online transforms",
+        ),
+    ] {
+        let mut args = vec!["--format", "gguf"];
+        args.extend_from_slice(flags);
+        quantize_stories_refused(&work.join("q"), &args, says);
+    }
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+fn llama_perplexity() -> Option<PathBuf> {
+    let p = std::env::var_os("AFFQ_LLAMA_CPP_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target/llama.cpp/build/bin"))
+        .join("llama-perplexity");
+    if p.is_file() {
+        Some(p)
+    } else {
+        eprintln!(
+            "skipped: no llama-perplexity at {} (scripts/build-llamacpp.sh)",
+            p.display()
+        );
+        None
+    }
+}
+
+fn llama_ppl(bin: &Path, model: &Path, ctx: usize, chunks: usize) -> f64 {
+    let o = Command::new(bin)
+        .args(["-m", s(model), "-f"])
+        .arg(data_dir().join("wikitext-2-raw/wiki.test.raw"))
+        .args([
+            "-c",
+            &ctx.to_string(),
+            "--chunks",
+            &chunks.to_string(),
+            "-t",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).to_string() + &String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "llama-perplexity {}: {err}",
+        model.display()
+    );
+    let line = err
+        .lines()
+        .find(|l| l.contains("Final estimate: PPL = "))
+        .unwrap_or_else(|| panic!("{err}"));
+    line.split("PPL = ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// llama.cpp loads affq's exports and scores them as affq does (within 0.5 %: llama.cpp rounds
+/// activations to 8 bits in its Q4_0 products): SmolLM2 (`llama`, tied head, permuted Q/K) and a
+/// tiny random Qwen2 (`qwen2`, q/k/v biases, untied head).
+#[test]
+fn llama_cpp_scores_exports_as_affq_does() {
+    let Some(bin) = llama_perplexity() else {
+        return;
+    };
+    let smol = smollm2_dir();
+    let work = tmp("llamacpp");
+    let qwen = work.join("qwen2-tiny");
+    let mut cfg = serde_json::json!({"architectures": ["Qwen2ForCausalLM"], "hidden_size": 64,
+        "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 49152, "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0, "tie_word_embeddings": false, "max_position_embeddings": 512});
+    cfg["bos_token_id"] = serde_json::json!(1);
+    super::architectures::write_model(&qwen, cfg, 5);
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(smol.join(f), qwen.join(f)).unwrap();
+    }
+    for (model, name, ctx, chunks) in [(&smol, "smol", 512, 4), (&qwen, "qwen2", 128, 4)] {
+        let ckpt = work.join(format!("{name}-q4_0"));
+        affq_json(&[
+            "quantize",
+            s(model),
+            "-o",
+            s(&ckpt),
+            "--format",
+            "gguf",
+            "--bits",
+            "4",
+        ]);
+        let g = work.join(format!("{name}.gguf"));
+        affq_json(&["export", s(&ckpt), "-o", s(&g)]);
+        let ours = eval_json(
+            &ckpt,
+            &[
+                "--protocol",
+                "llamacpp",
+                "--seqlen",
+                &ctx.to_string(),
+                "--max-windows",
+                &chunks.to_string(),
+            ],
+        )["ppl"]
+            .as_f64()
+            .unwrap();
+        let theirs = llama_ppl(&bin, &g, ctx, chunks);
+        let rel = (ours - theirs).abs() / theirs;
+        eprintln!(
+            "{name}: affq {ours:.4} llama.cpp {theirs:.4} ({:.3} %)",
+            rel * 100.0
+        );
+        assert!(rel < 0.005, "{name}: affq {ours} vs llama.cpp {theirs}");
+    }
+    let _ = std::fs::remove_dir_all(&work);
+}
