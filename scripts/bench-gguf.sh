@@ -28,7 +28,7 @@ valid_txt=$AFFQ_DATA_DIR/wikitext-2-raw/wiki.valid.raw
 mkdir -p "$out"
 
 # Rows: name | how it is made (shell, writing $dir/model.gguf and $dir/quantize.seconds).
-rows=(f32 llama-q4_0 llama-q4_0-imatrix affq-q4_0-rtn affq-q4_0-gptq affq-q4_0-gptq-clip)
+rows=(f32 llama-q4_0 llama-q4_0-imatrix affq-q4_0-rtn affq-q4_0-gptq affq-q4_0-gptq-clip affq-q4_0-rotate-gptq)
 about() {
   case $1 in
     f32) echo "F32 (reference)" ;;
@@ -37,6 +37,7 @@ about() {
     affq-q4_0-rtn) echo "affq quantize --format gguf --bits 4 (RTN)" ;;
     affq-q4_0-gptq) echo "affq + --weight-quantizer gptq ($calib_chunks × 512 validation tokens)" ;;
     affq-q4_0-gptq-clip) echo "affq + gptq --weight-clip-search" ;;
+    affq-q4_0-rotate-gptq) echo "affq --method rotate (merged only) + gptq" ;;
   esac
 }
 timed() {
@@ -56,6 +57,7 @@ make_row() {
     affq-q4_0-rtn) timed bash -c "'$bin' quantize '$model' -o '$dir/ckpt' --format gguf --bits 4 --force --json > '$dir/log' && '$bin' export '$dir/ckpt' -o '$dir/model.gguf' --force >> '$dir/log'" ;;
     affq-q4_0-gptq) timed bash -c "'$bin' quantize '$model' -o '$dir/ckpt' --format gguf --bits 4 ${gptq[*]} --force --json > '$dir/log' && '$bin' export '$dir/ckpt' -o '$dir/model.gguf' --force >> '$dir/log'" ;;
     affq-q4_0-gptq-clip) timed bash -c "'$bin' quantize '$model' -o '$dir/ckpt' --format gguf --bits 4 ${gptq[*]} --weight-clip-search --force --json > '$dir/log' && '$bin' export '$dir/ckpt' -o '$dir/model.gguf' --force >> '$dir/log'" ;;
+    affq-q4_0-rotate-gptq) timed bash -c "'$bin' quantize '$model' -o '$dir/ckpt' --method rotate --format gguf --bits 4 ${gptq[*]} --force --json > '$dir/log' && '$bin' export '$dir/ckpt' -o '$dir/model.gguf' --force >> '$dir/log'" ;;
   esac
 }
 score() {
@@ -75,10 +77,10 @@ if [ $markdown = 0 ]; then
     dir=$out/$name
     mkdir -p "$dir"
     [ -f "$dir/model.gguf" ] || { echo "== $name: making" >&2; make_row "$name"; }
-    [ -f "$dir/ppl.log" ] && grep -q "Final estimate" "$dir/ppl.log" || { echo "== $name: scoring" >&2; score "$name"; }
+    [ -f "$dir/ppl.log" ] && grep -qE "Final estimate|Mean PPL\(Q\)" "$dir/ppl.log" || { echo "== $name: scoring" >&2; score "$name"; }
   done
 fi
-# llama-perplexity prints "Final estimate: PPL = X +/- E" and, with --kl-divergence, a block of
+# llama-perplexity prints "Final estimate: PPL = X +/- E" (without --kl-divergence) or a block of
 # "Mean PPL(Q)/PPL(base)", "Mean    KLD:", "99.0%   KLD:", "Same top p:".
 python3 - "$out" "$markdown" "${rows[@]}" <<'PY'
 import os, re, sys
@@ -92,7 +94,10 @@ for r in rows:
     log = open(os.path.join(d, "ppl.log")).read() if os.path.exists(os.path.join(d, "ppl.log")) else ""
     secs = open(os.path.join(d, "quantize.seconds")).read().strip() if os.path.exists(os.path.join(d, "quantize.seconds")) else "–"
     size = os.path.getsize(os.path.join(d, "model.gguf")) / 1e6 if os.path.exists(os.path.join(d, "model.gguf")) else 0
-    lines.append((r, grab(log, r"Final estimate: PPL = ([0-9.]+)"), grab(log, r"Mean\s+KLD:\s+([0-9.]+)"),
+    ppl = grab(log, r"Final estimate: PPL = ([0-9.]+)")
+    if ppl == "–":
+        ppl = grab(log, r"Mean PPL\(Q\)\s+:\s+([0-9.]+)")
+    lines.append((r, ppl, grab(log, r"Mean\s+KLD:\s+([0-9.]+)"),
                   grab(log, r"99\.0%\s+KLD:\s+([0-9.]+)"), grab(log, r"Same top p:\s+([0-9.]+ ± [0-9.]+ %)"),
                   f"{size:.1f}", secs if secs == "–" else f"{float(secs):.1f}"))
 head = ("row", "PPL", "mean KLD", "KLD p99", "same top-1", "MB", "make s")

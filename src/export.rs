@@ -5,6 +5,7 @@
 use crate::error::{Error, Result};
 use crate::formats::gguf::blocks::GgmlType;
 use crate::formats::gguf::export::GgufReport;
+use crate::formats::hf_export::HfReport;
 use crate::formats::Checkpoint;
 use crate::fsutil::TempDir;
 use std::path::{Path, PathBuf};
@@ -14,6 +15,20 @@ use std::path::{Path, PathBuf};
 pub enum Format {
     /// llama.cpp's GGUF (one file).
     Gguf,
+    /// compressed-tensors `pack-quantized` (a Hugging Face directory; transformers, vLLM).
+    CompressedTensors,
+    /// GPTQ v1 (a Hugging Face directory; GPTQModel, transformers, vLLM).
+    Gptq,
+}
+
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Gguf => "gguf",
+            Format::CompressedTensors => "compressed-tensors",
+            Format::Gptq => "gptq",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -35,7 +50,9 @@ pub struct ExportReport {
     pub output: PathBuf,
     pub seconds: f64,
     #[serde(flatten)]
-    pub gguf: GgufReport,
+    pub gguf: Option<GgufReport>,
+    #[serde(flatten)]
+    pub hf: Option<HfReport>,
 }
 
 /// Where an export goes without `-o`: a sibling of the checkpoint directory, `DIR.TYPE.gguf`.
@@ -64,12 +81,28 @@ pub fn export(req: &ExportRequest) -> Result<ExportReport> {
             })
         })
         .transpose()?;
+    if ty.is_some() && req.format != Format::Gguf {
+        return Err(Error::Usage(
+            "--type chooses a GGUF type: it needs --format gguf".into(),
+        ));
+    }
+    if req.allow_lossy && req.format != Format::Gguf {
+        return Err(Error::Usage(format!(
+            "--allow-lossy: the {} export is exact or refused (re-rounding is offered for GGUF)",
+            req.format.name()
+        )));
+    }
     let ckpt = Checkpoint::open(&req.checkpoint)?;
     let output = match &req.output {
         Some(o) => o.clone(),
         None => {
-            let name = ty.map_or_else(|| gguf_type_of(&ckpt), |t| t.name().to_string());
-            let o = default_output(&req.checkpoint, &name);
+            let o = match req.format {
+                Format::Gguf => {
+                    let name = ty.map_or_else(|| gguf_type_of(&ckpt), |t| t.name().to_string());
+                    default_output(&req.checkpoint, &name)
+                }
+                f => sibling(&req.checkpoint, f.name()),
+            };
             if o.exists() && !req.force {
                 return Err(Error::Usage(format!(
                     "{}: the default output exists; pass -o to choose another path, or --force",
@@ -81,22 +114,50 @@ pub fn export(req: &ExportRequest) -> Result<ExportReport> {
     };
     crate::fsutil::check_output(&output, req.force)?;
     let tmp = TempDir::beside(&output)?;
-    let file = "model.gguf";
-    let report = match req.format {
-        Format::Gguf => crate::formats::gguf::export::export(
-            &ckpt,
-            &tmp.path().join(file),
-            ty,
-            req.allow_lossy,
-        )?,
+    let (gguf, hf) = match req.format {
+        Format::Gguf => {
+            let file = "model.gguf";
+            let r = crate::formats::gguf::export::export(
+                &ckpt,
+                &tmp.path().join(file),
+                ty,
+                req.allow_lossy,
+            )?;
+            tmp.persist_file(file, &output, req.force)?;
+            (Some(r), None)
+        }
+        Format::CompressedTensors | Format::Gptq => {
+            let f: &dyn crate::formats::hf_export::LinearFormat = match req.format {
+                Format::Gptq => &crate::formats::gptq::Gptq,
+                _ => &crate::formats::compressed_tensors::CompressedTensors,
+            };
+            let r = crate::formats::hf_export::export(&ckpt, tmp.path(), f)?;
+            tmp.persist(&output, req.force)?;
+            (None, Some(r))
+        }
     };
-    tmp.persist_file(file, &output, req.force)?;
     Ok(ExportReport {
-        format: "gguf",
+        format: req.format.name(),
         output,
         seconds: t0.elapsed().as_secs_f64(),
-        gguf: report,
+        gguf,
+        hf,
     })
+}
+
+/// `DIR-SUFFIX` beside the checkpoint directory.
+fn sibling(checkpoint: &Path, suffix: &str) -> PathBuf {
+    let dir = std::fs::canonicalize(checkpoint).unwrap_or_else(|_| checkpoint.to_path_buf());
+    let dir = if dir.is_file() {
+        dir.parent()
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+    } else {
+        dir
+    };
+    let name = dir
+        .file_name()
+        .map_or("model".into(), |n| n.to_string_lossy().into_owned());
+    dir.with_file_name(format!("{name}-{suffix}"))
 }
 
 /// The type name an export without `--type` uses, for the default file name.

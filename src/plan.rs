@@ -26,7 +26,8 @@ pub struct QuantizeRequest {
     /// `--recipe`: a built-in name or a TOML path.
     pub recipe: Option<String>,
     pub flags: Recipe,
-    pub sym_scale: SymScale,
+    /// `None`: signed-max for a `--format` target (GGUF's own rule), else max-pos.
+    pub sym_scale: Option<SymScale>,
     pub zero_point: AsymZero,
     pub clip: f32,
     pub a_clip: f32,
@@ -184,6 +185,20 @@ fn resolve_recipe(
     };
     let f = &req.flags;
     let mut r = base.overridden_by(f);
+    if req.target.is_some() {
+        if r.merged_only == Some(false) {
+            return Err(usage(
+                "--format needs a checkpoint of plain weights: merged_only = false contradicts it",
+            ));
+        }
+        r.merged_only = Some(true);
+    }
+    if r.merged_only == Some(true) && !m.merged_mode {
+        return Err(usage(format!(
+            "--merged-only: --method {} has no merged-only mode yet (rtn and rotate have)",
+            m.name
+        )));
+    }
     if r.epochs == Some(0) {
         return Err(usage("--epochs must be at least 1"));
     }
@@ -262,7 +277,22 @@ fn quant_plan(
     r: &Recipe,
     wq: &WeightQuantizer,
 ) -> Result<QuantPlan> {
-    let sym_scale = req.sym_scale;
+    let sym_scale = req.sym_scale.unwrap_or(match req.target {
+        Some(Format::Gguf) => SymScale::SignedMax,
+        _ => SymScale::MaxPos,
+    });
+    // Signed-max is a weight rule (its zero moves per unit); activations and the KV cache keep
+    // the max-pos grid.
+    let act_scale = match sym_scale {
+        SymScale::SignedMax => SymScale::MaxPos,
+        s => s,
+    };
+    if sym_scale == SymScale::SignedMax && m.trained {
+        return Err(usage(format!(
+            "--sym-scale signed-max: --method {} trains its clipping on a fixed-zero grid; use max-pos or half-range",
+            m.name
+        )));
+    }
     for (flag, v) in [("--clip", req.clip), ("--a-clip", req.a_clip)] {
         if !(v > 0.0 && v <= 1.0) {
             return Err(usage(format!("{flag} {v}: must be in (0, 1]")));
@@ -301,7 +331,7 @@ fn quant_plan(
         return Err(usage("--group-size must be positive"));
     }
     let activations = bits_arg("--a-bits", r.a_bits.unwrap_or(16))?.map(|b| QuantSpec {
-        sym_scale,
+        sym_scale: act_scale,
         clip: req.a_clip,
         clip_min: req.a_clip,
         ..if m.asym_activations {
@@ -313,7 +343,7 @@ fn quant_plan(
     let kv_cache = bits_arg("--kv-bits", r.kv_bits.unwrap_or(16))?.map(|b| {
         if req.kv_sym {
             QuantSpec {
-                sym_scale,
+                sym_scale: act_scale,
                 ..QuantSpec::sym(b)
             }
         } else {
@@ -333,10 +363,42 @@ fn quant_plan(
 /// scales, one per 32 weights; it carries no activation or KV quantization and no online
 /// transform.
 fn target_grid(format: Format, m: &MethodSpec, q: &mut QuantPlan) -> Result<()> {
-    let Format::Gguf = format;
+    let name = format.name();
     let w = q.weights.as_mut().ok_or_else(|| {
-        usage("--format gguf needs quantized weights (--bits 4 or 8); a full-precision model exports as it is (affq export --type f16|f32)")
+        usage(format!(
+            "--format {name} needs quantized weights (--bits 2, 4 or 8)"
+        ))
     })?;
+    if q.activations.is_some() || q.kv_cache.is_some() {
+        return Err(usage(format!(
+            "--format {name} carries weights only: drop --a-bits and --kv-bits"
+        )));
+    }
+    if !m.merged_mode {
+        return Err(usage(format!(
+            "--format {name}: --method {} keeps online transforms, which the format cannot carry, and has no merged-only mode yet; use --method rtn or rotate (with --weight-quantizer gptq for calibrated weights)",
+            m.name
+        )));
+    }
+    if format != Format::Gguf {
+        // compressed-tensors and GPTQ: 2/4/8-bit integer codes with f16 scales (GPTQ's dtype,
+        // and the f16 models' dtype of compressed-tensors), integer zero points; GPTQ v1
+        // cannot store a zero of 0, so its grids are symmetric.
+        if ![2, 4, 8].contains(&w.spec.bits) {
+            return Err(usage(format!(
+                "--format {name}: {}-bit codes; affq writes 2-, 4- and 8-bit layouts",
+                w.spec.bits
+            )));
+        }
+        if format == Format::Gptq && !w.spec.symmetric {
+            return Err(usage(
+                "--format gptq: GPTQ v1 stores z − 1 and cannot hold an asymmetric group's z = 0; use symmetric weights",
+            ));
+        }
+        w.spec.asym_zero = AsymZero::Integer;
+        w.spec.scale_dtype = ScaleDtype::F16;
+        return Ok(());
+    }
     match (w.spec.bits, w.spec.symmetric) {
         (4, _) | (8, true) => {}
         (b, s) => {
@@ -345,17 +407,6 @@ fn target_grid(format: Format, m: &MethodSpec, q: &mut QuantPlan) -> Result<()> 
                 if s { "symmetric" } else { "asymmetric" }
             )))
         }
-    }
-    if q.activations.is_some() || q.kv_cache.is_some() {
-        return Err(usage(
-            "--format gguf carries weights only (llama.cpp runs activations and the KV cache in its own types): drop --a-bits and --kv-bits",
-        ));
-    }
-    if m.name != "rtn" {
-        return Err(usage(format!(
-            "--format gguf: --method {} keeps online transforms, which llama.cpp cannot run; use --method rtn (with --weight-quantizer gptq for calibrated weights)",
-            m.name
-        )));
     }
     if !w.spec.symmetric {
         w.spec.asym_zero = AsymZero::FloatOffset;

@@ -36,6 +36,9 @@ pub struct Recipe {
     /// How the engine keeps the calibration activations (block inputs and targets): `f32`
     /// (default) or `bf16` (half the memory; widened per batch).
     pub calib_activations: Option<String>,
+    /// Only transforms that merge into the weights (no online transform): the checkpoint exports
+    /// to formats that carry plain weights (GGUF, GPTQ).
+    pub merged_only: Option<bool>,
 }
 
 /// Recipes shipped in calib/.
@@ -130,6 +133,7 @@ impl Recipe {
             stability_factor: over.stability_factor.or(self.stability_factor),
             ln_matrix: over.ln_matrix.or(self.ln_matrix),
             calib_activations: over.calib_activations.clone().or(self.calib_activations),
+            merged_only: over.merged_only.or(self.merged_only),
         }
     }
 }

@@ -411,14 +411,15 @@ fn load_quant_linear(
         .flatten_all()?
         .to_vec1()?;
     let half = (1u32 << (bits - 1)) as f32;
-    let zero: Vec<f32> = if spec.symmetric {
-        vec![half; out * ng]
-    } else if store.contains(&format!("{prefix}.weight_zero")) {
+    // Symmetric grids store their zeros only when they are not all 2^(b−1) (signed-max scales).
+    let zero: Vec<f32> = if store.contains(&format!("{prefix}.weight_zero")) {
         store
             .i32s(&format!("{prefix}.weight_zero"), &[out, ng])?
             .into_iter()
             .map(|z| z as f32)
             .collect()
+    } else if spec.symmetric {
+        vec![half; out * ng]
     } else {
         vec![0.0; out * ng]
     };
@@ -494,6 +495,14 @@ pub fn linear_tensors(l: &dyn LinearLayer, prefix: &str) -> Result<Vec<(String, 
                 format!("{prefix}.weight_scale"),
                 StoredTensor::f32(&scale, &[q.out, ng]),
             ));
+            let half = (1u32 << (q.spec.bits - 1)) as f32;
+            if q.spec.symmetric && q.params.iter().any(|p| p.zero != half) {
+                let z: Vec<i32> = q.params.iter().map(|p| p.zero as i32).collect();
+                out.push((
+                    format!("{prefix}.weight_zero"),
+                    StoredTensor::i32(&z, &[q.out, ng]),
+                ));
+            }
             if !q.spec.symmetric {
                 if q.params.iter().any(|p| p.offset != 0.0) {
                     let m: Vec<f32> = q.params.iter().map(|p| p.offset).collect();

@@ -299,6 +299,7 @@ pub fn transform_quantize(
     let div = match spec.sym_scale {
         SymScale::MaxPos => half - 1.0,
         SymScale::HalfRange => spec.qmax() as f32 / 2.0,
+        SymScale::SignedMax => half,
     };
     let (m_, n1_, n2_, kp_) = (m as c_int, n1 as c_int, n2 as c_int, kp as c_int);
     let (chi, clo, zero, qmax) = (spec.clip, spec.clip_min, half, spec.qmax() as f32);

@@ -71,6 +71,7 @@ pub const SPEC: MethodSpec = MethodSpec {
     },
     own_keys: &["stability_factor", "ln_matrix"],
     asym_activations: true,
+    merged_mode: false,
     build: |m: &MethodInput| {
         Ok(Box::new(AffineQuant {
             cfg: AffineQuantConfig::new(m),

@@ -52,6 +52,7 @@ pub const SPEC: MethodSpec = MethodSpec {
     scheme_recipe: |_, _| None,
     own_keys: &[],
     asym_activations: false,
+    merged_mode: false,
     build: |m: &MethodInput| Ok(Box::new(FlatQuant::new(FlatQuantConfig::new(m))?)),
 };
 

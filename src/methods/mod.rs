@@ -51,6 +51,8 @@ pub struct MethodSpec {
     pub own_keys: &'static [&'static str],
     /// Per-token activations on an asymmetric grid (AffineQuant §3.6) instead of a symmetric one.
     pub asym_activations: bool,
+    /// Has a mode whose transforms all merge into the weights (recipe key `merged_only`).
+    pub merged_mode: bool,
     /// Builds the method from the resolved recipe and the validated plan.
     pub build: fn(&MethodInput) -> Result<Box<dyn Method>>,
 }

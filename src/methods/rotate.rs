@@ -8,6 +8,11 @@
 //! 4. Values rotated per head (merged into v_proj), an online head mixer on the o_proj input
 //!    (merged into o_proj), and queries/keys rotated per head after RoPE.
 //!
+//! With `merged_only` (recipe key; implied by `quantize --format gguf`) steps 3 and 4 keep only
+//! what merges: no down_proj rotation, values rotated per head with the inverse merged into
+//! o_proj (`W_o ← Qᵀ·W_o·(I ⊗ H)`), no head mixer and no query/key rotation — a checkpoint of
+//! plain weights.
+//!
 //! All merges are computed in f64. With quantization off, logits equal the original's up to f32
 //! rounding (tests/rotate.rs).
 
@@ -138,11 +143,19 @@ pub struct Rotations {
     t_ffn: Tensor,
     num_heads: usize,
     head_dim: usize,
+    /// Only the merged rotations (no online transform).
+    merged_only: bool,
 }
 
 impl Rotations {
     /// Draws the rotations for `c`; also returns what they are, one line each.
     pub fn new(c: &ModelConfig, seed: u64) -> Result<(Self, Vec<String>)> {
+        Self::with_mode(c, seed, false)
+    }
+
+    /// As [`Self::new`]; `merged_only` keeps only the rotations that merge into the weights (the
+    /// same draws, so the residual rotation is the full mode's).
+    pub fn with_mode(c: &ModelConfig, seed: u64, merged_only: bool) -> Result<(Self, Vec<String>)> {
         let (d, hd, nh) = (c.hidden_size, c.head_dim, c.num_heads);
         let mut rng = Rng::new(seed);
         let mut log = Vec::new();
@@ -157,24 +170,43 @@ impl Rotations {
         let q = f64_tensor(&q, d, d)?;
         log.push(format!("residual stream: random signs × {}", res.what));
         let ffn = Rotation::new(c.intermediate_size, &mut rng);
-        log.push(format!("down_proj input: online {}", ffn.what));
         let head_mix = Rotation::new(nh, &mut rng);
         let hdrot = Rotation::new(hd, &mut rng);
-        log.push(format!(
-            "o_proj input: online {} across heads; values: {} per head, merged",
-            head_mix.what, hdrot.what
-        ));
-        log.push(format!(
-            "queries and keys: {} per head after RoPE",
-            hdrot.what
-        ));
         let h_hd = f64_tensor(&hdrot.dense(), hd, hd)?;
-        let o_mix = f64_tensor(
-            &kron(&head_mix.dense(), nh, &hdrot.dense(), hd),
-            nh * hd,
-            nh * hd,
-        )?;
-        let t_ffn = f64_tensor(&ffn.dense(), c.intermediate_size, c.intermediate_size)?;
+        let f = c.intermediate_size;
+        let (o_mix, t_ffn) = if merged_only {
+            log.push(format!(
+                "values: {} per head, merged into v_proj and o_proj (merged only: no online transform)",
+                hdrot.what
+            ));
+            let eye = |n: usize| -> Vec<f64> {
+                (0..n * n)
+                    .map(|i| if i / n == i % n { 1.0 } else { 0.0 })
+                    .collect()
+            };
+            (
+                f64_tensor(&kron(&eye(nh), nh, &hdrot.dense(), hd), nh * hd, nh * hd)?,
+                f64_tensor(&eye(f), f, f)?,
+            )
+        } else {
+            log.push(format!("down_proj input: online {}", ffn.what));
+            log.push(format!(
+                "o_proj input: online {} across heads; values: {} per head, merged",
+                head_mix.what, hdrot.what
+            ));
+            log.push(format!(
+                "queries and keys: {} per head after RoPE",
+                hdrot.what
+            ));
+            (
+                f64_tensor(
+                    &kron(&head_mix.dense(), nh, &hdrot.dense(), hd),
+                    nh * hd,
+                    nh * hd,
+                )?,
+                f64_tensor(&ffn.dense(), f, f)?,
+            )
+        };
         Ok((
             Rotations {
                 q,
@@ -185,6 +217,7 @@ impl Rotations {
                 t_ffn,
                 num_heads: nh,
                 head_dim: hd,
+                merged_only,
             },
             log,
         ))
@@ -250,6 +283,9 @@ impl Rotations {
             block.set_linear(kind, Box::new(new))?;
         }
         block.set_norms(g_in.ones_like()?, g_post.ones_like()?);
+        if self.merged_only {
+            return Ok(());
+        }
         block.set_site(Site::DownIn, Some(self.ffn.online()?));
         let p1 = (nh > 1).then_some(self.head_mix.dense());
         block.set_site(
@@ -273,9 +309,11 @@ pub const SPEC: MethodSpec = MethodSpec {
     scheme_recipe: |_, _| None,
     own_keys: &[],
     asym_activations: false,
+    merged_mode: true,
     build: |m: &MethodInput| {
         Ok(Box::new(Rotate {
             seed: m.seed,
+            merged_only: m.recipe.merged_only.unwrap_or(false),
             rotations: None,
         }))
     },
@@ -283,6 +321,7 @@ pub const SPEC: MethodSpec = MethodSpec {
 
 pub struct Rotate {
     seed: u64,
+    merged_only: bool,
     rotations: Option<Rotations>,
 }
 
@@ -291,7 +330,7 @@ impl Method for Rotate {
         "gptq"
     }
     fn prepare(&mut self, model: &mut Model) -> Result<Vec<String>> {
-        let (r, log) = Rotations::new(&model.config, self.seed)?;
+        let (r, log) = Rotations::with_mode(&model.config, self.seed, self.merged_only)?;
         r.rotate_ends(model)?;
         self.rotations = Some(r);
         Ok(log)

@@ -10,6 +10,7 @@ pub const SPEC: MethodSpec = MethodSpec {
     scheme_recipe: |_, _| None,
     own_keys: &[],
     asym_activations: false,
+    merged_mode: true,
     build: |_: &MethodInput| Ok(Box::new(Rtn)),
 };
 

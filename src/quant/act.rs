@@ -57,6 +57,7 @@ pub fn fake_quant_graph(
         let div = match spec.sym_scale {
             super::SymScale::MaxPos => half - 1.0,
             super::SymScale::HalfRange => spec.qmax() as f64 / 2.0,
+            super::SymScale::SignedMax => half,
         };
         let s = (xmax.maximum(&xmin.neg()?)? / div)?.clamp(MIN_SCALE, f64::MAX)?;
         let q = round_ste(&x.broadcast_div(&s)?)?.clamp(-half, half - 1.0)?;

@@ -56,6 +56,7 @@ impl ClipQuant {
             let div = match self.spec.sym_scale {
                 SymScale::MaxPos => ((1u32 << (self.spec.bits - 1)) - 1) as f32,
                 SymScale::HalfRange => self.spec.qmax() as f32 / 2.0,
+                SymScale::SignedMax => (1u32 << (self.spec.bits - 1)) as f32,
             };
             hi.max(-lo) / div
         } else {
@@ -157,6 +158,7 @@ impl CustomOp3 for ClipQuant {
         let div = match self.spec.sym_scale {
             SymScale::MaxPos => ((1u32 << (self.spec.bits - 1)) - 1) as f32,
             SymScale::HalfRange => qmax / 2.0,
+            SymScale::SignedMax => (1u32 << (self.spec.bits - 1)) as f32,
         };
         let mut dx = vec![0f32; rows * n];
         // Per row: (d a_hi, d a_lo).

@@ -14,6 +14,12 @@ pub enum SymScale {
     MaxPos,
     /// `s = amax / ((2^b − 1)/2)` (amax/7.5): the GPTQ repository and compressed-tensors observers.
     HalfRange,
+    /// `s = amax / 2^(b−1)` with the zero at `2^(b−1)` when the extreme is negative (levels
+    /// −8s…7s at 4 bits) and at `2^(b−1) − 1` when it is positive (−7s…8s): every one of the 2^b
+    /// levels is used and the extreme is exact — llama.cpp's Q4_0/Q8_0 rule `d = x_extreme/−8`
+    /// (a negative `d` mirrors the grid; algorithms.md §1.2). Weights only: activation and
+    /// training-time quantizers treat it as `s = amax / 2^(b−1)` with the zero at `2^(b−1)`.
+    SignedMax,
 }
 
 /// How an asymmetric grid is anchored.
@@ -143,14 +149,16 @@ impl QuantSpec {
             let div = match self.sym_scale {
                 SymScale::MaxPos => half - 1.0,
                 SymScale::HalfRange => self.qmax() as f32 / 2.0,
+                SymScale::SignedMax => half,
             };
             // An all-zero unit gets s = 1 (its codes are 0 under any positive scale).
             let s = self
                 .scale_dtype
                 .round_scale(if amax > 0.0 { amax / div } else { 1.0 });
+            let positive_extreme = self.sym_scale == SymScale::SignedMax && xmax > -xmin;
             UnitParams {
                 scale: s,
-                zero: half,
+                zero: if positive_extreme { half - 1.0 } else { half },
                 offset: 0.0,
             }
         } else {
@@ -284,6 +292,10 @@ mod tests {
                     asym_zero: AsymZero::FloatOffset,
                     ..QuantSpec::asym(bits)
                 },
+                QuantSpec {
+                    sym_scale: SymScale::SignedMax,
+                    ..QuantSpec::sym(bits)
+                },
             ] {
                 let xs: Vec<f32> = (0..999).map(|_| lcg(&mut seed) * 3.0 + 0.5).collect();
                 let mut codes = vec![0u8; xs.len()];
@@ -292,9 +304,15 @@ mod tests {
                     let p = params[i / 37];
                     assert!(c as u32 <= spec.qmax());
                     let err = (p.value(c) - x).abs();
-                    // Half a step, plus float rounding of s·(q − z).
+                    // Half a step, plus float rounding of s·(q − z); signed-max gives the side
+                    // opposite the extreme one level less (up to one step).
+                    let steps = if spec.sym_scale == SymScale::SignedMax {
+                        1.0
+                    } else {
+                        0.5
+                    };
                     assert!(
-                        err <= p.scale * 0.5 * (1.0 + 1e-5) + 1e-6,
+                        err <= p.scale * steps * (1.0 + 1e-5) + 1e-6,
                         "{spec:?}: x {x} err {err} s {}",
                         p.scale
                     );
@@ -314,6 +332,22 @@ mod tests {
         }
         .params(-3.75, 2.0);
         assert_eq!(p.scale, 0.5);
+    }
+
+    /// Signed-max uses all 2^b levels: the extreme of either sign is exact.
+    #[test]
+    fn signed_max_puts_the_extreme_on_the_grid() {
+        let spec = QuantSpec {
+            sym_scale: SymScale::SignedMax,
+            ..QuantSpec::sym(4)
+        };
+        let p = spec.params(-4.0, 3.0);
+        assert_eq!((p.scale, p.zero), (0.5, 8.0));
+        assert_eq!(p.value(p.code(-4.0, 15.0)), -4.0);
+        let p = spec.params(-3.0, 4.0);
+        assert_eq!((p.scale, p.zero), (0.5, 7.0));
+        assert_eq!(p.value(p.code(4.0, 15.0)), 4.0);
+        assert_eq!(p.value(p.code(-3.5, 15.0)), -3.5);
     }
 
     #[test]

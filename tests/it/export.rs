@@ -341,8 +341,8 @@ fn gguf_refusals_and_lossy_export() {
             "not a multiple of 32",
         ),
         (
-            &["--bits", "4", "--method", "rotate"][..],
-            "keeps online transforms",
+            &["--bits", "4", "--method", "flatquant"][..],
+            "has no merged-only mode",
         ),
     ] {
         let mut args = vec!["--format", "gguf"];
@@ -457,5 +457,220 @@ fn llama_cpp_scores_exports_as_affq_does() {
         );
         assert!(rel < 0.005, "{name}: affq {ours} vs llama.cpp {theirs}");
     }
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// The rotation's merged-only mode (implied by `--format gguf`) is an exact reparameterisation
+/// with no online transform: at full precision it scores as the model does, and its 4-bit GGUF
+/// checkpoint exports exactly.
+#[test]
+fn merged_only_rotation_is_exact_and_exports() {
+    let work = tmp("rotate-merged");
+    let fp = work.join("fp");
+    quantize_stories(
+        &fp,
+        &["--method", "rotate", "--merged-only", "--bits", "16"],
+    );
+    let cfg = read_json(&fp.join("config.json"));
+    let transforms = cfg["quantization_config"]["transforms"].to_string();
+    assert!(transforms.contains("merged only"), "{transforms}");
+    let args = ["--seqlen", "128", "--max-windows", "4"];
+    let a = eval_json(&fp, &args)["ppl"].as_f64().unwrap();
+    let b = eval_json(&stories_hf(), &args)["ppl"].as_f64().unwrap();
+    assert!(
+        (a - b).abs() / b < 1e-5,
+        "merged-only rotation {a} vs model {b}"
+    );
+    let smol = smollm2_dir();
+    let q = work.join("q4");
+    affq_json(&[
+        "quantize",
+        s(&smol),
+        "-o",
+        s(&q),
+        "--method",
+        "rotate",
+        "--format",
+        "gguf",
+        "--bits",
+        "4",
+    ]);
+    let r = affq_json(&["export", s(&q), "-o", s(&work.join("q4.gguf"))]);
+    assert_eq!(r["exact"], true, "{r}");
+    assert_eq!(r["tensor_types"]["Q4_0"], 210, "{r}");
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// A Python with `transformers`, `torch` and `compressed_tensors`: `$AFFQ_HF_PYTHON`, else
+/// ~/.cache/affq/py-hf or target/py-hf (made by .ci/run).
+fn hf_python() -> Option<PathBuf> {
+    let home =
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/affq/py-hf/bin/python"));
+    let cands = [
+        std::env::var_os("AFFQ_HF_PYTHON").map(PathBuf::from),
+        home,
+        Some(repo().join("target/py-hf/bin/python")),
+    ];
+    let found = cands.into_iter().flatten().find(|p| {
+        Command::new(p)
+            .args(["-c", "import transformers, torch, compressed_tensors"])
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var_os("AFFQ_REQUIRE_HF").is_none(),
+            "AFFQ_REQUIRE_HF is set but no Python with transformers + compressed-tensors was found"
+        );
+        eprintln!("skipped: no Python with transformers + compressed-tensors (AFFQ_HF_PYTHON)");
+    }
+    found
+}
+
+fn run_check(py: &Path, args: &[&str]) {
+    let o = Command::new(py)
+        .arg(repo().join("scripts/check-hf-export.py"))
+        .args(args)
+        .env("AFFQ_DATA_DIR", data_dir())
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "check-hf-export.py {args:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// compressed-tensors and GPTQ exports of SmolLM2 decode bit for bit (an independent numpy
+/// decoder written from the formats' packing) to the checkpoint's weights; transformers loads the
+/// compressed-tensors directory and scores every window as affq does; what the formats cannot
+/// hold is refused.
+#[test]
+fn hf_exports_decode_exactly_and_transformers_agrees() {
+    let smol = smollm2_dir();
+    let py = gguf_python();
+    let work = tmp("hf");
+    for (name, format, flags) in [
+        (
+            "ct-g64",
+            "compressed-tensors",
+            &["--bits", "4", "--group-size", "64"][..],
+        ),
+        (
+            "ct-asym",
+            "compressed-tensors",
+            &["--bits", "4", "--asym"][..],
+        ),
+        ("ct-w8", "compressed-tensors", &["--bits", "8"][..]),
+        (
+            "gptq-g64",
+            "gptq",
+            &[
+                "--bits",
+                "4",
+                "--group-size",
+                "64",
+                "--weight-quantizer",
+                "gptq",
+                "--nsamples",
+                "4",
+                "--calib-seqlen",
+                "64",
+            ][..],
+        ),
+    ] {
+        let ckpt = work.join(name);
+        let mut args = vec!["quantize", s(&smol), "-o", s(&ckpt), "--format", format];
+        args.extend_from_slice(flags);
+        affq_json(&args);
+        let out = work.join(format!("{name}-out"));
+        let r = affq_json(&["export", s(&ckpt), "--format", format, "-o", s(&out)]);
+        assert_eq!(r["quantized_linears"], 210, "{r}");
+        let cfg = read_json(&out.join("config.json"));
+        let want = if format == "gptq" {
+            "gptq"
+        } else {
+            "compressed-tensors"
+        };
+        assert_eq!(cfg["quantization_config"]["quant_method"], want);
+        if format == "gptq" {
+            assert!(out.join("quantize_config.json").is_file());
+        }
+        if let Some(py) = &py {
+            run_check(py, &["decode", s(&ckpt), s(&out)]);
+        }
+        if name == "ct-g64" {
+            if let Some(hf) = hf_python() {
+                let j = work.join("affq.json");
+                let v = eval_json(
+                    &ckpt,
+                    &[
+                        "--protocol",
+                        "llamacpp",
+                        "--seqlen",
+                        "512",
+                        "--max-windows",
+                        "4",
+                    ],
+                );
+                std::fs::write(&j, v.to_string()).unwrap();
+                run_check(&hf, &["transformers", s(&out), s(&j), "--windows", "4"]);
+            }
+        }
+    }
+    // Refusals: float offsets (compressed-tensors), f32 scales (GPTQ), online transforms.
+    let fo = work.join("float-offset");
+    affq_json(&[
+        "quantize",
+        s(&smol),
+        "-o",
+        s(&fo),
+        "--bits",
+        "4",
+        "--asym",
+        "--zero-point",
+        "float-offset",
+    ]);
+    let out = work.join("x");
+    export_refused(
+        &fo,
+        &out,
+        &["--format", "compressed-tensors"],
+        "float offsets",
+    );
+    let f32s = work.join("f32-scales");
+    affq_json(&[
+        "quantize",
+        s(&smol),
+        "-o",
+        s(&f32s),
+        "--bits",
+        "4",
+        "--group-size",
+        "64",
+    ]);
+    export_refused(&f32s, &out, &["--format", "gptq"], "not an f16 value");
+    export_refused(
+        &f32s,
+        &out,
+        &["--format", "gptq", "--allow-lossy"],
+        "--allow-lossy",
+    );
+    let fq = work.join("fq");
+    quantize_stories(
+        &fq,
+        &Calibrated::new(2, 32)
+            .method("flatquant")
+            .scheme(4, 16)
+            .epochs(1)
+            .args(),
+    );
+    export_refused(
+        &fq,
+        &out,
+        &["--format", "compressed-tensors"],
+        "online transform",
+    );
     let _ = std::fs::remove_dir_all(&work);
 }

@@ -46,6 +46,20 @@ pub(crate) enum Command {
 pub(crate) enum FormatArg {
     /// llama.cpp's GGUF (Q4_0, Q4_1, Q8_0, F16, F32).
     Gguf,
+    /// compressed-tensors pack-quantized (transformers, vLLM): 2/4/8-bit integer weights.
+    CompressedTensors,
+    /// GPTQ v1 (GPTQModel, transformers, vLLM): 2/4/8-bit integer weights, f16 scales.
+    Gptq,
+}
+
+impl FormatArg {
+    pub(crate) fn format(self) -> affq::export::Format {
+        match self {
+            FormatArg::Gguf => affq::export::Format::Gguf,
+            FormatArg::CompressedTensors => affq::export::Format::CompressedTensors,
+            FormatArg::Gptq => affq::export::Format::Gptq,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -67,7 +81,8 @@ pub(crate) enum GgufTypeArg {
 pub(crate) struct ExportArgs {
     /// Checkpoint directory (affq's, or a full-precision Hugging Face model).
     pub(crate) checkpoint: PathBuf,
-    /// Output file [default: CHECKPOINT_DIR.TYPE.gguf beside the checkpoint].
+    /// Output file (GGUF) or directory [default: beside the checkpoint, CHECKPOINT_DIR.TYPE.gguf,
+    /// CHECKPOINT_DIR-compressed-tensors or CHECKPOINT_DIR-gptq].
     #[arg(short, long)]
     pub(crate) output: Option<PathBuf>,
     /// Output format.
@@ -93,9 +108,7 @@ impl ExportArgs {
         affq::export::ExportRequest {
             checkpoint: self.checkpoint.clone(),
             output: self.output.clone(),
-            format: match self.format {
-                FormatArg::Gguf => affq::export::Format::Gguf,
-            },
+            format: self.format.format(),
             gguf_type: self.gguf_type.map(|t| {
                 match t {
                     GgufTypeArg::Q4_0 => "q4_0",
@@ -127,6 +140,10 @@ pub(crate) enum SymScaleArg {
     Maxpos,
     /// s = amax / ((2^b - 1)/2)   (amax/7.5; GPTQ repo, compressed-tensors)
     Halfrange,
+    /// s = amax / 2^(b-1), zero moved so the extreme is exact: all 2^b levels (llama.cpp's
+    /// Q4_0/Q8_0 rule; weights only)
+    #[value(name = "signed-max")]
+    SignedMax,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -198,9 +215,9 @@ pub(crate) struct QuantizeArgs {
     /// Asymmetric weights.
     #[arg(long)]
     pub(crate) asym: bool,
-    /// Scale convention of symmetric grids.
-    #[arg(long, value_enum, default_value = "maxpos")]
-    pub(crate) sym_scale: SymScaleArg,
+    /// Scale convention of symmetric grids [default: signed-max with --format, else maxpos].
+    #[arg(long, value_enum)]
+    pub(crate) sym_scale: Option<SymScaleArg>,
     /// Zero-point convention of asymmetric weight grids.
     #[arg(long, value_enum, default_value = "integer")]
     pub(crate) zero_point: ZeroArg,
@@ -243,9 +260,15 @@ pub(crate) struct QuantizeArgs {
     /// per-channel scales (the weight-only recipes).
     #[arg(long)]
     pub(crate) ln_matrix: bool,
+    /// Only transforms that merge into the weights (rotate: the residual and per-head value
+    /// rotations; no online Hadamard, head mixer or query/key rotation): the checkpoint holds
+    /// plain weights and exports to GGUF. Implied by --format.
+    #[arg(long)]
+    pub(crate) merged_only: bool,
     /// Quantize on the grid of a format so that its export is exact: `gguf` = f16 scales, groups
-    /// of 32 (or --group-size, a multiple of 32), 4-bit symmetric (Q4_0), 4-bit asymmetric with
-    /// float offsets (Q4_1) or 8-bit symmetric (Q8_0); weights only.
+    /// of 32 (or --group-size, a multiple of 32), 4-bit symmetric with signed-max scales (Q4_0),
+    /// 4-bit asymmetric with float offsets (Q4_1) or 8-bit symmetric (Q8_0); `compressed-tensors`
+    /// and `gptq` = 2/4/8-bit integer codes with f16 scales (GPTQ: symmetric); weights only.
     #[arg(long, value_enum)]
     pub(crate) format: Option<FormatArg>,
     /// Continue an interrupted calibration from the blocks it finished (kept in `.OUT.affq-work`
@@ -395,11 +418,13 @@ impl QuantizeArgs {
                 stability_factor: self.stability_factor,
                 ln_matrix: self.ln_matrix.then_some(true),
                 calib_activations: self.calib_activations.clone(),
+                merged_only: self.merged_only.then_some(true),
             },
-            sym_scale: match self.sym_scale {
+            sym_scale: self.sym_scale.map(|s| match s {
                 SymScaleArg::Maxpos => SymScale::MaxPos,
                 SymScaleArg::Halfrange => SymScale::HalfRange,
-            },
+                SymScaleArg::SignedMax => SymScale::SignedMax,
+            }),
             zero_point: match self.zero_point {
                 ZeroArg::Integer => AsymZero::Integer,
                 ZeroArg::FloatOffset => AsymZero::FloatOffset,
@@ -411,9 +436,7 @@ impl QuantizeArgs {
             quantize_head: self.quantize_head,
             seed: self.seed,
             data_dir: self.data_dir.clone(),
-            target: self.format.map(|f| match f {
-                FormatArg::Gguf => affq::export::Format::Gguf,
-            }),
+            target: self.format.map(FormatArg::format),
             resume: self.resume,
             force: self.force,
         }

@@ -225,7 +225,20 @@ fn run_export(a: ExportArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_value(&r)?);
         return Ok(());
     }
-    let g = &r.gguf;
+    if let Some(h) = &r.hf {
+        println!(
+            "exported {} as {} ({} quantized linears; {} tensors; {:.1} MB) -> {} in {:.1}s, exact",
+            a.checkpoint.display(),
+            r.format,
+            h.quantized_linears,
+            h.tensors,
+            h.bytes as f64 / 1e6,
+            r.output.display(),
+            r.seconds
+        );
+        return Ok(());
+    }
+    let Some(g) = &r.gguf else { return Ok(()) };
     println!(
         "exported {} as GGUF ({}, linears {}; {} tensors {:?}; {:.1} MB) -> {} in {:.1}s{}",
         a.checkpoint.display(),

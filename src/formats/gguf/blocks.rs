@@ -159,11 +159,18 @@ fn f16_le(x: f32) -> [u8; 2] {
 fn block_from_codes(t: GgmlType, codes: &[u8], p: &UnitParams, out: &mut Vec<u8>) -> Option<()> {
     match t {
         GgmlType::Q4_0 => {
+            // A grid with its zero at 7 (levels −7s…8s, signed-max scales) is Q4_0 with `d = −s`
+            // and `q = 15 − c`: `(q − 8)·d = (c − 7)·s`.
+            let mirrored = p.zero == 7.0;
             let shift = |c: u8| -> Option<u8> {
-                let q = c as f32 - p.zero + 8.0;
+                let q = if mirrored {
+                    15.0 - c as f32
+                } else {
+                    c as f32 - p.zero + 8.0
+                };
                 (0.0..=15.0).contains(&q).then_some(q as u8)
             };
-            out.extend_from_slice(&f16_le(p.scale));
+            out.extend_from_slice(&f16_le(if mirrored { -p.scale } else { p.scale }));
             for j in 0..16 {
                 out.push(shift(codes[j])? | shift(codes[j + 16])? << 4);
             }
@@ -179,9 +186,15 @@ fn block_from_codes(t: GgmlType, codes: &[u8], p: &UnitParams, out: &mut Vec<u8>
             }
         }
         GgmlType::Q8_0 => {
-            out.extend_from_slice(&f16_le(p.scale));
+            // Zero at 127 (signed-max scales): `d = −s`, `q = 127 − c`.
+            let mirrored = p.zero == 127.0;
+            out.extend_from_slice(&f16_le(if mirrored { -p.scale } else { p.scale }));
             for &c in codes {
-                let q = c as f32 - p.zero;
+                let q = if mirrored {
+                    127.0 - c as f32
+                } else {
+                    c as f32 - p.zero
+                };
                 if !(-128.0..=127.0).contains(&q) {
                     return None;
                 }
@@ -356,9 +369,15 @@ mod tests {
             asym_zero: AsymZero::FloatOffset,
             ..QuantSpec::asym(4)
         };
+        let signed = |b: u8| QuantSpec {
+            sym_scale: crate::quant::SymScale::SignedMax,
+            ..QuantSpec::sym(b)
+        };
         for (t, spec) in [
             (GgmlType::Q4_0, QuantSpec::sym(4)),
+            (GgmlType::Q4_0, signed(4)),
             (GgmlType::Q8_0, QuantSpec::sym(8)),
+            (GgmlType::Q8_0, signed(8)),
             (GgmlType::Q4_1, float_offset),
         ] {
             for g in [

@@ -1,0 +1,131 @@
+//! compressed-tensors `pack-quantized` (formats.md §1): the format transformers decompresses on
+//! load and vLLM runs. Per quantized linear `P`: `P.weight_packed` (I32 `[out, in·b/32]`, the
+//! offset-binary code `q + 2^(b−1)` — affq's unsigned code — low bits first along the input),
+//! `P.weight_scale` (model dtype, `[out, groups]`), `P.weight_zero_point` for asymmetric grids
+//! (I32 `[out·b/32, groups]`, the offset-binary zero packed along the output), `P.weight_shape`.
+//! `W = (q − zp)·s`. 2-, 4- and 8-bit codes only (the layouts every version agrees on).
+
+use super::hf_export::{exact_floats, pack_rows, transpose, LinearFormat};
+use super::safetensors::StoredTensor;
+use crate::quant::{Granularity, QuantizedWeight};
+use safetensors::Dtype;
+
+pub struct CompressedTensors;
+
+/// Whether a grid stores no zero point: symmetric with every zero at 2^(b−1).
+fn symmetric(q: &QuantizedWeight) -> bool {
+    let half = (1u32 << (q.spec.bits - 1)) as f32;
+    q.spec.symmetric && q.params.iter().all(|p| p.zero == half)
+}
+
+fn dtype_name(d: Dtype) -> &'static str {
+    match d {
+        Dtype::F16 => "f16",
+        Dtype::BF16 => "bf16",
+        _ => "f32",
+    }
+}
+
+impl LinearFormat for CompressedTensors {
+    fn name(&self) -> &'static str {
+        "compressed-tensors"
+    }
+
+    fn linear(
+        &self,
+        q: &QuantizedWeight,
+        prefix: &str,
+        dtype: Dtype,
+    ) -> Result<Vec<(String, StoredTensor)>, String> {
+        let bits = q.spec.bits;
+        if ![2, 4, 8].contains(&bits) {
+            return Err(format!("has {bits}-bit codes; compressed-tensors' layout is stable for 2, 4 and 8 bits only"));
+        }
+        if q.params.iter().any(|p| p.offset != 0.0) {
+            return Err("has float offsets (Q4_1-style); compressed-tensors stores integer zero points: quantize with --zero-point integer".into());
+        }
+        let ng = q.n_groups();
+        let scale: Vec<f32> = q.params.iter().map(|p| p.scale).collect();
+        let sbytes = exact_floats(&scale, dtype).ok_or_else(|| {
+            let i = scale
+                .iter()
+                .position(|&s| exact_floats(&[s], dtype).is_none())
+                .unwrap_or(0);
+            format!(
+                "has scale {:e} (row {}, group {}), which is not a {} value (the model's dtype, compressed-tensors' scale dtype): quantize with --format compressed-tensors",
+                scale[i],
+                i / ng,
+                i % ng,
+                dtype_name(dtype)
+            )
+        })?;
+        let wpr = q.inp * bits as usize / 32;
+        if !(q.inp * bits as usize).is_multiple_of(32) {
+            return Err(format!(
+                "has {} input columns, which do not fill whole 32-bit words",
+                q.inp
+            ));
+        }
+        let mut t = vec![
+            (
+                format!("{prefix}.weight_packed"),
+                StoredTensor::i32(&pack_rows(&q.codes, q.inp, bits), &[q.out, wpr]),
+            ),
+            (
+                format!("{prefix}.weight_scale"),
+                StoredTensor {
+                    dtype,
+                    shape: vec![q.out, ng],
+                    bytes: sbytes,
+                },
+            ),
+            (
+                format!("{prefix}.weight_shape"),
+                StoredTensor::i64(&[q.out as i64, q.inp as i64], &[2]),
+            ),
+        ];
+        if !symmetric(q) {
+            if !(q.out * bits as usize).is_multiple_of(32) {
+                return Err(format!(
+                    "has {} output rows, which do not fill whole 32-bit words of zero points",
+                    q.out
+                ));
+            }
+            let z: Vec<u8> = q.params.iter().map(|p| p.zero as u8).collect();
+            let packed = pack_rows(&transpose(&z, q.out, ng), q.out, bits); // [ng, out·b/32]
+            let wpo = q.out * bits as usize / 32;
+            t.push((
+                format!("{prefix}.weight_zero_point"),
+                StoredTensor::i32(&transpose(&packed, ng, wpo), &[wpo, ng]),
+            ));
+        }
+        Ok(t)
+    }
+
+    fn quantization_config(&self, q: &QuantizedWeight, quantize_head: bool) -> serde_json::Value {
+        let (strategy, group) = match q.granularity {
+            Granularity::Group(g) => ("group", serde_json::json!(g)),
+            Granularity::Channel => ("channel", serde_json::Value::Null),
+            Granularity::Tensor => ("tensor", serde_json::Value::Null),
+        };
+        serde_json::json!({
+            "quant_method": "compressed-tensors",
+            "format": "pack-quantized",
+            "quantization_status": "compressed",
+            "version": "0.20.1",
+            "config_groups": {"group_0": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": q.spec.bits, "type": "int", "symmetric": symmetric(q),
+                            "strategy": strategy, "group_size": group, "dynamic": false,
+                            "actorder": null, "block_structure": null, "observer": null,
+                            "observer_kwargs": {}},
+                "input_activations": null, "output_activations": null}},
+            "ignore": if quantize_head { serde_json::json!([]) } else { serde_json::json!(["lm_head"]) },
+            "kv_cache_scheme": null,
+            "global_compression_ratio": null,
+            "sparsity_config": {},
+            "transform_config": {},
+            "quantizer": format!("affq {}", crate::VERSION),
+        })
+    }
+}

@@ -1,0 +1,310 @@
+//! Exports to Hugging Face directories whose linears are stored quantized (compressed-tensors
+//! `pack-quantized`, GPTQ v1): the walk over a checkpoint shared by both formats, one block at a
+//! time, behind the small trait [`LinearFormat`] each format implements (formats.md §1, §2).
+//!
+//! Dense tensors (embedding, norms, an unquantized head, biases) are written in the model's dtype
+//! when every value is one of its values, else F32; online transforms and activation / KV
+//! quantization are refused like the GGUF export refuses them.
+
+use super::checkpoint::Precision;
+use super::safetensors::{SpooledSafetensors, StoredTensor};
+use super::Checkpoint;
+use crate::error::{Error, Result};
+use crate::model::{LinearKind, LinearLayer, Site};
+use crate::quant::QuantizedWeight;
+use candle_core::{DType, Tensor};
+use safetensors::Dtype;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+/// How one format stores a quantized linear.
+pub trait LinearFormat {
+    /// `quant_method` / the format's name in messages.
+    fn name(&self) -> &'static str;
+    /// The tensors of quantized linear `prefix` (bias excluded), or why the format cannot hold
+    /// it exactly.
+    /// `dtype`: the model's dtype (scales of compressed-tensors are stored in it).
+    fn linear(
+        &self,
+        q: &QuantizedWeight,
+        prefix: &str,
+        dtype: Dtype,
+    ) -> std::result::Result<Vec<(String, StoredTensor)>, String>;
+    /// `config.json:quantization_config` for the checkpoint's weight grid `q` (one linear
+    /// stands for all: affq uses one grid for the whole model).
+    fn quantization_config(&self, q: &QuantizedWeight, quantize_head: bool) -> serde_json::Value;
+    /// Bias dtype (GPTQ stores f16 biases; compressed-tensors keeps the model dtype).
+    fn bias_dtype(&self, model: Dtype) -> Dtype {
+        model
+    }
+    /// Extra files (name, contents) written beside config.json.
+    fn extra_files(&self, _config: &serde_json::Value) -> Vec<(String, String)> {
+        Vec::new()
+    }
+}
+
+/// What an HF-directory export wrote.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HfReport {
+    pub quantized_linears: usize,
+    pub tensors: usize,
+    pub bytes: u64,
+}
+
+fn model_dtype(ckpt: &Checkpoint) -> Dtype {
+    match ckpt
+        .store
+        .raw("model.embed_tokens.weight")
+        .map(|r| r.dtype)
+        .unwrap_or(Dtype::F32)
+    {
+        Dtype::BF16 => Dtype::BF16,
+        Dtype::F16 => Dtype::F16,
+        _ => {
+            // affq checkpoints hold f32 ends; the source model's dtype is in its config.
+            let text = std::fs::read_to_string(&ckpt.files.config).unwrap_or_default();
+            match serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v["torch_dtype"].as_str().map(str::to_string))
+                .as_deref()
+            {
+                Some("float16") => Dtype::F16,
+                Some("bfloat16") => Dtype::BF16,
+                _ => Dtype::F32,
+            }
+        }
+    }
+}
+
+/// `t` in `dtype` when every value survives the conversion, else F32.
+pub fn dense_tensor(t: &Tensor, dtype: Dtype) -> Result<StoredTensor> {
+    let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let shape = t.dims().to_vec();
+    let exact = |f: fn(f32) -> f32| v.iter().all(|&x| f(x) == x);
+    Ok(match dtype {
+        Dtype::F16 if exact(|x| half::f16::from_f32(x).to_f32()) => StoredTensor {
+            dtype: Dtype::F16,
+            shape,
+            bytes: v
+                .iter()
+                .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                .collect(),
+        },
+        Dtype::BF16 if exact(|x| half::bf16::from_f32(x).to_f32()) => StoredTensor {
+            dtype: Dtype::BF16,
+            shape,
+            bytes: v
+                .iter()
+                .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                .collect(),
+        },
+        _ => StoredTensor::f32(&v, &shape),
+    })
+}
+
+/// Refuses what a plain-weights format cannot carry, naming the first offender.
+pub fn check_plain_weights(ckpt: &Checkpoint, format: &str) -> Result<()> {
+    let dir = ckpt.files.dir.display();
+    for i in 0..ckpt.config.num_layers {
+        let p = format!("model.layers.{i}");
+        let online = Site::ALL
+            .iter()
+            .map(|s| format!("{p}.online.{}.dims", s.name()))
+            .chain([format!("{p}.self_attn.qk_transform.q")])
+            .find(|n| ckpt.store.contains(n));
+        if let Some(n) = online {
+            return Err(Error::Unsupported(format!(
+                "{dir}: `{}` is an online transform, which {format} cannot carry; only checkpoints whose transforms are merged into the weights export (--method rtn, or rotate with --merged-only)",
+                n.trim_end_matches(".dims")
+            )));
+        }
+    }
+    if let Some(q) = &ckpt.quant {
+        for (what, spec) in [("activations", q.activations), ("KV cache", q.kv_cache)] {
+            if let Some(s) = spec {
+                return Err(Error::Unsupported(format!(
+                    "{dir}: {what} quantized to {} bits (quantization_config): this {format} export carries weight quantization only; quantize without --a-bits/--kv-bits",
+                    s.bits
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Exports `ckpt` into the directory `out` (written in place: the caller gives a temporary one).
+pub fn export(ckpt: &Checkpoint, out: &Path, f: &dyn LinearFormat) -> Result<HfReport> {
+    check_plain_weights(ckpt, f.name())?;
+    let c = &ckpt.config;
+    let dir = ckpt.files.dir.display().to_string();
+    if !ckpt
+        .store
+        .contains("model.layers.0.self_attn.q_proj.weight_packed")
+    {
+        return Err(Error::Unsupported(format!(
+            "{dir}: the model is not quantized; a {} export stores quantized weights (affq quantize first)",
+            f.name()
+        )));
+    }
+    let dtype = model_dtype(ckpt);
+    let mut st = SpooledSafetensors::create(&out.join("model.safetensors"))?;
+    let mut first: Option<QuantizedWeight> = None;
+    let mut n_quant = 0;
+    let mut linear =
+        |l: &dyn LinearLayer, prefix: &str, st: &mut SpooledSafetensors| -> Result<()> {
+            match l.quantized_weight() {
+                Some(q) => {
+                    let t = f
+                        .linear(q, prefix, dtype)
+                        .map_err(|why| Error::Unsupported(format!("{dir}: `{prefix}` {why}")))?;
+                    st.add(t)?;
+                    if first.is_none() {
+                        first = Some(q.clone());
+                    }
+                    n_quant += 1;
+                }
+                None => st.add(vec![(
+                    format!("{prefix}.weight"),
+                    dense_tensor(l.weight_ref(), dtype)?,
+                )])?,
+            }
+            if let Some(b) = l.bias() {
+                st.add(vec![(
+                    format!("{prefix}.bias"),
+                    dense_tensor(b, f.bias_dtype(dtype))?,
+                )])?;
+            }
+            Ok(())
+        };
+    let ends = ckpt.load_ends(1, Precision::Stored)?;
+    let config = ends.config.clone();
+    for i in 0..c.num_layers {
+        let b = ckpt.load_block(Arc::clone(&config), i, Precision::Stored)?;
+        let p = format!("model.layers.{i}");
+        for kind in LinearKind::ALL {
+            linear(b.linear(kind), &format!("{p}.{}", kind.hf_name()), &mut st)?;
+        }
+        st.add(vec![
+            (
+                format!("{p}.input_layernorm.weight"),
+                dense_tensor(b.input_norm(), dtype)?,
+            ),
+            (
+                format!("{p}.post_attention_layernorm.weight"),
+                dense_tensor(b.post_norm(), dtype)?,
+            ),
+        ])?;
+        if let Some((qn, kn)) = b.qk_norms() {
+            st.add(vec![
+                (
+                    format!("{p}.self_attn.q_norm.weight"),
+                    dense_tensor(qn, dtype)?,
+                ),
+                (
+                    format!("{p}.self_attn.k_norm.weight"),
+                    dense_tensor(kn, dtype)?,
+                ),
+            ])?;
+        }
+    }
+    st.add(vec![(
+        "model.embed_tokens.weight".into(),
+        dense_tensor(&ends.embed, dtype)?,
+    )])?;
+    st.add(vec![(
+        "model.norm.weight".into(),
+        dense_tensor(&ends.norm, dtype)?,
+    )])?;
+    let quantize_head = ckpt.store.contains("lm_head.weight_packed");
+    if !ends.tied_head {
+        linear(ends.head.as_ref(), "lm_head", &mut st)?;
+    }
+    let mut meta = BTreeMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    meta.insert("affq.version".to_string(), crate::VERSION.to_string());
+    st.finish(&meta)?;
+    let tensors = super::safetensors::TensorStore::open(&[out.join("model.safetensors")])?
+        .names()
+        .len();
+    let q = first.expect("a quantized checkpoint has a quantized linear");
+    let text = std::fs::read_to_string(&ckpt.files.config)
+        .map_err(|e| Error::io(&ckpt.files.config, e))?;
+    let mut cfg: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::format(&ckpt.files.config, e.to_string()))?;
+    cfg["quantization_config"] = f.quantization_config(&q, quantize_head);
+    cfg["tie_word_embeddings"] = serde_json::json!(ends.tied_head);
+    cfg["torch_dtype"] = serde_json::json!(match dtype {
+        Dtype::F16 => "float16",
+        Dtype::BF16 => "bfloat16",
+        _ => "float32",
+    });
+    crate::fsutil::write_json(&out.join("config.json"), &cfg)?;
+    for (name, contents) in f.extra_files(&cfg["quantization_config"]) {
+        let p = out.join(name);
+        std::fs::write(&p, contents).map_err(|e| Error::io(&p, e))?;
+    }
+    for name in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "generation_config.json",
+        "tokenizer.model",
+    ] {
+        let p = ckpt.files.dir.join(name);
+        if p.is_file() {
+            std::fs::copy(&p, out.join(name)).map_err(|e| Error::io(&p, e))?;
+        }
+    }
+    let bytes = std::fs::metadata(out.join("model.safetensors"))
+        .map_err(|e| Error::io(out, e))?
+        .len();
+    Ok(HfReport {
+        quantized_linears: n_quant,
+        tensors,
+        bytes,
+    })
+}
+
+/// Packs `rows × n` codes with the low bits first, `32/b` codes per word (formats.md §1.2; the
+/// 2-, 4- and 8-bit layouts every version of both formats agree on).
+pub fn pack_rows(codes: &[u8], n: usize, bits: u8) -> Vec<i32> {
+    crate::quant::pack::pack(codes, n, bits)
+        .into_iter()
+        .map(|w| w as i32)
+        .collect()
+}
+
+/// `[rows, cols]` → `[cols, rows]`.
+pub fn transpose<T: Copy + Default>(v: &[T], rows: usize, cols: usize) -> Vec<T> {
+    let mut out = vec![T::default(); v.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = v[r * cols + c];
+        }
+    }
+    out
+}
+
+/// `x` as little-endian bytes of `dtype` (F16/BF16/F32), or `None` when a value would change.
+pub fn exact_floats(x: &[f32], dtype: Dtype) -> Option<Vec<u8>> {
+    match dtype {
+        Dtype::F16 => x
+            .iter()
+            .map(|&v| {
+                let h = half::f16::from_f32(v);
+                (h.to_f32() == v).then(|| h.to_le_bytes())
+            })
+            .collect::<Option<Vec<_>>>()
+            .map(|b| b.concat()),
+        Dtype::BF16 => x
+            .iter()
+            .map(|&v| {
+                let h = half::bf16::from_f32(v);
+                (h.to_f32() == v).then(|| h.to_le_bytes())
+            })
+            .collect::<Option<Vec<_>>>()
+            .map(|b| b.concat()),
+        _ => Some(x.iter().flat_map(|v| v.to_le_bytes()).collect()),
+    }
+}
