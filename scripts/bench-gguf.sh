@@ -28,7 +28,7 @@ valid_txt=$AFFQ_DATA_DIR/wikitext-2-raw/wiki.valid.raw
 mkdir -p "$out"
 
 # Rows: name | how it is made (shell, writing $dir/model.gguf and $dir/quantize.seconds).
-rows=(f32 llama-q4_0 llama-q4_0-imatrix affq-q4_0-rtn affq-q4_0-gptq affq-q4_0-gptq-clip affq-q4_0-rotate-gptq)
+rows=(f32 llama-q4_0 llama-q4_0-imatrix affq-q4_0-rtn affq-q4_0-gptq affq-q4_0-gptq-clip affq-q4_0-rotate-gptq affq-q4_0-gptq-gs affq-q4_0-rotate-gptq-gs)
 about() {
   case $1 in
     f32) echo "F32 (reference)" ;;
@@ -38,6 +38,8 @@ about() {
     affq-q4_0-gptq) echo "affq + --weight-quantizer gptq ($calib_chunks × 512 validation tokens)" ;;
     affq-q4_0-gptq-clip) echo "affq + gptq --weight-clip-search" ;;
     affq-q4_0-rotate-gptq) echo "affq --method rotate (merged only) + gptq" ;;
+    affq-q4_0-gptq-gs) echo "affq + gptq --gptq-grid-search" ;;
+    affq-q4_0-rotate-gptq-gs) echo "affq rotate (merged only) + gptq --gptq-grid-search, export --allow-lossy (F16 embedding/head)" ;;
   esac
 }
 timed() {
@@ -57,6 +59,8 @@ make_row() {
     affq-q4_0-rtn) timed bash -c "'$bin' quantize '$model' -o '$dir/ckpt' --format gguf --bits 4 --force --json > '$dir/log' && '$bin' export '$dir/ckpt' -o '$dir/model.gguf' --force >> '$dir/log'" ;;
     affq-q4_0-gptq) timed bash -c "'$bin' quantize '$model' -o '$dir/ckpt' --format gguf --bits 4 ${gptq[*]} --force --json > '$dir/log' && '$bin' export '$dir/ckpt' -o '$dir/model.gguf' --force >> '$dir/log'" ;;
     affq-q4_0-gptq-clip) timed bash -c "'$bin' quantize '$model' -o '$dir/ckpt' --format gguf --bits 4 ${gptq[*]} --weight-clip-search --force --json > '$dir/log' && '$bin' export '$dir/ckpt' -o '$dir/model.gguf' --force >> '$dir/log'" ;;
+    affq-q4_0-gptq-gs) timed bash -c "'$bin' quantize '$model' -o '$dir/ckpt' --format gguf --bits 4 ${gptq[*]} --gptq-grid-search --force --json > '$dir/log' && '$bin' export '$dir/ckpt' -o '$dir/model.gguf' --force >> '$dir/log'" ;;
+    affq-q4_0-rotate-gptq-gs) timed bash -c "'$bin' quantize '$model' -o '$dir/ckpt' --method rotate --format gguf --bits 4 ${gptq[*]} --gptq-grid-search --force --json > '$dir/log' && '$bin' export '$dir/ckpt' -o '$dir/model.gguf' --allow-lossy --force >> '$dir/log'" ;;
     affq-q4_0-rotate-gptq) timed bash -c "'$bin' quantize '$model' -o '$dir/ckpt' --method rotate --format gguf --bits 4 ${gptq[*]} --force --json > '$dir/log' && '$bin' export '$dir/ckpt' -o '$dir/model.gguf' --force >> '$dir/log'" ;;
   esac
 }

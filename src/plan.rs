@@ -123,6 +123,7 @@ fn weight_quantizer(r: &Recipe) -> Result<WeightQuantizer> {
                 damp,
                 act_order: r.act_order.unwrap_or(false),
                 block: 128,
+                grid_search: r.gptq_grid_search.unwrap_or(false),
             })
         }
         other => {
@@ -248,9 +249,14 @@ fn resolve_recipe(
             )));
         }
     }
-    if !gptq && (f.gptq_damp.is_some() || f.act_order.is_some() || f.gptq_nsamples.is_some()) {
+    if !gptq
+        && (f.gptq_damp.is_some()
+            || f.act_order.is_some()
+            || f.gptq_nsamples.is_some()
+            || f.gptq_grid_search.is_some())
+    {
         return Err(usage(
-            "--gptq-damp, --act-order and --gptq-nsamples need --weight-quantizer gptq",
+            "--gptq-damp, --act-order, --gptq-nsamples and --gptq-grid-search need --weight-quantizer gptq",
         ));
     }
     if gptq {

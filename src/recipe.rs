@@ -39,6 +39,8 @@ pub struct Recipe {
     /// Only transforms that merge into the weights (no online transform): the checkpoint exports
     /// to formats that carry plain weights (GGUF, GPTQ).
     pub merged_only: Option<bool>,
+    /// GPTQ: each group's grid from the error-updated weights by a Hessian-weighted scale search.
+    pub gptq_grid_search: Option<bool>,
 }
 
 /// Recipes shipped in calib/.
@@ -134,6 +136,7 @@ impl Recipe {
             ln_matrix: over.ln_matrix.or(self.ln_matrix),
             calib_activations: over.calib_activations.clone().or(self.calib_activations),
             merged_only: over.merged_only.or(self.merged_only),
+            gptq_grid_search: over.gptq_grid_search.or(self.gptq_grid_search),
         }
     }
 }

@@ -27,6 +27,10 @@ pub struct GptqConfig {
     pub act_order: bool,
     /// Lazy-update block width.
     pub block: usize,
+    /// Each dynamic group's grid from the error-updated weights (the reference reads them before
+    /// the current block's updates), chosen by a search weighted by the Hessian diagonal
+    /// ([`weighted_unit_params`]): llama.cpp's importance-matrix rule inside GPTQ.
+    pub grid_search: bool,
 }
 
 impl Default for GptqConfig {
@@ -35,6 +39,7 @@ impl Default for GptqConfig {
             damp: 0.01,
             act_order: false,
             block: 128,
+            grid_search: false,
         }
     }
 }
@@ -107,6 +112,53 @@ fn inverse_factor(name: &str, h: &mut [f64], n: usize, damp: f64) -> Result<(Vec
 pub struct GptqOutput {
     pub weight: QuantizedWeight,
     pub damp: f64,
+}
+
+/// The grid of one unit minimising the importance-weighted squared error `Σ a_j (x̂_j − x_j)²`
+/// (`a`: the Hessian diagonal, `Σ x_j²` over the calibration tokens — llama.cpp's importance
+/// matrix): candidate ranges shrunk by `p = 1 − i/100`, `i < 20`, each refitted by weighted least
+/// squares on its codes (`s* = Σ a x q / Σ a q²`, `q = c − z`, for symmetric grids) and rounded
+/// as the grid rounds its scales before the codes are taken again.
+pub fn weighted_unit_params(xs: &[f32], a: &[f32], spec: &QuantSpec) -> UnitParams {
+    let (lo, hi) = xs
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &x| {
+            (l.min(x), h.max(x))
+        });
+    let qmax = spec.qmax() as f32;
+    let err = |p: &UnitParams| -> f64 {
+        xs.iter()
+            .zip(a)
+            .map(|(&x, &w)| w as f64 * ((p.value(p.code(x, qmax)) - x) as f64).powi(2))
+            .sum()
+    };
+    let mut best = spec.params(lo, hi);
+    let mut best_err = err(&best);
+    for i in 0..20 {
+        let r = 1.0 - i as f32 / 100.0;
+        let cand = spec.params(r * lo, r * hi);
+        let mut cands = vec![cand];
+        if spec.symmetric {
+            let (mut num, mut den) = (0f64, 0f64);
+            for (&x, &w) in xs.iter().zip(a) {
+                let q = (cand.code(x, qmax) as f32 - cand.zero) as f64;
+                num += w as f64 * x as f64 * q;
+                den += w as f64 * q * q;
+            }
+            if den > 0.0 && num > 0.0 {
+                let s = spec.scale_dtype.round_scale((num / den) as f32);
+                cands.push(UnitParams { scale: s, ..cand });
+            }
+        }
+        for c in cands {
+            let e = err(&c);
+            if e < best_err {
+                best = c;
+                best_err = e;
+            }
+        }
+    }
+    best
 }
 
 /// Quantizes `w` (`out × inp`, row-major) with GPTQ against the Hessian `h` (`inp × inp`).
@@ -214,10 +266,21 @@ pub fn gptq(
                     let orig = perm[col];
                     let p = if dynamic_groups {
                         if col % g == 0 {
-                            // `wr` beyond i1 holds the updates of previous blocks only.
-                            let vals: Vec<f32> =
-                                wr[col..col + g].iter().map(|&v| v as f32).collect();
-                            cur = unit_params(&vals, &spec, clip_search);
+                            cur = if cfg.grid_search {
+                                // The group as it stands now: this block's updates (`w1`) and
+                                // the lazy ones of earlier blocks beyond it (`wr`).
+                                let vals: Vec<f32> = (col..col + g)
+                                    .map(|j| if j < i2 { w1[j - i1] } else { wr[j] } as f32)
+                                    .collect();
+                                let imp: Vec<f32> =
+                                    (col..col + g).map(|j| h[j * inp + j] as f32).collect();
+                                weighted_unit_params(&vals, &imp, &spec)
+                            } else {
+                                // `wr` beyond i1 holds the updates of previous blocks only.
+                                let vals: Vec<f32> =
+                                    wr[col..col + g].iter().map(|&v| v as f32).collect();
+                                unit_params(&vals, &spec, clip_search)
+                            };
                             p_row[col / g] = cur;
                         }
                         cur
@@ -319,6 +382,7 @@ mod tests {
             damp,
             act_order,
             block: 128,
+            grid_search: false,
         }
     }
 

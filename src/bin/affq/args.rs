@@ -248,6 +248,10 @@ pub(crate) struct QuantizeArgs {
     /// GPTQ: quantize columns by decreasing Hessian diagonal (groups then use static grids).
     #[arg(long)]
     pub(crate) act_order: bool,
+    /// GPTQ: choose each group's grid on the error-updated weights by a search of the scale
+    /// weighted by the Hessian diagonal (llama.cpp's importance-matrix rule inside GPTQ).
+    #[arg(long)]
+    pub(crate) gptq_grid_search: bool,
     /// GPTQ: calibration windows for the Hessians; a trained method still trains on the first
     /// --nsamples of them [default: --nsamples for rtn/rotate, at least 32 for flatquant and
     /// affinequant].
@@ -419,6 +423,7 @@ impl QuantizeArgs {
                 ln_matrix: self.ln_matrix.then_some(true),
                 calib_activations: self.calib_activations.clone(),
                 merged_only: self.merged_only.then_some(true),
+                gptq_grid_search: self.gptq_grid_search.then_some(true),
             },
             sym_scale: self.sym_scale.map(|s| match s {
                 SymScaleArg::Maxpos => SymScale::MaxPos,

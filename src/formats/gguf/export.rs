@@ -228,7 +228,12 @@ pub fn export(
                     let x = f32::from_le_bytes(b.try_into().unwrap());
                     half::f16::from_f32(x).to_f32() == x
                 });
-                if all_f16 || linear_type == GgmlType::F16 {
+                // With --allow-lossy a quantized file keeps its dense tensors in F16 too (as
+                // llama.cpp's own files do), the rounding reported.
+                if all_f16
+                    || linear_type == GgmlType::F16
+                    || (allow_lossy && linear_type.is_quantized())
+                {
                     GgmlType::F16
                 } else {
                     GgmlType::F32
