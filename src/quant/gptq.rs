@@ -377,6 +377,43 @@ mod tests {
         (g.weight, r)
     }
 
+    /// The weighted search never does worse, in its own weighted error, than the plain min/max
+    /// grid (its first candidate), and its scales stay on the grid's dtype.
+    #[test]
+    fn weighted_grid_search_beats_min_max() {
+        use crate::quant::{ScaleDtype, SymScale};
+        let mut seed = 3u64;
+        let mut r = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 40) as f32 / (1u64 << 24) as f32
+        };
+        for sym_scale in [SymScale::MaxPos, SymScale::SignedMax] {
+            let spec = QuantSpec {
+                sym_scale,
+                scale_dtype: ScaleDtype::F16,
+                ..QuantSpec::sym(4)
+            };
+            for _ in 0..50 {
+                let xs: Vec<f32> = (0..32).map(|_| (r() - 0.5) * 0.1).collect();
+                let a: Vec<f32> = (0..32).map(|_| r() * r() * 10.0).collect();
+                let err = |p: &UnitParams| -> f64 {
+                    xs.iter()
+                        .zip(&a)
+                        .map(|(&x, &w)| w as f64 * ((p.value(p.code(x, 15.0)) - x) as f64).powi(2))
+                        .sum()
+                };
+                let (lo, hi) = xs
+                    .iter()
+                    .fold((f32::MAX, f32::MIN), |(l, h), &x| (l.min(x), h.max(x)));
+                let best = weighted_unit_params(&xs, &a, &spec);
+                assert!(err(&best) <= err(&spec.params(lo, hi)));
+                assert!(ScaleDtype::F16.holds(best.scale));
+            }
+        }
+    }
+
     fn cfg(damp: f64, act_order: bool) -> GptqConfig {
         GptqConfig {
             damp,
