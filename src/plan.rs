@@ -196,9 +196,14 @@ fn resolve_recipe(
     }
     if r.merged_only == Some(true) && !m.merged_mode {
         return Err(usage(format!(
-            "--merged-only: --method {} has no merged-only mode yet (rtn and rotate have)",
+            "--merged-only: --method {} has no merged-only mode yet (rtn, rotate and affinequant have)",
             m.name
         )));
+    }
+    if r.merged_only == Some(true) && f.ln_matrix == Some(true) {
+        return Err(usage(
+            "--ln-matrix keeps an online inverse on the norm output: it contradicts --merged-only / --format",
+        ));
     }
     if r.epochs == Some(0) {
         return Err(usage("--epochs must be at least 1"));
@@ -283,8 +288,9 @@ fn quant_plan(
     r: &Recipe,
     wq: &WeightQuantizer,
 ) -> Result<QuantPlan> {
+    // Signed-max moves each unit's zero, which the trained methods' clipping does not model.
     let sym_scale = req.sym_scale.unwrap_or(match req.target {
-        Some(Format::Gguf) => SymScale::SignedMax,
+        Some(Format::Gguf) if !m.trained => SymScale::SignedMax,
         _ => SymScale::MaxPos,
     });
     // Signed-max is a weight rule (its zero moves per unit); activations and the KV cache keep
@@ -382,7 +388,7 @@ fn target_grid(format: Format, m: &MethodSpec, q: &mut QuantPlan) -> Result<()> 
     }
     if !m.merged_mode {
         return Err(usage(format!(
-            "--format {name}: --method {} keeps online transforms, which the format cannot carry, and has no merged-only mode yet; use --method rtn or rotate (with --weight-quantizer gptq for calibrated weights)",
+            "--format {name}: --method {} keeps online transforms, which the format cannot carry, and has no merged-only mode yet; use --method rtn, rotate or affinequant (with --weight-quantizer gptq for calibrated weights)",
             m.name
         )));
     }

@@ -115,7 +115,7 @@ pub fn check_plain_weights(ckpt: &Checkpoint, format: &str) -> Result<()> {
             .find(|n| ckpt.store.contains(n));
         if let Some(n) = online {
             return Err(Error::Unsupported(format!(
-                "{dir}: `{}` is an online transform, which {format} cannot carry; only checkpoints whose transforms are merged into the weights export (--method rtn, or rotate with --merged-only)",
+                "{dir}: `{}` is an online transform, which {format} cannot carry; only checkpoints whose transforms are merged into the weights export (--method rtn, or rotate / affinequant with --merged-only)",
                 n.trim_end_matches(".dims")
             )));
         }

@@ -53,6 +53,8 @@ pub struct AffineQuantConfig {
     pub stability_factor: f64,
     /// Dense norm→linear matrices (weight-only recipes) instead of vectors.
     pub ln_matrix: bool,
+    /// Only transforms that merge into the weights (no online inverse, no query/key matrix).
+    pub merged_only: bool,
 }
 
 pub const SPEC: MethodSpec = MethodSpec {
@@ -71,7 +73,7 @@ pub const SPEC: MethodSpec = MethodSpec {
     },
     own_keys: &["stability_factor", "ln_matrix"],
     asym_activations: true,
-    merged_mode: false,
+    merged_mode: true,
     build: |m: &MethodInput| {
         Ok(Box::new(AffineQuant {
             cfg: AffineQuantConfig::new(m),
@@ -95,7 +97,10 @@ impl AffineQuantConfig {
             } else {
                 1e-2
             }),
-            ln_matrix: r.ln_matrix.unwrap_or(false),
+            // Merged only: norm-side scales (folded into the gains) instead of matrices whose
+            // inverses run online, and no query/key matrix (applied after RoPE, online).
+            ln_matrix: r.ln_matrix.unwrap_or(false) && r.merged_only != Some(true),
+            merged_only: r.merged_only == Some(true),
         }
     }
 }
@@ -276,8 +281,8 @@ impl AffineQuant {
             fc1: smooth(s_fc1)?,
             out: var(&out, &[nkv, hd, hd])?,
             qkt: match self.cfg.grids.kv_cache {
-                Some(_) => Some(var(&eye, &[nkv, hd, hd])?),
-                None => None,
+                Some(_) if !self.cfg.merged_only => Some(var(&eye, &[nkv, hd, hd])?),
+                _ => None,
             },
             lwc: LinearKind::ALL
                 .iter()

@@ -28,6 +28,7 @@ pub(crate) fn config(ln_matrix: bool, kv: bool) -> AffineQuantConfig {
         alpha: 0.5,
         stability_factor: 0.1,
         ln_matrix,
+        merged_only: false,
     }
 }
 

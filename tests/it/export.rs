@@ -647,3 +647,65 @@ fn hf_exports_decode_exactly_and_transformers_agrees() {
     );
     let _ = std::fs::remove_dir_all(&work);
 }
+
+/// The merged-only modes (implied by `--format`) leave plain weights: the rotation's is an exact
+/// reparameterisation (at full precision it scores as the model does) and its 4-bit GGUF
+/// checkpoint exports exactly; AffineQuant's (norm-side scales folded into the gains, V/O
+/// matrices merged) exports exactly too.
+#[test]
+fn merged_only_modes_are_exact_and_export() {
+    let work = tmp("merged");
+    let fp = work.join("fp");
+    quantize_stories(
+        &fp,
+        &["--method", "rotate", "--merged-only", "--bits", "16"],
+    );
+    let cfg = read_json(&fp.join("config.json"));
+    let transforms = cfg["quantization_config"]["transforms"].to_string();
+    assert!(transforms.contains("merged only"), "{transforms}");
+    let args = ["--seqlen", "128", "--max-windows", "4"];
+    let a = eval_json(&fp, &args)["ppl"].as_f64().unwrap();
+    let b = eval_json(&stories_hf(), &args)["ppl"].as_f64().unwrap();
+    assert!(
+        (a - b).abs() / b < 1e-5,
+        "merged-only rotation {a} vs model {b}"
+    );
+    let smol = smollm2_dir();
+    let q = work.join("q4");
+    affq_json(&[
+        "quantize",
+        s(&smol),
+        "-o",
+        s(&q),
+        "--method",
+        "rotate",
+        "--format",
+        "gguf",
+        "--bits",
+        "4",
+    ]);
+    let r = affq_json(&["export", s(&q), "-o", s(&work.join("q4.gguf"))]);
+    assert_eq!(r["exact"], true, "{r}");
+    assert_eq!(r["tensor_types"]["Q4_0"], 210, "{r}");
+    let aq = work.join("aq");
+    let mut args = vec![
+        "quantize",
+        s(&smol),
+        "-o",
+        s(&aq),
+        "--method",
+        "affinequant",
+        "--format",
+        "gguf",
+        "--bits",
+        "4",
+        "--sym",
+    ];
+    let budget = Calibrated::new(2, 32).epochs(1).args();
+    args.extend(budget.iter().map(|a| a.as_str()));
+    affq_json(&args);
+    let r = affq_json(&["export", s(&aq), "-o", s(&work.join("aq.gguf"))]);
+    assert_eq!(r["exact"], true, "{r}");
+    assert_eq!(r["tensor_types"]["Q4_0"], 210, "{r}");
+    let _ = std::fs::remove_dir_all(&work);
+}

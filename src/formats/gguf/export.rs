@@ -109,7 +109,7 @@ fn check_no_online(ckpt: &Checkpoint) -> Result<()> {
             let name = format!("{p}.online.{}.dims", site.name());
             if ckpt.store.contains(&name) {
                 return Err(Error::Unsupported(format!(
-                    "{}: `{p}.online.{}` is an online transform, which llama.cpp cannot run; only checkpoints whose transforms are merged into the weights export to GGUF (e.g. --method rtn, or rotate/flatquant/affinequant once they offer a merged-only mode)",
+                    "{}: `{p}.online.{}` is an online transform, which llama.cpp cannot run; only checkpoints whose transforms are merged into the weights export to GGUF (--method rtn, or rotate / affinequant with --merged-only; FlatQuant has no merged-only mode yet)",
                     ckpt.files.dir.display(),
                     site.name()
                 )));
