@@ -9,7 +9,10 @@
 # Env: MODEL (default target/affq-models/smollm2), AFFQ_BIN, LLAMA_BIN (default
 #      target/llama.cpp/build/bin, built by scripts/build-llamacpp.sh), CHUNKS (default 100),
 #      CALIB_CHUNKS (calibration windows of 512 tokens for both imatrix and GPTQ, default 32),
-#      THREADS. Cache: target/bench-gguf/ (delete a row's directory to redo it).
+#      THREADS, RESULTS (cache directory, default target/bench-gguf/; delete a row's directory to
+#      redo it), ROWS (a subset of the rows, f32 first).
+#   MODEL=target/affq-models/qwen25-05b RESULTS=target/bench-gguf-qwen CHUNKS=30 \
+#     ROWS="f32 llama-q4_0 llama-q4_0-imatrix affq-q4_0-rotate-gptq-gs" scripts/bench-gguf.sh
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
@@ -20,7 +23,7 @@ llama=${LLAMA_BIN:-target/llama.cpp/build/bin}
 chunks=${CHUNKS:-100}
 calib_chunks=${CALIB_CHUNKS:-32}
 threads=${THREADS:-$(nproc)}
-out=target/bench-gguf
+out=${RESULTS:-target/bench-gguf}
 markdown=0
 [ "${1:-}" = --markdown ] && markdown=1
 test_txt=$AFFQ_DATA_DIR/wikitext-2-raw/wiki.test.raw
@@ -29,6 +32,8 @@ mkdir -p "$out"
 
 # Rows: name | how it is made (shell, writing $dir/model.gguf and $dir/quantize.seconds).
 rows=(f32 llama-q4_0 llama-q4_0-imatrix affq-q4_0-rtn affq-q4_0-gptq affq-q4_0-gptq-clip affq-q4_0-rotate-gptq affq-q4_0-gptq-gs affq-q4_0-rotate-gptq-gs)
+# ROWS="f32 llama-q4_0 …" runs a subset (f32 first: the others are scored against it).
+[ -n "${ROWS:-}" ] && read -r -a rows <<< "$ROWS"
 about() {
   case $1 in
     f32) echo "F32 (reference)" ;;
