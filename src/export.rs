@@ -55,8 +55,8 @@ pub struct ExportReport {
     pub hf: Option<HfReport>,
 }
 
-/// Where an export goes without `-o`: a sibling of the checkpoint directory, `DIR.TYPE.gguf`.
-pub fn default_output(checkpoint: &Path, ty: &str) -> PathBuf {
+/// Where an export goes without `-o`: beside the checkpoint directory, named `name(DIR)`.
+fn beside(checkpoint: &Path, name: impl Fn(&str) -> String) -> PathBuf {
     let dir = std::fs::canonicalize(checkpoint).unwrap_or_else(|_| checkpoint.to_path_buf());
     let dir = if dir.is_file() {
         dir.parent()
@@ -64,10 +64,10 @@ pub fn default_output(checkpoint: &Path, ty: &str) -> PathBuf {
     } else {
         dir
     };
-    let name = dir
+    let base = dir
         .file_name()
         .map_or("model".into(), |n| n.to_string_lossy().into_owned());
-    dir.with_file_name(format!("{name}.{ty}.gguf"))
+    dir.with_file_name(name(&base))
 }
 
 pub fn export(req: &ExportRequest) -> Result<ExportReport> {
@@ -98,10 +98,13 @@ pub fn export(req: &ExportRequest) -> Result<ExportReport> {
         None => {
             let o = match req.format {
                 Format::Gguf => {
-                    let name = ty.map_or_else(|| gguf_type_of(&ckpt), |t| t.name().to_string());
-                    default_output(&req.checkpoint, &name)
+                    let t = match ty {
+                        Some(t) => t,
+                        None => crate::formats::gguf::export::default_linear_type(&ckpt)?,
+                    };
+                    beside(&req.checkpoint, |d| format!("{d}.{}.gguf", t.name()))
                 }
-                f => sibling(&req.checkpoint, f.name()),
+                f => beside(&req.checkpoint, |d| format!("{d}-{}", f.name())),
             };
             if o.exists() && !req.force {
                 return Err(Error::Usage(format!(
@@ -143,33 +146,4 @@ pub fn export(req: &ExportRequest) -> Result<ExportReport> {
         gguf,
         hf,
     })
-}
-
-/// `DIR-SUFFIX` beside the checkpoint directory.
-fn sibling(checkpoint: &Path, suffix: &str) -> PathBuf {
-    let dir = std::fs::canonicalize(checkpoint).unwrap_or_else(|_| checkpoint.to_path_buf());
-    let dir = if dir.is_file() {
-        dir.parent()
-            .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
-    } else {
-        dir
-    };
-    let name = dir
-        .file_name()
-        .map_or("model".into(), |n| n.to_string_lossy().into_owned());
-    dir.with_file_name(format!("{name}-{suffix}"))
-}
-
-/// The type name an export without `--type` uses, for the default file name.
-fn gguf_type_of(ckpt: &Checkpoint) -> String {
-    match ckpt.quant.as_ref().and_then(|q| q.weights.as_ref()) {
-        Some(w) => match (w.spec.bits, w.spec.symmetric) {
-            (4, true) => "Q4_0",
-            (8, true) => "Q8_0",
-            (4, false) => "Q4_1",
-            _ => "gguf",
-        }
-        .to_string(),
-        None => "F16".to_string(),
-    }
 }

@@ -5,26 +5,12 @@
 //! (I32 `[out·b/32, groups]`, the offset-binary zero packed along the output), `P.weight_shape`.
 //! `W = (q − zp)·s`. 2-, 4- and 8-bit codes only (the layouts every version agrees on).
 
-use super::hf_export::{exact_floats, pack_rows, transpose, LinearFormat};
+use super::hf_export::{exact_scales, pack_rows, transpose, zero_free, LinearFormat};
 use super::safetensors::StoredTensor;
 use crate::quant::{Granularity, QuantizedWeight};
 use safetensors::Dtype;
 
 pub struct CompressedTensors;
-
-/// Whether a grid stores no zero point: symmetric with every zero at 2^(b−1).
-fn symmetric(q: &QuantizedWeight) -> bool {
-    let half = (1u32 << (q.spec.bits - 1)) as f32;
-    q.spec.symmetric && q.params.iter().all(|p| p.zero == half)
-}
-
-fn dtype_name(d: Dtype) -> &'static str {
-    match d {
-        Dtype::F16 => "f16",
-        Dtype::BF16 => "bf16",
-        _ => "f32",
-    }
-}
 
 impl LinearFormat for CompressedTensors {
     fn name(&self) -> &'static str {
@@ -46,19 +32,12 @@ impl LinearFormat for CompressedTensors {
         }
         let ng = q.n_groups();
         let scale: Vec<f32> = q.params.iter().map(|p| p.scale).collect();
-        let sbytes = exact_floats(&scale, dtype).ok_or_else(|| {
-            let i = scale
-                .iter()
-                .position(|&s| exact_floats(&[s], dtype).is_none())
-                .unwrap_or(0);
-            format!(
-                "has scale {:e} (row {}, group {}), which is not a {} value (the model's dtype, compressed-tensors' scale dtype): quantize with --format compressed-tensors",
-                scale[i],
-                i / ng,
-                i % ng,
-                dtype_name(dtype)
-            )
-        })?;
+        let sbytes = exact_scales(
+            q,
+            &scale,
+            dtype,
+            "the model's dtype, compressed-tensors' scale dtype: quantize with --format compressed-tensors",
+        )?;
         let wpr = q.inp * bits as usize / 32;
         if !(q.inp * bits as usize).is_multiple_of(32) {
             return Err(format!(
@@ -84,7 +63,7 @@ impl LinearFormat for CompressedTensors {
                 StoredTensor::i64(&[q.out as i64, q.inp as i64], &[2]),
             ),
         ];
-        if !symmetric(q) {
+        if !zero_free(q) {
             if !(q.out * bits as usize).is_multiple_of(32) {
                 return Err(format!(
                     "has {} output rows, which do not fill whole 32-bit words of zero points",
@@ -115,7 +94,7 @@ impl LinearFormat for CompressedTensors {
             "version": "0.20.1",
             "config_groups": {"group_0": {
                 "targets": ["Linear"],
-                "weights": {"num_bits": q.spec.bits, "type": "int", "symmetric": symmetric(q),
+                "weights": {"num_bits": q.spec.bits, "type": "int", "symmetric": zero_free(q),
                             "strategy": strategy, "group_size": group, "dynamic": false,
                             "actorder": null, "block_structure": null, "observer": null,
                             "observer_kwargs": {}},

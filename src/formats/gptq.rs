@@ -5,17 +5,12 @@
 //! `P.scales` (F16 `[groups, out]`), `P.g_idx` (I32 `[in]`, `i / g`), `P.bias` (F16).
 //! `W[o, i] = scales[g, o]·(q[i, o] − (qzeros[g, o] + 1))`, `g = g_idx[i]`.
 
-use super::hf_export::{exact_floats, pack_rows, transpose, LinearFormat};
+use super::hf_export::{exact_scales, pack_rows, transpose, zero_free, LinearFormat};
 use super::safetensors::StoredTensor;
 use crate::quant::{Granularity, QuantizedWeight};
 use safetensors::Dtype;
 
 pub struct Gptq;
-
-fn symmetric(q: &QuantizedWeight) -> bool {
-    let half = (1u32 << (q.spec.bits - 1)) as f32;
-    q.spec.symmetric && q.params.iter().all(|p| p.zero == half)
-}
 
 impl LinearFormat for Gptq {
     fn name(&self) -> &'static str {
@@ -57,18 +52,12 @@ impl LinearFormat for Gptq {
         }
         let scale: Vec<f32> = q.params.iter().map(|p| p.scale).collect();
         let st = transpose(&scale, q.out, ng); // [ng, out]
-        let sbytes = exact_floats(&st, Dtype::F16).ok_or_else(|| {
-            let i = scale
-                .iter()
-                .position(|&s| exact_floats(&[s], Dtype::F16).is_none())
-                .unwrap_or(0);
-            format!(
-                "has scale {:e} (row {}, group {}), which is not an f16 value (GPTQ's scale dtype): quantize with --format gptq",
-                scale[i],
-                i / ng,
-                i % ng
-            )
-        })?;
+        let sbytes = exact_scales(
+            q,
+            &st,
+            Dtype::F16,
+            "GPTQ's scale dtype: quantize with --format gptq",
+        )?;
         let wpr = q.inp / per_word;
         let packed = pack_rows(&q.codes, q.inp, bits); // [out, in/pw]
         let z: Vec<u8> = q.params.iter().map(|p| p.zero as u8 - 1).collect();
@@ -109,7 +98,7 @@ impl LinearFormat for Gptq {
         };
         serde_json::json!({
             "quant_method": "gptq", "bits": q.spec.bits, "group_size": group, "desc_act": false,
-            "sym": symmetric(q), "damp_percent": 0.01, "true_sequential": true,
+            "sym": zero_free(q), "damp_percent": 0.01, "true_sequential": true,
             "static_groups": false, "lm_head": quantize_head, "checkpoint_format": "gptq",
             "meta": {"quantizer": [format!("affq:{}", crate::VERSION)]}
         })

@@ -81,31 +81,19 @@ fn model_dtype(ckpt: &Checkpoint) -> Dtype {
 pub fn dense_tensor(t: &Tensor, dtype: Dtype) -> Result<StoredTensor> {
     let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let shape = t.dims().to_vec();
-    let exact = |f: fn(f32) -> f32| v.iter().all(|&x| f(x) == x);
-    Ok(match dtype {
-        Dtype::F16 if exact(|x| half::f16::from_f32(x).to_f32()) => StoredTensor {
-            dtype: Dtype::F16,
+    Ok(match exact_floats(&v, dtype) {
+        Some(bytes) if matches!(dtype, Dtype::F16 | Dtype::BF16) => StoredTensor {
+            dtype,
             shape,
-            bytes: v
-                .iter()
-                .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
-                .collect(),
-        },
-        Dtype::BF16 if exact(|x| half::bf16::from_f32(x).to_f32()) => StoredTensor {
-            dtype: Dtype::BF16,
-            shape,
-            bytes: v
-                .iter()
-                .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
-                .collect(),
+            bytes,
         },
         _ => StoredTensor::f32(&v, &shape),
     })
 }
 
-/// Refuses what a plain-weights format cannot carry, naming the first offender.
-pub fn check_plain_weights(ckpt: &Checkpoint, format: &str) -> Result<()> {
-    let dir = ckpt.files.dir.display();
+/// Refuses a checkpoint with an online transform (a Kronecker site or the query/key transform),
+/// which no plain-weights format carries, naming the first one.
+pub fn check_no_online(ckpt: &Checkpoint, format: &str) -> Result<()> {
     for i in 0..ckpt.config.num_layers {
         let p = format!("model.layers.{i}");
         let online = Site::ALL
@@ -115,16 +103,24 @@ pub fn check_plain_weights(ckpt: &Checkpoint, format: &str) -> Result<()> {
             .find(|n| ckpt.store.contains(n));
         if let Some(n) = online {
             return Err(Error::Unsupported(format!(
-                "{dir}: `{}` is an online transform, which {format} cannot carry; only checkpoints whose transforms are merged into the weights export (--method rtn, or rotate / affinequant with --merged-only)",
-                n.trim_end_matches(".dims")
+                "{}: `{}` is an online transform, which {format} cannot carry; only checkpoints whose transforms are merged into the weights export (--method rtn, or rotate / affinequant with --merged-only; FlatQuant has no merged-only mode yet)",
+                ckpt.files.dir.display(),
+                n.trim_end_matches(".dims").trim_end_matches(".q")
             )));
         }
     }
+    Ok(())
+}
+
+/// Refuses what a plain-weights format cannot carry, naming the first offender.
+pub fn check_plain_weights(ckpt: &Checkpoint, format: &str) -> Result<()> {
+    check_no_online(ckpt, format)?;
     if let Some(q) = &ckpt.quant {
         for (what, spec) in [("activations", q.activations), ("KV cache", q.kv_cache)] {
             if let Some(s) = spec {
                 return Err(Error::Unsupported(format!(
-                    "{dir}: {what} quantized to {} bits (quantization_config): this {format} export carries weight quantization only; quantize without --a-bits/--kv-bits",
+                    "{}: {what} quantized to {} bits (quantization_config): this {format} export carries weight quantization only; quantize without --a-bits/--kv-bits",
+                    ckpt.files.dir.display(),
                     s.bits
                 )));
             }
@@ -288,23 +284,74 @@ pub fn transpose<T: Copy + Default>(v: &[T], rows: usize, cols: usize) -> Vec<T>
 
 /// `x` as little-endian bytes of `dtype` (F16/BF16/F32), or `None` when a value would change.
 pub fn exact_floats(x: &[f32], dtype: Dtype) -> Option<Vec<u8>> {
+    fn convert<H>(
+        x: &[f32],
+        from: fn(f32) -> H,
+        to: fn(H) -> f32,
+        bytes: fn(H) -> [u8; 2],
+    ) -> Option<Vec<u8>>
+    where
+        H: Copy,
+    {
+        let mut out = Vec::with_capacity(2 * x.len());
+        for &v in x {
+            let h = from(v);
+            if to(h) != v {
+                return None;
+            }
+            out.extend_from_slice(&bytes(h));
+        }
+        Some(out)
+    }
     match dtype {
-        Dtype::F16 => x
-            .iter()
-            .map(|&v| {
-                let h = half::f16::from_f32(v);
-                (h.to_f32() == v).then(|| h.to_le_bytes())
-            })
-            .collect::<Option<Vec<_>>>()
-            .map(|b| b.concat()),
-        Dtype::BF16 => x
-            .iter()
-            .map(|&v| {
-                let h = half::bf16::from_f32(v);
-                (h.to_f32() == v).then(|| h.to_le_bytes())
-            })
-            .collect::<Option<Vec<_>>>()
-            .map(|b| b.concat()),
+        Dtype::F16 => convert(
+            x,
+            half::f16::from_f32,
+            half::f16::to_f32,
+            half::f16::to_le_bytes,
+        ),
+        Dtype::BF16 => convert(
+            x,
+            half::bf16::from_f32,
+            half::bf16::to_f32,
+            half::bf16::to_le_bytes,
+        ),
         _ => Some(x.iter().flat_map(|v| v.to_le_bytes()).collect()),
     }
+}
+
+/// Whether a grid stores no zero point: symmetric with every zero at 2^(b−1) (a signed-max grid
+/// moves its zeros, so it is stored as asymmetric).
+pub fn zero_free(q: &QuantizedWeight) -> bool {
+    let half = (1u32 << (q.spec.bits - 1)) as f32;
+    q.spec.symmetric && q.params.iter().all(|p| p.zero == half)
+}
+
+/// `scale` (`[rows, groups]` of `q`'s units, in the order given) as bytes of `dtype`, or the
+/// refusal naming the first scale that is not a `dtype` value (`fix`: what makes it one).
+pub fn exact_scales(
+    q: &QuantizedWeight,
+    scale: &[f32],
+    dtype: Dtype,
+    fix: &str,
+) -> std::result::Result<Vec<u8>, String> {
+    exact_floats(scale, dtype).ok_or_else(|| {
+        let ng = q.n_groups();
+        let i = q
+            .params
+            .iter()
+            .position(|p| exact_floats(&[p.scale], dtype).is_none())
+            .unwrap_or(0);
+        let name = match dtype {
+            Dtype::F16 => "f16",
+            Dtype::BF16 => "bf16",
+            _ => "f32",
+        };
+        format!(
+            "has scale {:e} (row {}, group {}), which is not an {name} value ({fix})",
+            q.params[i].scale,
+            i / ng,
+            i % ng
+        )
+    })
 }

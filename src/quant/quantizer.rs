@@ -54,18 +54,10 @@ impl ScaleDtype {
     /// below f16's smallest subnormal it becomes that subnormal; above f16's largest finite value
     /// it becomes that value (the grid then clips).
     pub fn round_scale(&self, s: f32) -> f32 {
+        let r = self.round_offset(s);
         match self {
-            ScaleDtype::F32 => s,
-            ScaleDtype::F16 => {
-                let r = half::f16::from_f32(s).to_f32();
-                if r.is_infinite() {
-                    half::f16::MAX.to_f32()
-                } else if r == 0.0 && s > 0.0 {
-                    half::f16::from_bits(1).to_f32()
-                } else {
-                    r
-                }
-            }
+            ScaleDtype::F16 if r == 0.0 && s > 0.0 => half::f16::from_bits(1).to_f32(),
+            _ => r,
         }
     }
 

@@ -43,28 +43,35 @@ fn export_refused(ckpt: &Path, out: &Path, extra: &[&str], must_say: &str) {
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
 }
 
-/// The Python interpreter with `gguf` installed: `$AFFQ_PYTHON`, else target/py (made by .ci/run).
-fn gguf_python() -> Option<PathBuf> {
-    let cands = [
-        std::env::var_os("AFFQ_PYTHON").map(PathBuf::from),
-        Some(repo().join("target/py/bin/python")),
-    ];
+/// The first of `cands` whose Python imports `modules`; `None` (test part skipped) when none
+/// does, which fails instead when the environment variable `require` is set (as .ci/run sets it).
+fn find_python(cands: Vec<Option<PathBuf>>, modules: &str, require: &str) -> Option<PathBuf> {
     let found = cands.into_iter().flatten().find(|p| {
         Command::new(p)
-            .args(["-c", "import gguf, numpy"])
+            .args(["-c", &format!("import {modules}")])
             .status()
             .is_ok_and(|s| s.success())
     });
     if found.is_none() {
         assert!(
-            std::env::var_os("AFFQ_REQUIRE_GGUF_READER").is_none(),
-            "AFFQ_REQUIRE_GGUF_READER is set but no Python with `gguf` (pip install gguf numpy) was found"
+            std::env::var_os(require).is_none(),
+            "{require} is set but no Python with {modules} was found"
         );
-        eprintln!(
-            "skipped: no Python with the `gguf` package (set AFFQ_PYTHON; .ci/run installs it)"
-        );
+        eprintln!("skipped: no Python with {modules} (.ci/run installs it)");
     }
     found
+}
+
+/// The Python interpreter with `gguf` installed: `$AFFQ_PYTHON`, else target/py (made by .ci/run).
+fn gguf_python() -> Option<PathBuf> {
+    find_python(
+        vec![
+            std::env::var_os("AFFQ_PYTHON").map(PathBuf::from),
+            Some(repo().join("target/py/bin/python")),
+        ],
+        "gguf, numpy",
+        "AFFQ_REQUIRE_GGUF_READER",
+    )
 }
 
 /// Every linear of an export, read back through `affq import` (candle's GGML decoder, llama's
@@ -477,27 +484,15 @@ fn llama_cpp_scores_exports_as_affq_does() {
 /// A Python with `transformers`, `torch` and `compressed_tensors`: `$AFFQ_HF_PYTHON`, else
 /// ~/.cache/affq/py-hf or target/py-hf (made by .ci/run).
 fn hf_python() -> Option<PathBuf> {
-    let home =
-        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/affq/py-hf/bin/python"));
-    let cands = [
-        std::env::var_os("AFFQ_HF_PYTHON").map(PathBuf::from),
-        home,
-        Some(repo().join("target/py-hf/bin/python")),
-    ];
-    let found = cands.into_iter().flatten().find(|p| {
-        Command::new(p)
-            .args(["-c", "import transformers, torch, compressed_tensors"])
-            .status()
-            .is_ok_and(|s| s.success())
-    });
-    if found.is_none() {
-        assert!(
-            std::env::var_os("AFFQ_REQUIRE_HF").is_none(),
-            "AFFQ_REQUIRE_HF is set but no Python with transformers + compressed-tensors was found"
-        );
-        eprintln!("skipped: no Python with transformers + compressed-tensors (AFFQ_HF_PYTHON)");
-    }
-    found
+    find_python(
+        vec![
+            std::env::var_os("AFFQ_HF_PYTHON").map(PathBuf::from),
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/affq/py-hf/bin/python")),
+            Some(repo().join("target/py-hf/bin/python")),
+        ],
+        "transformers, torch, compressed_tensors",
+        "AFFQ_REQUIRE_HF",
+    )
 }
 
 fn run_check(py: &Path, args: &[&str]) {

@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::formats::checkpoint::Precision;
 use crate::formats::Checkpoint;
 use crate::model::config::Architecture;
-use crate::model::{LinearKind, LinearLayer, ModelConfig, Site};
+use crate::model::{LinearKind, LinearLayer, ModelConfig};
 use crate::quant::QuantizedWeight;
 use candle_core::{DType, Tensor};
 use std::collections::BTreeMap;
@@ -100,32 +100,29 @@ fn gather_rows(v: &[f32], cols: usize, rows: &[usize]) -> Vec<f32> {
     out
 }
 
-/// Rejects what GGUF cannot carry at all, naming the first offender.
-fn check_no_online(ckpt: &Checkpoint) -> Result<()> {
-    let c = &ckpt.config;
-    for i in 0..c.num_layers {
-        let p = format!("model.layers.{i}");
-        for site in Site::ALL {
-            let name = format!("{p}.online.{}.dims", site.name());
-            if ckpt.store.contains(&name) {
-                return Err(Error::Unsupported(format!(
-                    "{}: `{p}.online.{}` is an online transform, which llama.cpp cannot run; only checkpoints whose transforms are merged into the weights export to GGUF (--method rtn, or rotate / affinequant with --merged-only; FlatQuant has no merged-only mode yet)",
-                    ckpt.files.dir.display(),
-                    site.name()
-                )));
-            }
-        }
-        if ckpt
-            .store
-            .contains(&format!("{p}.self_attn.qk_transform.q"))
-        {
-            return Err(Error::Unsupported(format!(
-                "{}: `{p}.self_attn.qk_transform` is an online transform between RoPE and attention, which llama.cpp cannot run",
+/// The type of the linears when no `--type` is given: the checkpoint's own grid (4-bit symmetric
+/// Q4_0, 8-bit symmetric Q8_0, 4-bit asymmetric Q4_1), or the stored dtype of a full-precision
+/// model (F16, else F32).
+pub fn default_linear_type(ckpt: &Checkpoint) -> Result<GgmlType> {
+    match ckpt.quant.as_ref().and_then(|q| q.weights.as_ref()) {
+        Some(w) => match (w.spec.bits, w.spec.symmetric) {
+            (4, true) => Ok(GgmlType::Q4_0),
+            (8, true) => Ok(GgmlType::Q8_0),
+            (4, false) => Ok(GgmlType::Q4_1),
+            (b, _) => Err(Error::Unsupported(format!(
+                "{}: no GGUF type holds {b}-bit weights (Q4_0/Q4_1 hold 4, Q8_0 8); pass --type with --allow-lossy to re-quantize",
                 ckpt.files.dir.display()
-            )));
+            ))),
+        },
+        None => {
+            let raw = ckpt.store.raw("model.layers.0.self_attn.q_proj.weight")?;
+            Ok(if raw.dtype == safetensors::Dtype::F16 {
+                GgmlType::F16
+            } else {
+                GgmlType::F32
+            })
         }
     }
-    Ok(())
 }
 
 /// How one tensor is written.
@@ -175,7 +172,7 @@ pub fn export(
 ) -> Result<GgufReport> {
     let c = &ckpt.config;
     let dir = ckpt.files.dir.display().to_string();
-    check_no_online(ckpt)?;
+    crate::formats::hf_export::check_no_online(ckpt, "GGUF (llama.cpp)")?;
     let (arch, permute) = gguf_arch(c);
     let quant = ckpt.quant.as_ref();
     let mut dropped = Vec::new();
@@ -192,27 +189,9 @@ pub fn export(
             }
         }
     }
-    let weights = quant.and_then(|q| q.weights.as_ref());
-    let linear_type = match (ty, weights) {
-        (Some(t), _) => t,
-        (None, Some(w)) => match (w.spec.bits, w.spec.symmetric) {
-            (4, true) => GgmlType::Q4_0,
-            (8, true) => GgmlType::Q8_0,
-            (4, false) => GgmlType::Q4_1,
-            (b, _) => {
-                return Err(Error::Unsupported(format!(
-                    "{dir}: no GGUF type holds {b}-bit weights (Q4_0/Q4_1 hold 4, Q8_0 8); pass --type with --allow-lossy to re-quantize"
-                )))
-            }
-        },
-        (None, None) => {
-            let raw = ckpt.store.raw("model.layers.0.self_attn.q_proj.weight")?;
-            if raw.dtype == safetensors::Dtype::F16 {
-                GgmlType::F16
-            } else {
-                GgmlType::F32
-            }
-        }
+    let linear_type = match ty {
+        Some(t) => t,
+        None => default_linear_type(ckpt)?,
     };
 
     // The tensor directory, decided from names, shapes and stored dtypes before any data.
