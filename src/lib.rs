@@ -12,7 +12,8 @@
 //! - `recipe`, `methods` (rtn, rotate, flatquant, affinequant behind one trait), `calib` (the
 //!   block-by-block engine), `eval` (perplexity protocols);
 //! - `plan` (arguments + recipe → one validated plan) and `quantize` (running it); `export`
-//!   (a checkpoint in another runtime's format); the binary parses and prints.
+//!   (a checkpoint in another runtime's format); `runtime` (loading onto kernels, the KV-cached
+//!   decode loop, sampling, chat templates, `generate` and `bench`); the binary parses and prints.
 
 pub mod backend;
 pub mod calib;
@@ -31,6 +32,7 @@ pub mod quant;
 pub mod quantize;
 pub mod recipe;
 pub mod rng;
+pub mod runtime;
 pub mod tokenizer;
 pub mod transforms;
 

@@ -35,6 +35,11 @@ impl Tok {
             .map_err(|e| Error::Runtime(format!("{}: decoding failed: {e}", self.path.display())))
     }
 
+    /// The id of a token given by its text (a special token such as `<|im_end|>`).
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

@@ -340,23 +340,7 @@ pub fn kl_divergence(
     Ok((ppl, kld))
 }
 
-/// How quantized linears compute during evaluation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kernels {
-    /// Integer kernels where the scheme has one (f32 online transforms).
-    Int,
-    /// As `Int`, with the online transforms in bf16 where the CPU can.
-    IntBf16,
-    /// The float simulation everywhere.
-    Simulate,
-}
-
-/// Where the integer kernels run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Device {
-    Cpu,
-    Cuda,
-}
+pub use crate::runtime::{Device, Kernels};
 
 /// An `affq eval` run.
 #[derive(Debug, Clone)]
@@ -386,47 +370,10 @@ pub struct EvalOutcome {
     pub kld: Option<KldResult>,
 }
 
-/// A checkpoint loaded for evaluation on the requested kernels, block by block, each converted
-/// as it is read: full-precision weights stay in their stored 16-bit dtype; on the integer
-/// kernels quantized layers keep only codes and packed weights (simulated ones hold their dense
-/// f32 weights), so the model is never held twice. The head multiplies every position in
-/// 256-row chunks: held in f32 (widening a 16-bit head per chunk would cost a vocabulary-sized
-/// conversion each time). Returns the model and its kernels in words.
+/// A checkpoint loaded for evaluation: full-precision weights stay in their stored 16-bit dtype
+/// (they are only multiplied by, in large batches of rows).
 fn load_for_eval(ckpt: &crate::formats::Checkpoint, req: &EvalRequest) -> Result<(Model, String)> {
-    use crate::backend::{cuda, int_cpu};
-    let mut model = ckpt.load_ends(req.seqlen, Precision::F32)?;
-    let isa = crate::kernels::int_gemm::Isa::detect();
-    let bf16 = req.kernels == Kernels::IntBf16;
-    let int = matches!(req.kernels, Kernels::Int | Kernels::IntBf16);
-    let (mut int_layers, mut bf16_sites) = (0, 0);
-    for i in 0..model.config.num_layers {
-        let mut block = ckpt.load_block(model.config.clone(), i, Precision::Stored)?;
-        if int {
-            let (n, b) = int_cpu::use_int_kernels_block(&mut block, isa, bf16)?;
-            int_layers += n;
-            bf16_sites += b;
-        }
-        model.blocks.push(block);
-    }
-    if int {
-        int_layers += int_cpu::use_int_kernels_head(&mut model, isa)? as usize;
-    }
-    let mut kernels = if int_layers > 0 {
-        let xf = match (bf16, bf16_sites) {
-            (false, _) => String::new(),
-            (true, 0) => ", f32 transforms: no AVX-512 BF16 or no transforms".into(),
-            (true, n) => format!(", {n} transforms in bf16"),
-        };
-        format!("int ({}, {int_layers} layers{xf})", isa.name())
-    } else {
-        "simulate".to_string()
-    };
-    if req.device == Device::Cuda {
-        let gpu = cuda::Cuda::new()?;
-        let n = cuda::use_cuda(&mut model, &gpu)?;
-        kernels = format!("int (cuda {}, {n} layers)", gpu.name);
-    }
-    Ok((model, kernels))
+    crate::runtime::load(ckpt, req.seqlen, req.kernels, req.device, Precision::Stored)
 }
 
 /// Evaluates the request's model: data located, model loaded and converted to the requested

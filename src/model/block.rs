@@ -4,6 +4,7 @@
 //! differences are configuration flags (biases, q/k norm, sliding window, RoPE scaling).
 
 use super::config::ModelConfig;
+use super::kv_cache::{KvStore, LayerCache};
 use super::linear::{LinearKind, LinearLayer, Site, SiteKernel};
 use super::ops::{attention_mask, rms_norm, Mode, Rope};
 use crate::error::{Error, Result};
@@ -291,12 +292,40 @@ impl Block {
         mode: Mode,
         hook: &mut dyn BlockHook,
     ) -> Result<Tensor> {
+        self.forward_inner(x, rope, mode, hook, None)
+    }
+
+    /// [`Self::forward`] of `x` `[1, T, hidden]`, the tokens following the `cache.len()` cached
+    /// ones (inference): their keys and values are appended to `cache` and their queries attend
+    /// over all of it.
+    pub fn forward_cached(&self, x: &Tensor, rope: &Rope, cache: &mut LayerCache) -> Result<Tensor> {
+        self.forward_inner(x, rope, Mode::Eval, &mut NoHook, Some(cache))
+    }
+
+    /// An empty cache for this block, storing keys and values in its KV quantizers' grids.
+    pub fn new_cache(&self) -> Result<LayerCache> {
+        let c = &*self.config;
+        let spec = |q: &Option<Arc<dyn ActQuantizer>>| q.as_ref().map(|q| q.spec()).transpose();
+        Ok(LayerCache {
+            k: KvStore::new(c.num_kv_heads, c.head_dim, spec(&self.k_quant)?),
+            v: KvStore::new(c.num_kv_heads, c.head_dim, spec(&self.v_quant)?),
+        })
+    }
+
+    fn forward_inner(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        mode: Mode,
+        hook: &mut dyn BlockHook,
+        cache: Option<&mut LayerCache>,
+    ) -> Result<Tensor> {
         use LinearKind::*;
         let c = &*self.config;
         let eps = c.rms_norm_eps;
         let h = rms_norm(x, &self.input_norm, eps, mode)?;
         let qkv = self.site_input(Site::AttnIn, &h, mode)?;
-        let attn = self.attention(rope, mode, &mut |k| {
+        let attn = self.attention(rope, mode, cache, &mut |k| {
             self.project(&qkv, Site::AttnIn, k, hook)
         })?;
         let o_in = self.site_input(Site::OIn, &attn, mode)?;
@@ -311,17 +340,17 @@ impl Block {
         Ok((x + down)?)
     }
 
-    /// Self-attention given the q/k/v projections of the normed input (`proj`, each
-    /// `[B, T, heads·D]`); returns the o_proj input `[B, T, H·D]`.
-    fn attention(
+    /// Queries, keys and values by head, `[B, heads, T, D]`, at positions `pos0..pos0 + T`:
+    /// q/k norms, RoPE and the Q/K transform applied, keys and values not yet quantized.
+    fn heads(
         &self,
         rope: &Rope,
         mode: Mode,
+        pos0: usize,
         proj: &mut dyn FnMut(LinearKind) -> Result<Tensor>,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let c = &*self.config;
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        let g = nh / nkv;
         let q = proj(LinearKind::Q)?;
         let (b, t, _) = q.dims3()?;
         let q = q.reshape((b, t, nh, hd))?;
@@ -334,13 +363,67 @@ impl Block {
             ),
             _ => (q, k),
         };
-        let q = rope.apply(&q.transpose(1, 2)?.contiguous()?, mode)?; // [B, H, T, D]
-        let k = rope.apply(&k.transpose(1, 2)?.contiguous()?, mode)?; // [B, Hkv, T, D]
+        let q = rope.apply_at(&q.transpose(1, 2)?.contiguous()?, mode, pos0)?; // [B, H, T, D]
+        let k = rope.apply_at(&k.transpose(1, 2)?.contiguous()?, mode, pos0)?; // [B, Hkv, T, D]
         let v = v.transpose(1, 2)?.contiguous()?;
-        let (q, k) = match &self.qk_transform {
-            Some(t) => (q.broadcast_matmul(&t.q)?, k.broadcast_matmul(&t.k)?),
-            None => (q, k),
+        Ok(match &self.qk_transform {
+            Some(t) => (q.broadcast_matmul(&t.q)?, k.broadcast_matmul(&t.k)?, v),
+            None => (q, k, v),
+        })
+    }
+
+    /// The keys and values of block input `x` `[B, T, hidden]` as the full-sequence forward
+    /// attends over them: after its KV quantizers (inference; what a KV cache must store).
+    pub fn simulated_kv(&self, x: &Tensor, rope: &Rope) -> Result<(Tensor, Tensor)> {
+        let h = rms_norm(x, &self.input_norm, self.config.rms_norm_eps, Mode::Eval)?;
+        let qkv = self.site_input(Site::AttnIn, &h, Mode::Eval)?;
+        let (_, k, v) = self.heads(rope, Mode::Eval, 0, &mut |k| {
+            self.project(&qkv, Site::AttnIn, k, &mut NoHook)
+        })?;
+        let hd = self.config.head_dim;
+        let quant = |t: Tensor, q: &Option<Arc<dyn ActQuantizer>>| match q {
+            Some(q) => q.apply(&t, hd),
+            None => Ok(t),
         };
+        Ok((quant(k, &self.k_quant)?, quant(v, &self.v_quant)?))
+    }
+
+    /// Self-attention given the q/k/v projections of the normed input (`proj`, each
+    /// `[B, T, heads·D]`); returns the o_proj input `[B, T, H·D]`. With a cache, the tokens
+    /// follow the cached ones, and their keys and values are appended to it.
+    fn attention(
+        &self,
+        rope: &Rope,
+        mode: Mode,
+        cache: Option<&mut LayerCache>,
+        proj: &mut dyn FnMut(LinearKind) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let c = &*self.config;
+        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let g = nh / nkv;
+        let pos0 = cache.as_ref().map_or(0, |c| c.len());
+        let (q, k, v) = self.heads(rope, mode, pos0, proj)?;
+        let (b, _, t, _) = q.dims4()?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        if let Some(cache) = cache {
+            if b != 1 {
+                return Err(Error::Runtime(format!(
+                    "layer {}: a KV cache holds one sequence, got a batch of {b}",
+                    self.index
+                )));
+            }
+            let flat = |t: &Tensor| -> Result<Vec<f32>> {
+                Ok(t.contiguous()?.flatten_all()?.to_vec1::<f32>()?)
+            };
+            cache.append(&flat(&k)?, &flat(&v)?, t);
+            // A first chunk of several tokens (a prompt) attends through the fused causal
+            // kernel on the simulation's quantized K/V, which equal the cache's stored values;
+            // later tokens read the cache.
+            if pos0 > 0 || t == 1 {
+                let out = cache.attend(&flat(&q)?, nh, t, scale as f32, c.sliding_window);
+                return Ok(Tensor::from_vec(out, (1, t, nh * hd), q.device())?);
+            }
+        }
         let k = match &self.k_quant {
             Some(qz) => qz.apply(&k, hd)?,
             None => k,
@@ -349,7 +432,6 @@ impl Block {
             Some(qz) => qz.apply(&v, hd)?,
             None => v,
         };
-        let scale = 1.0 / (hd as f64).sqrt();
         if mode == Mode::Eval {
             return Ok(super::attention_op::causal_attention(
                 &q,

@@ -6,11 +6,13 @@
 mod attention_op;
 pub mod block;
 pub mod config;
+pub mod kv_cache;
 pub mod linear;
 pub mod ops;
 
 pub use block::{Block, BlockHook, BlockParts, NoHook, QkTransform};
 pub use config::ModelConfig;
+pub use kv_cache::{KvCache, KvStore, LayerCache};
 pub use linear::{linear_forward, DenseLinear, LinearKind, LinearLayer, Site, SiteKernel};
 pub use ops::{rms_norm, Mode, Rope};
 
@@ -55,6 +57,46 @@ impl Model {
             h = block.forward(&h, &self.rope, mode, &mut NoHook)?;
         }
         rms_norm(&h, &self.norm, self.config.rms_norm_eps, mode)
+    }
+
+    /// An empty KV cache, each layer storing keys and values in its quantizers' grids.
+    pub fn new_cache(&self) -> Result<KvCache> {
+        Ok(KvCache {
+            layers: self
+                .blocks
+                .iter()
+                .map(Block::new_cache)
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    /// Runs `ids`, the tokens following the cached ones, through the model, appending their keys
+    /// and values to `cache`; returns the next-token logits after the last of them, `[vocab]`.
+    pub fn forward_cached(&self, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        if ids.is_empty() {
+            return Err(Error::Runtime("no tokens to run".into()));
+        }
+        if cache.layers.len() != self.blocks.len() {
+            return Err(Error::Runtime(format!(
+                "a cache of {} layers for a model of {}",
+                cache.layers.len(),
+                self.blocks.len()
+            )));
+        }
+        let t = ids.len();
+        let ids_t = Tensor::from_slice(ids, (1, t), &Device::Cpu)?;
+        let mut h = self.embed(&ids_t)?;
+        for (block, layer) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+            h = block.forward_cached(&h, &self.rope, layer)?;
+        }
+        let last = h.narrow(1, t - 1, 1)?;
+        let last = rms_norm(&last, &self.norm, self.config.rms_norm_eps, Mode::Eval)?;
+        Ok(self
+            .head
+            .forward(&last)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?)
     }
 
     pub fn logits(&self, ids: &Tensor, mode: Mode) -> Result<Tensor> {

@@ -55,15 +55,21 @@ impl Rope {
 
     /// Rotates `x` `[B, H, T, D]` at positions `0..T`.
     pub fn apply(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        self.apply_at(x, mode, 0)
+    }
+
+    /// Rotates `x` `[B, H, T, D]` at positions `pos0..pos0 + T` (tokens after a KV cache).
+    pub fn apply_at(&self, x: &Tensor, mode: Mode, pos0: usize) -> Result<Tensor> {
         let t = x.dim(2)?;
-        if t > self.max_len() {
+        if pos0 + t > self.max_len() {
             return Err(Error::Runtime(format!(
-                "sequence of {t} tokens exceeds the RoPE table ({})",
+                "sequence of {} tokens exceeds the RoPE table ({})",
+                pos0 + t,
                 self.max_len()
             )));
         }
-        let cos = self.cos.narrow(0, 0, t)?;
-        let sin = self.sin.narrow(0, 0, t)?;
+        let cos = self.cos.narrow(0, pos0, t)?;
+        let sin = self.sin.narrow(0, pos0, t)?;
         Ok(match mode {
             Mode::Eval => candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?,
             Mode::Train => candle_nn::rotary_emb::rope_slow(x, &cos, &sin)?,

@@ -6,6 +6,7 @@ mod common;
 mod affinequant;
 mod architectures;
 mod bad_input;
+mod decode;
 mod export;
 mod flatquant;
 mod gptq;

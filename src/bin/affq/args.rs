@@ -1,8 +1,11 @@
 //! The command line: clap derive structs (the low-level arguments) and their conversion into the
-//! library's requests (`affq::plan::QuantizeRequest`, `affq::eval::EvalRequest`).
+//! library's requests (`affq::plan::QuantizeRequest`, `affq::eval::EvalRequest`, `affq::runtime`'s requests).
 
 use affq::eval::{Dataset, Device, EvalRequest, Kernels, Protocol};
 use affq::plan::QuantizeRequest;
+use affq::runtime::bench::BenchRequest;
+use affq::runtime::generate::{GenerateRequest, PromptSource};
+use affq::runtime::sampler::SamplerConfig;
 use affq::quant::{AsymZero, SymScale};
 use affq::recipe::Recipe;
 use clap::builder::{PossibleValue, PossibleValuesParser};
@@ -40,6 +43,10 @@ pub(crate) enum Command {
     Quantize(Box<QuantizeArgs>),
     /// Write a checkpoint in a format another runtime loads (GGUF for llama.cpp).
     Export(ExportArgs),
+    /// Generate text from a prompt (plain or through the chat template), streamed to stdout.
+    Generate(GenerateArgs),
+    /// Measure prefill (pp) and decode (tg) speed, as llama-bench does.
+    Bench(BenchArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -348,6 +355,20 @@ pub(crate) struct EvalArgs {
     /// Directory with wikitext-2-raw/ and calibration/ (default: $AFFQ_DATA_DIR, else ~/.cache/affq/data).
     #[arg(long)]
     pub(crate) data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) backend: BackendArgs,
+    /// Also score the same windows on BASE (e.g. the full-precision model) and report the KL
+    /// divergence of the model's next-token distributions from BASE's: mean, median, 99th
+    /// percentile, top-1 agreement and PPL/PPL(BASE), as llama-perplexity's --kl-divergence.
+    #[arg(long, value_name = "BASE")]
+    pub(crate) kld_base: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) common: Common,
+}
+
+/// How and where a checkpoint computes (eval, generate, bench).
+#[derive(Args, Clone)]
+pub(crate) struct BackendArgs {
     /// How quantized linears run: integer kernels where the scheme has one (per-channel weights
     /// with an integer zero, quantized activations), or the float simulation everywhere.
     #[arg(long, value_enum, default_value = "int")]
@@ -356,13 +377,126 @@ pub(crate) struct EvalArgs {
     /// the quantized linears run there, the rest of the model on the CPU).
     #[arg(long, value_enum, default_value = "cpu")]
     pub(crate) device: DeviceArg,
-    /// Also score the same windows on BASE (e.g. the full-precision model) and report the KL
-    /// divergence of the model's next-token distributions from BASE's: mean, median, 99th
-    /// percentile, top-1 agreement and PPL/PPL(BASE), as llama-perplexity's --kl-divergence.
-    #[arg(long, value_name = "BASE")]
-    pub(crate) kld_base: Option<PathBuf>,
+}
+
+impl BackendArgs {
+    pub(crate) fn kernels(&self) -> Kernels {
+        match self.kernels {
+            KernelsArg::Int => Kernels::Int,
+            KernelsArg::IntBf16 => Kernels::IntBf16,
+            KernelsArg::Simulate => Kernels::Simulate,
+        }
+    }
+    pub(crate) fn device(&self) -> Device {
+        match self.device {
+            DeviceArg::Cpu => Device::Cpu,
+            DeviceArg::Cuda => Device::Cuda,
+        }
+    }
+}
+
+#[derive(Args)]
+pub(crate) struct GenerateArgs {
+    /// Model directory or .safetensors file (config.json and tokenizer.json beside it).
+    pub(crate) model: PathBuf,
+    /// The prompt (default: empty, i.e. the BOS token alone).
+    #[arg(long, conflicts_with = "prompt_file")]
+    pub(crate) prompt: Option<String>,
+    /// Read the prompt from a file.
+    #[arg(long)]
+    pub(crate) prompt_file: Option<PathBuf>,
+    /// Wrap the prompt as a user message in the model's chat template (tokenizer_config.json).
+    #[arg(long)]
+    pub(crate) chat: bool,
+    /// A system message for --chat (default: the template's own).
+    #[arg(long, requires = "chat")]
+    pub(crate) system: Option<String>,
+    /// Tokens to generate at most (generation also stops at an end-of-sequence token).
+    #[arg(long, short = 'n', default_value_t = 256)]
+    pub(crate) max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    pub(crate) temperature: f32,
+    /// Keep the K most likely tokens (0: all).
+    #[arg(long, default_value_t = 40)]
+    pub(crate) top_k: usize,
+    /// Keep the most likely tokens up to this cumulative probability (1: all).
+    #[arg(long, default_value_t = 0.95)]
+    pub(crate) top_p: f32,
+    /// Seed of the sampler (default: from the clock; printed with --json).
+    #[arg(long)]
+    pub(crate) seed: Option<u64>,
+    #[command(flatten)]
+    pub(crate) backend: BackendArgs,
     #[command(flatten)]
     pub(crate) common: Common,
+}
+
+#[derive(Args)]
+pub(crate) struct BenchArgs {
+    /// Model directory or .safetensors file.
+    pub(crate) model: PathBuf,
+    /// Prompt tokens of the prefill test (pp), 0 to skip it.
+    #[arg(long = "n-prompt", short = 'p', default_value_t = 512)]
+    pub(crate) n_prompt: usize,
+    /// Tokens of the decode test (tg), 0 to skip it.
+    #[arg(long = "n-gen", short = 'n', default_value_t = 128)]
+    pub(crate) n_gen: usize,
+    /// Measured runs of each test (after one warm-up run).
+    #[arg(long, short = 'r', default_value_t = 5)]
+    pub(crate) repetitions: usize,
+    #[command(flatten)]
+    pub(crate) backend: BackendArgs,
+    #[command(flatten)]
+    pub(crate) common: Common,
+}
+
+impl GenerateArgs {
+    pub(crate) fn request(&self) -> affq::Result<GenerateRequest> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(affq::Error::Usage("--temperature must be a number ≥ 0".into()));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(affq::Error::Usage("--top-p must be in (0, 1]".into()));
+        }
+        let seed = self.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+        });
+        Ok(GenerateRequest {
+            model: self.model.clone(),
+            prompt: match (&self.prompt, &self.prompt_file) {
+                (_, Some(f)) => PromptSource::File(f.clone()),
+                (Some(t), None) => PromptSource::Text(t.clone()),
+                (None, None) => PromptSource::Text(String::new()),
+            },
+            chat: self.chat,
+            system: self.system.clone(),
+            max_tokens: self.max_tokens,
+            sampler: SamplerConfig {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                seed,
+            },
+            kernels: self.backend.kernels(),
+            device: self.backend.device(),
+        })
+    }
+}
+
+impl BenchArgs {
+    pub(crate) fn request(&self) -> BenchRequest {
+        BenchRequest {
+            model: self.model.clone(),
+            prompt_tokens: self.n_prompt,
+            gen_tokens: self.n_gen,
+            repetitions: self.repetitions,
+            kernels: self.backend.kernels(),
+            device: self.backend.device(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -464,15 +598,8 @@ impl EvalArgs {
             seqlen: self.seqlen,
             max_windows: self.max_windows,
             data_dir: self.data_dir.clone(),
-            kernels: match self.kernels {
-                KernelsArg::Int => Kernels::Int,
-                KernelsArg::IntBf16 => Kernels::IntBf16,
-                KernelsArg::Simulate => Kernels::Simulate,
-            },
-            device: match self.device {
-                DeviceArg::Cpu => Device::Cpu,
-                DeviceArg::Cuda => Device::Cuda,
-            },
+            kernels: self.backend.kernels(),
+            device: self.backend.device(),
             kld_base: self.kld_base.clone(),
         }
     }

@@ -9,7 +9,10 @@ use affq::formats::gguf::{self, ImportDtype};
 use affq::methods::EpochLog;
 use affq::quantize::Progress;
 use anyhow::Context;
-use args::{Cli, Command, Common, DtypeArg, EvalArgs, ExportArgs, ImportArgs, QuantizeArgs};
+use args::{
+    BenchArgs, Cli, Command, Common, DtypeArg, EvalArgs, ExportArgs, GenerateArgs, ImportArgs,
+    QuantizeArgs,
+};
 use clap::Parser;
 use std::time::Instant;
 
@@ -266,6 +269,68 @@ fn run_export(a: ExportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    init_threads(&a.common)?;
+    let req = a.request()?;
+    let json = a.common.json;
+    let mut stdout = std::io::stdout();
+    let out = affq::runtime::generate::run(&req, |piece| {
+        if !json {
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+        }
+    })?;
+    let g = &out.generation;
+    if json {
+        println!("{}", serde_json::to_value(&out)?);
+    } else {
+        println!();
+        eprintln!(
+            "prompt {} tokens {:.1} tok/s | generated {} tokens, decode {:.1} tok/s | stop {:?} | kernels {} | KV {} B/token (K{} V{} bits) | load {:.1}s",
+            g.prompt_ids.len(),
+            out.prompt_tok_per_s,
+            g.ids.len(),
+            out.decode_tok_per_s,
+            g.stop,
+            out.kernels,
+            g.kv_bytes_per_token,
+            g.kv_bits.0,
+            g.kv_bits.1,
+            out.load_seconds
+        );
+    }
+    Ok(())
+}
+
+fn run_bench(a: BenchArgs) -> anyhow::Result<()> {
+    init_threads(&a.common)?;
+    let r = affq::runtime::bench::run(&a.request())?;
+    if a.common.json {
+        println!("{}", serde_json::to_value(&r)?);
+        return Ok(());
+    }
+    println!("| model | kernels | threads | test | t/s |");
+    println!("| --- | --- | ---: | ---: | ---: |");
+    if r.prompt_tokens > 0 {
+        println!(
+            "| {} | {} | {} | pp{} | {:.2} ± {:.2} |",
+            r.model, r.kernels, r.threads, r.prompt_tokens, r.prefill_tok_per_s, r.prefill_tok_per_s_stddev
+        );
+    }
+    if r.gen_tokens > 0 {
+        println!(
+            "| {} | {} | {} | tg{} | {:.2} ± {:.2} |",
+            r.model, r.kernels, r.threads, r.gen_tokens, r.decode_tok_per_s, r.decode_tok_per_s_stddev
+        );
+    }
+    println!(
+        "peak RSS {:.0} MiB, KV cache {} B/token (K{} V{} bits), load {:.1}s",
+        r.peak_rss_mb, r.kv_bytes_per_token, r.kv_bits.0, r.kv_bits.1, r.load_seconds
+    );
+    Ok(())
+}
+
 /// Keeps large tensor buffers in the malloc heap instead of fresh mmap/munmap pairs: every munmap
 /// costs page faults and a cross-core TLB shootdown, which dominated the calibration profile.
 fn tune_allocator() {
@@ -292,6 +357,8 @@ fn main() {
         Command::Eval(a) => run_eval(a),
         Command::Quantize(a) => run_quantize(*a),
         Command::Export(a) => run_export(a),
+        Command::Generate(a) => run_generate(a),
+        Command::Bench(a) => run_bench(a),
     };
     if let Err(e) = result {
         let code = e

@@ -1,0 +1,303 @@
+//! The decode runtime: KV-cached generation against the full-sequence forward and the float64
+//! reference, the stored (quantized) cache against the simulation, chat templates, seeded
+//! sampling, `affq bench`, and bad input to `generate`.
+
+use crate::common::*;
+use affq::formats::checkpoint::Precision;
+use affq::formats::Checkpoint;
+use affq::model::{Mode, Model};
+use affq::runtime::chat::{ChatTemplate, Message};
+use affq::runtime::generate::generate_ids;
+use affq::runtime::sampler::{argmax, Sampler, SamplerConfig};
+use affq::runtime::{load, Device, Kernels};
+use candle_core::Tensor;
+use std::path::Path;
+
+fn greedy() -> Sampler {
+    Sampler::new(SamplerConfig {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        seed: 0,
+    })
+}
+
+/// A prompt from the WikiText-2 validation text, tokenized for stories260K.
+fn prompt(n: usize) -> Vec<u32> {
+    let text =
+        std::fs::read_to_string(data_dir().join("wikitext-2-raw/wiki.valid.raw")).unwrap();
+    let tok = Checkpoint::open(&stories_hf())
+        .unwrap()
+        .tokenizer("test")
+        .unwrap();
+    let mut ids = tok.encode(&text[..4000], true).unwrap();
+    ids.truncate(n);
+    ids
+}
+
+/// Greedy generation over the cache, then the full-sequence forward of prompt + generation:
+/// every generated token is the argmax of the full forward at the position before it.
+fn check_cached_equals_full(model: &Model, what: &str) {
+    let p = prompt(24);
+    let g = generate_ids(model, &p, 40, &mut greedy(), &[], |_| Ok(())).unwrap();
+    assert_eq!(g.ids.len(), 40, "{what}");
+    let all: Vec<u32> = p.iter().chain(&g.ids).copied().collect();
+    let ids = Tensor::from_slice(&all, (1, all.len()), &candle_core::Device::Cpu).unwrap();
+    let logits: Vec<Vec<f32>> = model
+        .logits(&ids, Mode::Eval)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    for (i, &tok) in g.ids.iter().enumerate() {
+        let row = &logits[p.len() - 1 + i];
+        let best = argmax(row);
+        assert_eq!(
+            best, tok,
+            "{what}: step {i}: cached decoding chose {tok} (logit {}), the full forward {best} (logit {})",
+            row[tok as usize], row[best as usize]
+        );
+    }
+}
+
+fn loaded(dir: &Path, kernels: Kernels) -> (Model, String) {
+    load(
+        &Checkpoint::open(dir).unwrap(),
+        128,
+        kernels,
+        Device::Cpu,
+        Precision::F32,
+    )
+    .unwrap()
+}
+
+/// stories260K W4A4KV4 FlatQuant (one epoch on four windows): online transforms, quantized
+/// activations and a 4-bit cache.
+fn w4a4kv4(dir: &Path) {
+    quantize_stories(
+        dir,
+        &Calibrated::new(4, 128)
+            .method("flatquant")
+            .scheme(4, 4)
+            .kv(4)
+            .epochs(1)
+            .args(),
+    );
+}
+
+#[test]
+fn fp_greedy_reproduces_the_float64_reference() {
+    let r = read_json(&stories_dir().join("reference_outputs.json"));
+    let g = &r["greedy_from_bos"];
+    let want: Vec<u32> = g["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    let v = affq_json(&[
+        "generate",
+        stories_hf().to_str().unwrap(),
+        "--temperature",
+        "0",
+        "-n",
+        "200",
+    ]);
+    let mut got: Vec<u32> = serde_json::from_value(v["prompt_ids"].clone()).unwrap();
+    got.extend(serde_json::from_value::<Vec<u32>>(v["ids"].clone()).unwrap());
+    assert_eq!(got, want);
+    assert_eq!(v["text"].as_str().unwrap(), g["text"].as_str().unwrap());
+    assert_eq!(v["stop"], "max_tokens");
+    assert!(v["decode_tok_per_s"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn cached_greedy_equals_the_full_forward_fp_simulated_and_integer() {
+    let (fp, _) = loaded(&stories_hf(), Kernels::Int);
+    check_cached_equals_full(&fp, "fp");
+    let tmp = tempfile::tempdir().unwrap();
+    let q = tmp.path().join("q");
+    w4a4kv4(&q);
+    let (sim, ks) = loaded(&q, Kernels::Simulate);
+    assert_eq!(ks, "simulate");
+    check_cached_equals_full(&sim, "simulated W4A4KV4");
+    let (int, ki) = loaded(&q, Kernels::Int);
+    assert!(ki.starts_with("int ("), "{ki}");
+    check_cached_equals_full(&int, "integer W4A4KV4");
+}
+
+/// Each layer's cached keys and values against the full forward's quantized ones for `ids`:
+/// returns, over all values, the largest difference and how many differ at all.
+fn cache_vs_simulation(model: &Model, cache: &affq::model::KvCache, ids: &[u32]) -> (f32, usize, usize) {
+    let t = Tensor::from_slice(ids, (1, ids.len()), &candle_core::Device::Cpu).unwrap();
+    let mut h = model.embed(&t).unwrap();
+    let (mut worst, mut differ, mut total) = (0f32, 0, 0);
+    for (block, layer) in model.blocks.iter().zip(&cache.layers) {
+        let (k, v) = block.simulated_kv(&h, &model.rope).unwrap();
+        let flat = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (got, want) in [(layer.k.values(), flat(k)), (layer.v.values(), flat(v))] {
+            assert_eq!(got.len(), want.len());
+            for (a, b) in got.iter().zip(&want) {
+                worst = worst.max((a - b).abs());
+                differ += (a != b) as usize;
+            }
+            total += got.len();
+        }
+        h = block
+            .forward(&h, &model.rope, Mode::Eval, &mut affq::model::NoHook)
+            .unwrap();
+    }
+    (worst, differ, total)
+}
+
+#[test]
+fn quantized_cache_stores_the_simulation_values_in_four_bits() {
+    // The cache dequantizes to the keys and values the full forward quantizes. After the prompt's
+    // prefill (the same ops on the same rows) bit for bit, on both kernels. Decode steps compute
+    // a token's projections as a 1-row product instead of one row of a T-row product, so its
+    // pre-quantization keys move by float rounding (≈ 1e-7 relative) and a unit's scale with
+    // them: the stored values then agree to ~1e-6 of their size (|x| ≤ 16 here: < 1e-4). A code
+    // moving by one would show as a difference of a whole step (≥ 0.1 here); none does.
+    let tmp = tempfile::tempdir().unwrap();
+    let q = tmp.path().join("q");
+    w4a4kv4(&q);
+    let p = prompt(20);
+    for kernels in [Kernels::Simulate, Kernels::Int] {
+        let (model, _) = loaded(&q, kernels);
+        let mut cache = model.new_cache().unwrap();
+        model.forward_cached(&p[..12], &mut cache).unwrap();
+        let (worst, differ, _) = cache_vs_simulation(&model, &cache, &p[..12]);
+        assert_eq!((worst, differ), (0.0, 0), "{kernels:?}: prefill cache");
+        for &t in &p[12..] {
+            model.forward_cached(&[t], &mut cache).unwrap();
+        }
+        assert_eq!(cache.bits(), (4, 4));
+        let c = &model.config;
+        // Four bits per value plus three f32 parameters per (token, head), keys and values.
+        let want = c.num_layers * 2 * c.num_kv_heads * (c.head_dim / 2 + 12);
+        assert_eq!(cache.bytes_per_token(), want);
+        let (worst, differ, total) = cache_vs_simulation(&model, &cache, &p);
+        assert!(worst < 1e-4, "{kernels:?}: worst {worst}, {differ}/{total} differ");
+    }
+}
+
+/// SmolLM2-135M-Instruct's template as its tokenizer_config.json carries it.
+const SMOLLM2_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+#[test]
+fn smollm2_chat_template_renders_as_transformers_does() {
+    // The strings transformers' apply_chat_template(tokenize=False) gives for this template.
+    let t = ChatTemplate::from_source(SMOLLM2_TEMPLATE, "<|im_start|>", "<|im_end|>").unwrap();
+    let user = Message {
+        role: "user".into(),
+        content: "What is 2+2?".into(),
+    };
+    assert_eq!(
+        t.render(std::slice::from_ref(&user), true).unwrap(),
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let sys = Message {
+        role: "system".into(),
+        content: "Be brief.".into(),
+    };
+    assert_eq!(
+        t.render(&[sys, user], false).unwrap(),
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
+    );
+    // The same template read from the imported model's tokenizer_config.json, through the
+    // binary: the prompt it reports is the rendering, and the answer stops at <|im_end|>.
+    let m = smollm2_dir();
+    let v = affq_json(&[
+        "generate",
+        m.to_str().unwrap(),
+        "--chat",
+        "--prompt",
+        "What is 2+2?",
+        "--temperature",
+        "0",
+        "-n",
+        "24",
+    ]);
+    assert_eq!(
+        v["prompt"].as_str().unwrap(),
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+    );
+    assert!(v["text"].as_str().unwrap().contains('4'), "{}", v["text"]);
+}
+
+#[test]
+fn seeded_sampling_is_deterministic() {
+    let run = |seed: &str| -> Vec<u64> {
+        let v = affq_json(&[
+            "generate",
+            stories_hf().to_str().unwrap(),
+            "--prompt",
+            "Once upon a time",
+            "--temperature",
+            "1.0",
+            "--seed",
+            seed,
+            "-n",
+            "60",
+        ]);
+        v["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect()
+    };
+    let a = run("7");
+    assert_eq!(a, run("7"));
+    assert_ne!(a, run("8"));
+}
+
+#[test]
+fn bench_reports_llama_bench_figures() {
+    let v = affq_json(&[
+        "bench",
+        stories_hf().to_str().unwrap(),
+        "-p",
+        "64",
+        "-n",
+        "16",
+        "-r",
+        "2",
+    ]);
+    for key in ["prefill_tok_per_s", "decode_tok_per_s", "peak_rss_mb"] {
+        assert!(v[key].as_f64().unwrap() > 0.0, "{key}: {v}");
+    }
+    assert_eq!(v["prompt_tokens"], 64);
+    assert_eq!(v["gen_tokens"], 16);
+    assert!(v["kernels"].is_string());
+    // stories260K in f32: 5 layers × 2 × 4 KV heads × 8 values × 4 bytes.
+    assert_eq!(v["kv_bytes_per_token"], 5 * 2 * 4 * 8 * 4);
+}
+
+#[test]
+fn generate_bad_input_is_one_line_naming_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("no-such-prompt.txt");
+    let o = affq(&[
+        "generate",
+        stories_hf().to_str().unwrap(),
+        "--prompt-file",
+        missing.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("no-such-prompt.txt"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // stories260K has no chat template.
+    let o = affq(&[
+        "generate",
+        stories_hf().to_str().unwrap(),
+        "--chat",
+        "--prompt",
+        "hi",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("tokenizer_config.json") && err.contains("chat_template"), "{err}");
+}
