@@ -1,6 +1,7 @@
 //! Backends: the implementations of the model floor's traits (`LinearLayer`, `SiteKernel`) that
 //! decide how a quantized model computes.
 //!
+//! - [`dense_cpu`]: full-precision linears on a matrix–vector kernel for decode steps;
 //! - [`simulated`]: dequantized weights and fake-quantized activations in f32 (what checkpoints
 //!   load into, and what calibration trains through);
 //! - [`int_cpu`]: integer GEMMs with the online transform fused into the per-token quantization
@@ -8,6 +9,7 @@
 //! - [`cuda`]: the same sites on an NVIDIA GPU (`--features cuda`; without the feature a dummy
 //!   module whose constructor says how to build it).
 
+pub mod dense_cpu;
 pub mod int_cpu;
 pub mod simulated;
 

@@ -2,7 +2,6 @@
 
 use crate::data::{self, DataFile};
 use crate::error::{Error, Result};
-use crate::formats::checkpoint::Precision;
 use crate::model::Model;
 use crate::tokenizer::Tok;
 use serde::Serialize;
@@ -373,7 +372,7 @@ pub struct EvalOutcome {
 /// A checkpoint loaded for evaluation: full-precision weights stay in their stored 16-bit dtype
 /// (they are only multiplied by, in large batches of rows).
 fn load_for_eval(ckpt: &crate::formats::Checkpoint, req: &EvalRequest) -> Result<(Model, String)> {
-    crate::runtime::load(ckpt, req.seqlen, req.kernels, req.device, Precision::Stored)
+    crate::runtime::load(ckpt, req.seqlen, req.kernels, req.device, crate::runtime::Purpose::Eval)
 }
 
 /// Evaluates the request's model: data located, model loaded and converted to the requested

@@ -88,10 +88,10 @@ impl Checkpoint {
         let store = &self.store;
         let quant = self.quant.clone();
         // The embedding is only gathered from: kept as stored (16-bit stays 16-bit) unless it is
-        // also the head, which multiplies every position and is held in f32.
+        // also the head and `head` asks for f32.
         let has_head = store.contains("lm_head.weight") || store.contains("lm_head.weight_packed");
         let embed_name = "model.embed_tokens.weight";
-        let embed = if has_head {
+        let embed = if has_head || head == Precision::Stored {
             store.weight(embed_name, &[c.vocab_size, c.hidden_size])?
         } else {
             store.f32(embed_name, &[c.vocab_size, c.hidden_size])?

@@ -5,7 +5,6 @@
 
 use super::{Device, Kernels};
 use crate::error::{Error, Result};
-use crate::formats::checkpoint::Precision;
 use crate::formats::Checkpoint;
 use crate::model::Model;
 use crate::rng::Rng;
@@ -92,7 +91,7 @@ pub fn run(req: &BenchRequest) -> Result<BenchResult> {
             max_len, ckpt.config.max_position_embeddings
         )));
     }
-    let (model, kernels) = super::load(&ckpt, max_len, req.kernels, req.device, Precision::F32)?;
+    let (model, kernels) = super::load(&ckpt, max_len, req.kernels, req.device, super::Purpose::Decode)?;
     let load_seconds = t_load.elapsed().as_secs_f64();
     let vocab = model.config.vocab_size as u64;
     let mut rng = Rng::new(1234);

@@ -5,7 +5,6 @@ use super::chat::{ChatTemplate, Message};
 use super::sampler::{Sampler, SamplerConfig};
 use super::{Device, Kernels};
 use crate::error::{Error, Result};
-use crate::formats::checkpoint::Precision;
 use crate::formats::Checkpoint;
 use crate::model::Model;
 use crate::tokenizer::Tok;
@@ -243,7 +242,7 @@ pub fn run(req: &GenerateRequest, mut on_text: impl FnMut(&str)) -> Result<Gener
     let eos = eos_ids(&ckpt, &tok);
     let context = ckpt.config.max_position_embeddings.max(1);
     let max_len = (ids.len() + req.max_tokens).min(context);
-    let (model, kernels) = super::load(&ckpt, max_len, req.kernels, req.device, Precision::F32)?;
+    let (model, kernels) = super::load(&ckpt, max_len, req.kernels, req.device, super::Purpose::Decode)?;
     let load_seconds = t_load.elapsed().as_secs_f64();
     let mut sampler = Sampler::new(req.sampler);
     let mut detok = Detokenizer {

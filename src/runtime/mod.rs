@@ -30,20 +30,35 @@ pub enum Device {
     Cuda,
 }
 
+/// What a model is loaded for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// Scoring whole windows: full-precision block weights as stored (16-bit widened per
+    /// product), the head in f32 (it multiplies every position).
+    Eval,
+    /// Generation: every full-precision weight as stored, on the matrix–vector kernel for the
+    /// decode steps (`backend::dense_cpu`).
+    Decode,
+}
+
 /// A checkpoint loaded on the requested kernels with RoPE tables for `max_len` positions, block
-/// by block, each converted as it is read: full-precision linears held at `precision`; on the
-/// integer kernels quantized layers keep only codes and packed weights (simulated ones hold their
-/// dense f32 weights), so the model is never held twice. The head is held in f32. Returns the
-/// model and its kernels in words.
+/// by block, each converted as it is read: on the integer kernels quantized layers keep only
+/// codes and packed weights (simulated ones hold their dense f32 weights), so the model is never
+/// held twice. Returns the model and its kernels in words.
 pub fn load(
     ckpt: &Checkpoint,
     max_len: usize,
     kernels: Kernels,
     device: Device,
-    precision: Precision,
+    purpose: Purpose,
 ) -> Result<(Model, String)> {
-    use crate::backend::{cuda, int_cpu};
-    let mut model = ckpt.load_ends(max_len, Precision::F32)?;
+    use crate::backend::{cuda, dense_cpu, int_cpu};
+    let precision = Precision::Stored;
+    let head = match purpose {
+        Purpose::Eval => Precision::F32,
+        Purpose::Decode => Precision::Stored,
+    };
+    let mut model = ckpt.load_ends(max_len, head)?;
     let isa = crate::kernels::int_gemm::Isa::detect();
     let bf16 = kernels == Kernels::IntBf16;
     let int = matches!(kernels, Kernels::Int | Kernels::IntBf16);
@@ -70,6 +85,9 @@ pub fn load(
     } else {
         "simulate".to_string()
     };
+    if purpose == Purpose::Decode {
+        dense_cpu::use_gemv(&mut model)?;
+    }
     if device == Device::Cuda {
         let gpu = cuda::Cuda::new()?;
         let n = cuda::use_cuda(&mut model, &gpu)?;

@@ -3,13 +3,12 @@
 //! sampling, `affq bench`, and bad input to `generate`.
 
 use crate::common::*;
-use affq::formats::checkpoint::Precision;
 use affq::formats::Checkpoint;
 use affq::model::{Mode, Model};
 use affq::runtime::chat::{ChatTemplate, Message};
 use affq::runtime::generate::generate_ids;
 use affq::runtime::sampler::{argmax, Sampler, SamplerConfig};
-use affq::runtime::{load, Device, Kernels};
+use affq::runtime::{load, Device, Kernels, Purpose};
 use candle_core::Tensor;
 use std::path::Path;
 
@@ -67,7 +66,7 @@ fn loaded(dir: &Path, kernels: Kernels) -> (Model, String) {
         128,
         kernels,
         Device::Cpu,
-        Precision::F32,
+        Purpose::Decode,
     )
     .unwrap()
 }

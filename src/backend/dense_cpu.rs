@@ -1,0 +1,100 @@
+//! Full-precision linears for decoding: a step of a few tokens multiplies each weight by a few
+//! rows, which `kernels::gemv` streams once (16-bit weights widened on the fly, exactly); larger
+//! batches (a prompt) go through the ordinary GEMM of [`linear_forward`].
+
+use crate::error::Result;
+use crate::kernels::gemv::{gemv, Weights};
+use crate::model::{linear_forward, LinearKind, LinearLayer, Model};
+use candle_core::{CpuStorage, Storage, Tensor};
+
+/// Rows up to which the matrix–vector kernel runs (a decode step, or a few speculative tokens).
+const GEMV_ROWS: usize = 8;
+
+pub struct GemvLinear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    bias_v: Option<Vec<f32>>,
+}
+
+impl GemvLinear {
+    /// The decode form of a full-precision layer (no quantized weight, no input quantizer).
+    pub fn from_layer(l: &dyn LinearLayer) -> Result<Option<Self>> {
+        if l.quantized_weight().is_some() || l.act_quantizer().is_some() {
+            return Ok(None);
+        }
+        let weight = l.weight_ref().contiguous()?;
+        let bias_v = l
+            .bias()
+            .map(|b| b.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>())
+            .transpose()?;
+        Ok(Some(GemvLinear {
+            weight,
+            bias: l.bias().cloned(),
+            bias_v,
+        }))
+    }
+}
+
+impl LinearLayer for GemvLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let k = *dims.last().unwrap_or(&0);
+        let m: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+        if m == 0 || m > GEMV_ROWS || x.dtype() != candle_core::DType::F32 {
+            return linear_forward(x, &self.weight, self.bias.as_ref());
+        }
+        let n = self.out_features();
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let (storage, layout) = self.weight.storage_and_layout();
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            drop(storage);
+            return linear_forward(x, &self.weight, self.bias.as_ref());
+        };
+        let w = match &*storage {
+            Storage::Cpu(CpuStorage::F32(v)) => Weights::F32(&v[a..b]),
+            Storage::Cpu(CpuStorage::F16(v)) => Weights::F16(&v[a..b]),
+            Storage::Cpu(CpuStorage::BF16(v)) => Weights::Bf16(&v[a..b]),
+            _ => {
+                drop(storage);
+                return linear_forward(x, &self.weight, self.bias.as_ref());
+            }
+        };
+        let y = gemv(&xs, m, k, w, n, self.bias_v.as_deref());
+        drop(storage);
+        let mut out = dims;
+        *out.last_mut().unwrap() = n;
+        Ok(Tensor::from_vec(y, out, x.device())?)
+    }
+    fn weight_ref(&self) -> &Tensor {
+        &self.weight
+    }
+    fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+    fn detached(&self) -> Box<dyn LinearLayer> {
+        Box::new(GemvLinear {
+            weight: self.weight.detach(),
+            bias: self.bias.as_ref().map(Tensor::detach),
+            bias_v: self.bias_v.clone(),
+        })
+    }
+}
+
+/// Puts every full-precision linear of `model` (blocks and head) on the decode kernel; returns
+/// how many.
+pub fn use_gemv(model: &mut Model) -> Result<usize> {
+    let mut n = 0;
+    for b in model.blocks.iter_mut() {
+        for kind in LinearKind::ALL {
+            if let Some(g) = GemvLinear::from_layer(b.linear(kind))? {
+                b.set_linear(kind, Box::new(g))?;
+                n += 1;
+            }
+        }
+    }
+    if let Some(g) = GemvLinear::from_layer(model.head.as_ref())? {
+        model.head = Box::new(g);
+        n += 1;
+    }
+    Ok(n)
+}
