@@ -124,6 +124,31 @@ dispatch!(
     logsumexp, logsumexp_generic, (xs: &[f32]) -> f64
 );
 
+/// `Σ a_i b_i` in f32 over 32 FMA lanes; inlined into callers compiled for a wider ISA (a
+/// function already under [`dispatch!`] calls this, others call [`dot`]).
+#[inline(always)]
+pub fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 32];
+    let (ca, cb) = (a.chunks_exact(32), b.chunks_exact(32));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..32 {
+            acc[i] = x[i].mul_add(y[i], acc[i]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+dispatch!(
+    /// [`dot_lanes`] compiled for the CPU's widest ISA.
+    dot, dot_lanes, (a: &[f32], b: &[f32]) -> f32
+);
+
 #[cfg(test)]
 mod tests {
     #[test]

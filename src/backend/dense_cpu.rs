@@ -25,7 +25,11 @@ impl GemvLinear {
         let weight = l.weight_ref().contiguous()?;
         let bias_v = l
             .bias()
-            .map(|b| b.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>())
+            .map(|b| {
+                b.flatten_all()?
+                    .to_dtype(candle_core::DType::F32)?
+                    .to_vec1::<f32>()
+            })
             .transpose()?;
         Ok(Some(GemvLinear {
             weight,
@@ -45,22 +49,19 @@ impl LinearLayer for GemvLinear {
         }
         let n = self.out_features();
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let (storage, layout) = self.weight.storage_and_layout();
-        let Some((a, b)) = layout.contiguous_offsets() else {
-            drop(storage);
+        let y = {
+            let (storage, layout) = self.weight.storage_and_layout();
+            let w = match (&*storage, layout.contiguous_offsets()) {
+                (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Some(Weights::F32(&v[a..b])),
+                (Storage::Cpu(CpuStorage::F16(v)), Some((a, b))) => Some(Weights::F16(&v[a..b])),
+                (Storage::Cpu(CpuStorage::BF16(v)), Some((a, b))) => Some(Weights::Bf16(&v[a..b])),
+                _ => None,
+            };
+            w.map(|w| gemv(&xs, m, k, w, n, self.bias_v.as_deref()))
+        };
+        let Some(y) = y else {
             return linear_forward(x, &self.weight, self.bias.as_ref());
         };
-        let w = match &*storage {
-            Storage::Cpu(CpuStorage::F32(v)) => Weights::F32(&v[a..b]),
-            Storage::Cpu(CpuStorage::F16(v)) => Weights::F16(&v[a..b]),
-            Storage::Cpu(CpuStorage::BF16(v)) => Weights::Bf16(&v[a..b]),
-            _ => {
-                drop(storage);
-                return linear_forward(x, &self.weight, self.bias.as_ref());
-            }
-        };
-        let y = gemv(&xs, m, k, w, n, self.bias_v.as_deref());
-        drop(storage);
         let mut out = dims;
         *out.last_mut().unwrap() = n;
         Ok(Tensor::from_vec(y, out, x.device())?)

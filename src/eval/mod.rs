@@ -372,18 +372,20 @@ pub struct EvalOutcome {
 /// A checkpoint loaded for evaluation: full-precision weights stay in their stored 16-bit dtype
 /// (they are only multiplied by, in large batches of rows).
 fn load_for_eval(ckpt: &crate::formats::Checkpoint, req: &EvalRequest) -> Result<(Model, String)> {
-    crate::runtime::load(ckpt, req.seqlen, req.kernels, req.device, crate::runtime::Purpose::Eval)
+    crate::runtime::load(
+        ckpt,
+        req.seqlen,
+        req.kernels,
+        req.device,
+        crate::runtime::Purpose::Eval,
+    )
 }
 
 /// Evaluates the request's model: data located, model loaded and converted to the requested
 /// backend, windows scored; `progress(done, total, running_ppl)` after each window.
 pub fn run(req: &EvalRequest, progress: impl FnMut(usize, usize, f64)) -> Result<EvalOutcome> {
     let dir = data::data_dir(req.data_dir.as_deref());
-    if req.device == Device::Cuda && req.kernels != Kernels::Int {
-        return Err(Error::Usage(
-            "--device cuda runs the integer kernels with f32 transforms: use --kernels int".into(),
-        ));
-    }
+    crate::runtime::check_backend(req.kernels, req.device)?;
     // Resolve every input before the expensive load.
     let data_path = req.dataset.locate(&dir)?;
     let t_load = Instant::now();

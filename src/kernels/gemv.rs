@@ -4,6 +4,7 @@
 //! 16-bit rows widened into a small f32 buffer (exact: every f16/bf16 value is an f32), and
 //! multiplies each against all `x` rows while it is in cache.
 
+use crate::fastmath::dot;
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -18,31 +19,15 @@ pub enum Weights<'a> {
 /// Rows per task: enough work to pay for a rayon task (~µs), enough tasks to balance threads.
 const BAND: usize = 64;
 
-#[inline(always)]
-fn dot_generic(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 32];
-    let (ca, cb) = (a.chunks_exact(32), b.chunks_exact(32));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..32 {
-            acc[i] = x[i].mul_add(y[i], acc[i]);
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-crate::fastmath::dispatch!(
-    /// `Σ a_i b_i` in f32 (FMA lanes where the CPU has them).
-    dot, dot_generic, (a: &[f32], b: &[f32]) -> f32
-);
-
 /// `out[r·n + o] = Σ_j w[o·k + j]·x[r·k + j] + bias[o]` for `m` rows of `x`.
-pub fn gemv(x: &[f32], m: usize, k: usize, w: Weights<'_>, n: usize, bias: Option<&[f32]>) -> Vec<f32> {
+pub fn gemv(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: Weights<'_>,
+    n: usize,
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
     assert_eq!(x.len(), m * k);
     let mut out = vec![0f32; m * n];
     // Bands of output features; each task returns its [m × band] block.

@@ -298,7 +298,12 @@ impl Block {
     /// [`Self::forward`] of `x` `[1, T, hidden]`, the tokens following the `cache.len()` cached
     /// ones (inference): their keys and values are appended to `cache` and their queries attend
     /// over all of it.
-    pub fn forward_cached(&self, x: &Tensor, rope: &Rope, cache: &mut LayerCache) -> Result<Tensor> {
+    pub fn forward_cached(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        cache: &mut LayerCache,
+    ) -> Result<Tensor> {
         self.forward_inner(x, rope, Mode::Eval, &mut NoHook, Some(cache))
     }
 

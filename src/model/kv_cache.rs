@@ -12,7 +12,6 @@
 //!
 //! so a decode step touches `b/8` bytes per cached value instead of four.
 
-use crate::fastmath;
 use crate::quant::quantizer::quantize_units;
 use crate::quant::{pack, QuantSpec, UnitParams};
 use rayon::prelude::*;
@@ -86,7 +85,12 @@ impl KvStore {
     /// Appends `t` tokens given as `x` laid out `[heads, t, dim]`.
     pub fn append(&mut self, x: &[f32], t: usize) {
         let (h, d) = (self.heads, self.dim);
-        assert_eq!(x.len(), h * t * d, "kv append: {} values for {h}×{t}×{d}", x.len());
+        assert_eq!(
+            x.len(),
+            h * t * d,
+            "kv append: {} values for {h}×{t}×{d}",
+            x.len()
+        );
         match &mut self.data {
             Store::F32(rows) => {
                 for (hi, r) in rows.iter_mut().enumerate() {
@@ -187,7 +191,14 @@ impl LayerCache {
     /// cache (which already holds their own keys): the o_proj input `[t, heads·dim]`. Query
     /// head `h` reads KV head `h / (heads / kv_heads)`; `window` limits each query to that many
     /// most recent keys (itself included).
-    pub fn attend(&self, q: &[f32], heads: usize, t: usize, scale: f32, window: Option<usize>) -> Vec<f32> {
+    pub fn attend(
+        &self,
+        q: &[f32],
+        heads: usize,
+        t: usize,
+        scale: f32,
+        window: Option<usize>,
+    ) -> Vec<f32> {
         let (d, len, kvh) = (self.k.dim, self.len(), self.k.heads);
         assert!(t <= len && q.len() == heads * t * d && heads % kvh == 0);
         let g = heads / kvh;
@@ -201,7 +212,10 @@ impl LayerCache {
                 let pos = len - t + r;
                 let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w.max(1)));
                 let qr = &q[(h * t + r) * d..(h * t + r + 1) * d];
-                (task, attend_row(self, h / g, qr, lo, pos + 1, scale))
+                (
+                    task,
+                    attend_row(&self.k, &self.v, h / g, qr, lo, pos + 1, scale),
+                )
             })
             .collect();
         for (task, o) in rows {
@@ -212,32 +226,38 @@ impl LayerCache {
     }
 }
 
-fn attend_row(c: &LayerCache, kv: usize, q: &[f32], lo: usize, hi: usize, scale: f32) -> Vec<f32> {
-    attend_row_simd(&c.k, &c.v, kv, q, lo, hi, scale)
-}
-
 crate::fastmath::dispatch!(
     /// One query row against keys `lo..hi` of KV head `kv`: softmax(scale·q·Kᵀ)·V.
-    attend_row_simd, attend_row_generic,
+    attend_row, attend_row_generic,
     (k: &KvStore, v: &KvStore, kv: usize, q: &[f32], lo: usize, hi: usize, scale: f32) -> Vec<f32>
 );
 
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..16 {
-            acc[i] += x[i] * y[i];
+/// f32 values stand for themselves: `x = 1·(x − 0) + 0` exactly, so one loop serves both stores.
+const IDENTITY: UnitParams = UnitParams {
+    scale: 1.0,
+    zero: 0.0,
+    offset: 0.0,
+};
+
+impl KvStore {
+    /// Token `j` of KV head `kv` as f32 codes (or values) and the parameters that map them to
+    /// values; `buf` (`dim` long) receives unpacked codes.
+    #[inline(always)]
+    fn row<'a>(&'a self, kv: usize, j: usize, buf: &'a mut [f32]) -> (&'a [f32], UnitParams) {
+        let d = self.dim;
+        match &self.data {
+            Store::F32(rows) => (&rows[kv][j * d..(j + 1) * d], IDENTITY),
+            Store::Packed {
+                spec,
+                words,
+                codes,
+                params,
+            } => {
+                unpack_row(&codes[kv][j * words..(j + 1) * words], spec.bits, buf);
+                (buf, params[kv][j])
+            }
         }
     }
-    acc.iter().sum::<f32>() + tail
 }
 
 #[inline(always)]
@@ -251,63 +271,26 @@ fn attend_row_generic(
     scale: f32,
 ) -> Vec<f32> {
     let d = k.dim;
-    let mut s = vec![0f32; hi - lo];
     let mut buf = vec![0f32; d];
-    match &k.data {
-        Store::F32(rows) => {
-            let r = &rows[kv];
-            for (j, sj) in (lo..hi).zip(s.iter_mut()) {
-                *sj = scale * dot(q, &r[j * d..(j + 1) * d]);
-            }
-        }
-        Store::Packed {
-            spec,
-            words,
-            codes,
-            params,
-        } => {
-            let qsum: f32 = q.iter().sum();
-            let (c, p) = (&codes[kv], &params[kv]);
-            for (j, sj) in (lo..hi).zip(s.iter_mut()) {
-                unpack_row(&c[j * words..(j + 1) * words], spec.bits, &mut buf);
-                let u = &p[j];
-                *sj = scale * (u.scale * (dot(q, &buf) - u.zero * qsum) + u.offset * qsum);
-            }
-        }
-    }
-    let sum = fastmath::softmax_unnormalized(&mut s);
-    let inv = 1.0 / sum;
+    let qsum: f32 = q.iter().sum();
+    let mut s: Vec<f32> = (lo..hi)
+        .map(|j| {
+            let (c, u) = k.row(kv, j, &mut buf);
+            scale * (u.scale * (crate::fastmath::dot_lanes(q, c) - u.zero * qsum) + u.offset * qsum)
+        })
+        .collect();
+    let inv = 1.0 / crate::fastmath::softmax_unnormalized(&mut s);
     let mut o = vec![0f32; d];
-    match &v.data {
-        Store::F32(rows) => {
-            let r = &rows[kv];
-            for (j, &p) in (lo..hi).zip(&s) {
-                for (o, x) in o.iter_mut().zip(&r[j * d..(j + 1) * d]) {
-                    *o += p * x;
-                }
-            }
+    let mut konst = 0f32;
+    for (j, &p) in (lo..hi).zip(&s) {
+        let (c, u) = v.row(kv, j, &mut buf);
+        let ps = p * u.scale;
+        for (o, x) in o.iter_mut().zip(c) {
+            *o += ps * x;
         }
-        Store::Packed {
-            spec,
-            words,
-            codes,
-            params,
-        } => {
-            let (c, pr) = (&codes[kv], &params[kv]);
-            let mut konst = 0f32;
-            for (j, &p) in (lo..hi).zip(&s) {
-                unpack_row(&c[j * words..(j + 1) * words], spec.bits, &mut buf);
-                let u = &pr[j];
-                let ps = p * u.scale;
-                for (o, x) in o.iter_mut().zip(&buf) {
-                    *o += ps * x;
-                }
-                konst += p * (u.offset - u.scale * u.zero);
-            }
-            o.iter_mut().for_each(|x| *x += konst);
-        }
+        konst += p * (u.offset - u.scale * u.zero);
     }
-    o.iter_mut().for_each(|x| *x *= inv);
+    o.iter_mut().for_each(|x| *x = (*x + konst) * inv);
     o
 }
 
@@ -348,7 +331,14 @@ mod tests {
     use crate::quant::quantizer::fake_quant_units;
     use crate::rng::Rng;
 
-    fn reference(q: &[f32], keys: &[f32], vals: &[f32], d: usize, n: usize, scale: f32) -> Vec<f32> {
+    fn reference(
+        q: &[f32],
+        keys: &[f32],
+        vals: &[f32],
+        d: usize,
+        n: usize,
+        scale: f32,
+    ) -> Vec<f32> {
         let s: Vec<f64> = (0..n)
             .map(|j| {
                 (0..d)
@@ -387,9 +377,13 @@ mod tests {
         for spec in specs {
             let mut st = KvStore::new(h, d, Some(spec));
             // In two appends, as a prefill and a decode step would.
-            let first: Vec<f32> = (0..h).flat_map(|hi| x[hi * t * d..][..(t - 1) * d].to_vec()).collect();
+            let first: Vec<f32> = (0..h)
+                .flat_map(|hi| x[hi * t * d..][..(t - 1) * d].to_vec())
+                .collect();
             st.append(&first, t - 1);
-            let last: Vec<f32> = (0..h).flat_map(|hi| x[(hi * t + t - 1) * d..][..d].to_vec()).collect();
+            let last: Vec<f32> = (0..h)
+                .flat_map(|hi| x[(hi * t + t - 1) * d..][..d].to_vec())
+                .collect();
             st.append(&last, 1);
             let mut sim = x.clone();
             fake_quant_units(&mut sim, d, &spec);
@@ -413,7 +407,10 @@ mod tests {
                     0.3,
                 );
                 for (a, b) in out[hq * d..(hq + 1) * d].iter().zip(&want) {
-                    assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{spec:?} head {hq}: {a} vs {b}");
+                    assert!(
+                        (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                        "{spec:?} head {hq}: {a} vs {b}"
+                    );
                 }
             }
         }
@@ -436,7 +433,14 @@ mod tests {
             for r in 0..3 {
                 let pos = t - 3 + r;
                 let lo = w.map_or(0, |w| pos + 1 - w);
-                let want = reference(&q[r * d..(r + 1) * d], &x[lo * d..], &x[lo * d..], d, pos + 1 - lo, 0.5);
+                let want = reference(
+                    &q[r * d..(r + 1) * d],
+                    &x[lo * d..],
+                    &x[lo * d..],
+                    d,
+                    pos + 1 - lo,
+                    0.5,
+                );
                 for (a, b) in out[r * d..(r + 1) * d].iter().zip(&want) {
                     assert!((a - b).abs() < 1e-5, "{w:?} row {r}: {a} vs {b}");
                 }

@@ -80,8 +80,11 @@ pub fn run(req: &BenchRequest) -> Result<BenchResult> {
         return Err(Error::Usage("--repetitions must be at least 1".into()));
     }
     if req.prompt_tokens == 0 && req.gen_tokens == 0 {
-        return Err(Error::Usage("nothing to measure: -p and -n are both 0".into()));
+        return Err(Error::Usage(
+            "nothing to measure: -p and -n are both 0".into(),
+        ));
     }
+    super::check_backend(req.kernels, req.device)?;
     let t_load = Instant::now();
     let ckpt = Checkpoint::open(&req.model)?;
     let max_len = req.prompt_tokens.max(req.gen_tokens).max(1);
@@ -91,7 +94,13 @@ pub fn run(req: &BenchRequest) -> Result<BenchResult> {
             max_len, ckpt.config.max_position_embeddings
         )));
     }
-    let (model, kernels) = super::load(&ckpt, max_len, req.kernels, req.device, super::Purpose::Decode)?;
+    let (model, kernels) = super::load(
+        &ckpt,
+        max_len,
+        req.kernels,
+        req.device,
+        super::Purpose::Decode,
+    )?;
     let load_seconds = t_load.elapsed().as_secs_f64();
     let vocab = model.config.vocab_size as u64;
     let mut rng = Rng::new(1234);
@@ -115,8 +124,16 @@ pub fn run(req: &BenchRequest) -> Result<BenchResult> {
             }
         }
     }
-    let (pm, ps) = if pp.is_empty() { (0.0, 0.0) } else { mean_std(&pp) };
-    let (dm, ds) = if tg.is_empty() { (0.0, 0.0) } else { mean_std(&tg) };
+    let (pm, ps) = if pp.is_empty() {
+        (0.0, 0.0)
+    } else {
+        mean_std(&pp)
+    };
+    let (dm, ds) = if tg.is_empty() {
+        (0.0, 0.0)
+    } else {
+        mean_std(&tg)
+    };
     let cache = model.new_cache()?;
     Ok(BenchResult {
         model: req.model.display().to_string(),

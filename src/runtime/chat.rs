@@ -24,7 +24,7 @@ pub struct ChatTemplate {
 }
 
 /// A special token of `tokenizer_config.json`: a string or `{"content": …}`.
-fn token_str(v: Option<&serde_json::Value>) -> String {
+pub(crate) fn token_str(v: Option<&serde_json::Value>) -> String {
     match v {
         Some(serde_json::Value::String(s)) => s.clone(),
         Some(serde_json::Value::Object(o)) => o
@@ -102,12 +102,15 @@ impl ChatTemplate {
             .map_err(|e| self.err(e))?;
         env.set_syntax(syntax);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(
-                minijinja::ErrorKind::InvalidOperation,
-                msg,
-            ))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
         env.add_template("chat", &self.source)
             .map_err(|e| self.err(e))?;
         Ok(env)
@@ -150,8 +153,8 @@ mod tests {
 
     #[test]
     fn raise_exception_is_an_error() {
-        let t = ChatTemplate::from_source("{{ raise_exception('no system role') }}", "", "")
-            .unwrap();
+        let t =
+            ChatTemplate::from_source("{{ raise_exception('no system role') }}", "", "").unwrap();
         let e = t.render(&[], false).unwrap_err().to_string();
         assert!(e.contains("no system role"), "{e}");
     }

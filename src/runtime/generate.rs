@@ -143,12 +143,8 @@ pub fn eos_ids(ckpt: &Checkpoint, tok: &Tok) -> Vec<u32> {
             _ => {}
         }
     }
-    if let Some(t) = read("tokenizer_config.json").and_then(|j| match j.get("eos_token")? {
-        serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Object(o) => Some(o.get("content")?.as_str()?.to_string()),
-        _ => None,
-    }) {
-        out.extend(tok.token_to_id(&t));
+    if let Some(j) = read("tokenizer_config.json") {
+        out.extend(tok.token_to_id(&super::chat::token_str(j.get("eos_token"))));
     }
     out.sort_unstable();
     out.dedup();
@@ -158,7 +154,11 @@ pub fn eos_ids(ckpt: &Checkpoint, tok: &Tok) -> Vec<u32> {
 /// The prompt's token ids: the chat template's rendering tokenized as is (the template writes
 /// the special tokens), or the plain text with the tokenizer's own special tokens (BOS); an
 /// empty plain prompt is the BOS token alone.
-pub fn prompt_ids(req: &GenerateRequest, ckpt: &Checkpoint, tok: &Tok) -> Result<(String, Vec<u32>)> {
+pub fn prompt_ids(
+    req: &GenerateRequest,
+    ckpt: &Checkpoint,
+    tok: &Tok,
+) -> Result<(String, Vec<u32>)> {
     let text = match &req.prompt {
         PromptSource::Text(t) => t.clone(),
         PromptSource::File(p) => std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?,
@@ -230,11 +230,7 @@ impl Detokenizer<'_> {
 /// Runs the request: prompt resolved, model loaded, tokens generated; `on_text` receives the
 /// text as it grows.
 pub fn run(req: &GenerateRequest, mut on_text: impl FnMut(&str)) -> Result<GenerateOutcome> {
-    if req.device == Device::Cuda && req.kernels != Kernels::Int {
-        return Err(Error::Usage(
-            "--device cuda runs the integer kernels with f32 transforms: use --kernels int".into(),
-        ));
-    }
+    super::check_backend(req.kernels, req.device)?;
     let t_load = Instant::now();
     let ckpt = Checkpoint::open(&req.model)?;
     let tok = ckpt.tokenizer("generation")?;
@@ -242,7 +238,13 @@ pub fn run(req: &GenerateRequest, mut on_text: impl FnMut(&str)) -> Result<Gener
     let eos = eos_ids(&ckpt, &tok);
     let context = ckpt.config.max_position_embeddings.max(1);
     let max_len = (ids.len() + req.max_tokens).min(context);
-    let (model, kernels) = super::load(&ckpt, max_len, req.kernels, req.device, super::Purpose::Decode)?;
+    let (model, kernels) = super::load(
+        &ckpt,
+        max_len,
+        req.kernels,
+        req.device,
+        super::Purpose::Decode,
+    )?;
     let load_seconds = t_load.elapsed().as_secs_f64();
     let mut sampler = Sampler::new(req.sampler);
     let mut detok = Detokenizer {

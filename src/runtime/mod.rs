@@ -7,7 +7,7 @@ pub mod chat;
 pub mod generate;
 pub mod sampler;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::formats::checkpoint::Precision;
 use crate::formats::Checkpoint;
 use crate::model::Model;
@@ -28,6 +28,16 @@ pub enum Kernels {
 pub enum Device {
     Cpu,
     Cuda,
+}
+
+/// The backend combinations that exist: the GPU runs the integer kernels with f32 transforms.
+pub fn check_backend(kernels: Kernels, device: Device) -> Result<()> {
+    if device == Device::Cuda && kernels != Kernels::Int {
+        return Err(Error::Usage(
+            "--device cuda runs the integer kernels with f32 transforms: use --kernels int".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// What a model is loaded for.
@@ -53,7 +63,6 @@ pub fn load(
     purpose: Purpose,
 ) -> Result<(Model, String)> {
     use crate::backend::{cuda, dense_cpu, int_cpu};
-    let precision = Precision::Stored;
     let head = match purpose {
         Purpose::Eval => Precision::F32,
         Purpose::Decode => Precision::Stored,
@@ -64,7 +73,7 @@ pub fn load(
     let int = matches!(kernels, Kernels::Int | Kernels::IntBf16);
     let (mut int_layers, mut bf16_sites) = (0, 0);
     for i in 0..model.config.num_layers {
-        let mut block = ckpt.load_block(model.config.clone(), i, precision)?;
+        let mut block = ckpt.load_block(model.config.clone(), i, Precision::Stored)?;
         if int {
             let (n, b) = int_cpu::use_int_kernels_block(&mut block, isa, bf16)?;
             int_layers += n;

@@ -92,6 +92,16 @@ pub fn max_abs(t: &candle_core::Tensor) -> f32 {
         .unwrap()
 }
 
+/// The 201 token ids (BOS + 200 greedy steps) and the text of stories260K's float64 reference.
+pub fn reference_greedy() -> (Vec<u32>, String) {
+    let r = read_json(&stories_dir().join("reference_outputs.json"));
+    let g = &r["greedy_from_bos"];
+    (
+        serde_json::from_value(g["ids"].clone()).unwrap(),
+        g["text"].as_str().unwrap().to_string(),
+    )
+}
+
 /// The stories260K Hugging Face directory.
 pub fn stories_hf() -> PathBuf {
     stories_dir().join("hf")

@@ -3,11 +3,11 @@
 
 use affq::eval::{Dataset, Device, EvalRequest, Kernels, Protocol};
 use affq::plan::QuantizeRequest;
+use affq::quant::{AsymZero, SymScale};
+use affq::recipe::Recipe;
 use affq::runtime::bench::BenchRequest;
 use affq::runtime::generate::{GenerateRequest, PromptSource};
 use affq::runtime::sampler::SamplerConfig;
-use affq::quant::{AsymZero, SymScale};
-use affq::recipe::Recipe;
 use clap::builder::{PossibleValue, PossibleValuesParser};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -454,7 +454,9 @@ pub(crate) struct BenchArgs {
 impl GenerateArgs {
     pub(crate) fn request(&self) -> affq::Result<GenerateRequest> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(affq::Error::Usage("--temperature must be a number ≥ 0".into()));
+            return Err(affq::Error::Usage(
+                "--temperature must be a number ≥ 0".into(),
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(affq::Error::Usage("--top-p must be in (0, 1]".into()));

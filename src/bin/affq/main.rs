@@ -315,13 +315,23 @@ fn run_bench(a: BenchArgs) -> anyhow::Result<()> {
     if r.prompt_tokens > 0 {
         println!(
             "| {} | {} | {} | pp{} | {:.2} ± {:.2} |",
-            r.model, r.kernels, r.threads, r.prompt_tokens, r.prefill_tok_per_s, r.prefill_tok_per_s_stddev
+            r.model,
+            r.kernels,
+            r.threads,
+            r.prompt_tokens,
+            r.prefill_tok_per_s,
+            r.prefill_tok_per_s_stddev
         );
     }
     if r.gen_tokens > 0 {
         println!(
             "| {} | {} | {} | tg{} | {:.2} ± {:.2} |",
-            r.model, r.kernels, r.threads, r.gen_tokens, r.decode_tok_per_s, r.decode_tok_per_s_stddev
+            r.model,
+            r.kernels,
+            r.threads,
+            r.gen_tokens,
+            r.decode_tok_per_s,
+            r.decode_tok_per_s_stddev
         );
     }
     println!(
