@@ -2,6 +2,7 @@
 //! flags go together, which values are allowed and what the model must allow is checked here, once
 //! (the binary only parses; `crate::quantize` only runs the plan).
 
+use crate::calib::shard::Shard;
 use crate::calib::WeightQuantizer;
 use crate::error::{Error, Result};
 use crate::export::Format;
@@ -40,6 +41,21 @@ pub struct QuantizeRequest {
     pub target: Option<Format>,
     pub resume: bool,
     pub force: bool,
+    /// Which shard of a sharded calibration this process runs, if any.
+    pub shard: ShardRequest,
+    /// Assemble the checkpoint from the blocks that the shards finished.
+    pub merge: bool,
+    /// A block lock without a heartbeat for this long is stale (seconds).
+    pub lock_timeout: u64,
+}
+
+/// `--shard I/N` or `--shard-from-env [--shards N]`, as given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ShardRequest {
+    #[default]
+    None,
+    Explicit(String),
+    FromEnv { shards: Option<usize> },
 }
 
 /// A validated plan.
@@ -57,6 +73,8 @@ pub struct QuantizePlan {
     pub weight_quantizer: WeightQuantizer,
     /// The block-by-block calibration engine runs (a trained method, or GPTQ).
     pub calibrated: bool,
+    /// This process calibrates one shard of the blocks (and writes no checkpoint).
+    pub shard: Option<Shard>,
 }
 
 impl QuantizePlan {
@@ -258,10 +276,11 @@ fn resolve_recipe(
         && (f.gptq_damp.is_some()
             || f.act_order.is_some()
             || f.gptq_nsamples.is_some()
-            || f.gptq_grid_search.is_some())
+            || f.gptq_grid_search.is_some()
+            || f.gptq_fp_inputs.is_some())
     {
         return Err(usage(
-            "--gptq-damp, --act-order, --gptq-nsamples and --gptq-grid-search need --weight-quantizer gptq",
+            "--gptq-damp, --act-order, --gptq-nsamples, --gptq-grid-search and --gptq-fp-inputs need --weight-quantizer gptq",
         ));
     }
     if gptq {
@@ -496,6 +515,38 @@ pub fn plan(req: QuantizeRequest) -> Result<QuantizePlan> {
             trained_methods()
         )));
     }
+    let shard = match &req.shard {
+        ShardRequest::None => None,
+        ShardRequest::Explicit(s) => Some(Shard::parse(s)?),
+        ShardRequest::FromEnv { shards } => {
+            Some(Shard::from_env(&|k| std::env::var(k).ok(), *shards)?)
+        }
+    };
+    if (shard.is_some() || req.merge) && !calibrated {
+        return Err(usage(format!(
+            "--shard and --merge split a calibration: they need --method {}, or --weight-quantizer gptq (this plan rounds to nearest in seconds)",
+            trained_methods()
+        )));
+    }
+    if shard.is_some() && req.resume {
+        return Err(usage(
+            "--shard always continues the work directory's finished blocks: drop --resume",
+        ));
+    }
+    if req.merge && req.resume {
+        return Err(usage("--merge reads the finished blocks: drop --resume"));
+    }
+    if shard.is_some()
+        && weight_quantizer != WeightQuantizer::Rtn
+        && recipe.gptq_fp_inputs != Some(true)
+    {
+        return Err(usage(
+            "--shard with --weight-quantizer gptq: GPTQ's Hessians come from the quantized model's own inputs, which need every earlier block; pass --gptq-fp-inputs (Hessians from the full-precision inputs, the same flag in every shard and the merge) or run in one process",
+        ));
+    }
+    if req.lock_timeout == 0 {
+        return Err(usage("--lock-timeout 0: must be at least 1 second"));
+    }
     let output = match &req.output {
         Some(o) => o.clone(),
         None => {
@@ -518,5 +569,6 @@ pub fn plan(req: QuantizeRequest) -> Result<QuantizePlan> {
         quant,
         weight_quantizer,
         calibrated,
+        shard,
     })
 }

@@ -41,6 +41,9 @@ pub struct Recipe {
     pub merged_only: Option<bool>,
     /// GPTQ: each group's grid from the error-updated weights by a Hessian-weighted scale search.
     pub gptq_grid_search: Option<bool>,
+    /// GPTQ: Hessians from the full-precision model's inputs instead of the quantized model's own
+    /// (what lets a sharded calibration run GPTQ).
+    pub gptq_fp_inputs: Option<bool>,
 }
 
 /// Recipes shipped in calib/.
@@ -137,6 +140,7 @@ impl Recipe {
             calib_activations: over.calib_activations.clone().or(self.calib_activations),
             merged_only: over.merged_only.or(self.merged_only),
             gptq_grid_search: over.gptq_grid_search.or(self.gptq_grid_search),
+            gptq_fp_inputs: over.gptq_fp_inputs.or(self.gptq_fp_inputs),
         }
     }
 }

@@ -7,7 +7,9 @@
 //! alive at a time.
 
 pub mod data;
+pub mod lock;
 pub mod resume;
+pub mod shard;
 pub mod weight_quant;
 
 use crate::error::{Error, Result};
@@ -35,12 +37,54 @@ pub struct BlockReport {
     pub notes: Vec<String>,
 }
 
-/// Where finished blocks are kept so an interrupted calibration can continue
-/// ([`resume::WorkDir`]).
+/// Where finished blocks are kept so an interrupted calibration can continue, and where the
+/// processes of a sharded calibration meet ([`resume::WorkDir`]).
 pub trait BlockStore {
-    /// Block `i` as an earlier run finished it, if it did.
+    /// Block `i` as an earlier run (or another shard) finished it, if it did.
     fn load(&self, i: usize) -> Result<Option<(Block, BlockReport)>>;
+    /// Whether block `i` is finished (without reading it).
+    fn contains(&self, i: usize) -> bool;
     fn save(&self, block: &Block, report: &BlockReport) -> Result<()>;
+    /// Claims block `i` for this process before it is calibrated, so that concurrent shards do
+    /// not calibrate it twice. The default grants every claim (a store of one process).
+    fn claim(&self, _i: usize) -> Result<BlockClaim> {
+        Ok(BlockClaim::Granted(Box::new(())))
+    }
+}
+
+/// The answer to [`BlockStore::claim`].
+pub enum BlockClaim {
+    /// Finished meanwhile by another process.
+    Done,
+    /// Ours until the guard is dropped.
+    Granted(Box<dyn std::any::Any>),
+    /// Another live process calibrates it; the text says which.
+    Busy(String),
+}
+
+/// Which blocks a run calibrates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Schedule {
+    /// Every block, each put into the flow in order (finished blocks in the store are loaded).
+    Whole,
+    /// One shard of a sharded calibration: only these blocks, each claimed in the store first and
+    /// saved there; the blocks before them are only run forward, and nothing is put into the
+    /// flow.
+    Shard(std::ops::Range<usize>),
+}
+
+/// What [`calibrate_model`] did.
+#[derive(Debug, Default)]
+pub struct CalibOutcome {
+    /// The blocks calibrated (or, for a whole run, also those loaded), in order.
+    pub reports: Vec<BlockReport>,
+    /// Shard blocks found finished in the store.
+    pub already_done: Vec<usize>,
+    /// Shard blocks another live process was calibrating, and who.
+    pub busy: Vec<(usize, String)>,
+    /// Seconds from the embedding to the first block of the schedule (a shard's forward pass
+    /// over the blocks before its range).
+    pub prefix_seconds: f64,
 }
 
 /// Where the engine reads the full-precision blocks and where it puts the deployed ones, so a
@@ -64,6 +108,10 @@ pub struct EngineConfig {
     /// The dtype the block inputs and targets are kept in between blocks (f32, or bf16 for half
     /// the memory); every product still runs in f32.
     pub activations: DType,
+    /// GPTQ's Hessians from the full-precision model's inputs instead of the quantized model's
+    /// own: each block then depends only on the full-precision model, so blocks can be
+    /// calibrated by separate processes ([`Schedule::Shard`]).
+    pub gptq_fp_inputs: bool,
 }
 
 /// A block of an untrained method: the plan's activation and KV quantizers on it as it is.
@@ -108,15 +156,18 @@ pub fn mse(a: &Tensor, b: &Tensor) -> Result<f64> {
         .to_scalar::<f64>()?)
 }
 
-/// Calibrates every block of `blocks` on `tokens` `[N, L]` with `method` (on the first
-/// `engine.method_windows` windows; GPTQ on all): each block is taken from `blocks`, goes through
-/// the method's whole-model step ([`Method::prepare_block`]; `ends` already went through
-/// [`Method::prepare`]) and its calibration, and is put back in its deployed form.
-/// `ends` gives the embedding and RoPE. `progress(done, total, report)` after each block.
+/// Calibrates the blocks of `blocks` that `schedule` names, on `tokens` `[N, L]`, with `method`
+/// (on the first `engine.method_windows` windows; GPTQ on all): each block is taken from
+/// `blocks`, goes through the method's whole-model step ([`Method::prepare_block`]; `ends`
+/// already went through [`Method::prepare`]) and its calibration, and is put back in its deployed
+/// form (a whole run) or saved in `store` (a shard). `ends` gives the embedding and RoPE.
+/// `progress(done, total, report)` after each block.
 ///
 /// Methods train on the full-precision inputs and targets (no error propagation, as FlatQuant and
 /// AffineQuant do); GPTQ's Hessians come from the inputs produced by the already-quantized
-/// preceding blocks (as GPTQ and QuaRot do), so those are carried along only when GPTQ runs.
+/// preceding blocks (as GPTQ and QuaRot do), so those are carried along only when GPTQ runs,
+/// unless `engine.gptq_fp_inputs`. A block's result is thus a function of the settings and the
+/// full-precision blocks before it, which is what lets a shard start at any block.
 #[allow(clippy::too_many_arguments)]
 pub fn calibrate_model(
     ends: &mut Model,
@@ -125,24 +176,44 @@ pub fn calibrate_model(
     method: &mut dyn Method,
     engine: &EngineConfig,
     store: Option<&dyn BlockStore>,
+    schedule: &Schedule,
     mut on_epoch: impl FnMut(usize, &EpochLog),
     mut progress: impl FnMut(usize, usize, &BlockReport),
-) -> Result<Vec<BlockReport>> {
+) -> Result<CalibOutcome> {
     let (_, l) = tokens.dims2()?;
     if l > ends.rope.max_len() {
         ends.rope = Rope::new(&ends.config, l)?;
     }
     let rope = &ends.rope;
+    let gptq = matches!(engine.weight_quantizer, WeightQuantizer::Gptq(_));
+    let total = blocks.num_blocks();
+    let range = match schedule {
+        Schedule::Whole => 0..total,
+        Schedule::Shard(r) => {
+            if gptq && !engine.gptq_fp_inputs {
+                return Err(Error::Usage(
+                    "a shard cannot calibrate GPTQ on the quantized model's own inputs (they need every earlier block): use --gptq-fp-inputs".into(),
+                ));
+            }
+            if store.is_none() || r.end > total {
+                return Err(Error::Runtime(format!(
+                    "shard blocks {r:?} of {total}: needs a work directory"
+                )));
+            }
+            r.clone()
+        }
+    };
+    let shard = matches!(schedule, Schedule::Shard(_));
     let all = ends.embed(tokens)?.to_dtype(engine.activations)?;
     let windows = engine.method_windows.min(all.dim(0)?).max(1);
     let mut x = all.narrow(0, 0, windows)?;
-    let mut xq = match engine.weight_quantizer {
-        WeightQuantizer::Gptq(_) => Some(all),
-        WeightQuantizer::Rtn => None,
-    };
-    let total = blocks.num_blocks();
-    let mut reports = Vec::with_capacity(total);
-    for i in 0..total {
+    let mut xq = gptq.then_some(all);
+    let mut out = CalibOutcome::default();
+    let t_start = Instant::now();
+    for i in 0..range.end {
+        if i == range.start {
+            out.prefix_seconds = t_start.elapsed().as_secs_f64();
+        }
         let t0 = Instant::now();
         let mut fp = blocks.take(i)?;
         method.prepare_block(&mut fp)?;
@@ -154,98 +225,161 @@ pub fn calibrate_model(
                 "block {i}: full-precision outputs are not finite"
             )));
         }
-        if let Some((block, report)) = store.map(|s| s.load(i)).transpose()?.flatten() {
-            if let Some(xq) = &mut xq {
-                *xq = run_block(&block, rope, xq, 4, &mut NoHook)?;
+        // The next block's GPTQ inputs, when they come from the full-precision block.
+        let next_fp = |xq: &mut Option<Tensor>| -> Result<()> {
+            if engine.gptq_fp_inputs {
+                if let Some(xq) = xq {
+                    *xq = run_block(&fp, rope, xq, 4, &mut NoHook)?;
+                }
             }
-            blocks.put(block)?;
-            progress(i + 1, total, &report);
-            reports.push(report);
+            Ok(())
+        };
+        if i < range.start {
+            next_fp(&mut xq)?;
             x = y;
             continue;
         }
-        // The untrained start on the first windows: plain RTN of the full-precision block.
-        let probe = x.dim(0)?.min(4);
-        // In f32 even when the store is bf16, so the deploy decision compares unrounded outputs.
-        let (xp, yp) = (
-            x.narrow(0, 0, probe)?.to_dtype(DType::F32)?,
-            y.narrow(0, 0, probe)?.to_dtype(DType::F32)?,
-        );
-        let mut rtn = fp.clone();
-        quantize_block(&mut rtn, &engine.plan)?;
-        let loss_rtn = mse(&run_block(&rtn, rope, &xp, 4, &mut NoHook)?, &yp)?;
-
-        let trained = method.trainer().is_some();
-        let (mut block, mut rep) = match method.trainer() {
-            Some(t) => t.calibrate(&fp, rope, &x, &y, &stats, &mut |e| on_epoch(i, e))?,
-            None => untrained(&fp, &engine.plan)?,
-        };
-        block.detach();
-        let wx = xq.as_ref().unwrap_or(&x);
-        weight_quant::quantize_block_weights(
-            &mut block,
-            &engine.plan,
-            &engine.weight_quantizer,
-            rope,
-            wx,
-            &mut rep.notes,
-        )?;
-        let mut loss_final = mse(&run_block(&block, rope, &xp, 4, &mut NoHook)?, &yp)?;
-        // A trained block is deployed only if it beats its untrained start on the calibration
-        // windows (a diverged training must not cost more than not training at all); the start
-        // gets the engine's weight quantizer (GPTQ where asked, RTN if GPTQ does no better).
-        let mut kept_untrained = false;
-        if trained && (loss_final.is_nan() || loss_final > loss_rtn) {
-            // With RTN weights the untrained start is `rtn` itself.
-            let (start, loss_start) = match engine.weight_quantizer {
-                WeightQuantizer::Rtn => (rtn, loss_rtn),
-                WeightQuantizer::Gptq(_) => {
-                    let (mut start, _) = untrained(&fp, &engine.plan)?;
-                    let mut notes = Vec::new();
-                    weight_quant::quantize_block_weights(
-                        &mut start,
-                        &engine.plan,
-                        &engine.weight_quantizer,
-                        rope,
-                        wx,
-                        &mut notes,
-                    )?;
-                    let loss = mse(&run_block(&start, rope, &xp, 4, &mut NoHook)?, &yp)?;
-                    if loss <= loss_rtn {
-                        rep.notes.extend(notes);
-                        (start, loss)
-                    } else {
-                        (rtn, loss_rtn)
-                    }
-                }
+        let mut _claim = None;
+        if shard {
+            let store = store.expect("checked above");
+            let claim = if store.contains(i) {
+                BlockClaim::Done
+            } else {
+                store.claim(i)?
             };
-            rep.notes.push(format!(
-                "block {i}: the trained block's loss {loss_final:.3e} is above the untrained start's {loss_rtn:.3e} (RTN); deployed the untrained block ({} weights, loss {loss_start:.3e})",
-                engine.weight_quantizer.name()
-            ));
-            block = start;
-            loss_final = loss_start;
-            kept_untrained = true;
+            match claim {
+                BlockClaim::Done => out.already_done.push(i),
+                BlockClaim::Busy(who) => out.busy.push((i, who)),
+                BlockClaim::Granted(guard) => _claim = Some(guard),
+            }
+            if _claim.is_none() {
+                next_fp(&mut xq)?;
+                x = y;
+                continue;
+            }
+        } else if let Some((block, report)) = store.map(|s| s.load(i)).transpose()?.flatten() {
+            if let Some(xq) = &mut xq {
+                if !engine.gptq_fp_inputs {
+                    *xq = run_block(&block, rope, xq, 4, &mut NoHook)?;
+                }
+            }
+            next_fp(&mut xq)?;
+            blocks.put(block)?;
+            progress(out.reports.len() + 1, range.len(), &report);
+            out.reports.push(report);
+            x = y;
+            continue;
         }
+        let wx = xq.as_ref().unwrap_or(&x);
+        let (block, mut report) =
+            calibrate_block(i, &fp, rope, &x, &y, wx, &stats, method, engine, &mut on_epoch)?;
+        report.seconds = t0.elapsed().as_secs_f64();
         if let Some(xq) = &mut xq {
-            *xq = run_block(&block, rope, xq, 4, &mut NoHook)?;
+            if !engine.gptq_fp_inputs {
+                *xq = run_block(&block, rope, xq, 4, &mut NoHook)?;
+            }
         }
-        let report = BlockReport {
-            block: i,
-            loss_rtn,
-            loss_final,
-            kept_untrained,
-            epochs: rep.epochs,
-            seconds: t0.elapsed().as_secs_f64(),
-            notes: rep.notes,
-        };
+        next_fp(&mut xq)?;
         if let Some(s) = store {
             s.save(&block, &report)?;
         }
-        blocks.put(block)?;
-        progress(i + 1, total, &report);
-        reports.push(report);
+        drop(_claim);
+        if !shard {
+            blocks.put(block)?;
+        }
+        let done = out.reports.len() + out.already_done.len() + 1;
+        progress(done, range.len(), &report);
+        out.reports.push(report);
         x = y;
     }
-    Ok(reports)
+    Ok(out)
+}
+
+/// One block: the method's calibration on `x` → `y`, the weight quantizer on `wx`, and the
+/// deploy decision against the untrained start.
+#[allow(clippy::too_many_arguments)]
+fn calibrate_block(
+    i: usize,
+    fp: &Block,
+    rope: &Rope,
+    x: &Tensor,
+    y: &Tensor,
+    wx: &Tensor,
+    stats: &SiteStats,
+    method: &mut dyn Method,
+    engine: &EngineConfig,
+    on_epoch: &mut dyn FnMut(usize, &EpochLog),
+) -> Result<(Block, BlockReport)> {
+    // The untrained start on the first windows: plain RTN of the full-precision block.
+    let probe = x.dim(0)?.min(4);
+    // In f32 even when the store is bf16, so the deploy decision compares unrounded outputs.
+    let (xp, yp) = (
+        x.narrow(0, 0, probe)?.to_dtype(DType::F32)?,
+        y.narrow(0, 0, probe)?.to_dtype(DType::F32)?,
+    );
+    let mut rtn = fp.clone();
+    quantize_block(&mut rtn, &engine.plan)?;
+    let loss_rtn = mse(&run_block(&rtn, rope, &xp, 4, &mut NoHook)?, &yp)?;
+
+    let trained = method.trainer().is_some();
+    let (mut block, mut rep) = match method.trainer() {
+        Some(t) => t.calibrate(fp, rope, x, y, stats, &mut |e| on_epoch(i, e))?,
+        None => untrained(fp, &engine.plan)?,
+    };
+    block.detach();
+    weight_quant::quantize_block_weights(
+        &mut block,
+        &engine.plan,
+        &engine.weight_quantizer,
+        rope,
+        wx,
+        &mut rep.notes,
+    )?;
+    let mut loss_final = mse(&run_block(&block, rope, &xp, 4, &mut NoHook)?, &yp)?;
+    // A trained block is deployed only if it beats its untrained start on the calibration
+    // windows (a diverged training must not cost more than not training at all); the start
+    // gets the engine's weight quantizer (GPTQ where asked, RTN if GPTQ does no better).
+    let mut kept_untrained = false;
+    if trained && (loss_final.is_nan() || loss_final > loss_rtn) {
+        // With RTN weights the untrained start is `rtn` itself.
+        let (start, loss_start) = match engine.weight_quantizer {
+            WeightQuantizer::Rtn => (rtn, loss_rtn),
+            WeightQuantizer::Gptq(_) => {
+                let (mut start, _) = untrained(fp, &engine.plan)?;
+                let mut notes = Vec::new();
+                weight_quant::quantize_block_weights(
+                    &mut start,
+                    &engine.plan,
+                    &engine.weight_quantizer,
+                    rope,
+                    wx,
+                    &mut notes,
+                )?;
+                let loss = mse(&run_block(&start, rope, &xp, 4, &mut NoHook)?, &yp)?;
+                if loss <= loss_rtn {
+                    rep.notes.extend(notes);
+                    (start, loss)
+                } else {
+                    (rtn, loss_rtn)
+                }
+            }
+        };
+        rep.notes.push(format!(
+            "block {i}: the trained block's loss {loss_final:.3e} is above the untrained start's {loss_rtn:.3e} (RTN); deployed the untrained block ({} weights, loss {loss_start:.3e})",
+            engine.weight_quantizer.name()
+        ));
+        block = start;
+        loss_final = loss_start;
+        kept_untrained = true;
+    }
+    let report = BlockReport {
+        block: i,
+        loss_rtn,
+        loss_final,
+        kept_untrained,
+        epochs: rep.epochs,
+        seconds: 0.0,
+        notes: rep.notes,
+    };
+    Ok((block, report))
 }

@@ -14,3 +14,4 @@ mod kernels;
 mod quantize;
 mod reference;
 mod resume;
+mod shard;

@@ -2,7 +2,7 @@
 //! library's requests (`affq::plan::QuantizeRequest`, `affq::eval::EvalRequest`, `affq::runtime`'s requests).
 
 use affq::eval::{Dataset, Device, EvalRequest, Kernels, Protocol};
-use affq::plan::QuantizeRequest;
+use affq::plan::{QuantizeRequest, ShardRequest};
 use affq::quant::{AsymZero, SymScale};
 use affq::recipe::Recipe;
 use affq::runtime::bench::BenchRequest;
@@ -289,6 +289,30 @@ pub(crate) struct QuantizeArgs {
     /// Replace an existing output directory.
     #[arg(long)]
     pub(crate) force: bool,
+    /// GPTQ: Hessians from the full-precision model's inputs instead of the quantized model's own
+    /// (every block then depends only on the full-precision model, so --shard can run GPTQ).
+    #[arg(long)]
+    pub(crate) gptq_fp_inputs: bool,
+    /// Calibrate only shard I of N (0-based; contiguous, balanced block ranges) into the work
+    /// directory `.OUT.affq-work` on a shared filesystem; run `--merge` with the same flags once
+    /// every shard has finished. Each shard runs the earlier blocks forward to get its inputs.
+    #[arg(long, value_name = "I/N", conflicts_with_all = ["shard_from_env", "merge", "resume"])]
+    pub(crate) shard: Option<String>,
+    /// Like --shard, from the scheduler: SLURM_ARRAY_TASK_ID (minus SLURM_ARRAY_TASK_MIN) of
+    /// SLURM_ARRAY_TASK_COUNT, or a Kubernetes Indexed Job's JOB_COMPLETION_INDEX of --shards.
+    #[arg(long, conflicts_with_all = ["merge", "resume"])]
+    pub(crate) shard_from_env: bool,
+    /// The number of shards, with --shard-from-env (required for Kubernetes; overrides Slurm's).
+    #[arg(long, requires = "shard_from_env")]
+    pub(crate) shards: Option<usize>,
+    /// Assemble the checkpoint from the blocks the shards finished (same flags as the shards);
+    /// names the blocks still missing otherwise.
+    #[arg(long, conflicts_with = "resume")]
+    pub(crate) merge: bool,
+    /// A shard's block lock without a heartbeat (every 20 s) for this many seconds is stale and
+    /// is taken over; a lock of a process of this host that has exited is taken over at once.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    pub(crate) lock_timeout: u64,
     #[command(flatten)]
     pub(crate) common: Common,
 }
@@ -560,6 +584,7 @@ impl QuantizeArgs {
                 calib_activations: self.calib_activations.clone(),
                 merged_only: self.merged_only.then_some(true),
                 gptq_grid_search: self.gptq_grid_search.then_some(true),
+                gptq_fp_inputs: self.gptq_fp_inputs.then_some(true),
             },
             sym_scale: self.sym_scale.map(|s| match s {
                 SymScaleArg::Maxpos => SymScale::MaxPos,
@@ -580,6 +605,15 @@ impl QuantizeArgs {
             target: self.format.map(FormatArg::format),
             resume: self.resume,
             force: self.force,
+            shard: match (&self.shard, self.shard_from_env) {
+                (Some(s), _) => ShardRequest::Explicit(s.clone()),
+                (None, true) => ShardRequest::FromEnv {
+                    shards: self.shards,
+                },
+                (None, false) => ShardRequest::None,
+            },
+            merge: self.merge,
+            lock_timeout: self.lock_timeout,
         }
     }
 }

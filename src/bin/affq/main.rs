@@ -131,9 +131,12 @@ struct Bars {
 }
 
 impl Progress for Bars {
-    fn resumed(&mut self, n: usize) {
+    fn resumed(&mut self, blocks: &[usize]) {
         if !self.quiet {
-            eprintln!("resuming: blocks 0..{n} were finished by the interrupted run");
+            eprintln!(
+                "resuming: blocks {} were finished by an earlier run",
+                affq::calib::shard::ranges(blocks)
+            );
         }
     }
     fn calibration_started(&mut self, summary: &str, blocks: usize) {
@@ -193,6 +196,40 @@ fn run_quantize(a: QuantizeArgs) -> anyhow::Result<()> {
     };
     let out = affq::quantize::run(&plan, &mut bars)?;
     let secs = t0.elapsed().as_secs_f64();
+    if let Some(s) = &out.shard {
+        if a.common.json {
+            let mut v = serde_json::to_value(s)?;
+            v["output"] = serde_json::json!(plan.output.display().to_string());
+            v["seconds"] = serde_json::json!(secs);
+            println!("{v}");
+        } else {
+            let ranges = affq::calib::shard::ranges;
+            println!(
+                "shard {}: blocks {}..{} of {}: calibrated [{}], already finished [{}] in {secs:.1}s (forward to block {}: {:.1}s) -> {}",
+                s.shard,
+                s.blocks[0],
+                s.blocks[1],
+                s.total_blocks,
+                ranges(&s.calibrated),
+                ranges(&s.already_done),
+                s.blocks[0],
+                s.forward_seconds,
+                s.work_dir.display()
+            );
+            if s.missing.is_empty() {
+                println!(
+                    "  every block is finished: assemble {} with the same flags and --merge",
+                    plan.output.display()
+                );
+            } else {
+                println!(
+                    "  blocks still missing (other shards): {}",
+                    ranges(&s.missing)
+                );
+            }
+        }
+        return Ok(());
+    }
     if a.common.json {
         let mut v = serde_json::to_value(&out.config)?;
         v["output"] = serde_json::json!(plan.output.display().to_string());
