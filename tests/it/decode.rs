@@ -146,25 +146,51 @@ fn cache_vs_simulation(
     (worst, differ, total)
 }
 
+/// The prompt run through the cache one block at a time, prefilling `prefill` tokens and then
+/// decoding the rest one by one; returns the cache and each layer's inputs as the cached path
+/// computed them (`[1, T, hidden]`), so each layer can be checked on its own inputs.
+fn cached_layer_inputs(
+    model: &Model,
+    ids: &[u32],
+    prefill: usize,
+) -> (affq::model::KvCache, Vec<Tensor>) {
+    let mut cache = model.new_cache().unwrap();
+    let mut inputs: Vec<Vec<Tensor>> = vec![Vec::new(); model.blocks.len()];
+    let mut step = |chunk: &[u32], cache: &mut affq::model::KvCache| {
+        let t = Tensor::from_slice(chunk, (1, chunk.len()), &candle_core::Device::Cpu).unwrap();
+        let mut h = model.embed(&t).unwrap();
+        for (l, (block, layer)) in model.blocks.iter().zip(&mut cache.layers).enumerate() {
+            inputs[l].push(h.clone());
+            h = block.forward_cached(&h, &model.rope, layer).unwrap();
+        }
+    };
+    step(&ids[..prefill], &mut cache);
+    for t in prefill..ids.len() {
+        step(&ids[t..t + 1], &mut cache);
+    }
+    let inputs = inputs
+        .into_iter()
+        .map(|rows| Tensor::cat(&rows, 1).unwrap())
+        .collect();
+    (cache, inputs)
+}
+
 #[test]
 fn quantized_cache_stores_the_simulation_values_in_four_bits() {
     // The cache dequantizes to the keys and values the full forward quantizes. After the prompt's
-    // prefill (the same ops on the same rows) bit for bit, on both kernels. Decode steps compute
-    // a token's projections as a 1-row product instead of one row of a T-row product, so its
-    // pre-quantization keys move by float rounding (≈ 1e-7 relative) and a unit's scale with
-    // them: the stored values then agree to ~1e-6 of their size (|x| ≤ 16 here: < 1e-4). A code
-    // moving by one would show as a difference of a whole step (≥ 0.1 here); none does.
+    // prefill (the same ops on the same rows) bit for bit, on both kernels.
     let tmp = tempfile::tempdir().unwrap();
     let q = tmp.path().join("q");
     w4a4kv4(&q);
     let p = prompt(20);
+    let prefill = 12;
     for kernels in [Kernels::Simulate, Kernels::Int] {
         let (model, _) = loaded(&q, kernels);
         let mut cache = model.new_cache().unwrap();
-        model.forward_cached(&p[..12], &mut cache).unwrap();
-        let (worst, differ, _) = cache_vs_simulation(&model, &cache, &p[..12]);
+        model.forward_cached(&p[..prefill], &mut cache).unwrap();
+        let (worst, differ, _) = cache_vs_simulation(&model, &cache, &p[..prefill]);
         assert_eq!((worst, differ), (0.0, 0), "{kernels:?}: prefill cache");
-        for &t in &p[12..] {
+        for &t in &p[prefill..] {
             model.forward_cached(&[t], &mut cache).unwrap();
         }
         assert_eq!(cache.bits(), (4, 4));
@@ -172,11 +198,54 @@ fn quantized_cache_stores_the_simulation_values_in_four_bits() {
         // Four bits per value plus three f32 parameters per (token, head), keys and values.
         let want = c.num_layers * 2 * c.num_kv_heads * (c.head_dim / 2 + 12);
         assert_eq!(cache.bytes_per_token(), want);
-        let (worst, differ, total) = cache_vs_simulation(&model, &cache, &p);
+
+        // Decode steps, each layer on the inputs the cached path gave it (the full forward's
+        // hidden states differ from the cached path's by float rounding, which 4-bit activations
+        // can turn into whole steps in later layers: that is not the cache's doing). A decode
+        // step computes its projections as a 1-row product instead of one row of a T-row
+        // product, so its pre-quantization keys move by float rounding (≈ 1e-7 relative, and
+        // through the 4-bit activation codes of the online transform's output a little more);
+        // a unit's scale moves with them, so stored values agree to ~1e-6 of their size
+        // (|x| ≤ 16 here: < 1e-4), except where a value sat on a rounding boundary: its code
+        // then moves by exactly one step of its (token, head) unit. Such moves must be rare.
+        let (cache, inputs) = cached_layer_inputs(&model, &p, prefill);
+        let (hd, heads, t) = (c.head_dim, c.num_kv_heads, p.len());
+        let (mut moved, mut total, mut worst_rounding) = (0usize, 0usize, 0f32);
+        for (l, (block, layer)) in model.blocks.iter().zip(&cache.layers).enumerate() {
+            let (k, v) = block.simulated_kv(&inputs[l], &model.rope).unwrap();
+            let flat = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for (name, got, want) in [("k", layer.k.values(), flat(k)), ("v", layer.v.values(), flat(v))] {
+                assert_eq!(got.len(), heads * t * hd);
+                for (u, (a, b)) in got.chunks_exact(hd).zip(want.chunks_exact(hd)).enumerate() {
+                    let (head, pos) = (u / t, u % t);
+                    let lo = b.iter().copied().fold(f32::INFINITY, f32::min);
+                    let hi = b.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let step = (hi - lo) / 15.0;
+                    for (x, y) in a.iter().zip(b) {
+                        let d = (x - y).abs();
+                        if pos < prefill {
+                            assert_eq!(d, 0.0, "{kernels:?} layer {l} {name} head {head} pos {pos}: prefill entry changed");
+                            continue;
+                        }
+                        total += 1;
+                        if d < 1e-4 {
+                            worst_rounding = worst_rounding.max(d);
+                        } else {
+                            assert!(
+                                d <= step * 1.001 + 1e-4,
+                                "{kernels:?} layer {l} {name} head {head} pos {pos}: {x} vs {y}, more than one step {step}"
+                            );
+                            moved += 1;
+                        }
+                    }
+                }
+            }
+        }
         assert!(
-            worst < 1e-4,
-            "{kernels:?}: worst {worst}, {differ}/{total} differ"
+            moved * 100 <= total,
+            "{kernels:?}: {moved} of {total} decoded cache values moved by a step"
         );
+        eprintln!("{kernels:?}: decode cache: worst rounding {worst_rounding:e}, {moved}/{total} moved by one step");
     }
 }
 
