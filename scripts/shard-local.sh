@@ -32,11 +32,14 @@ for ((i = 0; i < n; i++)); do
 done
 t1=$(date +%s.%N)
 for ((i = 0; i < n; i++)); do
-  [ -s "$logs/$i.json" ] && python3 -c '
+  [ -s "$logs/$i.json" ] || continue
+  python3 - "$logs/$i.json" <<'PY'
 import json, sys
 v = json.load(open(sys.argv[1]))
-print(f"shard {v[\"shard\"]}: blocks {v[\"blocks\"][0]}..{v[\"blocks\"][1]}  calibrated {len(v[\"calibrated\"])}  "
-      f"{v[\"seconds\"]:.1f} s  (forward to its first block {v[\"forward_seconds\"]:.2f} s)")' "$logs/$i.json"
+b = v["blocks"]
+print("shard %s: blocks %d..%d  calibrated %d  %.1f s  (forward to its first block %.2f s)"
+      % (v["shard"], b[0], b[1], len(v["calibrated"]), v["seconds"], v["forward_seconds"]))
+PY
 done
 [ $fail = 0 ] || exit 1
 "$bin" quantize "$@" --merge > "$logs/merge.out" 2> "$logs/merge.err" || {
