@@ -22,7 +22,7 @@ impl GemvLinear {
         if l.quantized_weight().is_some() || l.act_quantizer().is_some() {
             return Ok(None);
         }
-        let weight = l.weight_ref().contiguous()?;
+        let weight = narrow_if_exact(l.weight_ref().contiguous()?)?;
         let bias_v = l
             .bias()
             .map(|b| {
@@ -83,6 +83,51 @@ impl LinearLayer for GemvLinear {
 
 /// Puts every full-precision linear of `model` (blocks and head) on the decode kernel; returns
 /// how many.
+/// An f32 weight whose every value is an f16 value (a 16-bit checkpoint's tensor written in f32,
+/// e.g. a tied embedding/head) as f16: the same values, half the bytes a decode step reads.
+fn narrow_if_exact(w: Tensor) -> Result<Tensor> {
+    if w.dtype() != candle_core::DType::F32 {
+        return Ok(w);
+    }
+    let exact = {
+        let (storage, layout) = w.storage_and_layout();
+        match (&*storage, layout.contiguous_offsets()) {
+            (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => v[a..b]
+                .iter()
+                .all(|&x| half::f16::from_f32(x).to_f32().to_bits() == x.to_bits()),
+            _ => false,
+        }
+    };
+    Ok(if exact {
+        w.to_dtype(candle_core::DType::F16)?
+    } else {
+        w
+    })
+}
+
+/// Whether `a` (f32) holds exactly the values of `b` (f16), element for element.
+fn same_values(a: &Tensor, b: &Tensor) -> Result<bool> {
+    if a.dims() != b.dims() || a.dtype() != candle_core::DType::F32 {
+        return Ok(false);
+    }
+    let (sa, la) = a.storage_and_layout();
+    let (sb, lb) = b.storage_and_layout();
+    Ok(
+        match (&*sa, la.contiguous_offsets(), &*sb, lb.contiguous_offsets()) {
+            (
+                Storage::Cpu(CpuStorage::F32(x)),
+                Some((a0, a1)),
+                Storage::Cpu(CpuStorage::F16(y)),
+                Some((b0, b1)),
+            ) => x[a0..a1]
+                .iter()
+                .zip(&y[b0..b1])
+                .all(|(x, y)| y.to_f32().to_bits() == x.to_bits()),
+            _ => false,
+        },
+    )
+}
+
 pub fn use_gemv(model: &mut Model) -> Result<usize> {
     let mut n = 0;
     for b in model.blocks.iter_mut() {
@@ -93,7 +138,23 @@ pub fn use_gemv(model: &mut Model) -> Result<usize> {
             }
         }
     }
-    if let Some(g) = GemvLinear::from_layer(model.head.as_ref())? {
+    // Rows gathered from the embedding are widened to f32, so an exactly-f16 embedding is
+    // gathered as the same values. A tied head holding the same values shares the narrowed
+    // tensor (one 16-bit copy instead of an f32 one and two 16-bit ones).
+    model.embed = narrow_if_exact(model.embed.clone())?;
+    let shared = model.tied_head
+        && model.head.bias().is_none()
+        && same_values(model.head.weight_ref(), &model.embed)?;
+    let head = if shared {
+        Some(GemvLinear {
+            weight: model.embed.clone(),
+            bias: None,
+            bias_v: None,
+        })
+    } else {
+        GemvLinear::from_layer(model.head.as_ref())?
+    };
+    if let Some(g) = head {
         model.head = Box::new(g);
         n += 1;
     }

@@ -575,12 +575,16 @@ fn dot_tile(
         },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe {
+            // Each k block adds two pair sums (each |·| ≤ 2·max code·max |q|) to an i16 lane.
+            let per_block = 4 * w.max_code.max(1) * a.max_abs.max(1);
+            let flush = (i16::MAX as i32 / per_block) as usize;
+            let nb = w.nibble();
             // SAFETY: as above; pair sums bounded by `gemm`'s check.
             match rows {
-                4 => x86::avx2::<4>(tile, [arow(0), arow(1), arow(2), arow(3)], w.nibble(), acc),
-                3 => x86::avx2::<3>(tile, [arow(0), arow(1), arow(2)], w.nibble(), acc),
-                2 => x86::avx2::<2>(tile, [arow(0), arow(1)], w.nibble(), acc),
-                _ => x86::avx2::<1>(tile, [arow(0)], w.nibble(), acc),
+                4 => x86::avx2::<4>(tile, [arow(0), arow(1), arow(2), arow(3)], nb, flush, acc),
+                3 => x86::avx2::<3>(tile, [arow(0), arow(1), arow(2)], nb, flush, acc),
+                2 => x86::avx2::<2>(tile, [arow(0), arow(1)], nb, flush, acc),
+                _ => x86::avx2::<1>(tile, [arow(0)], nb, flush, acc),
             }
         },
         _ => {
@@ -698,16 +702,23 @@ mod x86 {
     }
 
     /// AVX2: two ymm halves of 8 outputs × 4 k; `vpmaddubsw` (u8·i8 pair sums in i16, exact
-    /// when the caller has bounded them) then `vpmaddwd` by ones to i32.
+    /// when the caller has bounded them) then `vpmaddwd` by ones to i32. With `flush > 0` the
+    /// pair sums of `flush` k blocks are first added in i16 (the caller guarantees they cannot
+    /// overflow: each block adds at most twice the pair bound per lane), then widened once: the
+    /// same exact integer sums with half the widening work, which is what a one-row decode step
+    /// spends its time on.
     #[target_feature(enable = "avx2")]
     pub unsafe fn avx2<const R: usize>(
         tile: &[u8],
         rows: [&[i8]; R],
         nibble: bool,
+        flush: usize,
         acc: &mut [[i32; NR]; 4],
     ) {
         let kb = rows[0].len() / KB;
         let mut s = [[_mm256_setzero_si256(); 2]; R];
+        let mut s16 = [[_mm256_setzero_si256(); 2]; R];
+        let mut pending = 0;
         let mask = _mm256_set1_epi8(0x0F);
         let ones = _mm256_set1_epi16(1);
         let p = tile.as_ptr();
@@ -729,10 +740,26 @@ mod x86 {
                     _mm256_set1_epi32(bcast4(rows[i], b * KB + 4)),
                 ];
                 for h in 0..2 {
-                    for (lh, av) in a.iter().enumerate() {
-                        let pr = _mm256_maddubs_epi16(w[lh][h], *av);
-                        s[i][h] = _mm256_add_epi32(s[i][h], _mm256_madd_epi16(pr, ones));
+                    let p0 = _mm256_maddubs_epi16(w[0][h], a[0]);
+                    let p1 = _mm256_maddubs_epi16(w[1][h], a[1]);
+                    if flush == 0 {
+                        s[i][h] = _mm256_add_epi32(s[i][h], _mm256_madd_epi16(p0, ones));
+                        s[i][h] = _mm256_add_epi32(s[i][h], _mm256_madd_epi16(p1, ones));
+                    } else {
+                        s16[i][h] = _mm256_add_epi16(s16[i][h], _mm256_add_epi16(p0, p1));
                     }
+                }
+            }
+            if flush > 0 {
+                pending += 1;
+                if pending == flush || b + 1 == kb {
+                    for i in 0..R {
+                        for h in 0..2 {
+                            s[i][h] = _mm256_add_epi32(s[i][h], _mm256_madd_epi16(s16[i][h], ones));
+                            s16[i][h] = _mm256_setzero_si256();
+                        }
+                    }
+                    pending = 0;
                 }
             }
         }
@@ -849,6 +876,8 @@ mod tests {
                 (5, 33, 40),
                 (9, 7, 100),
                 (130, 40, 72),
+                // 150 k blocks: several i16 flushes of the AVX2 one-row path at 4 bits.
+                (2, 16, 1200),
             ] {
                 for (wbits, aspec) in [
                     (4, QuantSpec::sym(4)),

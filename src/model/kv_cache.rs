@@ -273,12 +273,15 @@ fn attend_row_generic(
     let d = k.dim;
     let mut buf = vec![0f32; d];
     let qsum: f32 = q.iter().sum();
-    let mut s: Vec<f32> = (lo..hi)
-        .map(|j| {
-            let (c, u) = k.row(kv, j, &mut buf);
-            scale * (u.scale * (crate::fastmath::dot_lanes(q, c) - u.zero * qsum) + u.offset * qsum)
-        })
-        .collect();
+    // A plain loop, not a closure: a closure would not inherit the ISA this function is
+    // compiled for, and its FMAs would become calls.
+    let mut s: Vec<f32> = Vec::with_capacity(hi - lo);
+    for j in lo..hi {
+        let (c, u) = k.row(kv, j, &mut buf);
+        s.push(
+            scale * (u.scale * (crate::fastmath::dot_lanes(q, c) - u.zero * qsum) + u.offset * qsum),
+        );
+    }
     let inv = 1.0 / crate::fastmath::softmax_unnormalized(&mut s);
     let mut o = vec![0f32; d];
     let mut konst = 0f32;

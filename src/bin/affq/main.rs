@@ -17,10 +17,27 @@ use clap::Parser;
 use std::time::Instant;
 
 fn init_threads(common: &Common) -> anyhow::Result<()> {
+    if common.threads == Some(0) {
+        return Err(affq::Error::Usage("--threads must be at least 1".into()).into());
+    }
+    // candle asks for its thread count on every op: from RAYON_NUM_THREADS, else by counting the
+    // physical cores in /proc/cpuinfo, every time (≈ 7 % of a decode step). Its answer is pinned
+    // once, before any thread starts; affq's own pool keeps its size (--threads, else
+    // RAYON_NUM_THREADS, else every logical core, as rayon would choose).
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let pool = common.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        });
+        std::env::set_var(
+            "RAYON_NUM_THREADS",
+            candle_core::utils::get_num_threads().to_string(),
+        );
+        return rayon::ThreadPoolBuilder::new()
+            .num_threads(pool)
+            .build_global()
+            .context("cannot start the thread pool");
+    }
     if let Some(n) = common.threads {
-        if n == 0 {
-            return Err(affq::Error::Usage("--threads must be at least 1".into()).into());
-        }
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global()
