@@ -153,7 +153,7 @@ dispatch!(
 /// the widened row (each of the 32 lanes runs the same FMAs in the same order; lanes and tail
 /// are summed as there), without widening the row into a buffer first: at decode the row is read
 /// once from memory and converted in registers (F16C), which is what makes a matrix–vector
-/// product over 16-bit weights bound by memory rather than by the conversion.
+/// product over 16-bit weights bound by memory rather than by the conversion (docs/decode.md §6).
 pub fn dot_f16(w: &[half::f16], x: &[f32]) -> f32 {
     assert_eq!(w.len(), x.len());
     #[cfg(target_arch = "x86_64")]

@@ -706,7 +706,7 @@ mod x86 {
     /// pair sums of `flush` k blocks are first added in i16 (the caller guarantees they cannot
     /// overflow: each block adds at most twice the pair bound per lane), then widened once: the
     /// same exact integer sums with half the widening work, which is what a one-row decode step
-    /// spends its time on.
+    /// spends its time on (docs/decode.md §7).
     #[target_feature(enable = "avx2")]
     pub unsafe fn avx2<const R: usize>(
         tile: &[u8],
