@@ -544,8 +544,13 @@ pub fn plan(req: QuantizeRequest) -> Result<QuantizePlan> {
             "--shard with --weight-quantizer gptq: GPTQ's Hessians come from the quantized model's own inputs, which need every earlier block; pass --gptq-fp-inputs (Hessians from the full-precision inputs, the same flag in every shard and the merge) or run in one process",
         ));
     }
-    if req.lock_timeout == 0 {
-        return Err(usage("--lock-timeout 0: must be at least 1 second"));
+    // Three heartbeats (20 s each), so that a live lock never looks stale through a slow
+    // filesystem's attribute cache (NFS caches them up to 60 s).
+    if req.lock_timeout < 60 {
+        return Err(usage(format!(
+            "--lock-timeout {}: must be at least 60 seconds (a live shard refreshes its locks every 20 s)",
+            req.lock_timeout
+        )));
     }
     let output = match &req.output {
         Some(o) => o.clone(),

@@ -537,6 +537,13 @@ fn run_shard(
     };
     let mut first = true;
     while !range.is_empty() && range.clone().any(|i| !w.contains(i)) {
+        if !w.exists() {
+            progress.warning(&format!(
+                "{}: the work directory is gone (merged or removed by another process)",
+                w.path().display()
+            ));
+            break;
+        }
         let (pass, _) = run_calibration(
             p,
             ckpt,

@@ -13,11 +13,12 @@
 //! what we want, but their behaviour on network filesystems depends on the server and mount
 //! options, and a lock file can be read by a person (`cat`) to see who holds a block.
 //!
-//! Locks only prevent duplicated work. Correctness does not depend on them: a block's bytes are a
-//! deterministic function of the settings and the model, and a finished block is written to a
-//! private temporary file and renamed into place, so two processes that both compute a block
-//! (e.g. after a takeover raced with a slow owner) write the same bytes, and a reader sees either
-//! no file or a whole one.
+//! Locks only prevent duplicated work. Correctness does not depend on them: a block's tensors are
+//! a deterministic function of the settings and the model (on machines that pick the same CPU
+//! kernels; only the report's timing differs), and a finished block is written to a private
+//! temporary file and renamed into place, so two processes that both compute a block (e.g. after
+//! a takeover raced with a slow owner) write the same tensors, and a reader sees either no file
+//! or a whole one.
 
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
@@ -80,8 +81,18 @@ impl Owner {
     }
 }
 
-/// This machine's host name (`gethostname`), or `unknown-host`.
+/// This process's node as locks name it: the host name and, where the kernel tells it, the pid
+/// namespace (`HOST~pid:[INODE]`), so containers that share a host name but not their process
+/// table (whose pids `/proc` cannot check for each other) are different nodes.
 pub fn hostname() -> String {
+    let ns = std::fs::read_link("/proc/self/ns/pid")
+        .map(|p| format!("~{}", p.display()))
+        .unwrap_or_default();
+    format!("{}{ns}", gethostname())
+}
+
+/// This machine's host name (`gethostname`), or `unknown-host`.
+fn gethostname() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: the buffer is valid for its length; gethostname writes at most that many bytes.
     let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
@@ -144,6 +155,12 @@ pub fn state(path: &Path, stale: Duration) -> LockState {
     }
 }
 
+/// `(device, inode)` of the file at `path`.
+fn inode(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
 /// A held lock: beats while alive, removed on drop (if it is still ours).
 pub struct Lock {
     path: PathBuf,
@@ -167,8 +184,15 @@ fn create(path: &Path, owner: &Owner) -> std::io::Result<bool> {
         .open(path)
     {
         Ok(mut f) => {
-            f.write_all(owner.text().as_bytes())?;
-            f.sync_all()?;
+            let written = f
+                .write_all(owner.text().as_bytes())
+                .and_then(|()| f.sync_all());
+            if let Err(e) = written {
+                // No empty lock left behind (e.g. a full disk).
+                drop(f);
+                let _ = std::fs::remove_file(path);
+                return Err(e);
+            }
             Ok(true)
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
@@ -184,21 +208,22 @@ pub fn try_lock(path: &Path, stale: Duration, on_takeover: &mut dyn FnMut(&str))
         if create(path, &me).map_err(io)? {
             return Ok(Claim::Granted(Lock::start(path.to_path_buf(), me)));
         }
+        // The file judged, by inode: what is moved aside below must be this very file.
+        let judged = inode(path);
         match state(path, stale) {
             LockState::Free => continue,
             LockState::Held(o) => return Ok(Claim::Busy(o)),
-            LockState::Stale { owner, why } => {
+            LockState::Stale { why, .. } => {
                 // Move the stale file aside under a private name (rename is atomic), then check
                 // that what was moved is the lock judged stale and not a fresh one that another
-                // process created in between; if it was fresh, put it back.
-                let aside = path.with_extension(format!("lock.stale.{}.{}", me.host, me.pid));
-                if std::fs::rename(path, &aside).is_err() {
+                // process created in between; if it was fresh, put it back (a link fails if yet
+                // another lock appeared meanwhile: then two holders may compute the block, which
+                // costs time, not correctness).
+                let aside = path.with_extension(format!("lock.stale.{}", me.token));
+                if judged.is_none() || std::fs::rename(path, &aside).is_err() {
                     continue;
                 }
-                let moved = std::fs::read_to_string(&aside)
-                    .ok()
-                    .and_then(|t| Owner::parse(&t));
-                if owner.is_some() && moved != owner {
+                if inode(&aside) != judged {
                     let _ = std::fs::hard_link(&aside, path);
                     let _ = std::fs::remove_file(&aside);
                     continue;

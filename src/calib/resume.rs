@@ -60,7 +60,8 @@ pub fn work_dir_path(out: &Path) -> PathBuf {
     parent.join(format!(".{name}.affq-work"))
 }
 
-/// A temporary name private to this process: `NAME.tmp.HOST.PID`.
+/// A temporary name private to this process: `NAME.tmp.HOST.PID` (HOST as locks name it, so two
+/// containers with the same host name and pid never share one).
 fn private_tmp(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(format!(".tmp.{}.{}", lock::hostname(), std::process::id()));
@@ -73,13 +74,20 @@ fn private_tmp(path: &Path) -> PathBuf {
 fn pin(path: &Path, bytes: &[u8]) -> Result<String> {
     let tmp = private_tmp(path);
     std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    let linked = std::fs::hard_link(&tmp, path);
-    let _ = std::fs::remove_file(&tmp);
-    match linked {
+    match std::fs::hard_link(&tmp, path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(Error::io(path, e)),
+        // A filesystem without hard links (some FUSE and SMB mounts): a rename, atomic for the
+        // reader but not exclusive between two first processes.
+        Err(_) if !path.exists() => {
+            std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Error::io(path, e));
+        }
     }
+    let _ = std::fs::remove_file(&tmp);
     std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
 }
 
@@ -110,7 +118,13 @@ impl WorkDir {
             Access::Single { resume, force } => {
                 // A work directory without a finished block or a live lock holds nothing to
                 // lose (e.g. the run stopped at a bad calibration file): start it afresh.
-                if dir.is_dir() && !Self::holds_work(&dir) {
+                if let Some(held) = Self::live_lock(&dir, lock_timeout) {
+                    return Err(Error::Usage(format!(
+                        "{}: shards are calibrating in it ({held}); let them finish and run --merge",
+                        dir.display()
+                    )));
+                }
+                if dir.is_dir() && !Self::holds_work(&dir, lock_timeout) {
                     std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
                 }
                 if dir.exists() {
@@ -132,6 +146,12 @@ impl WorkDir {
             }
             Access::Shard => {}
             Access::Merge => {
+                if let Some(held) = Self::live_lock(&dir, lock_timeout) {
+                    return Err(Error::Usage(format!(
+                        "{}: a shard is still calibrating ({held}); merge once every shard has finished",
+                        dir.display()
+                    )));
+                }
                 if !dir.is_dir() {
                     return Err(Error::Usage(format!(
                         "{}: no work directory to merge (run the shards first: affq quantize … --shard I/N with the same flags)",
@@ -164,18 +184,25 @@ impl WorkDir {
     }
 
     /// Whether `dir` holds a finished block or a lock of a live process.
-    fn holds_work(dir: &Path) -> bool {
+    fn holds_work(dir: &Path, lock_timeout: std::time::Duration) -> bool {
         let Ok(entries) = std::fs::read_dir(dir) else {
             return false;
         };
         entries.flatten().any(|e| {
+            is_block_file(&e.file_name().to_string_lossy())
+        }) || Self::live_lock(dir, lock_timeout).is_some()
+    }
+
+    /// `block N held by pid P on HOST` for a lock in `dir` held by a live process, if any.
+    fn live_lock(dir: &Path, lock_timeout: std::time::Duration) -> Option<String> {
+        let entries = std::fs::read_dir(dir).ok()?;
+        entries.flatten().find_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            is_block_file(&name)
-                || (name.ends_with(".lock")
-                    && matches!(
-                        lock::state(&e.path(), std::time::Duration::from_secs(600)),
-                        lock::LockState::Held(_)
-                    ))
+            let block = name.strip_prefix("block-")?.strip_suffix(".lock")?.to_string();
+            match lock::state(&e.path(), lock_timeout) {
+                lock::LockState::Held(o) => Some(format!("block {block} held by {}", o.describe())),
+                _ => None,
+            }
         })
     }
 
@@ -213,6 +240,11 @@ impl WorkDir {
     /// The work directory.
     pub fn path(&self) -> &Path {
         &self.dir
+    }
+
+    /// Whether the directory is still there (a merge removes it).
+    pub fn exists(&self) -> bool {
+        self.dir.join("run.json").is_file()
     }
 
     /// Blocks of `0..total` not finished.
@@ -266,7 +298,7 @@ impl WorkDir {
     /// After a failed run: removes the work directory if it holds no finished block and no live
     /// lock (nothing to resume, no shard at work), so a bad input leaves nothing behind.
     pub fn discard_if_empty(&self) {
-        if !Self::holds_work(&self.dir) {
+        if !Self::holds_work(&self.dir, self.lock_timeout) {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }

@@ -39,7 +39,8 @@ impl Shard {
     }
 
     /// From a scheduler's environment (`get` reads a variable): Slurm array jobs
-    /// (`SLURM_ARRAY_TASK_ID` − `SLURM_ARRAY_TASK_MIN`, of `SLURM_ARRAY_TASK_COUNT`), or a
+    /// ((`SLURM_ARRAY_TASK_ID` − `SLURM_ARRAY_TASK_MIN`) / `SLURM_ARRAY_TASK_STEP`, of
+    /// `SLURM_ARRAY_TASK_COUNT`), or a
     /// Kubernetes Indexed Job (`JOB_COMPLETION_INDEX`, with the count from `shards`). `shards`
     /// overrides Slurm's count.
     pub fn from_env(get: &dyn Fn(&str) -> Option<String>, shards: Option<usize>) -> Result<Self> {
@@ -64,12 +65,19 @@ impl Shard {
                     )
                 })?,
             };
-            let index = id.checked_sub(min).ok_or_else(|| {
+            let step = num("SLURM_ARRAY_TASK_STEP")?.unwrap_or(1).max(1);
+            let off = id.checked_sub(min).ok_or_else(|| {
                 Error::Usage(format!(
                     "--shard-from-env: SLURM_ARRAY_TASK_ID {id} is below SLURM_ARRAY_TASK_MIN {min}"
                 ))
             })?;
-            return Self::new(index, count);
+            if off % step != 0 {
+                return Err(Error::Usage(format!(
+                    "--shard-from-env: SLURM_ARRAY_TASK_ID {id} is not on the array's step {step} from {min}; use a plain range (--array=0-{})",
+                    count.saturating_sub(1)
+                )));
+            }
+            return Self::new(off / step, count);
         }
         if let Some(index) = num("JOB_COMPLETION_INDEX")? {
             let count = shards.ok_or_else(|| {
@@ -158,6 +166,13 @@ mod tests {
             ("SLURM_ARRAY_TASK_COUNT", "3"),
         ]);
         assert_eq!(Shard::from_env(&slurm, None).unwrap(), Shard::new(1, 3).unwrap());
+        let stepped = env(&[
+            ("SLURM_ARRAY_TASK_ID", "6"),
+            ("SLURM_ARRAY_TASK_MIN", "0"),
+            ("SLURM_ARRAY_TASK_STEP", "2"),
+            ("SLURM_ARRAY_TASK_COUNT", "4"),
+        ]);
+        assert_eq!(Shard::from_env(&stepped, None).unwrap(), Shard::new(3, 4).unwrap());
         let k8s = env(&[("JOB_COMPLETION_INDEX", "2")]);
         assert_eq!(Shard::from_env(&k8s, Some(4)).unwrap(), Shard::new(2, 4).unwrap());
         assert!(Shard::from_env(&k8s, None).is_err());
