@@ -55,7 +55,9 @@ pub enum ShardRequest {
     #[default]
     None,
     Explicit(String),
-    FromEnv { shards: Option<usize> },
+    FromEnv {
+        shards: Option<usize>,
+    },
 }
 
 /// A validated plan.

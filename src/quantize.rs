@@ -311,7 +311,15 @@ pub fn run(p: &QuantizePlan, progress: &mut dyn Progress) -> Result<QuantizeOutc
         seed: req.seed,
     };
     if let Some(shard) = p.shard {
-        let outcome = run_shard(p, &ckpt, &mut model, method.as_mut(), shard, &config, progress)?;
+        let outcome = run_shard(
+            p,
+            &ckpt,
+            &mut model,
+            method.as_mut(),
+            shard,
+            &config,
+            progress,
+        )?;
         return Ok(QuantizeOutcome {
             config,
             transforms,
@@ -580,9 +588,7 @@ fn run_shard(
     for t in w.take_takeovers() {
         progress.warning(&t);
     }
-    out.already_done = range
-        .filter(|i| !out.calibrated.contains(i))
-        .collect();
+    out.already_done = range.filter(|i| !out.calibrated.contains(i)).collect();
     out.missing = w.missing(total);
     Ok(out)
 }

@@ -118,7 +118,10 @@ pub enum LockState {
     /// Held by a live owner.
     Held(Owner),
     /// Held by an owner that is gone or stopped beating; `why` says which.
-    Stale { owner: Option<Owner>, why: String },
+    Stale {
+        owner: Option<Owner>,
+        why: String,
+    },
 }
 
 /// Reads the state of the lock at `path` under the stale timeout `stale`.
@@ -287,7 +290,10 @@ mod tests {
         let Claim::Granted(lock) = try_lock(&p, long, &mut |_| panic!()).unwrap() else {
             panic!("free lock not granted")
         };
-        assert!(matches!(try_lock(&p, long, &mut |_| panic!()).unwrap(), Claim::Busy(_)));
+        assert!(matches!(
+            try_lock(&p, long, &mut |_| panic!()).unwrap(),
+            Claim::Busy(_)
+        ));
         drop(lock);
         assert!(!p.exists(), "released lock left behind");
 

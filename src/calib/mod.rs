@@ -271,8 +271,18 @@ pub fn calibrate_model(
             continue;
         }
         let wx = xq.as_ref().unwrap_or(&x);
-        let (block, mut report) =
-            calibrate_block(i, &fp, rope, &x, &y, wx, &stats, method, engine, &mut on_epoch)?;
+        let (block, mut report) = calibrate_block(
+            i,
+            &fp,
+            rope,
+            &x,
+            &y,
+            wx,
+            &stats,
+            method,
+            engine,
+            &mut on_epoch,
+        )?;
         report.seconds = t0.elapsed().as_secs_f64();
         if let Some(xq) = &mut xq {
             if !engine.gptq_fp_inputs {

@@ -188,9 +188,10 @@ impl WorkDir {
         let Ok(entries) = std::fs::read_dir(dir) else {
             return false;
         };
-        entries.flatten().any(|e| {
-            is_block_file(&e.file_name().to_string_lossy())
-        }) || Self::live_lock(dir, lock_timeout).is_some()
+        entries
+            .flatten()
+            .any(|e| is_block_file(&e.file_name().to_string_lossy()))
+            || Self::live_lock(dir, lock_timeout).is_some()
     }
 
     /// `block N held by pid P on HOST` for a lock in `dir` held by a live process, if any.
@@ -198,7 +199,10 @@ impl WorkDir {
         let entries = std::fs::read_dir(dir).ok()?;
         entries.flatten().find_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            let block = name.strip_prefix("block-")?.strip_suffix(".lock")?.to_string();
+            let block = name
+                .strip_prefix("block-")?
+                .strip_suffix(".lock")?
+                .to_string();
             match lock::state(&e.path(), lock_timeout) {
                 lock::LockState::Held(o) => Some(format!("block {block} held by {}", o.describe())),
                 _ => None,

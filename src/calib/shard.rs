@@ -165,16 +165,25 @@ mod tests {
             ("SLURM_ARRAY_TASK_MIN", "4"),
             ("SLURM_ARRAY_TASK_COUNT", "3"),
         ]);
-        assert_eq!(Shard::from_env(&slurm, None).unwrap(), Shard::new(1, 3).unwrap());
+        assert_eq!(
+            Shard::from_env(&slurm, None).unwrap(),
+            Shard::new(1, 3).unwrap()
+        );
         let stepped = env(&[
             ("SLURM_ARRAY_TASK_ID", "6"),
             ("SLURM_ARRAY_TASK_MIN", "0"),
             ("SLURM_ARRAY_TASK_STEP", "2"),
             ("SLURM_ARRAY_TASK_COUNT", "4"),
         ]);
-        assert_eq!(Shard::from_env(&stepped, None).unwrap(), Shard::new(3, 4).unwrap());
+        assert_eq!(
+            Shard::from_env(&stepped, None).unwrap(),
+            Shard::new(3, 4).unwrap()
+        );
         let k8s = env(&[("JOB_COMPLETION_INDEX", "2")]);
-        assert_eq!(Shard::from_env(&k8s, Some(4)).unwrap(), Shard::new(2, 4).unwrap());
+        assert_eq!(
+            Shard::from_env(&k8s, Some(4)).unwrap(),
+            Shard::new(2, 4).unwrap()
+        );
         assert!(Shard::from_env(&k8s, None).is_err());
         assert!(Shard::from_env(&env(&[]), Some(2)).is_err());
         assert_eq!(ranges(&[0, 1, 2, 5, 7, 8]), "0..3, 5, 7..9");

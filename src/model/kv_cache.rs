@@ -279,7 +279,8 @@ fn attend_row_generic(
     for j in lo..hi {
         let (c, u) = k.row(kv, j, &mut buf);
         s.push(
-            scale * (u.scale * (crate::fastmath::dot_lanes(q, c) - u.zero * qsum) + u.offset * qsum),
+            scale
+                * (u.scale * (crate::fastmath::dot_lanes(q, c) - u.zero * qsum) + u.offset * qsum),
         );
     }
     let inv = 1.0 / crate::fastmath::softmax_unnormalized(&mut s);

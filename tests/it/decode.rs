@@ -214,7 +214,10 @@ fn quantized_cache_stores_the_simulation_values_in_four_bits() {
         for (l, (block, layer)) in model.blocks.iter().zip(&cache.layers).enumerate() {
             let (k, v) = block.simulated_kv(&inputs[l], &model.rope).unwrap();
             let flat = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            for (name, got, want) in [("k", layer.k.values(), flat(k)), ("v", layer.v.values(), flat(v))] {
+            for (name, got, want) in [
+                ("k", layer.k.values(), flat(k)),
+                ("v", layer.v.values(), flat(v)),
+            ] {
                 assert_eq!(got.len(), heads * t * hd);
                 for (u, (a, b)) in got.chunks_exact(hd).zip(want.chunks_exact(hd)).enumerate() {
                     let (head, pos) = (u / t, u % t);

@@ -128,10 +128,7 @@ fn concurrent_duplicated_and_killed_shards_merge_to_the_one_process_bytes() {
     assert_eq!(blocks_of(&reports[1], "blocks"), vec![2, 4]);
     assert!(!out.exists(), "a shard wrote the checkpoint");
     assert_whole_blocks(&work);
-    let merged = finish(
-        spawn(&args(&model, &out, &flags, &["--merge"])),
-        "merge",
-    );
+    let merged = finish(spawn(&args(&model, &out, &flags, &["--merge"])), "merge");
     assert!(merged["transforms"].is_array());
     assert_same(&single, &out);
     assert!(!work.exists(), "work directory left behind by the merge");
@@ -144,7 +141,10 @@ fn concurrent_duplicated_and_killed_shards_merge_to_the_one_process_bytes() {
     let t0 = Instant::now();
     let lock1 = work2.join("block-0001.lock");
     while !lock1.is_file() {
-        assert!(t0.elapsed() < Duration::from_secs(120), "block 1 never started");
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "block 1 never started"
+        );
         assert!(child.try_wait().unwrap().is_none(), "shard ended early");
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -152,7 +152,10 @@ fn concurrent_duplicated_and_killed_shards_merge_to_the_one_process_bytes() {
     child.wait().unwrap();
     assert!(work2.join("block-0000.safetensors").is_file());
     assert!(!work2.join("block-0001.safetensors").is_file());
-    assert!(lock1.is_file(), "a killed shard's lock stays until taken over");
+    assert!(
+        lock1.is_file(),
+        "a killed shard's lock stays until taken over"
+    );
     assert_whole_blocks(&work2);
 
     // Merging now names what is missing and writes nothing.
@@ -210,8 +213,20 @@ fn shards_refuse_other_settings_and_unshardable_plans() {
         &["--bits", "4", "--shard", "0/2"],
         "--shard and --merge",
     );
-    quantize_stories_refused(&tmp.path().join("s"), &["--method", "flatquant", "--shard", "2/2"], "0-based");
-    quantize_stories_refused(&tmp.path().join("m"), &quick.iter().map(String::as_str).chain(["--merge"]).collect::<Vec<_>>(), "no work directory");
+    quantize_stories_refused(
+        &tmp.path().join("s"),
+        &["--method", "flatquant", "--shard", "2/2"],
+        "0-based",
+    );
+    quantize_stories_refused(
+        &tmp.path().join("m"),
+        &quick
+            .iter()
+            .map(String::as_str)
+            .chain(["--merge"])
+            .collect::<Vec<_>>(),
+        "no work directory",
+    );
 }
 
 #[test]
@@ -230,7 +245,12 @@ fn shard_from_the_scheduler_environment() {
     let run = |a: &[String], env: &[(&str, &str)]| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_affq"));
         c.args(a).env("AFFQ_DATA_DIR", data_dir());
-        for k in ["SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT", "JOB_COMPLETION_INDEX"] {
+        for k in [
+            "SLURM_ARRAY_TASK_ID",
+            "SLURM_ARRAY_TASK_MIN",
+            "SLURM_ARRAY_TASK_COUNT",
+            "JOB_COMPLETION_INDEX",
+        ] {
             c.env_remove(k);
         }
         for (k, v) in env {
