@@ -23,11 +23,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// The calibration's blocks read one at a time from the source checkpoint and written to the
-/// output as they are finished: a quantization holds one block's weights.
+/// output as they are finished: a quantization holds one block's weights. A shard has no writer
+/// (its blocks go to the work directory).
 struct Streamed<'a> {
     ckpt: &'a Checkpoint,
     config: Arc<ModelConfig>,
-    writer: &'a mut CheckpointWriter,
+    writer: Option<&'a mut CheckpointWriter>,
 }
 
 impl BlockFlow for Streamed<'_> {
@@ -38,7 +39,13 @@ impl BlockFlow for Streamed<'_> {
         self.ckpt.load_block(self.config.clone(), i, Precision::F32)
     }
     fn put(&mut self, block: Block) -> Result<()> {
-        self.writer.add_block(&block)
+        match &mut self.writer {
+            Some(w) => w.add_block(&block),
+            None => Err(Error::Runtime(format!(
+                "block {}: a shard keeps its blocks in the work directory",
+                block.index()
+            ))),
+        }
     }
 }
 
@@ -365,7 +372,7 @@ pub fn run(p: &QuantizePlan, progress: &mut dyn Progress) -> Result<QuantizeOutc
     let mut flow = Streamed {
         ckpt: &ckpt,
         config: model.config.clone(),
-        writer: &mut writer,
+        writer: Some(&mut writer),
     };
     if let Some(w) = work_dir {
         let (reports, summary) = if req.merge {
@@ -456,27 +463,6 @@ fn in_progress(w: &WorkDir, ids: &[usize]) -> String {
     }
 }
 
-/// The blocks read from the source checkpoint, for a shard (which puts none back).
-struct Source<'a> {
-    ckpt: &'a Checkpoint,
-    config: Arc<ModelConfig>,
-}
-
-impl BlockFlow for Source<'_> {
-    fn num_blocks(&self) -> usize {
-        self.config.num_layers
-    }
-    fn take(&mut self, i: usize) -> Result<Block> {
-        self.ckpt.load_block(self.config.clone(), i, Precision::F32)
-    }
-    fn put(&mut self, block: Block) -> Result<()> {
-        Err(Error::Runtime(format!(
-            "block {}: a shard keeps its blocks in the work directory",
-            block.index()
-        )))
-    }
-}
-
 /// What one shard of a sharded calibration did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ShardOutcome {
@@ -539,9 +525,10 @@ fn run_shard(
         todo.len(),
         w.path().display()
     ));
-    let mut flow = Source {
+    let mut flow = Streamed {
         ckpt,
         config: model.config.clone(),
+        writer: None,
     };
     let mut first = true;
     while !range.is_empty() && range.clone().any(|i| !w.contains(i)) {

@@ -225,17 +225,22 @@ pub fn calibrate_model(
                 "block {i}: full-precision outputs are not finite"
             )));
         }
-        // The next block's GPTQ inputs, when they come from the full-precision block.
-        let next_fp = |xq: &mut Option<Tensor>| -> Result<()> {
-            if engine.gptq_fp_inputs {
-                if let Some(xq) = xq {
-                    *xq = run_block(&fp, rope, xq, 4, &mut NoHook)?;
-                }
+        // The next block's GPTQ inputs: through the full-precision block with
+        // `gptq_fp_inputs`, else through the block deployed here (none: a shard never carries
+        // quantized inputs past a block it did not deploy).
+        let advance = |xq: &mut Option<Tensor>, deployed: Option<&Block>| -> Result<()> {
+            let through = if engine.gptq_fp_inputs {
+                Some(&fp)
+            } else {
+                deployed
+            };
+            if let (Some(xq), Some(b)) = (xq.as_mut(), through) {
+                *xq = run_block(b, rope, xq, 4, &mut NoHook)?;
             }
             Ok(())
         };
         if i < range.start {
-            next_fp(&mut xq)?;
+            advance(&mut xq, None)?;
             x = y;
             continue;
         }
@@ -253,17 +258,12 @@ pub fn calibrate_model(
                 BlockClaim::Granted(guard) => _claim = Some(guard),
             }
             if _claim.is_none() {
-                next_fp(&mut xq)?;
+                advance(&mut xq, None)?;
                 x = y;
                 continue;
             }
         } else if let Some((block, report)) = store.map(|s| s.load(i)).transpose()?.flatten() {
-            if let Some(xq) = &mut xq {
-                if !engine.gptq_fp_inputs {
-                    *xq = run_block(&block, rope, xq, 4, &mut NoHook)?;
-                }
-            }
-            next_fp(&mut xq)?;
+            advance(&mut xq, Some(&block))?;
             blocks.put(block)?;
             progress(out.reports.len() + 1, range.len(), &report);
             out.reports.push(report);
@@ -284,12 +284,7 @@ pub fn calibrate_model(
             &mut on_epoch,
         )?;
         report.seconds = t0.elapsed().as_secs_f64();
-        if let Some(xq) = &mut xq {
-            if !engine.gptq_fp_inputs {
-                *xq = run_block(&block, rope, xq, 4, &mut NoHook)?;
-            }
-        }
-        next_fp(&mut xq)?;
+        advance(&mut xq, Some(&block))?;
         if let Some(s) = store {
             s.save(&block, &report)?;
         }
