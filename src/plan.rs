@@ -393,8 +393,8 @@ fn quant_plan(
 
 /// Puts the plan on `format`'s grid (formats.md §3.2), or says why it cannot be: GGUF holds
 /// 4-bit symmetric (Q4_0), 4-bit float-offset (Q4_1) and 8-bit symmetric (Q8_0) weights with f16
-/// scales, one per 32 weights; it carries no activation or KV quantization and no online
-/// transform.
+/// scales, one per 32 weights; no format carries KV quantization or an online transform, and only
+/// compressed-tensors carries activation quantization (dynamic per token, unclipped).
 fn target_grid(format: Format, m: &MethodSpec, q: &mut QuantPlan) -> Result<()> {
     let name = format.name();
     let w = q.weights.as_mut().ok_or_else(|| {
@@ -402,10 +402,27 @@ fn target_grid(format: Format, m: &MethodSpec, q: &mut QuantPlan) -> Result<()> 
             "--format {name} needs quantized weights (--bits 2, 4 or 8)"
         ))
     })?;
-    if q.activations.is_some() || q.kv_cache.is_some() {
+    if q.kv_cache.is_some() {
         return Err(usage(format!(
-            "--format {name} carries weights only: drop --a-bits and --kv-bits"
+            "--format {name} carries no KV-cache quantization: drop --kv-bits"
         )));
+    }
+    if let Some(a) = q.activations.as_mut() {
+        if format != Format::CompressedTensors {
+            return Err(usage(format!(
+                "--format {name} carries weights only: drop --a-bits (compressed-tensors carries dynamic per-token activations)"
+            )));
+        }
+        if a.clip != 1.0 {
+            return Err(usage(format!(
+                "--format compressed-tensors: --a-clip {}: its dynamic per-token quantizer does not clip",
+                a.clip
+            )));
+        }
+        // compressed-tensors' observer grid (formats.md §1.5): s = amax/((2^b − 1)/2), or an
+        // integer zero point.
+        a.sym_scale = SymScale::HalfRange;
+        a.asym_zero = AsymZero::Integer;
     }
     if !m.merged_mode {
         return Err(usage(format!(

@@ -4,11 +4,25 @@
 //! `P.weight_scale` (model dtype, `[out, groups]`), `P.weight_zero_point` for asymmetric grids
 //! (I32 `[out·b/32, groups]`, the offset-binary zero packed along the output), `P.weight_shape`.
 //! `W = (q − zp)·s`. 2-, 4- and 8-bit codes only (the layouts every version agrees on).
+//!
+//! Quantized input activations (formats.md §1.5) are `input_activations` with `dynamic: true`,
+//! `strategy: "token"`: on every call the quantizer takes each token's extremes (widened to
+//! include 0) and uses `s = amax/((2^b − 1)/2)` (symmetric, codes −2^(b−1)…2^(b−1)−1) or
+//! `s = (max − min)/(2^b − 1)`, `zp = round(−2^(b−1) − min/s)` (asymmetric), ties to even —
+//! affq's half-range and integer-zero grids with no clipping. 8-bit weights with quantized
+//! activations are `int-quantized` (llm-compressor's W8A8): `P.weight` holds the signed codes
+//! `q − 2^(b−1)` as I8 `[out, in]` and `P.weight_zero_point` the signed zeros as I8 `[out, groups]`.
 
 use super::hf_export::{exact_scales, pack_rows, transpose, zero_free, LinearFormat};
 use super::safetensors::StoredTensor;
-use crate::quant::{Granularity, QuantizedWeight};
+use crate::quant::{AsymZero, Granularity, QuantSpec, QuantizedWeight, SymScale};
 use safetensors::Dtype;
+
+/// `int-quantized` (one signed byte per weight) rather than `pack-quantized`: W8A8, as
+/// llm-compressor writes it.
+fn int_quantized(q: &QuantizedWeight, act: Option<&QuantSpec>) -> bool {
+    q.spec.bits == 8 && act.is_some()
+}
 
 pub struct CompressedTensors;
 
@@ -17,9 +31,32 @@ impl LinearFormat for CompressedTensors {
         "compressed-tensors"
     }
 
+    fn activations(&self, a: &QuantSpec) -> Result<(), String> {
+        if a.clip != 1.0 || a.clip_min != 1.0 {
+            return Err(format!(
+                "its clip ratio {} has no place in compressed-tensors' dynamic per-token quantizer (min-max, no clipping): quantize with --format compressed-tensors",
+                a.clip
+            ));
+        }
+        if !(2..=8).contains(&a.bits) || !a.scale_dtype.is_f32() {
+            return Err(format!(
+                "{}-bit activations with rounded scales are not a compressed-tensors grid",
+                a.bits
+            ));
+        }
+        if a.symmetric && a.sym_scale != SymScale::HalfRange {
+            return Err("its symmetric scale is amax/(2^(b−1)−1); compressed-tensors divides by (2^b−1)/2: quantize with --format compressed-tensors (or --sym-scale half-range)".into());
+        }
+        if !a.symmetric && a.asym_zero != AsymZero::Integer {
+            return Err("float offsets: compressed-tensors stores integer zero points".into());
+        }
+        Ok(())
+    }
+
     fn linear(
         &self,
         q: &QuantizedWeight,
+        act: Option<&QuantSpec>,
         prefix: &str,
         dtype: Dtype,
     ) -> Result<Vec<(String, StoredTensor)>, String> {
@@ -38,6 +75,36 @@ impl LinearFormat for CompressedTensors {
             dtype,
             "the model's dtype, compressed-tensors' scale dtype: quantize with --format compressed-tensors",
         )?;
+        if int_quantized(q, act) {
+            let half = 1i32 << (bits - 1);
+            let codes: Vec<i8> = q.codes.iter().map(|&c| (c as i32 - half) as i8).collect();
+            let mut t = vec![
+                (
+                    format!("{prefix}.weight"),
+                    StoredTensor::i8(&codes, &[q.out, q.inp]),
+                ),
+                (
+                    format!("{prefix}.weight_scale"),
+                    StoredTensor {
+                        dtype,
+                        shape: vec![q.out, ng],
+                        bytes: sbytes,
+                    },
+                ),
+            ];
+            if !zero_free(q) {
+                let z: Vec<i8> = q
+                    .params
+                    .iter()
+                    .map(|p| (p.zero as i32 - half) as i8)
+                    .collect();
+                t.push((
+                    format!("{prefix}.weight_zero_point"),
+                    StoredTensor::i8(&z, &[q.out, ng]),
+                ));
+            }
+            return Ok(t);
+        }
         let wpr = q.inp * bits as usize / 32;
         if !(q.inp * bits as usize).is_multiple_of(32) {
             return Err(format!(
@@ -81,24 +148,40 @@ impl LinearFormat for CompressedTensors {
         Ok(t)
     }
 
-    fn quantization_config(&self, q: &QuantizedWeight, quantize_head: bool) -> serde_json::Value {
+    fn quantization_config(
+        &self,
+        q: &QuantizedWeight,
+        act: Option<&QuantSpec>,
+        quantize_head: bool,
+    ) -> serde_json::Value {
         let (strategy, group) = match q.granularity {
             Granularity::Group(g) => ("group", serde_json::json!(g)),
             Granularity::Channel => ("channel", serde_json::Value::Null),
             Granularity::Tensor => ("tensor", serde_json::Value::Null),
         };
+        let input = act.map_or(serde_json::Value::Null, |a| {
+            serde_json::json!({"num_bits": a.bits, "type": "int", "symmetric": a.symmetric,
+                               "strategy": "token", "group_size": null, "dynamic": true,
+                               "actorder": null, "block_structure": null, "observer": null,
+                               "observer_kwargs": {}})
+        });
+        let format = if int_quantized(q, act) {
+            "int-quantized"
+        } else {
+            "pack-quantized"
+        };
         serde_json::json!({
             "quant_method": "compressed-tensors",
-            "format": "pack-quantized",
+            "format": format,
             "quantization_status": "compressed",
             "version": "0.20.1",
             "config_groups": {"group_0": {
-                "targets": ["Linear"],
+                "targets": ["Linear"], "format": format,
                 "weights": {"num_bits": q.spec.bits, "type": "int", "symmetric": zero_free(q),
                             "strategy": strategy, "group_size": group, "dynamic": false,
                             "actorder": null, "block_structure": null, "observer": null,
                             "observer_kwargs": {}},
-                "input_activations": null, "output_activations": null}},
+                "input_activations": input, "output_activations": null}},
             "ignore": if quantize_head { serde_json::json!([]) } else { serde_json::json!(["lm_head"]) },
             "kv_cache_scheme": null,
             "global_compression_ratio": null,

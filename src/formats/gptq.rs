@@ -7,7 +7,7 @@
 
 use super::hf_export::{exact_scales, pack_rows, transpose, zero_free, LinearFormat};
 use super::safetensors::StoredTensor;
-use crate::quant::{Granularity, QuantizedWeight};
+use crate::quant::{Granularity, QuantSpec, QuantizedWeight};
 use safetensors::Dtype;
 
 pub struct Gptq;
@@ -24,6 +24,7 @@ impl LinearFormat for Gptq {
     fn linear(
         &self,
         q: &QuantizedWeight,
+        _act: Option<&QuantSpec>,
         prefix: &str,
         _dtype: Dtype,
     ) -> Result<Vec<(String, StoredTensor)>, String> {
@@ -91,7 +92,12 @@ impl LinearFormat for Gptq {
         ])
     }
 
-    fn quantization_config(&self, q: &QuantizedWeight, quantize_head: bool) -> serde_json::Value {
+    fn quantization_config(
+        &self,
+        q: &QuantizedWeight,
+        _act: Option<&QuantSpec>,
+        quantize_head: bool,
+    ) -> serde_json::Value {
         let group = match q.granularity {
             Granularity::Group(g) => g as i64,
             _ => -1,

@@ -3,15 +3,16 @@
 //! time, behind the small trait [`LinearFormat`] each format implements (formats.md §1, §2).
 //!
 //! Dense tensors (embedding, norms, an unquantized head, biases) are written in the model's dtype
-//! when every value is one of its values, else F32; online transforms and activation / KV
-//! quantization are refused like the GGUF export refuses them.
+//! when every value is one of its values, else F32; online transforms and KV quantization are
+//! refused like the GGUF export refuses them, activation quantization unless the format carries
+//! its grid (compressed-tensors' dynamic per-token `input_activations`).
 
 use super::checkpoint::Precision;
 use super::safetensors::{SpooledSafetensors, StoredTensor};
 use super::Checkpoint;
 use crate::error::{Error, Result};
 use crate::model::{LinearKind, LinearLayer, Site};
-use crate::quant::QuantizedWeight;
+use crate::quant::{QuantSpec, QuantizedWeight};
 use candle_core::{DType, Tensor};
 use safetensors::Dtype;
 use std::collections::BTreeMap;
@@ -24,16 +25,31 @@ pub trait LinearFormat {
     fn name(&self) -> &'static str;
     /// The tensors of quantized linear `prefix` (bias excluded), or why the format cannot hold
     /// it exactly.
-    /// `dtype`: the model's dtype (scales of compressed-tensors are stored in it).
+    /// `dtype`: the model's dtype (scales of compressed-tensors are stored in it); `act`: the
+    /// grid of its input activations (already accepted by [`Self::activations`]).
     fn linear(
         &self,
         q: &QuantizedWeight,
+        act: Option<&QuantSpec>,
         prefix: &str,
         dtype: Dtype,
     ) -> std::result::Result<Vec<(String, StoredTensor)>, String>;
-    /// `config.json:quantization_config` for the checkpoint's weight grid `q` (one linear
-    /// stands for all: affq uses one grid for the whole model).
-    fn quantization_config(&self, q: &QuantizedWeight, quantize_head: bool) -> serde_json::Value;
+    /// `config.json:quantization_config` for the checkpoint's weight grid `q` and input
+    /// activation grid `act` (one linear stands for all: affq uses one grid for the whole model).
+    fn quantization_config(
+        &self,
+        q: &QuantizedWeight,
+        act: Option<&QuantSpec>,
+        quantize_head: bool,
+    ) -> serde_json::Value;
+    /// Whether the format quantizes a linear's input on the fly exactly as grid `a` does
+    /// (dynamic, one unit per token), or why not.
+    fn activations(&self, _a: &QuantSpec) -> std::result::Result<(), String> {
+        Err(format!(
+            "this {} export carries weight quantization only; quantize without --a-bits",
+            self.name()
+        ))
+    }
     /// Bias dtype (GPTQ stores f16 biases; compressed-tensors keeps the model dtype).
     fn bias_dtype(&self, model: Dtype) -> Dtype {
         model
@@ -112,26 +128,23 @@ pub fn check_no_online(ckpt: &Checkpoint, format: &str) -> Result<()> {
     Ok(())
 }
 
-/// Refuses what a plain-weights format cannot carry, naming the first offender.
-pub fn check_plain_weights(ckpt: &Checkpoint, format: &str) -> Result<()> {
-    check_no_online(ckpt, format)?;
-    if let Some(q) = &ckpt.quant {
-        for (what, spec) in [("activations", q.activations), ("KV cache", q.kv_cache)] {
-            if let Some(s) = spec {
-                return Err(Error::Unsupported(format!(
-                    "{}: {what} quantized to {} bits (quantization_config): this {format} export carries weight quantization only; quantize without --a-bits/--kv-bits",
-                    ckpt.files.dir.display(),
-                    s.bits
-                )));
-            }
-        }
+/// Refuses a quantized KV cache, which no exported format carries exactly (compressed-tensors'
+/// `kv_cache_scheme` is a static per-tensor scale; affq's cache is dynamic per token and head).
+fn check_no_kv(ckpt: &Checkpoint, format: &str) -> Result<()> {
+    match ckpt.quant.as_ref().and_then(|q| q.kv_cache) {
+        Some(s) => Err(Error::Unsupported(format!(
+            "{}: KV cache quantized to {} bits (quantization_config): this {format} export carries no dynamic per-(token, head) KV quantization; quantize without --kv-bits",
+            ckpt.files.dir.display(),
+            s.bits
+        ))),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Exports `ckpt` into the directory `out` (written in place: the caller gives a temporary one).
 pub fn export(ckpt: &Checkpoint, out: &Path, f: &dyn LinearFormat) -> Result<HfReport> {
-    check_plain_weights(ckpt, f.name())?;
+    check_no_online(ckpt, f.name())?;
+    check_no_kv(ckpt, f.name())?;
     let c = &ckpt.config;
     let dir = ckpt.files.dir.display().to_string();
     if !ckpt
@@ -145,34 +158,51 @@ pub fn export(ckpt: &Checkpoint, out: &Path, f: &dyn LinearFormat) -> Result<HfR
     }
     let dtype = model_dtype(ckpt);
     let mut st = SpooledSafetensors::create(&out.join("model.safetensors"))?;
-    let mut first: Option<QuantizedWeight> = None;
+    let mut first: Option<(QuantizedWeight, Option<QuantSpec>)> = None;
     let mut n_quant = 0;
-    let mut linear =
-        |l: &dyn LinearLayer, prefix: &str, st: &mut SpooledSafetensors| -> Result<()> {
-            match l.quantized_weight() {
-                Some(q) => {
-                    let t = f
-                        .linear(q, prefix, dtype)
-                        .map_err(|why| Error::Unsupported(format!("{dir}: `{prefix}` {why}")))?;
-                    st.add(t)?;
-                    if first.is_none() {
-                        first = Some(q.clone());
-                    }
-                    n_quant += 1;
+    let mut linear = |l: &dyn LinearLayer,
+                      prefix: &str,
+                      st: &mut SpooledSafetensors|
+     -> Result<()> {
+        match l.quantized_weight() {
+            Some(q) => {
+                let refuse = |why: String| Error::Unsupported(format!("{dir}: `{prefix}` {why}"));
+                let act = l.act_quantizer().map(|a| a.spec()).transpose()?;
+                if let Some(a) = &act {
+                    f.activations(a).map_err(|why| {
+                        refuse(format!("quantizes its input to {} bits: {why}", a.bits))
+                    })?;
                 }
-                None => st.add(vec![(
-                    format!("{prefix}.weight"),
-                    dense_tensor(l.weight_ref(), dtype)?,
-                )])?,
+                if let Some((_, a0)) = &first {
+                    if *a0 != act {
+                        return Err(refuse(format!(
+                                "quantizes its input activations ({}) unlike the first quantized linear ({}); the {} config holds one scheme for every linear",
+                                describe_act(act.as_ref()),
+                                describe_act(a0.as_ref()),
+                                f.name()
+                            )));
+                    }
+                }
+                let t = f.linear(q, act.as_ref(), prefix, dtype).map_err(refuse)?;
+                st.add(t)?;
+                if first.is_none() {
+                    first = Some((q.clone(), act));
+                }
+                n_quant += 1;
             }
-            if let Some(b) = l.bias() {
-                st.add(vec![(
-                    format!("{prefix}.bias"),
-                    dense_tensor(b, f.bias_dtype(dtype))?,
-                )])?;
-            }
-            Ok(())
-        };
+            None => st.add(vec![(
+                format!("{prefix}.weight"),
+                dense_tensor(l.weight_ref(), dtype)?,
+            )])?,
+        }
+        if let Some(b) = l.bias() {
+            st.add(vec![(
+                format!("{prefix}.bias"),
+                dense_tensor(b, f.bias_dtype(dtype))?,
+            )])?;
+        }
+        Ok(())
+    };
     let ends = ckpt.load_ends(1, Precision::Stored)?;
     let config = ends.config.clone();
     for i in 0..c.num_layers {
@@ -223,12 +253,12 @@ pub fn export(ckpt: &Checkpoint, out: &Path, f: &dyn LinearFormat) -> Result<HfR
     let tensors = super::safetensors::TensorStore::open(&[out.join("model.safetensors")])?
         .names()
         .len();
-    let q = first.expect("a quantized checkpoint has a quantized linear");
+    let (q, act) = first.expect("a quantized checkpoint has a quantized linear");
     let text = std::fs::read_to_string(&ckpt.files.config)
         .map_err(|e| Error::io(&ckpt.files.config, e))?;
     let mut cfg: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::format(&ckpt.files.config, e.to_string()))?;
-    cfg["quantization_config"] = f.quantization_config(&q, quantize_head);
+    cfg["quantization_config"] = f.quantization_config(&q, act.as_ref(), quantize_head);
     cfg["tie_word_embeddings"] = serde_json::json!(ends.tied_head);
     cfg["torch_dtype"] = serde_json::json!(match dtype {
         Dtype::F16 => "float16",
@@ -260,6 +290,22 @@ pub fn export(ckpt: &Checkpoint, out: &Path, f: &dyn LinearFormat) -> Result<HfR
         tensors,
         bytes,
     })
+}
+
+fn describe_act(a: Option<&QuantSpec>) -> String {
+    match a {
+        None => "not at all".into(),
+        Some(a) => format!(
+            "{} bits, {}, clip {}",
+            a.bits,
+            if a.symmetric {
+                "symmetric"
+            } else {
+                "asymmetric"
+            },
+            a.clip
+        ),
+    }
 }
 
 /// Packs `rows × n` codes with the low bits first, `32/b` codes per word (formats.md §1.2; the

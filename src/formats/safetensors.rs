@@ -371,6 +371,14 @@ impl StoredTensor {
         }
     }
 
+    pub fn i8(v: &[i8], shape: &[usize]) -> Self {
+        StoredTensor {
+            dtype: Dtype::I8,
+            shape: shape.to_vec(),
+            bytes: v.iter().map(|x| *x as u8).collect(),
+        }
+    }
+
     pub fn i64(v: &[i64], shape: &[usize]) -> Self {
         StoredTensor {
             dtype: Dtype::I64,
