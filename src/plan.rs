@@ -239,13 +239,14 @@ fn resolve_recipe(
     let gptq = wq != WeightQuantizer::Rtn;
     if !m.trained {
         let training = [
+            f.keep_trained.is_some(),
             f.epochs.is_some(),
             f.batch.is_some(),
             f.lr.is_some(),
             f.alpha.is_some(),
         ];
         if training.iter().any(|&x| x) {
-            return Err(usage(format!("training flags (--epochs, --batch, --lr, --alpha) need a trained method (--method {})", trained_methods())));
+            return Err(usage(format!("training flags (--epochs, --batch, --lr, --alpha, --keep-trained) need a trained method (--method {})", trained_methods())));
         }
         let data = [
             f.nsamples.is_some(),

@@ -201,6 +201,7 @@ fn engine_config(p: &QuantizePlan) -> EngineConfig {
         method_windows: p.nsamples(),
         activations: p.calib_activations(),
         gptq_fp_inputs: gptq_fp_inputs(p),
+        keep_trained: p.recipe.keep_trained == Some(true),
     }
 }
 

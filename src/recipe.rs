@@ -44,6 +44,11 @@ pub struct Recipe {
     /// GPTQ: Hessians from the full-precision model's inputs instead of the quantized model's own
     /// (what lets a sharded calibration run GPTQ).
     pub gptq_fp_inputs: Option<bool>,
+    /// Trained methods: deploy every trained block, even one whose calibration loss is above its
+    /// untrained start's (the engine otherwise deploys the start; speed measurements and
+    /// ablations want the method's own blocks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_trained: Option<bool>,
 }
 
 /// Recipes shipped in calib/.
@@ -141,6 +146,7 @@ impl Recipe {
             merged_only: over.merged_only.or(self.merged_only),
             gptq_grid_search: over.gptq_grid_search.or(self.gptq_grid_search),
             gptq_fp_inputs: over.gptq_fp_inputs.or(self.gptq_fp_inputs),
+            keep_trained: over.keep_trained.or(self.keep_trained),
         }
     }
 }

@@ -112,6 +112,8 @@ pub struct EngineConfig {
     /// own: each block then depends only on the full-precision model, so blocks can be
     /// calibrated by separate processes ([`Schedule::Shard`]).
     pub gptq_fp_inputs: bool,
+    /// Deploy a trained block even when it loses to its untrained start (not when it diverged).
+    pub keep_trained: bool,
 }
 
 /// A block of an untrained method: the plan's activation and KV quantizers on it as it is.
@@ -345,7 +347,7 @@ fn calibrate_block(
     // windows (a diverged training must not cost more than not training at all); the start
     // gets the engine's weight quantizer (GPTQ where asked, RTN if GPTQ does no better).
     let mut kept_untrained = false;
-    if trained && (loss_final.is_nan() || loss_final > loss_rtn) {
+    if trained && (loss_final.is_nan() || (!engine.keep_trained && loss_final > loss_rtn)) {
         // With RTN weights the untrained start is `rtn` itself.
         let (start, loss_start) = match engine.weight_quantizer {
             WeightQuantizer::Rtn => (rtn, loss_rtn),

@@ -293,6 +293,10 @@ pub(crate) struct QuantizeArgs {
     /// (every block then depends only on the full-precision model, so --shard can run GPTQ).
     #[arg(long)]
     pub(crate) gptq_fp_inputs: bool,
+    /// Trained methods: deploy every trained block, even one that lost to its untrained start on
+    /// the calibration windows (by default the start is deployed instead).
+    #[arg(long)]
+    pub(crate) keep_trained: bool,
     /// Calibrate only shard I of N (0-based; contiguous, balanced block ranges) into the work
     /// directory `.OUT.affq-work` on a shared filesystem; run `--merge` with the same flags once
     /// every shard has finished. Each shard runs the earlier blocks forward to get its inputs.
@@ -585,6 +589,7 @@ impl QuantizeArgs {
                 merged_only: self.merged_only.then_some(true),
                 gptq_grid_search: self.gptq_grid_search.then_some(true),
                 gptq_fp_inputs: self.gptq_fp_inputs.then_some(true),
+                keep_trained: self.keep_trained.then_some(true),
             },
             sym_scale: self.sym_scale.map(|s| match s {
                 SymScaleArg::Maxpos => SymScale::MaxPos,
