@@ -208,6 +208,24 @@ fn a_diverged_block_is_never_deployed() {
 }
 
 #[test]
+fn keep_trained_deploys_the_trained_blocks() {
+    // The same diverging learning rate with --keep-trained: every block is the trained one, even
+    // where it lost to RTN (speed measurements and ablations want the method's own blocks); an
+    // untrained method refuses the flag.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("q");
+    quantize(&out, &["--lr", "2", "--keep-trained"]);
+    let rows = block_table(&out);
+    assert!(rows.iter().all(|r| r.deployed == "trained"), "{rows:?}");
+    assert!(rows.iter().any(|r| r.loss_final > r.loss_rtn), "{rows:?}");
+    quantize_stories_refused(
+        &tmp.path().join("r"),
+        &["--method", "rtn", "--keep-trained"],
+        "need a trained method",
+    );
+}
+
+#[test]
 fn bf16_calibration_activations() {
     // Block inputs and targets kept in bf16 between blocks (half the activation memory; every
     // product still in f32): the run says so in its notes and the trained blocks still beat RTN
