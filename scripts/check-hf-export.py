@@ -191,22 +191,21 @@ def transformers_check(export, affq_json, windows, seqlen, data, tol, spread):
     ids = tok(text, add_special_tokens=True)["input_ids"]
     first = seqlen // 2
 
-    def score(remove_hooks):
+    def score():
         ppls = []
         with torch.no_grad():
             for w in range(windows):
                 x = torch.tensor([ids[w * seqlen : (w + 1) * seqlen]])
                 logits = model(x).logits[0].double()
-                if w == 0 and remove_hooks:
-                    for h in hooks:
-                        h.remove()
                 lp = torch.log_softmax(logits, dim=-1)
                 tgt = x[0, first + 1 :]
                 nll = -lp[first : seqlen - 1].gather(1, tgt[:, None]).squeeze(1)
                 ppls.append(float(torch.exp(nll.mean())))
         return ppls
 
-    ppls = score(True)
+    ppls = score()
+    for h in hooks:
+        h.remove()
     geo = lambda p: float(np.exp(np.mean([np.log(v) for v in p])))
     envelope = [geo(ppls)]
     if quantized_inputs and spread > 0:
@@ -220,7 +219,7 @@ def transformers_check(export, affq_json, windows, seqlen, data, tol, spread):
                 sc, zp = orig(*args, **kw)
                 return sc * (1 + k * 1e-6), zp
             ctf.compute_dynamic_scales_and_zp = scaled
-            envelope.append(geo(score(False)))
+            envelope.append(geo(score()))
         ctf.compute_dynamic_scales_and_zp = orig
         print(f"PPL with activation scales × (1 ± k·1e-6), k ≤ {spread}: {[round(e, 4) for e in envelope]}")
     if quantized_inputs:

@@ -75,6 +75,14 @@ impl LinearFormat for CompressedTensors {
             dtype,
             "the model's dtype, compressed-tensors' scale dtype: quantize with --format compressed-tensors",
         )?;
+        let scale = (
+            format!("{prefix}.weight_scale"),
+            StoredTensor {
+                dtype,
+                shape: vec![q.out, ng],
+                bytes: sbytes,
+            },
+        );
         if int_quantized(q, act) {
             let half = 1i32 << (bits - 1);
             let codes: Vec<i8> = q.codes.iter().map(|&c| (c as i32 - half) as i8).collect();
@@ -83,14 +91,7 @@ impl LinearFormat for CompressedTensors {
                     format!("{prefix}.weight"),
                     StoredTensor::i8(&codes, &[q.out, q.inp]),
                 ),
-                (
-                    format!("{prefix}.weight_scale"),
-                    StoredTensor {
-                        dtype,
-                        shape: vec![q.out, ng],
-                        bytes: sbytes,
-                    },
-                ),
+                scale,
             ];
             if !zero_free(q) {
                 let z: Vec<i8> = q
@@ -117,14 +118,7 @@ impl LinearFormat for CompressedTensors {
                 format!("{prefix}.weight_packed"),
                 StoredTensor::i32(&pack_rows(&q.codes, q.inp, bits), &[q.out, wpr]),
             ),
-            (
-                format!("{prefix}.weight_scale"),
-                StoredTensor {
-                    dtype,
-                    shape: vec![q.out, ng],
-                    bytes: sbytes,
-                },
-            ),
+            scale,
             (
                 format!("{prefix}.weight_shape"),
                 StoredTensor::i64(&[q.out as i64, q.inp as i64], &[2]),
