@@ -1,10 +1,10 @@
 //! Per-block claims in a work directory shared by several processes, possibly on several machines
 //! (a Slurm array or a Kubernetes Indexed Job on a shared filesystem).
 //!
-//! A claim is a lock file `block-NNNN.lock` created with `O_CREAT|O_EXCL` (atomic on local
-//! filesystems and on NFSv3+), holding the owner's host, process id and a random token. While the
-//! owner works, a heartbeat thread touches the file's mtime every [`HEARTBEAT`]. A lock is
-//! **stale**, and may be taken over, when
+//! A claim is a lock file `block-NNNN.lock` created whole by hard-linking a private temporary
+//! into place (`link` is atomic and exclusive on local filesystems and on NFS), holding the
+//! owner's host, process id and a random token. While the owner works, a heartbeat thread touches
+//! the file's mtime every [`HEARTBEAT`]. A lock is **stale**, and may be taken over, when
 //! - its owner is on this host and its process is gone (read from `/proc`), or
 //! - its mtime is older than the stale timeout (`--lock-timeout`, default 600 s): the owner, on any
 //!   host, stopped beating (killed, node lost, filesystem cut off).
@@ -179,7 +179,36 @@ pub enum Claim {
     Busy(Owner),
 }
 
+/// Creates the lock at `path` holding `owner`'s text, unless a lock is there. The text is written
+/// to a private temporary (`NAME.tmp.HOST.PID`, removed by the next run if this process dies) and
+/// hard-linked into place (`link` fails if `path` exists; atomic and exclusive on NFS too), so a
+/// lock file is never seen empty: a process killed between creating and writing an
+/// `O_EXCL` file would leave an owner-less lock that only the timeout could clear.
 fn create(path: &Path, owner: &Owner) -> std::io::Result<bool> {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".tmp.{}.{}", owner.host, owner.pid));
+    let tmp = path.with_file_name(name);
+    let written = std::fs::File::create(&tmp).and_then(|mut f| {
+        use std::io::Write;
+        f.write_all(owner.text().as_bytes())?;
+        f.sync_all()
+    });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    let linked = match std::fs::hard_link(&tmp, path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        // A filesystem without hard links (some FUSE and SMB mounts): `O_EXCL`, then the text.
+        Err(_) => create_exclusive(path, owner),
+    };
+    let _ = std::fs::remove_file(&tmp);
+    linked
+}
+
+/// `O_CREAT|O_EXCL` and a write: exclusive, but empty for a moment.
+fn create_exclusive(path: &Path, owner: &Owner) -> std::io::Result<bool> {
     use std::io::Write;
     match std::fs::OpenOptions::new()
         .write(true)
@@ -294,6 +323,19 @@ mod tests {
             try_lock(&p, long, &mut |_| panic!()).unwrap(),
             Claim::Busy(_)
         ));
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["block-0000.lock"], "temporary left beside the lock");
+        assert_eq!(
+            Owner::parse(&std::fs::read_to_string(&p).unwrap()),
+            Some(Owner::me()).map(|o| Owner {
+                token: lock.owner.token.clone(),
+                ..o
+            })
+        );
         drop(lock);
         assert!(!p.exists(), "released lock left behind");
 
