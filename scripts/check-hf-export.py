@@ -5,11 +5,12 @@
       An independent decoder (numpy, written from the formats' documented packing: formats.md
       §1–2) dequantizes every linear of EXPORT and compares it bit for bit (in f32) with the
       same linear decoded from the affq checkpoint CKPT.
-  check-hf-export.py transformers EXPORT AFFQ_JSON [--windows N] [--seqlen L] [--data FILE] [--tol T] [--spread K]
+  check-hf-export.py transformers EXPORT AFFQ_JSON [--windows N] [--seqlen L] [--data FILE | --ids JSON] [--tol T] [--spread K]
       Loads EXPORT with transformers (compressed-tensors decompresses it) in float32 on the CPU
       and scores llama.cpp-protocol windows of FILE (default WikiText-2 test); compares each
       window's PPL with `affq eval --protocol llamacpp --json` output AFFQ_JSON: the PPL over the
-      windows must agree within relative T (default 1e-3). With quantized activations, every
+      windows must agree within relative T (default 1e-3). --ids: score these token ids (a JSON
+      list, e.g. affq's own stream, where the model's Python tokenizer is not llama.cpp's). With quantized activations, every
       linear's input in the first window is also quantized by compressed-tensors' own
       forward_quantize and by the documented grid (formats.md §1.5), which must agree but for
       rounding-boundary ties. Such models are chaotic at the PPL level (SmolLM2 W8A8: scaling
@@ -155,7 +156,7 @@ def documented_fake_quant(x, bits, symmetric):
     return ((np.clip(np.round(x / s + zp), qmin, qmax) - zp) * s).astype(np.float32), s
 
 
-def transformers_check(export, affq_json, windows, seqlen, data, tol, spread):
+def transformers_check(export, affq_json, windows, seqlen, data, tol, spread, ids_file=None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -185,10 +186,15 @@ def transformers_check(export, affq_json, windows, seqlen, data, tol, spread):
             return f
 
         hooks = [linears[n].register_forward_pre_hook(hook(n)) for n in quantized_inputs]
-    text = open(data, encoding="utf-8").read()
-    if text.endswith("\n"):
-        text = text[:-1]
-    ids = tok(text, add_special_tokens=True)["input_ids"]
+    if ids_file:
+        ids = json.load(open(ids_file))
+    else:
+        text = open(data, encoding="utf-8").read()
+        if text.endswith("\n"):
+            text = text[:-1]
+        ids = tok(text, add_special_tokens=True)["input_ids"]
+    # llama-perplexity puts BOS first in every window when the tokenizer adds one.
+    bos = tok.bos_token_id if tok.bos_token_id is not None and ids[:1] == [tok.bos_token_id] else None
     first = seqlen // 2
 
     def score():
@@ -196,6 +202,8 @@ def transformers_check(export, affq_json, windows, seqlen, data, tol, spread):
         with torch.no_grad():
             for w in range(windows):
                 x = torch.tensor([ids[w * seqlen : (w + 1) * seqlen]])
+                if bos is not None:
+                    x[0, 0] = bos
                 logits = model(x).logits[0].double()
                 lp = torch.log_softmax(logits, dim=-1)
                 tgt = x[0, first + 1 :]
@@ -253,7 +261,7 @@ def main():
     elif a[:1] == ["transformers"]:
         opt = lambda k, d: a[a.index(k) + 1] if k in a else d
         data = opt("--data", os.path.join(os.environ.get("AFFQ_DATA_DIR", "../shared/data"), "wikitext-2-raw/wiki.test.raw"))
-        transformers_check(a[1], a[2], int(opt("--windows", 8)), int(opt("--seqlen", 512)), data, float(opt("--tol", 1e-3)), int(opt("--spread", 0)))
+        transformers_check(a[1], a[2], int(opt("--windows", 8)), int(opt("--seqlen", 512)), data, float(opt("--tol", 1e-3)), int(opt("--spread", 0)), opt("--ids", None))
     else:
         sys.exit(__doc__)
 

@@ -98,6 +98,19 @@ impl QuantizePlan {
         }
     }
 
+    /// The plan for a model whose tensors are stored in `dtype`: compressed-tensors keeps scales
+    /// in the model's dtype, so a bf16 model's checkpoint that targets it quantizes on bf16
+    /// scales (f16 otherwise, which an f32 model's scales hold exactly too).
+    pub fn for_model(&self, dtype: safetensors::Dtype) -> QuantizePlan {
+        let mut p = self.clone();
+        if let (Some(Format::CompressedTensors), safetensors::Dtype::BF16, Some(w)) =
+            (p.request.target, dtype, p.quant.weights.as_mut())
+        {
+            w.spec.scale_dtype = ScaleDtype::Bf16;
+        }
+        p
+    }
+
     /// Checks what the plan needs of the model: weight groups must tile every linear's input.
     pub fn check_model(&self, c: &ModelConfig) -> Result<()> {
         if let Some(g @ Granularity::Group(_)) = self.quant.weights.as_ref().map(|w| w.granularity)
@@ -216,8 +229,14 @@ fn resolve_recipe(
     }
     if r.merged_only == Some(true) && !m.merged_mode {
         return Err(usage(format!(
-            "--merged-only: --method {} has no merged-only mode yet (rtn, rotate and affinequant have)",
-            m.name
+            "--merged-only: --method {} has no merged-only mode (these have: {})",
+            m.name,
+            methods::REGISTRY
+                .iter()
+                .filter(|m| m.merged_mode)
+                .map(|m| m.name)
+                .collect::<Vec<_>>()
+                .join(", ")
         )));
     }
     if r.merged_only == Some(true) && f.ln_matrix == Some(true) {
@@ -427,14 +446,21 @@ fn target_grid(format: Format, m: &MethodSpec, q: &mut QuantPlan) -> Result<()> 
     }
     if !m.merged_mode {
         return Err(usage(format!(
-            "--format {name}: --method {} keeps online transforms, which the format cannot carry, and has no merged-only mode yet; use --method rtn, rotate or affinequant (with --weight-quantizer gptq for calibrated weights)",
-            m.name
+            "--format {name}: --method {} keeps online transforms, which the format cannot carry, and has no merged-only mode; use --method {} (with --weight-quantizer gptq for calibrated weights)",
+            m.name,
+            methods::REGISTRY
+                .iter()
+                .filter(|m| m.merged_mode)
+                .map(|m| m.name)
+                .collect::<Vec<_>>()
+                .join(", ")
         )));
     }
     if format != Format::Gguf {
         // compressed-tensors and GPTQ: 2/4/8-bit integer codes with f16 scales (GPTQ's dtype,
-        // and the f16 models' dtype of compressed-tensors), integer zero points; GPTQ v1
-        // cannot store a zero of 0, so its grids are symmetric.
+        // and the f16 models' dtype of compressed-tensors; a bf16 model's checkpoint gets bf16
+        // scales once the model is read, [`QuantizePlan::for_model`]), integer zero points;
+        // GPTQ v1 cannot store a zero of 0, so its grids are symmetric.
         if ![2, 4, 8].contains(&w.spec.bits) {
             return Err(usage(format!(
                 "--format {name}: {}-bit codes; affq writes 2-, 4- and 8-bit layouts",

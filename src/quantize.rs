@@ -275,6 +275,7 @@ pub fn run(p: &QuantizePlan, progress: &mut dyn Progress) -> Result<QuantizeOutc
             req.model.display()
         )));
     }
+    let p = &p.for_model(crate::formats::hf_export::model_dtype(&ckpt));
     check_output_outside(&ckpt.files.dir, &p.output)?;
     crate::fsutil::check_output(&p.output, req.force)?;
     p.check_model(&ckpt.config)?;

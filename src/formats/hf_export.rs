@@ -68,7 +68,8 @@ pub struct HfReport {
     pub bytes: u64,
 }
 
-fn model_dtype(ckpt: &Checkpoint) -> Dtype {
+/// The dtype of the model a checkpoint was made from (its stored embedding's, or its config's).
+pub(crate) fn model_dtype(ckpt: &Checkpoint) -> Dtype {
     match ckpt
         .store
         .raw("model.embed_tokens.weight")

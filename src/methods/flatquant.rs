@@ -10,6 +10,13 @@
 //! expressive power, and an orthogonal start is perfectly conditioned; the small learning rate
 //! keeps it away from singularity, and the deployment step checks the pivot ratio in f64 and
 //! reports a near-singular factor instead of writing garbage.
+//!
+//! Merged only (recipe key `merged_only`; implied by `quantize --format`): only what folds into
+//! the stored weights trains — the channel scales `c` (into the norm gains and up_proj's rows), a
+//! per-head `P_v` on the values (into v_proj's rows and o_proj's columns: attention mixes tokens,
+//! not features, so `softmax(QKᵀ)·(V·P_v)·P_v⁻¹ = softmax(QKᵀ)·V`), and LWC. No Kronecker factor,
+//! head mixer or `P_k` runs online, so the checkpoint holds plain weights that every format
+//! expresses.
 
 use super::lwc::{clamp_rows, lwc_bounds, lwc_units, Clip};
 use super::plan::Grids;
@@ -41,6 +48,8 @@ pub struct FlatQuantConfig {
     /// SmoothQuant-style migration strength of the channel-scale init (§2.5).
     pub alpha: f64,
     pub seed: u64,
+    /// Only transforms that merge into the weights (module docs).
+    pub merged_only: bool,
 }
 
 pub const SPEC: MethodSpec = MethodSpec {
@@ -52,7 +61,7 @@ pub const SPEC: MethodSpec = MethodSpec {
     scheme_recipe: |_, _| None,
     own_keys: &[],
     asym_activations: false,
-    merged_mode: false,
+    merged_mode: true,
     build: |m: &MethodInput| Ok(Box::new(FlatQuant::new(FlatQuantConfig::new(m))?)),
 };
 
@@ -69,6 +78,7 @@ impl FlatQuantConfig {
             weight_decay: 0.01,
             alpha: r.alpha.unwrap_or(0.3),
             seed: m.seed,
+            merged_only: r.merged_only == Some(true),
         }
     }
 }
@@ -94,34 +104,40 @@ fn orthogonal_var(n: usize, rng: &mut Rng) -> Result<Var> {
     var(&m, &[n, n])
 }
 
-/// `diag(c)·(P1⊗P2)` with trainable factors. The channel scale is trained as `c = exp(s)`: its
+/// `diag(c)·(P1⊗P2)` with trainable factors (none in the merged-only mode). The channel scale is trained as `c = exp(s)`: its
 /// init spans orders of magnitude across channels (outlier channels get `c ≪ 1`, §2.5), and
 /// AdamW moves every parameter by about the learning rate per step, which is a relative step in
 /// `s` — the same learning rate suits every channel and every model.
 struct Kron {
     n1: usize,
     n2: usize,
-    p1: Var,
-    p2: Var,
+    p1: Option<Var>,
+    p2: Option<Var>,
     /// `s = ln c`.
     s: Var,
 }
 
 impl Kron {
-    fn new(n: usize, c: &[f32], rng: &mut Rng) -> Result<Self> {
+    /// `factors = false`: the channel scale alone.
+    fn new(n: usize, c: &[f32], factors: bool, rng: &mut Rng) -> Result<Self> {
         let (n1, n2) = kron_dims(n);
         let s: Vec<f32> = c.iter().map(|c| c.ln()).collect();
+        let mut factor = |k| factors.then(|| orthogonal_var(k, rng)).transpose();
         Ok(Kron {
             n1,
             n2,
-            p1: orthogonal_var(n1, rng)?,
-            p2: orthogonal_var(n2, rng)?,
+            p1: factor(n1)?,
+            p2: factor(n2)?,
             s: var(&s, &[n])?,
         })
     }
 
     fn vars(&self) -> Vec<Var> {
-        vec![self.p1.clone(), self.p2.clone(), self.s.clone()]
+        [&self.p1, &self.p2, &Some(self.s.clone())]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect()
     }
 
     /// The channel scale `c` (differentiable in the parameters).
@@ -134,8 +150,8 @@ impl Kron {
         Ok(KroneckerTransform {
             n1: self.n1,
             n2: self.n2,
-            p1: Some(self.p1.as_tensor().clone()),
-            p2: Some(self.p2.as_tensor().clone()),
+            p1: self.p1.as_ref().map(|p| p.as_tensor().clone()),
+            p2: self.p2.as_ref().map(|p| p.as_tensor().clone()),
             scale: Some(self.c()?),
         })
     }
@@ -145,11 +161,16 @@ impl Kron {
         Ok(KroneckerTransform {
             n1: self.n1,
             n2: self.n2,
-            p1: Some(inverse(self.p1.as_tensor())?.t()?),
-            p2: Some(inverse(self.p2.as_tensor())?.t()?),
+            p1: self.p1.as_ref().map(inverse_t).transpose()?,
+            p2: self.p2.as_ref().map(inverse_t).transpose()?,
             scale: Some(self.c()?.recip()?),
         })
     }
+}
+
+/// `P⁻ᵀ` (differentiable).
+fn inverse_t(p: &Var) -> Result<Tensor> {
+    Ok(inverse(p.as_tensor())?.t()?)
 }
 
 /// All trainable parameters of one block.
@@ -157,9 +178,12 @@ struct Params {
     attn: Kron,
     mlp: Kron,
     down: Kron,
-    head_mix: Var,
-    /// `(P_v, P_k)` when the KV cache is quantized.
-    kv: Option<(Var, Var)>,
+    /// Online head mixer on the o_proj input (not in the merged-only mode).
+    head_mix: Option<Var>,
+    /// Per-head value transform: when the KV cache is quantized, or merged only.
+    pv: Option<Var>,
+    /// Query/key transform after RoPE: when the KV cache is quantized (not merged only).
+    pk: Option<Var>,
     /// LWC per linear, `[out, 1]`.
     lwc: Vec<Clip>,
     /// LAC per linear input.
@@ -171,11 +195,12 @@ struct Params {
 impl Params {
     fn transform_vars(&self) -> Vec<Var> {
         let mut v = [self.attn.vars(), self.mlp.vars(), self.down.vars()].concat();
-        v.push(self.head_mix.clone());
-        if let Some((pv, pk)) = &self.kv {
-            v.push(pv.clone());
-            v.push(pk.clone());
-        }
+        v.extend(
+            [&self.head_mix, &self.pv, &self.pk]
+                .into_iter()
+                .flatten()
+                .cloned(),
+        );
         v
     }
     fn clip_vars(&self) -> Vec<Var> {
@@ -256,18 +281,27 @@ impl FlatQuant {
         let attn_c = self.init_scale(block, &[Q, K, V], stats.attn_in.as_ref())?;
         let mlp_c = self.init_scale(block, &[Up, Gate], stats.mlp_in.as_ref())?;
         let down_c = self.init_scale(block, &[Down], stats.down_in.as_ref())?;
+        let full = !self.cfg.merged_only;
+        let kv = self.cfg.grids.kv_cache.is_some();
+        let attn = Kron::new(c.hidden_size, &attn_c, full, &mut rng)?;
+        let mlp = Kron::new(c.hidden_size, &mlp_c, full, &mut rng)?;
+        let down = Kron::new(c.intermediate_size, &down_c, full, &mut rng)?;
+        let head_mix = full
+            .then(|| orthogonal_var(c.num_heads, &mut rng))
+            .transpose()?;
+        let pv = (kv || !full)
+            .then(|| orthogonal_var(c.head_dim, &mut rng))
+            .transpose()?;
+        let pk = (kv && full)
+            .then(|| orthogonal_var(c.head_dim, &mut rng))
+            .transpose()?;
         Ok(Params {
-            attn: Kron::new(c.hidden_size, &attn_c, &mut rng)?,
-            mlp: Kron::new(c.hidden_size, &mlp_c, &mut rng)?,
-            down: Kron::new(c.intermediate_size, &down_c, &mut rng)?,
-            head_mix: orthogonal_var(c.num_heads, &mut rng)?,
-            kv: match self.cfg.grids.kv_cache {
-                Some(_) => Some((
-                    orthogonal_var(c.head_dim, &mut rng)?,
-                    orthogonal_var(c.head_dim, &mut rng)?,
-                )),
-                None => None,
-            },
+            attn,
+            mlp,
+            down,
+            head_mix,
+            pv,
+            pk,
             lwc: LinearKind::ALL
                 .iter()
                 .map(|k| {
@@ -292,21 +326,19 @@ impl FlatQuant {
         let c = &**block.config();
         let (nh, hd) = (c.num_heads, c.head_dim);
         let mut b = block.clone();
-        let pv = p.kv.as_ref().map(|(pv, _)| pv.as_tensor());
-        let o_online = KroneckerTransform {
+        let pv = p.pv.as_ref().map(|pv| pv.as_tensor());
+        let o_online = p.head_mix.as_ref().map(|h| KroneckerTransform {
             n1: nh,
             n2: hd,
-            p1: Some(p.head_mix.as_tensor().clone()),
+            p1: Some(h.as_tensor().clone()),
             p2: None,
             scale: None,
-        };
+        });
         let o_weight = KroneckerTransform {
             n1: nh,
             n2: hd,
-            p1: Some(inverse(p.head_mix.as_tensor())?.t()?),
-            p2: pv
-                .map(|pv| inverse(pv).and_then(|i| Ok(i.t()?)))
-                .transpose()?,
+            p1: p.head_mix.as_ref().map(inverse_t).transpose()?,
+            p2: p.pv.as_ref().map(inverse_t).transpose()?,
             scale: None,
         };
         let weight_side = [
@@ -358,12 +390,12 @@ impl FlatQuant {
             )?;
         }
         b.set_site(Site::AttnIn, Some(p.attn.online()?));
-        b.set_site(Site::OIn, Some(o_online));
+        b.set_site(Site::OIn, o_online);
         b.set_site(Site::MlpIn, Some(p.mlp.online()?));
         b.set_site(Site::DownIn, Some(p.down.online()?));
-        if let Some((_, pk)) = &p.kv {
+        if let Some(pk) = &p.pk {
             b.set_qk_transform(Some(QkTransform {
-                q: inverse(pk.as_tensor())?.t()?,
+                q: inverse_t(pk)?,
                 k: pk.as_tensor().clone(),
             }));
         }
@@ -427,24 +459,21 @@ impl FlatQuant {
             Ok(KroneckerTransform {
                 n1: k.n1,
                 n2: k.n2,
-                p1: Some(inv_t(&k.p1, k.n1, what)?),
-                p2: Some(inv_t(&k.p2, k.n2, what)?),
+                p1: k.p1.as_ref().map(|p| inv_t(p, k.n1, what)).transpose()?,
+                p2: k.p2.as_ref().map(|p| inv_t(p, k.n2, what)).transpose()?,
                 scale: Some(Tensor::from_vec(cinv, k.n1 * k.n2, &Device::Cpu)?),
             })
         };
-        let pv64 =
-            p.kv.as_ref()
-                .map(|(pv, _)| -> Result<Tensor> { t64(&f64v(pv)?, hd) })
-                .transpose()?;
+        let pv64 = p.pv.as_ref().map(|pv| t64(&f64v(pv)?, hd)).transpose()?;
         let o_weight = KroneckerTransform {
             n1: nh,
             n2: hd,
-            p1: Some(inv_t(&p.head_mix, nh, "head mixer")?),
-            p2: p
-                .kv
+            p1: p
+                .head_mix
                 .as_ref()
-                .map(|(pv, _)| inv_t(pv, hd, "P_v"))
+                .map(|h| inv_t(h, nh, "head mixer"))
                 .transpose()?,
+            p2: p.pv.as_ref().map(|pv| inv_t(pv, hd, "P_v")).transpose()?,
             scale: None,
         };
         let weight_side = [
@@ -501,28 +530,31 @@ impl FlatQuant {
             (block.input_norm() * p.attn.c()?)?,
             (block.post_norm() * p.mlp.c()?)?,
         );
-        let online = |k: &Kron| KroneckerTransform {
-            n1: k.n1,
-            n2: k.n2,
-            p1: Some(f32t(&k.p1)),
-            p2: Some(f32t(&k.p2)),
-            scale: None,
+        // `c` is in the norms and up_proj: what is left online is the factors, if any.
+        let online = |k: &Kron| {
+            (k.p1.is_some() || k.p2.is_some()).then(|| KroneckerTransform {
+                n1: k.n1,
+                n2: k.n2,
+                p1: k.p1.as_ref().map(f32t),
+                p2: k.p2.as_ref().map(f32t),
+                scale: None,
+            })
         };
-        b.set_site(Site::AttnIn, Some(online(&p.attn)));
+        b.set_site(Site::AttnIn, online(&p.attn));
         b.set_site(
             Site::OIn,
-            Some(KroneckerTransform {
+            p.head_mix.as_ref().map(|h| KroneckerTransform {
                 n1: nh,
                 n2: hd,
-                p1: Some(f32t(&p.head_mix)),
+                p1: Some(f32t(h)),
                 p2: None,
                 scale: None,
             }),
         );
-        b.set_site(Site::MlpIn, Some(online(&p.mlp)));
-        b.set_site(Site::DownIn, Some(online(&p.down)));
-        b.set_qk_transform(match &p.kv {
-            Some((_, pk)) => Some(QkTransform {
+        b.set_site(Site::MlpIn, online(&p.mlp));
+        b.set_site(Site::DownIn, online(&p.down));
+        b.set_qk_transform(match &p.pk {
+            Some(pk) => Some(QkTransform {
                 q: inv_t(pk, hd, "P_k")?.to_dtype(DType::F32)?,
                 k: f32t(pk),
             }),
@@ -571,8 +603,15 @@ impl Method for FlatQuant {
     fn training_summary(&self) -> Option<String> {
         let c = &self.cfg;
         Some(format!(
-            "{} epochs, batch {}, lr {}",
-            c.epochs, c.batch, c.lr
+            "{} epochs, batch {}, lr {}{}",
+            c.epochs,
+            c.batch,
+            c.lr,
+            if c.merged_only {
+                ", merged only (channel scales, per-head P_v, LWC)"
+            } else {
+                ""
+            }
         ))
     }
     fn trainer(&mut self) -> Option<&mut dyn BlockTrainer> {

@@ -200,7 +200,7 @@ impl LayerCache {
         window: Option<usize>,
     ) -> Vec<f32> {
         let (d, len, kvh) = (self.k.dim, self.len(), self.k.heads);
-        assert!(t <= len && q.len() == heads * t * d && heads % kvh == 0);
+        assert!(t <= len && q.len() == heads * t * d && heads.is_multiple_of(kvh));
         let g = heads / kvh;
         let mut out = vec![0f32; t * heads * d];
         // One task per (head, query row); each writes its own `d` outputs.

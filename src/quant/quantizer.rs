@@ -41,8 +41,10 @@ pub enum ScaleDtype {
     /// affq's own checkpoint: f32 scales.
     #[default]
     F32,
-    /// GGUF and GPTQ: f16 scales (and Q4_1's f16 offsets).
+    /// GGUF and GPTQ: f16 scales (and Q4_1's f16 offsets); compressed-tensors of an f16 model.
     F16,
+    /// compressed-tensors of a bf16 model (its scales are stored in the model's dtype).
+    Bf16,
 }
 
 impl ScaleDtype {
@@ -51,12 +53,13 @@ impl ScaleDtype {
     }
 
     /// `x` rounded to this dtype (to nearest, ties to even). A positive scale stays positive:
-    /// below f16's smallest subnormal it becomes that subnormal; above f16's largest finite value
-    /// it becomes that value (the grid then clips).
+    /// below the dtype's smallest subnormal it becomes that subnormal; above its largest finite
+    /// value it becomes that value (the grid then clips).
     pub fn round_scale(&self, s: f32) -> f32 {
         let r = self.round_offset(s);
         match self {
             ScaleDtype::F16 if r == 0.0 && s > 0.0 => half::f16::from_bits(1).to_f32(),
+            ScaleDtype::Bf16 if r == 0.0 && s > 0.0 => half::bf16::from_bits(1).to_f32(),
             _ => r,
         }
     }
@@ -73,6 +76,14 @@ impl ScaleDtype {
                     r
                 }
             }
+            ScaleDtype::Bf16 => {
+                let r = half::bf16::from_f32(m).to_f32();
+                if r.is_infinite() && m.is_finite() {
+                    half::bf16::MAX.to_f32().copysign(m)
+                } else {
+                    r
+                }
+            }
         }
     }
 
@@ -81,6 +92,7 @@ impl ScaleDtype {
         match self {
             ScaleDtype::F32 => true,
             ScaleDtype::F16 => half::f16::from_f32(x).to_f32() == x,
+            ScaleDtype::Bf16 => half::bf16::from_f32(x).to_f32() == x,
         }
     }
 }

@@ -347,10 +347,6 @@ fn gguf_refusals_and_lossy_export() {
             &["--bits", "4", "--group-size", "48"][..],
             "not a multiple of 32",
         ),
-        (
-            &["--bits", "4", "--method", "flatquant"][..],
-            "has no merged-only mode",
-        ),
     ] {
         let mut args = vec!["--format", "gguf"];
         args.extend_from_slice(flags);
@@ -753,10 +749,142 @@ fn hf_exports_decode_exactly_and_transformers_agrees() {
     let _ = std::fs::remove_dir_all(&work);
 }
 
+/// stories260K with every tensor rounded to bf16 (`torch_dtype: bfloat16`), in `dir`.
+fn stories_bf16(dir: &Path) -> PathBuf {
+    use safetensors::{tensor::TensorView, Dtype, SafeTensors};
+    let src = stories_hf();
+    let out = dir.join("stories-bf16");
+    std::fs::create_dir_all(&out).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let converted: Vec<(String, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            assert_eq!(t.dtype(), Dtype::F32, "{name}");
+            let b: Vec<u8> = t
+                .data()
+                .chunks_exact(4)
+                .flat_map(|c| {
+                    let x = f32::from_le_bytes(c.try_into().unwrap());
+                    half::bf16::from_f32(x).to_le_bytes()
+                })
+                .collect();
+            (name, t.shape().to_vec(), b)
+        })
+        .collect();
+    let views: Vec<(String, TensorView)> = converted
+        .iter()
+        .map(|(n, shape, b)| {
+            (
+                n.clone(),
+                TensorView::new(Dtype::BF16, shape.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &out.join("model.safetensors")).unwrap();
+    let mut cfg = read_json(&src.join("config.json"));
+    cfg["torch_dtype"] = serde_json::json!("bfloat16");
+    std::fs::write(out.join("config.json"), cfg.to_string()).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(src.join(f), out.join(f)).unwrap();
+    }
+    out
+}
+
+/// compressed-tensors stores scales in the model's dtype: a bf16 model's checkpoint quantizes on
+/// bf16 scales (rounded before the codes are chosen), so its export is exact, decodes bit for bit
+/// and scores in transformers as in affq.
+#[test]
+fn compressed_tensors_of_a_bf16_model_has_bf16_scales() {
+    let work = tmp("bf16");
+    let model = stories_bf16(&work);
+    let ckpt = work.join("w8");
+    affq_json(&[
+        "quantize",
+        s(&model),
+        "-o",
+        s(&ckpt),
+        "--format",
+        "compressed-tensors",
+        "--bits",
+        "8",
+    ]);
+    let q = read_json(&ckpt.join("config.json"));
+    assert_eq!(
+        q["quantization_config"]["weights"]["scale_dtype"], "bf16",
+        "{q}"
+    );
+    let out = work.join("w8-ct");
+    let r = affq_json(&[
+        "export",
+        s(&ckpt),
+        "--format",
+        "compressed-tensors",
+        "-o",
+        s(&out),
+    ]);
+    assert_eq!(r["quantized_linears"], 35, "{r}");
+    let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let scale = st
+        .tensor("model.layers.0.self_attn.q_proj.weight_scale")
+        .unwrap();
+    assert_eq!(scale.dtype(), safetensors::Dtype::BF16);
+    assert_eq!(
+        read_json(&out.join("config.json"))["torch_dtype"],
+        "bfloat16"
+    );
+    if let Some(py) = gguf_python() {
+        run_check(&py, &["decode", s(&ckpt), s(&out)]);
+    }
+    if let Some(hf) = hf_python() {
+        let j = work.join("affq.json");
+        let args = [
+            "--protocol",
+            "llamacpp",
+            "--seqlen",
+            "256",
+            "--max-windows",
+            "4",
+        ];
+        std::fs::write(&j, eval_json(&ckpt, &args).to_string()).unwrap();
+        // affq's token stream (llama.cpp's SentencePiece rules; transformers' Python tokenizer
+        // splits this vocabulary differently).
+        let tok = affq::tokenizer::Tok::load(&model.join("tokenizer.json")).unwrap();
+        let ids = affq::eval::Dataset::Wikitext2
+            .tokens(
+                &data_dir().join("wikitext-2-raw/wiki.test.raw"),
+                affq::eval::Protocol::Llamacpp,
+                &tok,
+                256,
+            )
+            .unwrap();
+        let idf = work.join("ids.json");
+        std::fs::write(&idf, serde_json::to_string(&ids[..256 * 4]).unwrap()).unwrap();
+        run_check(
+            &hf,
+            &[
+                "transformers",
+                s(&out),
+                s(&j),
+                "--windows",
+                "4",
+                "--seqlen",
+                "256",
+                "--ids",
+                s(&idf),
+            ],
+        );
+    }
+    let _ = std::fs::remove_dir_all(&work);
+}
+
 /// The merged-only modes (implied by `--format`) leave plain weights: the rotation's is an exact
 /// reparameterisation (at full precision it scores as the model does) and its 4-bit GGUF
 /// checkpoint exports exactly; AffineQuant's (norm-side scales folded into the gains, V/O
-/// matrices merged) exports exactly too.
+/// matrices merged) and FlatQuant's (channel scales folded, per-head P_v merged) export exactly
+/// too.
 #[test]
 fn merged_only_modes_are_exact_and_export() {
     let work = tmp("merged");
@@ -810,6 +938,28 @@ fn merged_only_modes_are_exact_and_export() {
     args.extend(budget.iter().map(|a| a.as_str()));
     affq_json(&args);
     let r = affq_json(&["export", s(&aq), "-o", s(&work.join("aq.gguf"))]);
+    assert_eq!(r["exact"], true, "{r}");
+    assert_eq!(r["tensor_types"]["Q4_0"], 210, "{r}");
+    // FlatQuant's (channel scales folded, per-head P_v merged, LWC) with GPTQ on its weights.
+    let fq = work.join("fq");
+    let mut args = vec![
+        "quantize",
+        s(&smol),
+        "-o",
+        s(&fq),
+        "--method",
+        "flatquant",
+        "--format",
+        "gguf",
+        "--bits",
+        "4",
+        "--weight-quantizer",
+        "gptq",
+    ];
+    args.extend(budget.iter().map(|a| a.as_str()));
+    let q = affq_json(&args);
+    assert!(q.to_string().contains("merged only"), "{q}");
+    let r = affq_json(&["export", s(&fq), "-o", s(&work.join("fq.gguf"))]);
     assert_eq!(r["exact"], true, "{r}");
     assert_eq!(r["tensor_types"]["Q4_0"], 210, "{r}");
     let _ = std::fs::remove_dir_all(&work);
