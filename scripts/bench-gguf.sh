@@ -31,7 +31,7 @@ valid_txt=$AFFQ_DATA_DIR/wikitext-2-raw/wiki.valid.raw
 mkdir -p "$out"
 
 # Rows: name | how it is made (shell, writing $dir/model.gguf and $dir/quantize.seconds).
-rows=(f32 llama-q4_0 llama-q4_0-imatrix affq-q4_0-rtn affq-q4_0-gptq affq-q4_0-gptq-clip affq-q4_0-rotate-gptq affq-q4_0-gptq-gs affq-q4_0-rotate-gptq-gs)
+rows=(f32 llama-q4_0 llama-q4_0-imatrix affq-q4_0-rtn affq-q4_0-gptq affq-q4_0-gptq-clip affq-q4_0-rotate-gptq affq-q4_0-gptq-gs affq-q4_0-rotate-gptq-gs affq-q4_0-flatquant-gptq)
 # ROWS="f32 llama-q4_0 …" runs a subset (f32 first: the others are scored against it).
 [ -n "${ROWS:-}" ] && read -r -a rows <<< "$ROWS"
 about() {
@@ -45,6 +45,7 @@ about() {
     affq-q4_0-rotate-gptq) echo "affq --method rotate (merged only) + gptq" ;;
     affq-q4_0-gptq-gs) echo "affq + gptq --gptq-grid-search" ;;
     affq-q4_0-rotate-gptq-gs) echo "affq rotate (merged only) + gptq --gptq-grid-search, export --allow-lossy (F16 embedding/head)" ;;
+    affq-q4_0-flatquant-gptq) echo "affq --method flatquant (merged only) + gptq" ;;
   esac
 }
 timed() {
@@ -66,6 +67,7 @@ make_row() {
     affq-q4_0-gptq-clip) timed bash -c "'$bin' quantize '$model' -o '$dir/ckpt' --format gguf --bits 4 ${gptq[*]} --weight-clip-search --force --json > '$dir/log' && '$bin' export '$dir/ckpt' -o '$dir/model.gguf' --force >> '$dir/log'" ;;
     affq-q4_0-gptq-gs) timed bash -c "'$bin' quantize '$model' -o '$dir/ckpt' --format gguf --bits 4 ${gptq[*]} --gptq-grid-search --force --json > '$dir/log' && '$bin' export '$dir/ckpt' -o '$dir/model.gguf' --force >> '$dir/log'" ;;
     affq-q4_0-rotate-gptq-gs) timed bash -c "'$bin' quantize '$model' -o '$dir/ckpt' --method rotate --format gguf --bits 4 ${gptq[*]} --gptq-grid-search --force --json > '$dir/log' && '$bin' export '$dir/ckpt' -o '$dir/model.gguf' --allow-lossy --force >> '$dir/log'" ;;
+    affq-q4_0-flatquant-gptq) timed bash -c "'$bin' quantize '$model' -o '$dir/ckpt' --method flatquant --format gguf --bits 4 ${gptq[*]} --force --json > '$dir/log' && '$bin' export '$dir/ckpt' -o '$dir/model.gguf' --force >> '$dir/log'" ;;
     affq-q4_0-rotate-gptq) timed bash -c "'$bin' quantize '$model' -o '$dir/ckpt' --method rotate --format gguf --bits 4 ${gptq[*]} --force --json > '$dir/log' && '$bin' export '$dir/ckpt' -o '$dir/model.gguf' --force >> '$dir/log'" ;;
   esac
 }

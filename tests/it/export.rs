@@ -491,6 +491,20 @@ fn hf_python() -> Option<PathBuf> {
     )
 }
 
+/// A Python whose transformers loads GPTQ checkpoints (GPTQModel and optimum, torch backend on
+/// the CPU): `$AFFQ_GPTQ_PYTHON`, else ~/.cache/affq/py-gptq (made by .ci/run).
+fn gptq_python() -> Option<PathBuf> {
+    find_python(
+        vec![
+            std::env::var_os("AFFQ_GPTQ_PYTHON").map(PathBuf::from),
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".cache/affq/py-gptq/bin/python")),
+        ],
+        "transformers, torch, gptqmodel, optimum",
+        "AFFQ_REQUIRE_GPTQ",
+    )
+}
+
 fn run_check(py: &Path, args: &[&str]) {
     let o = Command::new(py)
         .arg(repo().join("scripts/check-hf-export.py"))
@@ -508,8 +522,8 @@ fn run_check(py: &Path, args: &[&str]) {
 
 /// compressed-tensors and GPTQ exports of SmolLM2 decode bit for bit (an independent numpy
 /// decoder written from the formats' packing) to the checkpoint's weights; transformers loads the
-/// compressed-tensors directory and scores every window as affq does; what the formats cannot
-/// hold is refused.
+/// compressed-tensors directory (and, through GPTQModel, the GPTQ one) and scores every window as
+/// affq does; what the formats cannot hold is refused.
 #[test]
 fn hf_exports_decode_exactly_and_transformers_agrees() {
     let smol = smollm2_dir();
@@ -594,9 +608,15 @@ fn hf_exports_decode_exactly_and_transformers_agrees() {
             "ct-g64" => Some(("4", "1e-3", "0")),
             "ct-w8a8" => Some(("2", "5e-3", "1")),
             "ct-w4a4" => Some(("1", "0.5", "0")),
+            "gptq-g64" => Some(("4", "1e-3", "0")),
             _ => None,
         };
-        if let (Some((w, tol, spread)), Some(hf)) = (windows, hf_python()) {
+        let client = if format == "gptq" {
+            windows.and(gptq_python())
+        } else {
+            windows.and(hf_python())
+        };
+        if let (Some((w, tol, spread)), Some(hf)) = (windows, client) {
             let j = work.join("affq.json");
             let v = eval_json(
                 &ckpt,
