@@ -169,12 +169,22 @@ fn weight_quantizer(r: &Recipe) -> Result<WeightQuantizer> {
 
 /// The registered methods that train, as `a or b`.
 fn trained_methods() -> String {
+    method_names(|m| m.trained, " or ")
+}
+
+/// The methods with a merged-only mode, for messages.
+fn merged_methods() -> String {
+    method_names(|m| m.merged_mode, ", ")
+}
+
+/// The names of the registered methods `which` keeps, joined by `sep`.
+fn method_names(which: fn(&MethodSpec) -> bool, sep: &str) -> String {
     let names: Vec<&str> = methods::REGISTRY
         .iter()
-        .filter(|m| m.trained)
+        .filter(|m| which(m))
         .map(|m| m.name)
         .collect();
-    names.join(" or ")
+    names.join(sep)
 }
 
 /// The flag spelling of a recipe key.
@@ -231,12 +241,7 @@ fn resolve_recipe(
         return Err(usage(format!(
             "--merged-only: --method {} has no merged-only mode (these have: {})",
             m.name,
-            methods::REGISTRY
-                .iter()
-                .filter(|m| m.merged_mode)
-                .map(|m| m.name)
-                .collect::<Vec<_>>()
-                .join(", ")
+            merged_methods()
         )));
     }
     if r.merged_only == Some(true) && f.ln_matrix == Some(true) {
@@ -448,12 +453,7 @@ fn target_grid(format: Format, m: &MethodSpec, q: &mut QuantPlan) -> Result<()> 
         return Err(usage(format!(
             "--format {name}: --method {} keeps online transforms, which the format cannot carry, and has no merged-only mode; use --method {} (with --weight-quantizer gptq for calibrated weights)",
             m.name,
-            methods::REGISTRY
-                .iter()
-                .filter(|m| m.merged_mode)
-                .map(|m| m.name)
-                .collect::<Vec<_>>()
-                .join(", ")
+            merged_methods()
         )));
     }
     if format != Format::Gguf {

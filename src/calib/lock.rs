@@ -111,6 +111,15 @@ pub fn process_alive(pid: u32) -> bool {
     Path::new("/proc").join(pid.to_string()).exists()
 }
 
+/// A temporary name private to this process: `NAME.tmp.HOST.PID` (HOST as locks name it, so two
+/// containers with the same host name and pid never share one). A work directory's next run
+/// removes those of processes that are gone.
+pub fn private_tmp(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".tmp.{}.{}", hostname(), std::process::id()));
+    path.with_file_name(name)
+}
+
 /// The state of a lock file found on disk.
 #[derive(Debug)]
 pub enum LockState {
@@ -185,9 +194,7 @@ pub enum Claim {
 /// lock file is never seen empty: a process killed between creating and writing an
 /// `O_EXCL` file would leave an owner-less lock that only the timeout could clear.
 fn create(path: &Path, owner: &Owner) -> std::io::Result<bool> {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".tmp.{}.{}", owner.host, owner.pid));
-    let tmp = path.with_file_name(name);
+    let tmp = private_tmp(path);
     let written = std::fs::File::create(&tmp).and_then(|mut f| {
         use std::io::Write;
         f.write_all(owner.text().as_bytes())?;

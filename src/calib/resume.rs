@@ -12,7 +12,7 @@
 //! settings are pinned in `run.json` by the first process (an atomic link, so two first
 //! processes cannot both pin theirs); every later one must match them.
 
-use super::lock::{self, Claim};
+use super::lock::{self, private_tmp, Claim};
 use super::{BlockClaim, BlockReport, BlockStore};
 use crate::error::{Error, Result};
 use crate::formats::checkpoint::{block_tensors, load_block, Precision};
@@ -58,14 +58,6 @@ pub fn work_dir_path(out: &Path) -> PathBuf {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "out".into());
     parent.join(format!(".{name}.affq-work"))
-}
-
-/// A temporary name private to this process: `NAME.tmp.HOST.PID` (HOST as locks name it, so two
-/// containers with the same host name and pid never share one).
-fn private_tmp(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".tmp.{}.{}", lock::hostname(), std::process::id()));
-    path.with_file_name(name)
 }
 
 /// Writes `bytes` at `path` unless a file is there: through a private temporary and a hard link

@@ -104,10 +104,10 @@ fn orthogonal_var(n: usize, rng: &mut Rng) -> Result<Var> {
     var(&m, &[n, n])
 }
 
-/// `diag(c)·(P1⊗P2)` with trainable factors (none in the merged-only mode). The channel scale is trained as `c = exp(s)`: its
-/// init spans orders of magnitude across channels (outlier channels get `c ≪ 1`, §2.5), and
-/// AdamW moves every parameter by about the learning rate per step, which is a relative step in
-/// `s` — the same learning rate suits every channel and every model.
+/// `diag(c)·(P1⊗P2)` with trainable factors (none in the merged-only mode). The channel scale is
+/// trained as `c = exp(s)`: its init spans orders of magnitude across channels (outlier channels
+/// get `c ≪ 1`, §2.5), and AdamW moves every parameter by about the learning rate per step, which
+/// is a relative step in `s` — the same learning rate suits every channel and every model.
 struct Kron {
     n1: usize,
     n2: usize,
@@ -133,9 +133,10 @@ impl Kron {
     }
 
     fn vars(&self) -> Vec<Var> {
-        [&self.p1, &self.p2, &Some(self.s.clone())]
-            .into_iter()
-            .flatten()
+        self.p1
+            .iter()
+            .chain(&self.p2)
+            .chain([&self.s])
             .cloned()
             .collect()
     }

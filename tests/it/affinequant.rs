@@ -4,14 +4,9 @@
 //! every block's loss below plain RTN.
 
 use crate::common::*;
-use affq::calib::run_block;
-use affq::formats::Checkpoint;
 use affq::methods::affinequant::{AffineQuant, AffineQuantConfig};
 use affq::methods::plan::Grids;
-use affq::methods::SiteStats;
-use affq::model::Mode;
 use affq::quant::QuantSpec;
-use candle_core::{Device, Tensor};
 
 /// The configuration the reparameterisation tests use (also on Qwen2 shapes).
 pub(crate) fn config(ln_matrix: bool, kv: bool) -> AffineQuantConfig {
@@ -36,34 +31,18 @@ pub(crate) fn config(ln_matrix: bool, kv: bool) -> AffineQuantConfig {
 fn reparameterisation_without_quantization_is_exact() {
     // Perturbed (non-diagonal) matrices, merged in f64 at the full band: the deployed model must
     // compute the original function, for both norm forms and with the post-RoPE Q/K matrices.
-    let ckpt = Checkpoint::open(&stories_hf()).unwrap();
-    let base = ckpt.load_model(512).unwrap();
-    let tok = affq::tokenizer::Tok::load(&stories_hf().join("tokenizer.json")).unwrap();
-    let raw = std::fs::read_to_string(data_dir().join("wikitext-2-raw/wiki.valid.raw")).unwrap();
-    let ids = tok.encode(&raw[..8000], true).unwrap()[..200].to_vec();
-    let t = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu).unwrap();
-    let want = base.logits(&t, Mode::Eval).unwrap();
     for (ln_matrix, kv) in [(false, true), (true, false), (true, true)] {
-        let mut model = ckpt.load_model(512).unwrap();
         let aq = AffineQuant {
             cfg: config(ln_matrix, kv),
         };
-        let mut x = model.embed(&t).unwrap();
-        for i in 0..model.blocks.len() {
-            let mut stats = SiteStats::default();
-            let y = run_block(&model.blocks[i], &model.rope, &x, 1, &mut stats).unwrap();
-            model.blocks[i] = aq
-                .deploy_initial_unquantized(&model.blocks[i], &stats, Some(i as u64 + 1))
+        let rel = stories_reparameterisation_error(&mut |block, stats, i| {
+            let b = aq
+                .deploy_initial_unquantized(block, stats, Some(i as u64 + 1))
                 .unwrap();
-            assert_eq!(model.blocks[i].qk_transform().is_some(), kv);
-            assert_eq!(
-                model.blocks[i].site(affq::model::Site::AttnIn).is_some(),
-                ln_matrix
-            );
-            x = y;
-        }
-        let got = model.logits(&t, Mode::Eval).unwrap();
-        let rel = max_abs(&(&got - &want).unwrap()) / max_abs(&want);
+            assert_eq!(b.qk_transform().is_some(), kv);
+            assert_eq!(b.site(affq::model::Site::AttnIn).is_some(), ln_matrix);
+            b
+        });
         assert!(
             rel < 1e-4,
             "ln_matrix {ln_matrix} kv {kv}: relative logit difference {rel}"

@@ -2,7 +2,7 @@
 //! eval path equals the differentiable path, and each family's distinguishing feature (biases,
 //! q/k norm, sliding window, Llama 3 RoPE scaling) really takes part in the computation.
 
-use crate::common::max_abs;
+use crate::common::{deploy_blocks, max_abs};
 
 use affq::formats::Checkpoint;
 use affq::model::{Mode, Model};
@@ -276,10 +276,8 @@ fn qwen2_shapes_keep_every_transform_exact() {
     // on Qwen2's shapes: rotations (no Hadamard of every order), FlatQuant's Kronecker factors
     // (56 = 7×8, 76 = 4×19), its 7-head mixer and per-head KV transforms, AffineQuant's per-KV-head
     // matrices shared by 7 query heads, and the q/k/v biases through all of them.
-    use affq::calib::run_block;
     use affq::methods::affinequant::AffineQuant;
     use affq::methods::flatquant::FlatQuant;
-    use affq::methods::SiteStats;
     let tmp = tempfile::tempdir().unwrap();
     let model = qwen2_like(tmp.path());
     assert!(model.config.qkv_bias && !model.tied_head);
@@ -299,17 +297,13 @@ fn qwen2_shapes_keep_every_transform_exact() {
     for which in ["flatquant", "affinequant"] {
         let mut m = open(tmp.path());
         let t = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu).unwrap();
-        let mut x = m.embed(&t).unwrap();
-        for i in 0..m.blocks.len() {
-            let mut stats = SiteStats::default();
-            let y = run_block(&m.blocks[i], &m.rope, &x, 1, &mut stats).unwrap();
-            m.blocks[i] = match which {
-                "flatquant" => fq.deploy_initial_unquantized(&m.blocks[i], &stats),
-                _ => aq.deploy_initial_unquantized(&m.blocks[i], &stats, Some(i as u64 + 1)),
+        deploy_blocks(&mut m, &t, &mut |block, stats, i| {
+            match which {
+                "flatquant" => fq.deploy_initial_unquantized(block, stats),
+                _ => aq.deploy_initial_unquantized(block, stats, Some(i as u64 + 1)),
             }
-            .unwrap();
-            x = y;
-        }
+            .unwrap()
+        });
         assert!(rel(&m) < 1e-4, "{which}: {}", rel(&m));
     }
 }

@@ -92,6 +92,54 @@ pub fn max_abs(t: &candle_core::Tensor) -> f32 {
         .unwrap()
 }
 
+/// Replaces every block of `model` by `deploy(block, stats, index)`, where `stats` are the block's
+/// activation statistics on `tokens` as they flow through the original blocks.
+pub fn deploy_blocks(
+    model: &mut affq::model::Model,
+    tokens: &candle_core::Tensor,
+    deploy: &mut dyn FnMut(
+        &affq::model::Block,
+        &affq::methods::SiteStats,
+        usize,
+    ) -> affq::model::Block,
+) {
+    let mut x = model.embed(tokens).unwrap();
+    for i in 0..model.blocks.len() {
+        let mut stats = affq::methods::SiteStats::default();
+        let y = affq::calib::run_block(&model.blocks[i], &model.rope, &x, 1, &mut stats).unwrap();
+        model.blocks[i] = deploy(&model.blocks[i], &stats, i);
+        x = y;
+    }
+}
+
+/// How far stories260K with its blocks replaced by `deploy` (as [`deploy_blocks`]) is from the
+/// model: the largest logit difference over the largest logit, on 200 WikiText-2 validation
+/// tokens. A reparameterisation with quantization off must leave it at float rounding.
+pub fn stories_reparameterisation_error(
+    deploy: &mut dyn FnMut(
+        &affq::model::Block,
+        &affq::methods::SiteStats,
+        usize,
+    ) -> affq::model::Block,
+) -> f32 {
+    use affq::model::Mode;
+    let ckpt = affq::formats::Checkpoint::open(&stories_hf()).unwrap();
+    let tok = affq::tokenizer::Tok::load(&stories_hf().join("tokenizer.json")).unwrap();
+    let raw = std::fs::read_to_string(data_dir().join("wikitext-2-raw/wiki.valid.raw")).unwrap();
+    let ids = tok.encode(&raw[..8000], true).unwrap()[..200].to_vec();
+    let t =
+        candle_core::Tensor::from_slice(&ids, (1, ids.len()), &candle_core::Device::Cpu).unwrap();
+    let want = ckpt
+        .load_model(512)
+        .unwrap()
+        .logits(&t, Mode::Eval)
+        .unwrap();
+    let mut model = ckpt.load_model(512).unwrap();
+    deploy_blocks(&mut model, &t, deploy);
+    let got = model.logits(&t, Mode::Eval).unwrap();
+    max_abs(&(&got - &want).unwrap()) / max_abs(&want)
+}
+
 /// The 201 token ids (BOS + 200 greedy steps) and the text of stories260K's float64 reference.
 pub fn reference_greedy() -> (Vec<u32>, String) {
     let r = read_json(&stories_dir().join("reference_outputs.json"));

@@ -505,6 +505,40 @@ fn gptq_python() -> Option<PathBuf> {
     )
 }
 
+/// `affq eval --protocol llamacpp` of `ckpt` on `windows` × `seqlen` tokens, then
+/// `check-hf-export.py transformers` of its export `out` against that (`extra`: the script's
+/// further options).
+fn transformers_agrees(
+    py: &Path,
+    ckpt: &Path,
+    out: &Path,
+    windows: &str,
+    seqlen: &str,
+    extra: &[&str],
+) {
+    let j = out.with_extension("affq.json");
+    let args = [
+        "--protocol",
+        "llamacpp",
+        "--seqlen",
+        seqlen,
+        "--max-windows",
+        windows,
+    ];
+    std::fs::write(&j, eval_json(ckpt, &args).to_string()).unwrap();
+    let mut check = vec![
+        "transformers",
+        s(out),
+        s(&j),
+        "--windows",
+        windows,
+        "--seqlen",
+        seqlen,
+    ];
+    check.extend_from_slice(extra);
+    run_check(py, &check);
+}
+
 fn run_check(py: &Path, args: &[&str]) {
     let o = Command::new(py)
         .arg(repo().join("scripts/check-hf-export.py"))
@@ -617,32 +651,13 @@ fn hf_exports_decode_exactly_and_transformers_agrees() {
             windows.and(hf_python())
         };
         if let (Some((w, tol, spread)), Some(hf)) = (windows, client) {
-            let j = work.join("affq.json");
-            let v = eval_json(
-                &ckpt,
-                &[
-                    "--protocol",
-                    "llamacpp",
-                    "--seqlen",
-                    "512",
-                    "--max-windows",
-                    w,
-                ],
-            );
-            std::fs::write(&j, v.to_string()).unwrap();
-            run_check(
+            transformers_agrees(
                 &hf,
-                &[
-                    "transformers",
-                    s(&out),
-                    s(&j),
-                    "--windows",
-                    w,
-                    "--tol",
-                    tol,
-                    "--spread",
-                    spread,
-                ],
+                &ckpt,
+                &out,
+                w,
+                "512",
+                &["--tol", tol, "--spread", spread],
             );
         }
         if name == "ct-w8a8" {
@@ -859,16 +874,6 @@ fn compressed_tensors_of_a_bf16_model_has_bf16_scales() {
         run_check(&py, &["decode", s(&ckpt), s(&out)]);
     }
     if let Some(hf) = hf_python() {
-        let j = work.join("affq.json");
-        let args = [
-            "--protocol",
-            "llamacpp",
-            "--seqlen",
-            "256",
-            "--max-windows",
-            "4",
-        ];
-        std::fs::write(&j, eval_json(&ckpt, &args).to_string()).unwrap();
         // affq's token stream (llama.cpp's SentencePiece rules; transformers' Python tokenizer
         // splits this vocabulary differently).
         let tok = affq::tokenizer::Tok::load(&model.join("tokenizer.json")).unwrap();
@@ -882,20 +887,7 @@ fn compressed_tensors_of_a_bf16_model_has_bf16_scales() {
             .unwrap();
         let idf = work.join("ids.json");
         std::fs::write(&idf, serde_json::to_string(&ids[..256 * 4]).unwrap()).unwrap();
-        run_check(
-            &hf,
-            &[
-                "transformers",
-                s(&out),
-                s(&j),
-                "--windows",
-                "4",
-                "--seqlen",
-                "256",
-                "--ids",
-                s(&idf),
-            ],
-        );
+        transformers_agrees(&hf, &ckpt, &out, "4", "256", &["--ids", s(&idf)]);
     }
     let _ = std::fs::remove_dir_all(&work);
 }

@@ -3,14 +3,10 @@
 //! gives a byte-identical checkpoint.
 
 use crate::common::*;
-use affq::calib::run_block;
-use affq::formats::Checkpoint;
 use affq::methods::flatquant::{FlatQuant, FlatQuantConfig};
 use affq::methods::plan::Grids;
-use affq::methods::SiteStats;
-use affq::model::Mode;
+use affq::model::{LinearKind, Site};
 use affq::quant::QuantSpec;
-use candle_core::{Device, Tensor};
 
 /// The configuration the reparameterisation tests use (also on Qwen2 shapes).
 pub(crate) fn config(kv: bool) -> FlatQuantConfig {
@@ -36,29 +32,12 @@ pub(crate) fn config(kv: bool) -> FlatQuantConfig {
 fn reparameterisation_without_quantization_is_exact() {
     // Random orthogonal Kronecker factors, SmoothQuant-style channel scales, head mixer, P_v and
     // P_k, merged in f64: the deployed model must compute the original function.
-    let ckpt = Checkpoint::open(&stories_hf()).unwrap();
-    let base = ckpt.load_model(512).unwrap();
-    let mut model = ckpt.load_model(512).unwrap();
-    let tok = affq::tokenizer::Tok::load(&stories_hf().join("tokenizer.json")).unwrap();
-    let raw = std::fs::read_to_string(data_dir().join("wikitext-2-raw/wiki.valid.raw")).unwrap();
-    let ids = tok.encode(&raw[..8000], true).unwrap()[..200].to_vec();
-    let t = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu).unwrap();
     let fq = FlatQuant::new(config(true)).unwrap();
-    let mut x = model.embed(&t).unwrap();
-    for i in 0..model.blocks.len() {
-        let mut stats = SiteStats::default();
-        let y = run_block(&model.blocks[i], &model.rope, &x, 1, &mut stats).unwrap();
-        model.blocks[i] = fq
-            .deploy_initial_unquantized(&model.blocks[i], &stats)
-            .unwrap();
-        assert!(model.blocks[i].site(affq::model::Site::DownIn).is_some());
-        x = y;
-    }
-    let (a, b) = (
-        base.logits(&t, Mode::Eval).unwrap(),
-        model.logits(&t, Mode::Eval).unwrap(),
-    );
-    let rel = max_abs(&(a - &b).unwrap()) / max_abs(&b);
+    let rel = stories_reparameterisation_error(&mut |block, stats, _| {
+        let b = fq.deploy_initial_unquantized(block, stats).unwrap();
+        assert!(b.site(Site::DownIn).is_some());
+        b
+    });
     assert!(rel < 1e-4, "relative logit difference {rel}");
 }
 
@@ -66,42 +45,23 @@ fn reparameterisation_without_quantization_is_exact() {
 fn merged_only_reparameterisation_is_exact_and_leaves_no_online_transform() {
     // Channel scales folded into the norms and up_proj, a random orthogonal P_v merged into
     // v_proj and o_proj (also with a quantized KV cache, where P_k is then left out).
-    let ckpt = Checkpoint::open(&stories_hf()).unwrap();
-    let base = ckpt.load_model(512).unwrap();
-    let tok = affq::tokenizer::Tok::load(&stories_hf().join("tokenizer.json")).unwrap();
-    let raw = std::fs::read_to_string(data_dir().join("wikitext-2-raw/wiki.valid.raw")).unwrap();
-    let ids = tok.encode(&raw[..8000], true).unwrap()[..200].to_vec();
-    let t = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu).unwrap();
-    let want = base.logits(&t, Mode::Eval).unwrap();
     for kv in [false, true] {
-        let mut model = ckpt.load_model(512).unwrap();
         let fq = FlatQuant::new(FlatQuantConfig {
             merged_only: true,
             ..config(kv)
         })
         .unwrap();
-        let mut x = model.embed(&t).unwrap();
-        for i in 0..model.blocks.len() {
-            let mut stats = SiteStats::default();
-            let y = run_block(&model.blocks[i], &model.rope, &x, 1, &mut stats).unwrap();
-            let before = model.blocks[i]
-                .linear(affq::model::LinearKind::V)
-                .weight()
-                .unwrap();
-            model.blocks[i] = fq
-                .deploy_initial_unquantized(&model.blocks[i], &stats)
-                .unwrap();
-            let b = &model.blocks[i];
-            for site in affq::model::Site::ALL {
+        let rel = stories_reparameterisation_error(&mut |block, stats, i| {
+            let b = fq.deploy_initial_unquantized(block, stats).unwrap();
+            for site in Site::ALL {
                 assert!(b.site(site).is_none(), "block {i}: online {site:?}");
             }
             assert!(b.qk_transform().is_none());
-            let after = b.linear(affq::model::LinearKind::V).weight().unwrap();
+            let before = block.linear(LinearKind::V).weight().unwrap();
+            let after = b.linear(LinearKind::V).weight().unwrap();
             assert!(max_abs(&(after - before).unwrap()) > 1e-3, "P_v not merged");
-            x = y;
-        }
-        let got = model.logits(&t, Mode::Eval).unwrap();
-        let rel = max_abs(&(&want - &got).unwrap()) / max_abs(&got);
+            b
+        });
         assert!(rel < 1e-4, "kv {kv}: relative logit difference {rel}");
     }
 }
