@@ -101,22 +101,47 @@ impl QuantizePlan {
     /// The plan for a model whose tensors are stored in `dtype`: compressed-tensors keeps scales
     /// in the model's dtype, so a bf16 model's checkpoint that targets it quantizes on bf16
     /// scales (f16 otherwise, which an f32 model's scales hold exactly too).
-    pub fn for_model(&self, dtype: safetensors::Dtype) -> QuantizePlan {
+    /// A GGUF target keeps the linears whose input no 32-weight block tiles in full precision
+    /// (stored dense, as llama-quantize falls back to a float type); the returned notes name
+    /// them.
+    pub fn for_model(
+        &self,
+        dtype: safetensors::Dtype,
+        c: &ModelConfig,
+    ) -> (QuantizePlan, Vec<String>) {
         let mut p = self.clone();
+        let mut notes = Vec::new();
+        let target = p.request.target;
         if let (Some(Format::CompressedTensors), safetensors::Dtype::BF16, Some(w)) =
-            (p.request.target, dtype, p.quant.weights.as_mut())
+            (target, dtype, p.quant.weights.as_mut())
         {
             w.spec.scale_dtype = ScaleDtype::Bf16;
         }
-        p
+        if let (Some(Format::Gguf), Some(w)) = (target, p.quant.weights.as_mut()) {
+            for kind in LinearKind::ALL {
+                let (_, inp) = kind.shape(c);
+                if !inp.is_multiple_of(32) {
+                    notes.push(format!(
+                        "--format gguf: {} has {inp} input columns, not a multiple of a GGUF block (32): kept in full precision",
+                        kind.hf_name()
+                    ));
+                    w.dense.push(kind.hf_name().into());
+                }
+            }
+        }
+        (p, notes)
     }
 
-    /// Checks what the plan needs of the model: weight groups must tile every linear's input.
+    /// Checks what the plan needs of the model: weight groups must tile the input of every
+    /// linear it quantizes.
     pub fn check_model(&self, c: &ModelConfig) -> Result<()> {
         if let Some(g @ Granularity::Group(_)) = self.quant.weights.as_ref().map(|w| w.granularity)
         {
             for i in 0..c.num_layers {
                 for kind in LinearKind::ALL {
+                    if self.quant.weights_for(kind).is_none() {
+                        continue;
+                    }
                     let (_, inp) = kind.shape(c);
                     unit_len(&format!("model.layers.{i}.{}", kind.hf_name()), inp, g)?;
                 }
@@ -378,6 +403,7 @@ fn quant_plan(
             },
             clip_search: req.weight_clip_search,
             quantizer: quantizer.into(),
+            dense: Vec::new(),
         }
     });
     if weights.is_none() && (group_size.is_some() || req.weight_clip_search) {

@@ -275,7 +275,11 @@ pub fn run(p: &QuantizePlan, progress: &mut dyn Progress) -> Result<QuantizeOutc
             req.model.display()
         )));
     }
-    let p = &p.for_model(crate::formats::hf_export::model_dtype(&ckpt));
+    let (p, notes) = p.for_model(crate::formats::hf_export::model_dtype(&ckpt), &ckpt.config);
+    let p = &p;
+    for n in &notes {
+        progress.warning(n);
+    }
     check_output_outside(&ckpt.files.dir, &p.output)?;
     crate::fsutil::check_output(&p.output, req.force)?;
     p.check_model(&ckpt.config)?;

@@ -77,12 +77,26 @@ pub fn quantize_block_weights(
         WeightQuantizer::Rtn => {
             for kind in LinearKind::ALL {
                 let layer = block.linear(kind);
-                let q = quantize_linear(layer, &name(kind), plan, layer.act_quantizer())?;
+                let q = quantize_linear(
+                    layer,
+                    &name(kind),
+                    plan.weights_for(kind),
+                    layer.act_quantizer(),
+                )?;
                 block.set_linear(kind, Box::new(q))?;
             }
         }
         WeightQuantizer::Gptq(cfg) => {
             for group in GPTQ_GROUPS {
+                // A linear kept dense keeps its full-precision weight (and input quantizer).
+                let group: Vec<LinearKind> = group
+                    .iter()
+                    .copied()
+                    .filter(|&k| plan.weights_for(k).is_some())
+                    .collect();
+                if group.is_empty() {
+                    continue;
+                }
                 let first = block.linear(group[0]);
                 let mut hook = HessianHook {
                     kind: group[0],
@@ -91,7 +105,7 @@ pub fn quantize_block_weights(
                 };
                 run_block(block, rope, x, 4, &mut hook)?;
                 let h = hook.h.matrix();
-                for &kind in group {
+                for &kind in &group {
                     let layer = block.linear(kind);
                     let w = layer.weight()?;
                     let (out, inp) = w.dims2()?;

@@ -157,6 +157,18 @@ pub fn export(ckpt: &Checkpoint, out: &Path, f: &dyn LinearFormat) -> Result<HfR
             f.name()
         )));
     }
+    if let Some(d) = ckpt
+        .quant
+        .as_ref()
+        .and_then(|q| q.weights.as_ref())
+        .and_then(|w| w.dense.first())
+    {
+        return Err(Error::Unsupported(format!(
+            "{dir}: `{d}` is kept in full precision (quantization_config.weights.dense: no GGUF block tiles its input), and a {} export quantizes every decoder linear; export this checkpoint as GGUF, or quantize the model for {} from the start (quantize --format)",
+            f.name(),
+            f.name()
+        )));
+    }
     let dtype = model_dtype(ckpt);
     let mut st = SpooledSafetensors::create(&out.join("model.safetensors"))?;
     let mut first: Option<(QuantizedWeight, Option<QuantSpec>)> = None;

@@ -2,6 +2,7 @@
 //! one definition shared by the checkpoint reader, its writer and the exporters.
 
 use crate::error::{Error, Result};
+use crate::model::LinearKind;
 use crate::quant::{Granularity, QuantSpec};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -19,6 +20,18 @@ pub struct WeightScheme {
     pub clip_search: bool,
     /// "rtn" or "gptq".
     pub quantizer: String,
+    /// Decoder linears kept in full precision, by module name within a layer (`mlp.down_proj`):
+    /// the target format's block cannot tile their input (a GGUF block holds 32 weights), so
+    /// they are stored dense, as llama-quantize falls back to a float type for such rows.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dense: Vec<String>,
+}
+
+impl WeightScheme {
+    /// Whether `kind`'s linears stay in full precision.
+    pub fn keeps_dense(&self, kind: LinearKind) -> bool {
+        self.dense.iter().any(|d| d == kind.hf_name())
+    }
 }
 
 /// `config.json:quantization_config` for `quant_method: "affq"`.

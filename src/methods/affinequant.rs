@@ -275,7 +275,6 @@ impl AffineQuant {
                 }
             })
             .collect();
-        let gsz = self.cfg.grids.group_size;
         Ok(Params {
             qkv: smooth(s_qkv)?,
             fc1: smooth(s_fc1)?,
@@ -288,7 +287,7 @@ impl AffineQuant {
                 .iter()
                 .map(|k| {
                     let (o, i) = k.shape(c);
-                    Clip::new(&[o * i / gsz.unwrap_or(i), 1])
+                    Clip::new(&[o * i / self.cfg.grids.group_for(*k).unwrap_or(i), 1])
                 })
                 .collect::<Result<_>>()?,
         })
@@ -444,9 +443,9 @@ impl AffineQuant {
         Ok((b, ws))
     }
 
-    /// Weight `[out, in]` viewed as LWC units `[out·groups, g]`.
-    fn units(&self, w: &Tensor) -> Result<Tensor> {
-        lwc_units(w, self.cfg.grids.group_size)
+    /// `kind`'s weight `[out, in]` viewed as LWC units `[out·groups, g]`.
+    fn units(&self, w: &Tensor, kind: LinearKind) -> Result<Tensor> {
+        lwc_units(w, self.cfg.grids.group_for(kind))
     }
 
     fn act(&self) -> Option<Arc<dyn ActQuantizer>> {
@@ -458,9 +457,9 @@ impl AffineQuant {
         let m = self.masked(p, Some(epoch), &|a| inverse(a))?;
         let (mut b, ws) = self.merged(block, &m)?;
         for (i, (kind, (w, bias))) in LinearKind::ALL.into_iter().zip(ws).enumerate() {
-            let w = match &self.cfg.grids.weights {
+            let w = match &self.cfg.grids.weights_for(kind) {
                 Some(spec) => clip_quant(
-                    &self.units(&w)?,
+                    &self.units(&w, kind)?,
                     p.lwc[i].max.as_tensor(),
                     p.lwc[i].min.as_tensor(),
                     spec,
@@ -540,8 +539,8 @@ impl AffineQuant {
         let m = self.masked(&p64, None, &inv64)?;
         let (mut b, ws) = self.merged(block, &m)?;
         for (i, (kind, (w, bias))) in LinearKind::ALL.into_iter().zip(ws).enumerate() {
-            let w = if quantize && self.cfg.grids.weights.is_some() {
-                let u = self.units(&w)?;
+            let w = if quantize && self.cfg.grids.weights_for(kind).is_some() {
+                let u = self.units(&w, kind)?;
                 let (lo, hi) = lwc_bounds(&u.to_dtype(DType::F32)?, &p.lwc[i])?;
                 clamp_rows(&u, &lo.to_dtype(DType::F64)?, &hi.to_dtype(DType::F64)?)?
                     .reshape(w.shape())?

@@ -307,7 +307,7 @@ impl FlatQuant {
                 .iter()
                 .map(|k| {
                     let (out, inp) = k.shape(c);
-                    let g = self.cfg.grids.group_size.unwrap_or(inp);
+                    let g = self.cfg.grids.group_for(*k).unwrap_or(inp);
                     Clip::new(&[out * inp / g.max(1), 1])
                 })
                 .collect::<Result<_>>()?,
@@ -353,13 +353,17 @@ impl FlatQuant {
             let w = weight_side[LINEAR_SITE[i] as usize].apply(&layer.weight()?)?;
             let mut bias = layer.bias().cloned();
             let (lwc_hi, lwc_lo) = (p.lwc[i].max.as_tensor(), p.lwc[i].min.as_tensor());
-            let gs = self.cfg.grids.group_size;
-            let w = match (kind, pv, &self.cfg.grids.weights) {
+            let gs = self.cfg.grids.group_for(kind);
+            let w = match (kind, pv, &self.cfg.grids.weights_for(kind)) {
                 (LinearKind::V, Some(pv), spec) => {
                     // Output side of v_proj: each head's values times P_v, after the clip (§2.6).
-                    let u = lwc_units(&w, gs)?;
-                    let (lo, hi) = lwc_bounds(&u, &p.lwc[i])?;
-                    let clipped = clamp_rows(&u, &lo, &hi)?.reshape(w.shape())?;
+                    let clipped = if self.cfg.grids.dense[i] {
+                        w
+                    } else {
+                        let u = lwc_units(&w, gs)?;
+                        let (lo, hi) = lwc_bounds(&u, &p.lwc[i])?;
+                        clamp_rows(&u, &lo, &hi)?.reshape(w.shape())?
+                    };
                     let (w, b) = per_head_output(&clipped, bias.as_ref(), pv, hd)?;
                     bias = b;
                     match spec {
@@ -498,7 +502,7 @@ impl FlatQuant {
                 bias = bias.map(|b| b.mul(&c_down_t.flatten_all()?)).transpose()?;
             }
             let mut w = weight_side[LINEAR_SITE[i] as usize].apply(&w)?;
-            if quantize {
+            if quantize && !self.cfg.grids.dense[i] {
                 let u = lwc_units(&w, self.cfg.grids.group_size)?;
                 let hi = u
                     .max_keepdim(D::Minus1)?

@@ -18,9 +18,15 @@ pub struct QuantPlan {
 }
 
 impl QuantPlan {
+    /// The weight scheme of `kind`'s linears (`None`: they stay in full precision).
+    pub fn weights_for(&self, kind: LinearKind) -> Option<&WeightScheme> {
+        self.weights.as_ref().filter(|w| !w.keeps_dense(kind))
+    }
+
     /// The plan's grids as a learned method trains against them.
     pub fn grids(&self) -> Grids {
         Grids {
+            dense: LinearKind::ALL.map(|k| self.weights.as_ref().is_some_and(|w| w.keeps_dense(k))),
             weights: self.weights.as_ref().map(|w| w.spec),
             group_size: self.weights.as_ref().and_then(|w| match w.granularity {
                 Granularity::Group(g) => Some(g),
@@ -41,19 +47,41 @@ pub struct Grids {
     pub group_size: Option<usize>,
     pub activations: Option<QuantSpec>,
     pub kv_cache: Option<QuantSpec>,
+    /// Per [`LinearKind::ALL`] entry: the linear stays in full precision.
+    pub dense: [bool; 7],
 }
 
-/// Round-to-nearest quantization of one linear's weight (per the plan's scheme), keeping `act`
-/// as its input quantizer.
+impl Grids {
+    fn is_dense(&self, kind: LinearKind) -> bool {
+        LinearKind::ALL
+            .iter()
+            .zip(self.dense)
+            .any(|(k, d)| *k == kind && d)
+    }
+
+    /// The weight grid of `kind`'s linears (`None`: full precision).
+    pub fn weights_for(&self, kind: LinearKind) -> Option<QuantSpec> {
+        self.weights.filter(|_| !self.is_dense(kind))
+    }
+
+    /// The LWC unit length of `kind`'s linears (`None`: per channel, also for a dense linear,
+    /// whose clip parameters are never used).
+    pub fn group_for(&self, kind: LinearKind) -> Option<usize> {
+        self.group_size.filter(|_| !self.is_dense(kind))
+    }
+}
+
+/// Round-to-nearest quantization of one linear's weight on `scheme` (`None`: kept in full
+/// precision), keeping `act` as its input quantizer.
 pub fn quantize_linear(
     layer: &dyn LinearLayer,
     name: &str,
-    plan: &QuantPlan,
+    scheme: Option<&WeightScheme>,
     act: Option<Arc<dyn ActQuantizer>>,
 ) -> Result<QuantLinear> {
     let w = layer.weight()?;
     let (out, inp) = w.dims2()?;
-    let qw = match &plan.weights {
+    let qw = match scheme {
         Some(s) => {
             let values: Vec<f32> = w.flatten_all()?.to_vec1()?;
             Some(QuantizedWeight::quantize(
@@ -86,7 +114,12 @@ pub fn quantize_block(block: &mut Block, plan: &QuantPlan) -> Result<()> {
     let i = block.index();
     for kind in LinearKind::ALL {
         let name = format!("model.layers.{i}.{}", kind.hf_name());
-        let q = quantize_linear(block.linear(kind), &name, plan, act_of(plan))?;
+        let q = quantize_linear(
+            block.linear(kind),
+            &name,
+            plan.weights_for(kind),
+            act_of(plan),
+        )?;
         block.set_linear(kind, Box::new(q))?;
     }
     attach_kv(block, plan.kv_cache);
@@ -128,7 +161,12 @@ pub fn quantize(model: &mut Model, plan: &QuantPlan) -> Result<()> {
 /// Round-to-nearest quantization of the head, if the plan asks for it.
 pub fn quantize_head(model: &mut Model, plan: &QuantPlan) -> Result<()> {
     if plan.quantize_head {
-        let q = quantize_linear(model.head.as_ref(), "lm_head", plan, act_of(plan))?;
+        let q = quantize_linear(
+            model.head.as_ref(),
+            "lm_head",
+            plan.weights.as_ref(),
+            act_of(plan),
+        )?;
         model.head = Box::new(q);
         model.tied_head = false;
     }

@@ -16,6 +16,7 @@ pub(crate) fn config(ln_matrix: bool, kv: bool) -> AffineQuantConfig {
             group_size: None,
             activations: Some(QuantSpec::asym(4)),
             kv_cache: kv.then(|| QuantSpec::asym(4)),
+            dense: [false; 7],
         },
         epochs: 2,
         lr: 5e-3,

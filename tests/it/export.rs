@@ -119,13 +119,66 @@ fn assert_import_equals_checkpoint(ckpt: &Path, gguf: &Path, work: &Path) {
     }
 }
 
-/// SmolLM2 quantized on each GGUF grid (`quantize --format gguf`) exports exactly: the default
-/// type follows the grid, affq's import decodes it back to the checkpoint's weights, and the `gguf`
+/// `model` quantized with `--format gguf FLAGS` exports exactly: the default type is `ty` on
+/// `n_typed` tensors, affq's import decodes it back to the checkpoint's weights, and the `gguf`
 /// reader dequantizes every tensor bit for bit to the F32 export of the same checkpoint.
+/// Returns the export's report.
+fn assert_gguf_grid_exports(
+    model: &Path,
+    name: &str,
+    flags: &[&str],
+    ty: &str,
+    n_typed: u64,
+) -> serde_json::Value {
+    let work = tmp(name);
+    let ckpt = work.join("ckpt");
+    let mut args = vec!["quantize", s(model), "-o", s(&ckpt), "--format", "gguf"];
+    args.extend_from_slice(flags);
+    affq_json(&args);
+    let q = work.join("model.gguf");
+    let r = affq_json(&["export", s(&ckpt), "-o", s(&q)]);
+    assert_eq!(r["linear_type"], ty, "{r}");
+    assert_eq!(r["exact"], true, "{r}");
+    assert_eq!(r["tensor_types"][ty], n_typed, "{r}");
+    let g = GgufFile::open(&q).unwrap();
+    assert_eq!(
+        g.get("general.architecture").unwrap().as_str(),
+        Some("llama")
+    );
+    assert_import_equals_checkpoint(&ckpt, &q, &work);
+    if let Some(py) = gguf_python() {
+        let f = work.join("f32.gguf");
+        let r = affq_json(&["export", s(&ckpt), "-o", s(&f), "--type", "f32"]);
+        assert_eq!(r["exact"], true);
+        let o = Command::new(py)
+            .arg(repo().join("scripts/check-gguf.py"))
+            .args([s(&q), s(&f), "--expect-type", ty])
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "check-gguf.py {name}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("config.json")).unwrap()).unwrap();
+    let mut r = r;
+    r["dense"] = cfg["quantization_config"]["weights"]["dense"].clone();
+    r["chat_template"] = serde_json::json!(g.get("tokenizer.chat_template").is_some());
+    r["pre"] = serde_json::json!(g
+        .get("tokenizer.ggml.pre")
+        .and_then(|v| v.as_str())
+        .map(str::to_string));
+    let _ = std::fs::remove_dir_all(&work);
+    r
+}
+
+/// SmolLM2 on each GGUF grid (`quantize --format gguf`) exports exactly (every linear typed).
 #[test]
 fn smollm2_gguf_grids_export_exactly() {
     let smol = smollm2_dir();
-    let py = gguf_python();
     for (name, flags, ty) in [
         ("q4_0", &["--bits", "4"][..], "Q4_0"),
         ("q8_0", &["--bits", "8", "--group-size", "64"][..], "Q8_0"),
@@ -145,45 +198,71 @@ fn smollm2_gguf_grids_export_exactly() {
             "Q4_1",
         ),
     ] {
-        let work = tmp(&format!("smol-{name}"));
-        let ckpt = work.join("ckpt");
-        let mut args = vec!["quantize", s(&smol), "-o", s(&ckpt), "--format", "gguf"];
-        args.extend_from_slice(flags);
-        affq_json(&args);
-        let q = work.join("model.gguf");
-        let r = affq_json(&["export", s(&ckpt), "-o", s(&q)]);
-        assert_eq!(r["linear_type"], ty, "{r}");
-        assert_eq!(r["exact"], true, "{r}");
-        assert_eq!(r["tensor_types"][ty], 210, "{r}");
-        let g = GgufFile::open(&q).unwrap();
-        assert_eq!(
-            g.get("general.architecture").unwrap().as_str(),
-            Some("llama")
-        );
-        assert_eq!(
-            g.get("tokenizer.ggml.pre").unwrap().as_str(),
-            Some("smollm")
-        );
-        assert!(g.get("tokenizer.chat_template").is_some());
-        assert_import_equals_checkpoint(&ckpt, &q, &work);
-        if let Some(py) = &py {
-            let f = work.join("f32.gguf");
-            let r = affq_json(&["export", s(&ckpt), "-o", s(&f), "--type", "f32"]);
-            assert_eq!(r["exact"], true);
-            let o = Command::new(py)
-                .arg(repo().join("scripts/check-gguf.py"))
-                .args([s(&q), s(&f), "--expect-type", ty])
-                .output()
-                .unwrap();
-            assert!(
-                o.status.success(),
-                "check-gguf.py {name}: {}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            );
-        }
-        let _ = std::fs::remove_dir_all(&work);
+        let r = assert_gguf_grid_exports(&smol, &format!("smol-{name}"), flags, ty, 210);
+        assert_eq!(r["pre"], "smollm", "{r}");
+        assert_eq!(r["chat_template"], true, "{r}");
+        assert!(r["dense"].is_null(), "{r}");
     }
+}
+
+/// stories260K's down_proj has 172 input columns, which no 32-weight block tiles: `quantize
+/// --format gguf` keeps it in full precision (recorded in `quantization_config.weights.dense`)
+/// and the export writes it as F32, exactly, beside the typed linears (5 layers × 6); the
+/// compressed-tensors and GPTQ exports, which quantize every decoder linear, refuse it.
+#[test]
+fn stories_gguf_keeps_unblockable_linears_dense() {
+    let stories = stories_hf();
+    for (name, flags, ty) in [
+        ("q4_0", &["--bits", "4"][..], "Q4_0"),
+        ("q8_0", &["--bits", "8"][..], "Q8_0"),
+        (
+            "q4_0-gptq",
+            &[
+                "--bits",
+                "4",
+                "--weight-quantizer",
+                "gptq",
+                "--nsamples",
+                "4",
+                "--calib-seqlen",
+                "64",
+            ][..],
+            "Q4_0",
+        ),
+        (
+            "q4_0-flatquant",
+            &[
+                "--bits",
+                "4",
+                "--method",
+                "flatquant",
+                "--nsamples",
+                "2",
+                "--calib-seqlen",
+                "32",
+                "--epochs",
+                "1",
+            ][..],
+            "Q4_0",
+        ),
+    ] {
+        let r = assert_gguf_grid_exports(&stories, &format!("stories-{name}"), flags, ty, 30);
+        assert_eq!(r["dense"], serde_json::json!(["mlp.down_proj"]), "{r}");
+        // 5 down_proj, 11 norms and the embedding.
+        assert_eq!(r["tensor_types"]["F32"], 17, "{r}");
+    }
+    let work = tmp("stories-dense-hf");
+    let ckpt = work.join("ckpt");
+    quantize_stories(&ckpt, &["--format", "gguf", "--bits", "4"]);
+    for f in ["compressed-tensors", "gptq"] {
+        export_refused(
+            &ckpt,
+            &work.join(f),
+            &["--format", f],
+            "is kept in full precision",
+        );
+    }
+    let _ = std::fs::remove_dir_all(&work);
 }
 
 /// The F32 export of stories260K is llama.cpp's own conversion of it (the golden GGUF beside the
@@ -432,6 +511,8 @@ fn llama_cpp_scores_exports_as_affq_does() {
         (&smol, "smol", 512, 4, "maxpos"),
         (&smol, "smol-signed", 512, 4, "signed-max"),
         (&qwen, "qwen2", 128, 4, "signed-max"),
+        // down_proj kept dense (F32) beside the Q4_0 linears.
+        (&stories_hf(), "stories", 128, 8, "signed-max"),
     ] {
         let ckpt = work.join(format!("{name}-q4_0"));
         affq_json(&[

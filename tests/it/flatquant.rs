@@ -16,6 +16,7 @@ pub(crate) fn config(kv: bool) -> FlatQuantConfig {
             group_size: None,
             activations: Some(QuantSpec::sym(4)),
             kv_cache: kv.then(|| QuantSpec::asym(4)),
+            dense: [false; 7],
         },
         epochs: 1,
         batch: 1,

@@ -43,6 +43,7 @@ fn rtn_checkpoint_round_trip_gives_identical_logits() {
                 granularity: gran,
                 clip_search: false,
                 quantizer: "rtn".into(),
+                dense: Vec::new(),
             }),
             activations: a.map(QuantSpec::sym),
             kv_cache: kv.map(QuantSpec::asym),
