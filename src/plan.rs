@@ -101,9 +101,9 @@ impl QuantizePlan {
     /// The plan for a model whose tensors are stored in `dtype`: compressed-tensors keeps scales
     /// in the model's dtype, so a bf16 model's checkpoint that targets it quantizes on bf16
     /// scales (f16 otherwise, which an f32 model's scales hold exactly too).
-    /// A GGUF target keeps the linears whose input no 32-weight block tiles in full precision
-    /// (stored dense, as llama-quantize falls back to a float type); the returned notes name
-    /// them.
+    /// A target format keeps the linears whose shape its layout cannot tile in full precision
+    /// (stored dense, as llama-quantize falls back to a float type and llm-compressor's `ignore`
+    /// skips a module); the returned notes name them.
     pub fn for_model(
         &self,
         dtype: safetensors::Dtype,
@@ -112,17 +112,19 @@ impl QuantizePlan {
         let mut p = self.clone();
         let mut notes = Vec::new();
         let target = p.request.target;
+        let act_bits = p.quant.activations.map(|a| a.bits);
         if let (Some(Format::CompressedTensors), safetensors::Dtype::BF16, Some(w)) =
             (target, dtype, p.quant.weights.as_mut())
         {
             w.spec.scale_dtype = ScaleDtype::Bf16;
         }
-        if let (Some(Format::Gguf), Some(w)) = (target, p.quant.weights.as_mut()) {
+        if let (Some(f), Some(w)) = (target, p.quant.weights.as_mut()) {
             for kind in LinearKind::ALL {
-                let (_, inp) = kind.shape(c);
-                if !inp.is_multiple_of(32) {
+                let (out, inp) = kind.shape(c);
+                if let Some(why) = untileable(f, w, act_bits, out, inp) {
                     notes.push(format!(
-                        "--format gguf: {} has {inp} input columns, not a multiple of a GGUF block (32): kept in full precision",
+                        "--format {}: {} is {out}×{inp}: {why}; kept in full precision",
+                        f.name(),
                         kind.hf_name()
                     ));
                     w.dense.push(kind.hf_name().into());
@@ -528,6 +530,42 @@ fn target_grid(format: Format, m: &MethodSpec, q: &mut QuantPlan) -> Result<()> 
         }
     }
     Ok(())
+}
+
+/// Why format `f`'s layout cannot hold an `out × inp` linear on grid `w` (with input
+/// activations of `act_bits`), if it cannot (formats.md: GGUF blocks of 32 weights along a row;
+/// GPTQ packs `32/b` codes per word along the input and its zero points along the output;
+/// compressed-tensors' pack-quantized rows and asymmetric zero points the same, its W8A8
+/// int-quantized layout stores bytes).
+fn untileable(
+    f: Format,
+    w: &WeightScheme,
+    act_bits: Option<u8>,
+    out: usize,
+    inp: usize,
+) -> Option<String> {
+    let per_word = 32 / w.spec.bits as usize;
+    match f {
+        Format::Gguf => (!inp.is_multiple_of(32))
+            .then(|| "its input is not a multiple of a GGUF block (32 weights)".to_string()),
+        Format::Gptq => (!inp.is_multiple_of(per_word) || !out.is_multiple_of(per_word))
+            .then(|| format!("GPTQ packs {per_word} codes per 32-bit word along both dimensions")),
+        Format::CompressedTensors => {
+            let int_quantized = w.spec.bits == 8 && act_bits.is_some();
+            let rows = !inp.is_multiple_of(per_word);
+            let zeros = !w.spec.symmetric && !out.is_multiple_of(per_word);
+            (!int_quantized && (rows || zeros)).then(|| {
+                format!(
+                    "compressed-tensors packs {per_word} codes per 32-bit word along the input{}",
+                    if w.spec.symmetric {
+                        ""
+                    } else {
+                        " and its zero points along the output"
+                    }
+                )
+            })
+        }
+    }
 }
 
 /// The scheme's short name: `w4a16`, `w4a4kv4`, `w3a16g64`.

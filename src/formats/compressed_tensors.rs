@@ -147,7 +147,16 @@ impl LinearFormat for CompressedTensors {
         q: &QuantizedWeight,
         act: Option<&QuantSpec>,
         quantize_head: bool,
+        dense: &[String],
     ) -> serde_json::Value {
+        // `ignore` takes module names or `re:` patterns (matched against the full name).
+        let mut ignore: Vec<String> = dense
+            .iter()
+            .map(|d| format!("re:.*{}$", d.replace('.', "\\.")))
+            .collect();
+        if !quantize_head {
+            ignore.insert(0, "lm_head".into());
+        }
         let (strategy, group) = match q.granularity {
             Granularity::Group(g) => ("group", serde_json::json!(g)),
             Granularity::Channel => ("channel", serde_json::Value::Null),
@@ -176,7 +185,7 @@ impl LinearFormat for CompressedTensors {
                             "actorder": null, "block_structure": null, "observer": null,
                             "observer_kwargs": {}},
                 "input_activations": input, "output_activations": null}},
-            "ignore": if quantize_head { serde_json::json!([]) } else { serde_json::json!(["lm_head"]) },
+            "ignore": ignore,
             "kv_cache_scheme": null,
             "global_compression_ratio": null,
             "sparsity_config": {},

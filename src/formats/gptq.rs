@@ -7,6 +7,7 @@
 
 use super::hf_export::{exact_scales, pack_rows, transpose, zero_free, LinearFormat};
 use super::safetensors::StoredTensor;
+use crate::model::LinearKind;
 use crate::quant::{Granularity, QuantSpec, QuantizedWeight};
 use safetensors::Dtype;
 
@@ -97,17 +98,28 @@ impl LinearFormat for Gptq {
         q: &QuantizedWeight,
         _act: Option<&QuantSpec>,
         quantize_head: bool,
+        dense: &[String],
     ) -> serde_json::Value {
         let group = match q.granularity {
             Granularity::Group(g) => g as i64,
             _ => -1,
         };
-        serde_json::json!({
+        let mut c = serde_json::json!({
             "quant_method": "gptq", "bits": q.spec.bits, "group_size": group, "desc_act": false,
             "sym": zero_free(q), "damp_percent": 0.01, "true_sequential": true,
             "static_groups": false, "lm_head": quantize_head, "checkpoint_format": "gptq",
             "meta": {"quantizer": [format!("affq:{}", crate::VERSION)]}
-        })
+        });
+        if !dense.is_empty() {
+            // transformers/optimum quantize only the listed modules of each block.
+            let kept: Vec<&str> = LinearKind::ALL
+                .iter()
+                .map(|k| k.hf_name())
+                .filter(|n| !dense.iter().any(|d| d == n))
+                .collect();
+            c["modules_in_block_to_quantize"] = serde_json::json!([kept]);
+        }
+        c
     }
 
     fn extra_files(&self, config: &serde_json::Value) -> Vec<(String, String)> {

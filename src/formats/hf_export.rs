@@ -35,12 +35,14 @@ pub trait LinearFormat {
         dtype: Dtype,
     ) -> std::result::Result<Vec<(String, StoredTensor)>, String>;
     /// `config.json:quantization_config` for the checkpoint's weight grid `q` and input
-    /// activation grid `act` (one linear stands for all: affq uses one grid for the whole model).
+    /// activation grid `act` (one linear stands for all: affq uses one grid for the whole model);
+    /// `dense`: the decoder linears (module names within a layer) left in full precision.
     fn quantization_config(
         &self,
         q: &QuantizedWeight,
         act: Option<&QuantSpec>,
         quantize_head: bool,
+        dense: &[String],
     ) -> serde_json::Value;
     /// Whether the format quantizes a linear's input on the fly exactly as grid `a` does
     /// (dynamic, one unit per token), or why not.
@@ -157,18 +159,6 @@ pub fn export(ckpt: &Checkpoint, out: &Path, f: &dyn LinearFormat) -> Result<HfR
             f.name()
         )));
     }
-    if let Some(d) = ckpt
-        .quant
-        .as_ref()
-        .and_then(|q| q.weights.as_ref())
-        .and_then(|w| w.dense.first())
-    {
-        return Err(Error::Unsupported(format!(
-            "{dir}: `{d}` is kept in full precision (quantization_config.weights.dense: no GGUF block tiles its input), and a {} export quantizes every decoder linear; export this checkpoint as GGUF, or quantize the model for {} from the start (quantize --format)",
-            f.name(),
-            f.name()
-        )));
-    }
     let dtype = model_dtype(ckpt);
     let mut st = SpooledSafetensors::create(&out.join("model.safetensors"))?;
     let mut first: Option<(QuantizedWeight, Option<QuantSpec>)> = None;
@@ -271,7 +261,12 @@ pub fn export(ckpt: &Checkpoint, out: &Path, f: &dyn LinearFormat) -> Result<HfR
         .map_err(|e| Error::io(&ckpt.files.config, e))?;
     let mut cfg: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::format(&ckpt.files.config, e.to_string()))?;
-    cfg["quantization_config"] = f.quantization_config(&q, act.as_ref(), quantize_head);
+    let dense = ckpt
+        .quant
+        .as_ref()
+        .and_then(|q| q.weights.as_ref())
+        .map_or(&[][..], |w| &w.dense[..]);
+    cfg["quantization_config"] = f.quantization_config(&q, act.as_ref(), quantize_head, dense);
     cfg["tie_word_embeddings"] = serde_json::json!(ends.tied_head);
     cfg["torch_dtype"] = serde_json::json!(match dtype {
         Dtype::F16 => "float16",
