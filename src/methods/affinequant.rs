@@ -30,7 +30,7 @@ use super::train::{train, var, Group, Loss, Schedule, TrainConfig, Trainee};
 use super::{BlockTrainer, EpochLog, Method, MethodInput, MethodReport, MethodSpec, SiteStats};
 use crate::backend::simulated::QuantLinear;
 use crate::error::{Error, Result};
-use crate::model::{Block, LinearKind, Mode, NoHook, QkTransform, Rope, Site};
+use crate::model::{Block, LinearKind, QkTransform, Rope, Site};
 use crate::quant::clipquant::clip_quant;
 use crate::quant::ActQuantizer;
 use crate::transforms::inverse::{inverse, inverse_f64};
@@ -600,13 +600,11 @@ impl Trainee for Training<'_> {
     fn before_step(&self) -> Result<()> {
         self.p.truncate()
     }
-    fn forward(&self, x: &Tensor, epoch: usize) -> Result<Tensor> {
-        self.method.train_block(self.block, self.p, epoch)?.forward(
-            x,
-            self.rope,
-            Mode::Train,
-            &mut NoHook,
-        )
+    fn quantized_block(&self, epoch: usize) -> Result<Block> {
+        self.method.train_block(self.block, self.p, epoch)
+    }
+    fn rope(&self) -> &Rope {
+        self.rope
     }
     /// Truncation, then the condition check of the matrices as the next epoch (or deployment)
     /// will use them.

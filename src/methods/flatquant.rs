@@ -24,7 +24,7 @@ use super::train::{train, var, Group, Loss, Schedule, TrainConfig, Trainee};
 use super::{BlockTrainer, EpochLog, Method, MethodInput, MethodReport, MethodSpec, SiteStats};
 use crate::backend::simulated::QuantLinear;
 use crate::error::{Error, Result};
-use crate::model::{Block, DenseLinear, LinearKind, Mode, NoHook, QkTransform, Rope, Site};
+use crate::model::{Block, DenseLinear, LinearKind, QkTransform, Rope, Site};
 use crate::quant::act::sigmoid;
 use crate::quant::clipquant::clip_quant;
 use crate::quant::ActQuantizer;
@@ -594,10 +594,11 @@ impl Trainee for Training<'_> {
     fn vars(&self) -> Vec<Var> {
         self.p.all_vars()
     }
-    fn forward(&self, x: &Tensor, _epoch: usize) -> Result<Tensor> {
-        self.method
-            .train_block(self.block, self.p)?
-            .forward(x, self.rope, Mode::Train, &mut NoHook)
+    fn quantized_block(&self, _epoch: usize) -> Result<Block> {
+        self.method.train_block(self.block, self.p)
+    }
+    fn rope(&self) -> &Rope {
+        self.rope
     }
 }
 

@@ -149,6 +149,32 @@ pub struct EpochLog {
     pub epoch: usize,
     pub loss: f64,
     pub seconds: f64,
+    /// Where the epoch's steps spent their time.
+    #[serde(default)]
+    pub phases: StepPhases,
+}
+
+/// Seconds of a training step's phases, summed over steps: building the differentiable
+/// quantized block (the method's parameter projection, then the transformed, clipped and
+/// fake-quantized weights), its forward pass over the batch with the loss, the backward pass,
+/// and the optimizer step.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StepPhases {
+    pub steps: usize,
+    pub weights: f64,
+    pub forward: f64,
+    pub backward: f64,
+    pub optimizer: f64,
+}
+
+impl StepPhases {
+    pub fn add(&mut self, o: &StepPhases) {
+        self.steps += o.steps;
+        self.weights += o.weights;
+        self.forward += o.forward;
+        self.backward += o.backward;
+        self.optimizer += o.optimizer;
+    }
 }
 
 /// What a method says about its training of one block.

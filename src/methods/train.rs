@@ -4,8 +4,9 @@
 //! check restores the last good epoch's parameters and stops, with a note; one log entry per
 //! epoch.
 
-use super::{EpochLog, MethodReport};
+use super::{EpochLog, MethodReport, StepPhases};
 use crate::error::Result;
+use crate::model::{Block, Mode, NoHook, Rope};
 use candle_core::{Device, Tensor, Var};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 use std::time::Instant;
@@ -61,8 +62,11 @@ pub trait Trainee {
     fn before_step(&self) -> Result<()> {
         Ok(())
     }
-    /// The quantized block's output for inputs `x` at `epoch`, differentiable in the variables.
-    fn forward(&self, x: &Tensor, epoch: usize) -> Result<Tensor>;
+    /// The quantized block at `epoch`, differentiable in the variables (its weight-side work
+    /// is done here, once per step for the whole batch).
+    fn quantized_block(&self, epoch: usize) -> Result<Block>;
+    /// The rotary tables the block runs with.
+    fn rope(&self) -> &Rope;
     /// Called after each epoch's last step; `Some(note)` restores the last good parameters and
     /// stops training with that note.
     fn end_of_epoch(&self, _epoch: usize) -> Result<Option<String>> {
@@ -126,14 +130,24 @@ pub fn train(
     'train: for e in 0..cfg.epochs {
         let t0 = Instant::now();
         let mut sum = 0.0;
+        let mut phases = StepPhases::default();
         for k in 0..steps_per_epoch {
+            let tick = Instant::now();
             t.before_step()?;
+            let qblock = t.quantized_block(e)?;
+            let t_weights = tick.elapsed().as_secs_f64();
             // Windows may be kept in bf16 by the engine: widened per batch.
             let f32 = candle_core::DType::F32;
-            let out = t.forward(&x.narrow(0, k * bs, bs)?.to_dtype(f32)?, e)?;
+            let out = qblock.forward(
+                &x.narrow(0, k * bs, bs)?.to_dtype(f32)?,
+                t.rope(),
+                Mode::Train,
+                &mut NoHook,
+            )?;
             let target = y.narrow(0, k * bs, bs)?.to_dtype(f32)?;
             let loss = (out - target)?.sqr()?.mean_all()?;
             let lv = loss.to_scalar::<f32>()? as f64;
+            let t_forward = tick.elapsed().as_secs_f64();
             if !lv.is_finite() {
                 restore(&vars, &good)?;
                 notes.push(format!("block {block}: non-finite loss at epoch {e}; restored the parameters of the last finished epoch and stopped"));
@@ -144,6 +158,7 @@ pub fn train(
                 Loss::Mse => loss.backward()?,
                 Loss::LogMse => (&loss / lv)?.backward()?,
             };
+            let t_backward = tick.elapsed().as_secs_f64();
             for (opt, g) in opts.iter_mut().zip(groups) {
                 if let Schedule::Cosine { min } = g.schedule {
                     opt.set_learning_rate(cosine(step, total, g.lr, min));
@@ -152,6 +167,14 @@ pub fn train(
             for opt in opts.iter_mut() {
                 opt.step(&grads)?;
             }
+            drop(grads);
+            phases.add(&StepPhases {
+                steps: 1,
+                weights: t_weights,
+                forward: t_forward - t_weights,
+                backward: t_backward - t_forward,
+                optimizer: tick.elapsed().as_secs_f64() - t_backward,
+            });
             step += 1;
         }
         if let Some(note) = t.end_of_epoch(e)? {
@@ -163,6 +186,7 @@ pub fn train(
             epoch: e,
             loss: sum / steps_per_epoch as f64,
             seconds: t0.elapsed().as_secs_f64(),
+            phases,
         };
         on_epoch(&log);
         epochs.push(log);

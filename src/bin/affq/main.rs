@@ -6,7 +6,7 @@ mod args;
 use affq::calib::BlockReport;
 use affq::eval;
 use affq::formats::gguf::{self, ImportDtype};
-use affq::methods::EpochLog;
+use affq::methods::{EpochLog, StepPhases};
 use affq::quantize::Progress;
 use anyhow::Context;
 use args::{
@@ -180,9 +180,21 @@ impl Progress for Bars {
     fn block_done(&mut self, done: usize, _total: usize, rep: &BlockReport, label: &str) {
         if let Some(bar) = &self.bar {
             bar.set_position(done as u64);
+            let mut p = StepPhases::default();
+            for e in &rep.epochs {
+                p.add(&e.phases);
+            }
+            let phases = if p.steps > 0 {
+                format!(
+                    "; {} steps: weights {:.1}s, forward {:.1}s, backward {:.1}s, optimizer {:.1}s",
+                    p.steps, p.weights, p.forward, p.backward, p.optimizer
+                )
+            } else {
+                String::new()
+            };
             bar.suspend(|| {
                 eprintln!(
-                    "block {:>2}: loss rtn {:.3e} -> {label} {:.3e} ({:.1}s)",
+                    "block {:>2}: loss rtn {:.3e} -> {label} {:.3e} ({:.1}s{phases})",
                     rep.block, rep.loss_rtn, rep.loss_final, rep.seconds
                 )
             });
