@@ -533,10 +533,8 @@ fn target_grid(format: Format, m: &MethodSpec, q: &mut QuantPlan) -> Result<()> 
 }
 
 /// Why format `f`'s layout cannot hold an `out × inp` linear on grid `w` (with input
-/// activations of `act_bits`), if it cannot (formats.md: GGUF blocks of 32 weights along a row;
-/// GPTQ packs `32/b` codes per word along the input and its zero points along the output;
-/// compressed-tensors' pack-quantized rows and asymmetric zero points the same, its W8A8
-/// int-quantized layout stores bytes).
+/// activations of `act_bits`), if it cannot: the formats' own rules (GGUF blocks of 32 weights
+/// along a row; GPTQ's and compressed-tensors' packed words).
 fn untileable(
     f: Format,
     w: &WeightScheme,
@@ -544,26 +542,19 @@ fn untileable(
     out: usize,
     inp: usize,
 ) -> Option<String> {
-    let per_word = 32 / w.spec.bits as usize;
+    use crate::formats::{compressed_tensors, gguf::blocks::QK, gptq};
+    let bits = w.spec.bits;
     match f {
-        Format::Gguf => (!inp.is_multiple_of(32))
-            .then(|| "its input is not a multiple of a GGUF block (32 weights)".to_string()),
-        Format::Gptq => (!inp.is_multiple_of(per_word) || !out.is_multiple_of(per_word))
-            .then(|| format!("GPTQ packs {per_word} codes per 32-bit word along both dimensions")),
+        Format::Gguf => (!inp.is_multiple_of(QK))
+            .then(|| format!("its input is not a multiple of a GGUF block ({QK} weights)")),
+        Format::Gptq => gptq::untileable(out, inp, bits),
+        Format::CompressedTensors
+            if compressed_tensors::is_int_quantized(bits, act_bits.is_some()) =>
+        {
+            None
+        }
         Format::CompressedTensors => {
-            let int_quantized = w.spec.bits == 8 && act_bits.is_some();
-            let rows = !inp.is_multiple_of(per_word);
-            let zeros = !w.spec.symmetric && !out.is_multiple_of(per_word);
-            (!int_quantized && (rows || zeros)).then(|| {
-                format!(
-                    "compressed-tensors packs {per_word} codes per 32-bit word along the input{}",
-                    if w.spec.symmetric {
-                        ""
-                    } else {
-                        " and its zero points along the output"
-                    }
-                )
-            })
+            compressed_tensors::untileable(out, inp, bits, !w.spec.symmetric)
         }
     }
 }

@@ -21,7 +21,27 @@ use safetensors::Dtype;
 /// `int-quantized` (one signed byte per weight) rather than `pack-quantized`: W8A8, as
 /// llm-compressor writes it.
 fn int_quantized(q: &QuantizedWeight, act: Option<&QuantSpec>) -> bool {
-    q.spec.bits == 8 && act.is_some()
+    is_int_quantized(q.spec.bits, act.is_some())
+}
+
+/// Whether `bits`-bit weights (with quantized inputs or not) take the `int-quantized` layout.
+pub fn is_int_quantized(bits: u8, quantized_inputs: bool) -> bool {
+    bits == 8 && quantized_inputs
+}
+
+/// Why `pack-quantized` cannot tile an `out × inp` linear of `bits`-bit codes, if it cannot:
+/// `32/b` codes per 32-bit word along the input, and, with packed zero points (`zero_points`),
+/// `32/b` of them per word along the output.
+pub fn untileable(out: usize, inp: usize, bits: u8, zero_points: bool) -> Option<String> {
+    let per_word = 32 / bits as usize;
+    if !inp.is_multiple_of(per_word) {
+        return Some(format!(
+            "compressed-tensors packs {per_word} codes per 32-bit word along the input"
+        ));
+    }
+    (zero_points && !out.is_multiple_of(per_word)).then(|| {
+        format!("compressed-tensors packs {per_word} zero points per 32-bit word along the output")
+    })
 }
 
 pub struct CompressedTensors;
@@ -106,13 +126,10 @@ impl LinearFormat for CompressedTensors {
             }
             return Ok(t);
         }
-        let wpr = q.inp * bits as usize / 32;
-        if !(q.inp * bits as usize).is_multiple_of(32) {
-            return Err(format!(
-                "has {} input columns, which do not fill whole 32-bit words",
-                q.inp
-            ));
+        if let Some(why) = untileable(q.out, q.inp, bits, !zero_free(q)) {
+            return Err(format!("is {}×{}: {why}", q.out, q.inp));
         }
+        let wpr = q.inp * bits as usize / 32;
         let mut t = vec![
             (
                 format!("{prefix}.weight_packed"),
@@ -125,12 +142,6 @@ impl LinearFormat for CompressedTensors {
             ),
         ];
         if !zero_free(q) {
-            if !(q.out * bits as usize).is_multiple_of(32) {
-                return Err(format!(
-                    "has {} output rows, which do not fill whole 32-bit words of zero points",
-                    q.out
-                ));
-            }
             let z: Vec<u8> = q.params.iter().map(|p| p.zero as u8).collect();
             let packed = pack_rows(&transpose(&z, q.out, ng), q.out, bits); // [ng, out·b/32]
             let wpo = q.out * bits as usize / 32;

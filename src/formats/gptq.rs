@@ -13,6 +13,14 @@ use safetensors::Dtype;
 
 pub struct Gptq;
 
+/// Why GPTQ's layout cannot tile an `out × inp` linear of `bits`-bit codes, if it cannot:
+/// `qweight` packs `32/b` codes per 32-bit word along the input, `qzeros` along the output.
+pub fn untileable(out: usize, inp: usize, bits: u8) -> Option<String> {
+    let per_word = 32 / bits as usize;
+    (!inp.is_multiple_of(per_word) || !out.is_multiple_of(per_word))
+        .then(|| format!("GPTQ packs {per_word} codes per 32-bit word along both dimensions"))
+}
+
 impl LinearFormat for Gptq {
     fn name(&self) -> &'static str {
         "GPTQ"
@@ -36,13 +44,10 @@ impl LinearFormat for Gptq {
         if q.params.iter().any(|p| p.offset != 0.0) {
             return Err("has float offsets (Q4_1-style); GPTQ stores integer zero points: quantize with --zero-point integer".into());
         }
-        let per_word = 32 / bits as usize;
-        if !q.inp.is_multiple_of(per_word) || !q.out.is_multiple_of(per_word) {
-            return Err(format!(
-                "is {}×{}: GPTQ packs {per_word} codes per word along both dimensions",
-                q.out, q.inp
-            ));
+        if let Some(why) = untileable(q.out, q.inp, bits) {
+            return Err(format!("is {}×{}: {why}", q.out, q.inp));
         }
+        let per_word = 32 / bits as usize;
         let ng = q.n_groups();
         if let Some((i, p)) = q.params.iter().enumerate().find(|(_, p)| p.zero < 1.0) {
             return Err(format!(

@@ -21,8 +21,9 @@ pub struct WeightScheme {
     /// "rtn" or "gptq".
     pub quantizer: String,
     /// Decoder linears kept in full precision, by module name within a layer (`mlp.down_proj`):
-    /// the target format's block cannot tile their input (a GGUF block holds 32 weights), so
-    /// they are stored dense, as llama-quantize falls back to a float type for such rows.
+    /// the target format's layout cannot tile their shape (GGUF's 32-weight blocks, GPTQ's and
+    /// compressed-tensors' packed words), so they are stored dense, as llama-quantize falls back
+    /// to a float type and llm-compressor's `ignore` skips a module.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dense: Vec<String>,
 }

@@ -126,14 +126,14 @@ fn assert_import_equals_checkpoint(ckpt: &Path, gguf: &Path, work: &Path) {
 fn assert_gguf_grid_exports(
     model: &Path,
     name: &str,
-    flags: &[&str],
+    flags: &[String],
     ty: &str,
     n_typed: u64,
 ) -> serde_json::Value {
     let work = tmp(name);
     let ckpt = work.join("ckpt");
     let mut args = vec!["quantize", s(model), "-o", s(&ckpt), "--format", "gguf"];
-    args.extend_from_slice(flags);
+    args.extend(flags.iter().map(String::as_str));
     affq_json(&args);
     let q = work.join("model.gguf");
     let r = affq_json(&["export", s(&ckpt), "-o", s(&q)]);
@@ -179,26 +179,24 @@ fn assert_gguf_grid_exports(
 #[test]
 fn smollm2_gguf_grids_export_exactly() {
     let smol = smollm2_dir();
+    let plain = |f: &[&str]| Calibrated::default().with(f).args();
     for (name, flags, ty) in [
-        ("q4_0", &["--bits", "4"][..], "Q4_0"),
-        ("q8_0", &["--bits", "8", "--group-size", "64"][..], "Q8_0"),
+        ("q4_0", plain(&["--bits", "4"]), "Q4_0"),
+        (
+            "q8_0",
+            plain(&["--bits", "8", "--group-size", "64"]),
+            "Q8_0",
+        ),
         (
             "q4_1",
-            &[
-                "--bits",
-                "4",
-                "--asym",
-                "--weight-quantizer",
-                "gptq",
-                "--nsamples",
-                "4",
-                "--calib-seqlen",
-                "64",
-            ][..],
+            Calibrated::new(4, 64)
+                .gptq()
+                .with(&["--bits", "4", "--asym"])
+                .args(),
             "Q4_1",
         ),
     ] {
-        let r = assert_gguf_grid_exports(&smol, &format!("smol-{name}"), flags, ty, 210);
+        let r = assert_gguf_grid_exports(&smol, &format!("smol-{name}"), &flags, ty, 210);
         assert_eq!(r["pre"], "smollm", "{r}");
         assert_eq!(r["chat_template"], true, "{r}");
         assert!(r["dense"].is_null(), "{r}");
@@ -211,41 +209,26 @@ fn smollm2_gguf_grids_export_exactly() {
 #[test]
 fn stories_gguf_keeps_unblockable_linears_dense() {
     let stories = stories_hf();
+    let plain = |f: &[&str]| Calibrated::default().with(f).args();
     for (name, flags, ty) in [
-        ("q4_0", &["--bits", "4"][..], "Q4_0"),
-        ("q8_0", &["--bits", "8"][..], "Q8_0"),
+        ("q4_0", plain(&["--bits", "4"]), "Q4_0"),
+        ("q8_0", plain(&["--bits", "8"]), "Q8_0"),
         (
             "q4_0-gptq",
-            &[
-                "--bits",
-                "4",
-                "--weight-quantizer",
-                "gptq",
-                "--nsamples",
-                "4",
-                "--calib-seqlen",
-                "64",
-            ][..],
+            Calibrated::new(4, 64).gptq().with(&["--bits", "4"]).args(),
             "Q4_0",
         ),
         (
             "q4_0-flatquant",
-            &[
-                "--bits",
-                "4",
-                "--method",
-                "flatquant",
-                "--nsamples",
-                "2",
-                "--calib-seqlen",
-                "32",
-                "--epochs",
-                "1",
-            ][..],
+            Calibrated::new(2, 32)
+                .method("flatquant")
+                .epochs(1)
+                .with(&["--bits", "4"])
+                .args(),
             "Q4_0",
         ),
     ] {
-        let r = assert_gguf_grid_exports(&stories, &format!("stories-{name}"), flags, ty, 30);
+        let r = assert_gguf_grid_exports(&stories, &format!("stories-{name}"), &flags, ty, 30);
         assert_eq!(r["dense"], serde_json::json!(["mlp.down_proj"]), "{r}");
         // 5 down_proj, 11 norms and the embedding.
         assert_eq!(r["tensor_types"]["F32"], 17, "{r}");
@@ -993,39 +976,31 @@ fn stories_ids(model: &Path, work: &Path) -> PathBuf {
 fn stories_hf_exports_keep_untileable_linears_dense() {
     let model = stories_hf();
     let work = tmp("stories-hf-dense");
+    // affq's token stream, once for the two transformers checks.
+    let idf = stories_ids(&model, &work);
+    let mlp = &["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"][..];
     for (name, format, flags, dense) in [
         (
             "ct-w4",
             "compressed-tensors",
-            &["--bits", "4"][..],
+            Calibrated::default().with(&["--bits", "4"]),
             &["mlp.down_proj"][..],
         ),
         (
             "ct-w4-asym",
             "compressed-tensors",
-            &["--bits", "4", "--asym"][..],
-            &["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"][..],
+            Calibrated::default().with(&["--bits", "4", "--asym"]),
+            mlp,
         ),
         (
             "gptq-w4",
             "gptq",
-            &[
-                "--bits",
-                "4",
-                "--weight-quantizer",
-                "gptq",
-                "--nsamples",
-                "4",
-                "--calib-seqlen",
-                "64",
-            ][..],
-            &["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"][..],
+            Calibrated::new(4, 64).gptq().with(&["--bits", "4"]),
+            mlp,
         ),
     ] {
         let ckpt = work.join(name);
-        let mut args = vec!["--format", format];
-        args.extend_from_slice(flags);
-        quantize_stories(&ckpt, &args);
+        quantize_stories(&ckpt, &flags.with(&["--format", format]).args());
         let cfg = read_json(&ckpt.join("config.json"));
         assert_eq!(
             cfg["quantization_config"]["weights"]["dense"],
@@ -1068,7 +1043,6 @@ fn stories_hf_exports_keep_untileable_linears_dense() {
         // four windows, 3.4·10⁻³ on one, so 5·10⁻³; compressed-tensors computes in f32 (10⁻³).
         let tol = if format == "gptq" { "5e-3" } else { "1e-3" };
         if let Some(py) = client {
-            let idf = stories_ids(&model, &work);
             transformers_agrees(
                 &py,
                 &ckpt,
