@@ -6,7 +6,7 @@
 use super::config::ModelConfig;
 use super::kv_cache::{KvStore, LayerCache};
 use super::linear::{LinearKind, LinearLayer, Site, SiteKernel};
-use super::ops::{attention_mask, rms_norm, Mode, Rope};
+use super::ops::{rms_norm, swiglu, Mode, Rope};
 use crate::error::{Error, Result};
 use crate::quant::ActQuantizer;
 use crate::transforms::KroneckerTransform;
@@ -339,7 +339,7 @@ impl Block {
         let mlp = self.site_input(Site::MlpIn, &h, mode)?;
         let gate = self.project(&mlp, Site::MlpIn, Gate, hook)?;
         let up = self.project(&mlp, Site::MlpIn, Up, hook)?;
-        let act = (candle_nn::ops::silu(&gate)? * up)?;
+        let act = swiglu(&gate, &up, mode)?;
         let down_in = self.site_input(Site::DownIn, &act, mode)?;
         let down = self.project(&down_in, Site::DownIn, Down, hook)?;
         Ok((x + down)?)
@@ -404,8 +404,7 @@ impl Block {
         proj: &mut dyn FnMut(LinearKind) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let c = &*self.config;
-        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        let g = nh / nkv;
+        let (nh, hd) = (c.num_heads, c.head_dim);
         let pos0 = cache.as_ref().map_or(0, |c| c.len());
         let (q, k, v) = self.heads(rope, mode, pos0, proj)?;
         let (b, _, t, _) = q.dims4()?;
@@ -437,28 +436,10 @@ impl Block {
             Some(qz) => qz.apply(&v, hd)?,
             None => v,
         };
-        if mode == Mode::Eval {
-            return Ok(super::attention_op::causal_attention(
-                &q,
-                &k,
-                &v,
-                scale as f32,
-                c.sliding_window,
-            )?);
-        }
-        // Differentiable path. Query head h reads KV head h / g: view q as [B, Hkv, g·T, D] so one
-        // batched matmul per KV head serves its g query heads without repeating K and V.
-        let q = (q.reshape((b, nkv, g * t, hd))? * scale)?;
-        let scores = q.matmul(&k.t()?)?;
-        let scores = scores.broadcast_add(&attention_mask(g, t, c.sliding_window)?)?;
-        // Softmax with the row max detached: it cancels mathematically, and its mask-based
-        // backward over the whole score tensor would be wasted work.
-        let m = scores.max_keepdim(D::Minus1)?.detach();
-        let e = scores.broadcast_sub(&m)?.exp()?;
-        let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
-        let o = p.matmul(&v)?; // [B, Hkv, g·T, D]
-        Ok(o.reshape((b, nh, t, hd))?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * hd))?)
+        let attend = match mode {
+            Mode::Eval => super::attention_op::causal_attention,
+            Mode::Train => super::attention_op::causal_attention_train,
+        };
+        Ok(attend(&q, &k, &v, scale as f32, c.sliding_window)?)
     }
 }

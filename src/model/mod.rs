@@ -3,12 +3,13 @@
 //! the traits of [`linear`], which the backends (`crate::backend`) implement; loading and writing
 //! live in `crate::formats`.
 
-mod attention_op;
+pub mod attention_op;
 pub mod block;
 pub mod config;
 pub mod kv_cache;
 pub mod linear;
 pub mod ops;
+mod train_ops;
 
 pub use block::{Block, BlockHook, BlockParts, NoHook, QkTransform};
 pub use config::ModelConfig;

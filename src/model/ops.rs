@@ -1,6 +1,6 @@
 //! The decoder's shared ops in their two numerically equivalent forms: `Mode::Eval` uses candle's
-//! fused kernels (rms_norm, rope) and the fused causal attention; `Mode::Train` composes only ops
-//! that carry gradients (candle.md §2).
+//! fused kernels (rms_norm, rope) and the fused causal attention; `Mode::Train` uses ops with an
+//! explicit backward (`train_ops`; candle's fused kernels drop gradients, candle.md §2).
 
 use super::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -19,7 +19,20 @@ pub enum Mode {
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, mode: Mode) -> Result<Tensor> {
     Ok(match mode {
         Mode::Eval => candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)?,
-        Mode::Train => candle_nn::ops::rms_norm_slow(x, w, eps as f32)?,
+        Mode::Train => x.contiguous()?.apply_op2(
+            &w.contiguous()?,
+            super::train_ops::RmsNormOp { eps: eps as f32 },
+        )?,
+    })
+}
+
+/// `silu(gate)·up`.
+pub fn swiglu(gate: &Tensor, up: &Tensor, mode: Mode) -> Result<Tensor> {
+    Ok(match mode {
+        Mode::Eval => (candle_nn::ops::silu(gate)? * up)?,
+        Mode::Train => gate
+            .contiguous()?
+            .apply_op2(&up.contiguous()?, super::train_ops::SwiGluOp)?,
     })
 }
 
@@ -72,24 +85,13 @@ impl Rope {
         let sin = self.sin.narrow(0, pos0, t)?;
         Ok(match mode {
             Mode::Eval => candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?,
-            Mode::Train => candle_nn::rotary_emb::rope_slow(x, &cos, &sin)?,
+            Mode::Train => x.contiguous()?.apply_op3(
+                &cos.contiguous()?,
+                &sin.contiguous()?,
+                super::train_ops::RopeOp,
+            )?,
         })
     }
-}
-
-/// Additive causal mask `[g·T, T]` for `g` query heads sharing a KV head: 0 where visible, −∞ for
-/// future keys and keys outside a sliding window.
-pub(super) fn attention_mask(g: usize, t: usize, window: Option<usize>) -> Result<Tensor> {
-    let mut m = vec![0f32; g * t * t];
-    for (r, row) in m.chunks_exact_mut(t).enumerate() {
-        let pos = r % t;
-        for (j, v) in row.iter_mut().enumerate() {
-            if j > pos || window.is_some_and(|w| pos - j >= w.max(1)) {
-                *v = f32::NEG_INFINITY;
-            }
-        }
-    }
-    Ok(Tensor::from_vec(m, (g * t, t), &Device::Cpu)?)
 }
 
 /// `t` in f32: 16-bit storage widened with the CPU's conversion instructions (F16C where present,

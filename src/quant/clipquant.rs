@@ -79,79 +79,16 @@ impl ClipQuant {
         }
     }
 
-    /// (code range) for the rounded value `r` (symmetric: r itself; asymmetric: r + z).
-    fn bounds(&self) -> (f32, f32) {
-        if self.spec.symmetric {
-            let half = (1u32 << (self.spec.bits - 1)) as f32;
-            (-half, half - 1.0)
-        } else {
-            (0.0, self.spec.qmax() as f32)
-        }
-    }
-}
-
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("clip quant: inputs must be contiguous".into()))?;
-    Ok(&s.as_slice::<f32>()?[a..b])
-}
-
-impl CustomOp3 for ClipQuant {
-    fn name(&self) -> &'static str {
-        "affq-clip-quant"
-    }
-
-    fn cpu_fwd(
+    /// `(dx, per-row (d a_hi, d a_lo))` for inputs `xv` `[rows, n]` and upstream gradient `gv`.
+    fn backward(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (rows, n) = l1.shape().dims2()?;
-        let (x, ah, al) = (
-            contiguous(s1, l1)?,
-            contiguous(s2, l2)?,
-            contiguous(s3, l3)?,
-        );
-        let per_row = ah.len() == rows;
-        let (qlo, qhi) = self.bounds();
-        let mut out = vec![0f32; rows * n];
-        out.par_chunks_mut(n)
-            .zip(x.par_chunks(n))
-            .enumerate()
-            .for_each(|(r, (o, xr))| {
-                let k = if per_row { r } else { 0 };
-                let p = self.row(xr, ah[k], al[k]);
-                for (o, &v) in o.iter_mut().zip(xr) {
-                    let xc = if self.clamp_input {
-                        v.clamp(p.lo, p.hi)
-                    } else {
-                        v
-                    };
-                    let c = (round_even(xc / p.s) + p.z).clamp(qlo, qhi);
-                    *o = (c - p.z) * p.s;
-                }
-            });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        a_hi: &Tensor,
-        a_lo: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (rows, n) = x.dims2()?;
-        let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let gv: Vec<f32> = grad.contiguous()?.flatten_all()?.to_vec1()?;
-        let ah: Vec<f32> = a_hi.flatten_all()?.to_vec1()?;
-        let al: Vec<f32> = a_lo.flatten_all()?.to_vec1()?;
+        xv: &[f32],
+        gv: &[f32],
+        ah: &[f32],
+        al: &[f32],
+        rows: usize,
+        n: usize,
+    ) -> (Vec<f32>, Vec<(f32, f32)>) {
         let per_row = ah.len() == rows;
         let (qlo, qhi) = self.bounds();
         let qmax = self.spec.qmax() as f32;
@@ -233,6 +170,94 @@ impl CustomOp3 for ClipQuant {
                 )
             })
             .collect();
+        (dx, da)
+    }
+
+    /// (code range) for the rounded value `r` (symmetric: r itself; asymmetric: r + z).
+    fn bounds(&self) -> (f32, f32) {
+        if self.spec.symmetric {
+            let half = (1u32 << (self.spec.bits - 1)) as f32;
+            (-half, half - 1.0)
+        } else {
+            (0.0, self.spec.qmax() as f32)
+        }
+    }
+}
+
+/// A contiguous CPU f32 tensor's values, read in place.
+fn read<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> candle_core::Result<R>) -> candle_core::Result<R> {
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        candle_core::Storage::Cpu(s) => f(contiguous(s, l)?),
+        _ => candle_core::bail!("clip quant: CPU tensors only"),
+    }
+}
+
+fn contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("clip quant: inputs must be contiguous".into()))?;
+    Ok(&s.as_slice::<f32>()?[a..b])
+}
+
+impl CustomOp3 for ClipQuant {
+    fn name(&self) -> &'static str {
+        "affq-clip-quant"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, n) = l1.shape().dims2()?;
+        let (x, ah, al) = (
+            contiguous(s1, l1)?,
+            contiguous(s2, l2)?,
+            contiguous(s3, l3)?,
+        );
+        let per_row = ah.len() == rows;
+        let (qlo, qhi) = self.bounds();
+        let mut out = vec![0f32; rows * n];
+        out.par_chunks_mut(n)
+            .zip(x.par_chunks(n))
+            .enumerate()
+            .for_each(|(r, (o, xr))| {
+                let k = if per_row { r } else { 0 };
+                let p = self.row(xr, ah[k], al[k]);
+                for (o, &v) in o.iter_mut().zip(xr) {
+                    let xc = if self.clamp_input {
+                        v.clamp(p.lo, p.hi)
+                    } else {
+                        v
+                    };
+                    let c = (round_even(xc / p.s) + p.z).clamp(qlo, qhi);
+                    *o = (c - p.z) * p.s;
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a_hi: &Tensor,
+        a_lo: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (rows, n) = x.dims2()?;
+        let grad = grad.contiguous()?;
+        let ah: Vec<f32> = a_hi.flatten_all()?.to_vec1()?;
+        let al: Vec<f32> = a_lo.flatten_all()?.to_vec1()?;
+        let (dx, da) = read(x, |xv| {
+            read(&grad, |gv| Ok(self.backward(xv, gv, &ah, &al, rows, n)))
+        })?;
+        let per_row = ah.len() == rows;
         let shape = a_hi.dims().to_vec();
         let (gh, gl): (Vec<f32>, Vec<f32>) = if per_row {
             da.into_iter().unzip()

@@ -186,7 +186,7 @@ impl Progress for Bars {
             }
             let phases = if p.steps > 0 {
                 format!(
-                    "; {} steps: weights {:.1}s, forward {:.1}s, backward {:.1}s, optimizer {:.1}s",
+                    "; {} steps: weights {:.2}s, forward {:.2}s, backward {:.2}s, optimizer {:.2}s",
                     p.steps, p.weights, p.forward, p.backward, p.optimizer
                 )
             } else {

@@ -1,0 +1,469 @@
+//! The decoder's elementwise ops in their training form: one fused forward and an explicit
+//! backward each, in place of candle's composed graphs (whose backward accumulates every node's
+//! gradient through fresh full-size tensors). `Mode::Train` of [`super::ops`] calls these.
+//!
+//! RMSNorm, `y = x·r·w` with `r = (mean(x²) + ε)^(−1/2)` over the last dimension of size `n`:
+//!
+//! ```text
+//! dx = r·(g⊙w) − x·r³·Σ(g⊙w⊙x)/n        dw = Σ_rows g⊙x·r
+//! ```
+//!
+//! RoPE (rotate-half), per position with `(x₁, x₂)` the two halves of a head:
+//! `y = (x₁·cos − x₂·sin, x₂·cos + x₁·sin)`, a rotation, so `dx = (g₁·cos + g₂·sin, g₂·cos − g₁·sin)`.
+//!
+//! SwiGLU, `y = silu(a)·u` with `σ` the logistic function:
+//! `da = g·u·σ(a)·(1 + a·(1 − σ(a)))`, `du = g·silu(a)`.
+//!
+//! Gradients are computed only for inputs that carry them (`track_op`).
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Rows per parallel task for row-wise reductions.
+const CHUNK: usize = 64;
+
+fn f32s<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
+        None => candle_core::bail!("{op}: inputs must be contiguous"),
+    }
+}
+
+/// A contiguous CPU f32 tensor's values, read in place.
+fn read<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        candle_core::Storage::Cpu(s) => f(f32s(s, l, op)?),
+        _ => candle_core::bail!("{op}: CPU tensors only"),
+    }
+}
+
+/// Sums per-task column vectors of length `n`.
+fn sum_columns(parts: impl ParallelIterator<Item = Vec<f32>>, n: usize) -> Vec<f32> {
+    parts.reduce(
+        || vec![0f32; n],
+        |mut a, b| {
+            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+            a
+        },
+    )
+}
+
+fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    let ss: f32 = x.iter().map(|v| v * v).sum();
+    1.0 / (ss / x.len() as f32 + eps).sqrt()
+}
+
+pub struct RmsNormOp {
+    pub eps: f32,
+}
+
+impl CustomOp2 for RmsNormOp {
+    fn name(&self) -> &'static str {
+        "affq-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w) = (f32s(sx, lx, self.name())?, f32s(sw, lw, self.name())?);
+        let n = w.len();
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(y, x)| {
+            let r = inv_rms(x, self.eps);
+            for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
+                *y = x * r * w;
+            }
+        });
+        Ok((CpuStorage::F32(y), lx.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let n = w.elem_count();
+        let name = self.name();
+        let (dx, dw) = read(x, name, |xs| {
+            read(w, name, |ws| {
+                read(&grad, name, |gs| {
+                    let dx = x.track_op().then(|| {
+                        let mut dx = vec![0f32; xs.len()];
+                        dx.par_chunks_mut(n)
+                            .zip(xs.par_chunks(n).zip(gs.par_chunks(n)))
+                            .for_each(|(dx, (x, g))| {
+                                let r = inv_rms(x, self.eps);
+                                let dot: f32 =
+                                    g.iter().zip(w_iter(ws, x)).map(|(g, wx)| g * wx).sum();
+                                let k = r * r * r * dot / n as f32;
+                                for (((d, g), w), x) in dx.iter_mut().zip(g).zip(ws).zip(x) {
+                                    *d = r * g * w - x * k;
+                                }
+                            });
+                        dx
+                    });
+                    let dw = w.track_op().then(|| {
+                        sum_columns(
+                            xs.par_chunks(CHUNK * n).zip(gs.par_chunks(CHUNK * n)).map(
+                                |(xc, gc)| {
+                                    let mut acc = vec![0f32; n];
+                                    for (x, g) in xc.chunks_exact(n).zip(gc.chunks_exact(n)) {
+                                        let r = inv_rms(x, self.eps);
+                                        for ((a, x), g) in acc.iter_mut().zip(x).zip(g) {
+                                            *a += g * x * r;
+                                        }
+                                    }
+                                    acc
+                                },
+                            ),
+                            n,
+                        )
+                    });
+                    Ok((dx, dw))
+                })
+            })
+        })?;
+        Ok((
+            dx.map(|v| Tensor::from_vec(v, x.shape(), x.device()))
+                .transpose()?,
+            dw.map(|v| Tensor::from_vec(v, w.shape(), w.device()))
+                .transpose()?,
+        ))
+    }
+}
+
+/// `w_j·x_j` for one row.
+fn w_iter<'a>(w: &'a [f32], x: &'a [f32]) -> impl Iterator<Item = f32> + 'a {
+    w.iter().zip(x).map(|(w, x)| w * x)
+}
+
+/// RoPE over `x` `[B, H, T, D]` with tables `cos`, `sin` `[T, D/2]` (constants: no gradient).
+pub struct RopeOp;
+
+impl RopeOp {
+    /// Rotates each head row of `x` by the position's angles; `sign = −1` rotates back (the
+    /// backward of a rotation is its transpose).
+    fn rotate(x: &[f32], cos: &[f32], sin: &[f32], t: usize, d: usize, sign: f32) -> Vec<f32> {
+        let half = d / 2;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(t * d)
+            .zip(x.par_chunks(t * d))
+            .for_each(|(y, x)| {
+                for p in 0..t {
+                    let (c, s) = (
+                        &cos[p * half..(p + 1) * half],
+                        &sin[p * half..(p + 1) * half],
+                    );
+                    let (x1, x2) = x[p * d..(p + 1) * d].split_at(half);
+                    let (y1, y2) = y[p * d..(p + 1) * d].split_at_mut(half);
+                    for i in 0..half {
+                        let s = sign * s[i];
+                        y1[i] = x1[i] * c[i] - x2[i] * s;
+                        y2[i] = x2[i] * c[i] + x1[i] * s;
+                    }
+                }
+            });
+        y
+    }
+}
+
+impl CustomOp3 for RopeOp {
+    fn name(&self) -> &'static str {
+        "affq-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sc: &CpuStorage,
+        lc: &Layout,
+        ss: &CpuStorage,
+        ls: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, _, t, d) = lx.shape().dims4()?;
+        if lc.shape().dims() != [t, d / 2] || ls.shape() != lc.shape() {
+            candle_core::bail!("rope: tables {:?} for x {:?}", lc.shape(), lx.shape());
+        }
+        let y = Self::rotate(
+            f32s(sx, lx, self.name())?,
+            f32s(sc, lc, self.name())?,
+            f32s(ss, ls, self.name())?,
+            t,
+            d,
+            1.0,
+        );
+        Ok((CpuStorage::F32(y), lx.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if !x.track_op() {
+            return Ok((None, None, None));
+        }
+        let (_, _, t, d) = x.dims4()?;
+        let grad = grad.contiguous()?;
+        let name = self.name();
+        let dx = read(&grad, name, |g| {
+            read(cos, name, |c| {
+                read(sin, name, |s| Ok(Self::rotate(g, c, s, t, d, -1.0)))
+            })
+        })?;
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            None,
+            None,
+        ))
+    }
+}
+
+/// `silu(a)·u`.
+pub struct SwiGluOp;
+
+fn sigmoid(a: f32) -> f32 {
+    1.0 / (1.0 + (-a).exp())
+}
+
+impl CustomOp2 for SwiGluOp {
+    fn name(&self) -> &'static str {
+        "affq-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sa: &CpuStorage,
+        la: &Layout,
+        su: &CpuStorage,
+        lu: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if la.shape() != lu.shape() {
+            candle_core::bail!("swiglu: shapes {:?} and {:?}", la.shape(), lu.shape());
+        }
+        let (a, u) = (f32s(sa, la, self.name())?, f32s(su, lu, self.name())?);
+        let mut y = vec![0f32; a.len()];
+        y.par_chunks_mut(1 << 14)
+            .zip(a.par_chunks(1 << 14).zip(u.par_chunks(1 << 14)))
+            .for_each(|(y, (a, u))| {
+                for ((y, a), u) in y.iter_mut().zip(a).zip(u) {
+                    *y = a * sigmoid(*a) * u;
+                }
+            });
+        Ok((CpuStorage::F32(y), la.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        u: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (wa, wu) = (a.track_op(), u.track_op());
+        const C: usize = 1 << 14;
+        let n = a.elem_count();
+        let (mut da, mut du) = (vec![0f32; n], vec![0f32; n]);
+        let name = self.name();
+        read(a, name, |av| {
+            read(u, name, |uv| {
+                read(&grad, name, |g| {
+                    da.par_chunks_mut(C)
+                        .zip(du.par_chunks_mut(C))
+                        .zip(av.par_chunks(C).zip(uv.par_chunks(C)).zip(g.par_chunks(C)))
+                        .for_each(|((da, du), ((a, u), g))| {
+                            for i in 0..a.len() {
+                                let s = sigmoid(a[i]);
+                                da[i] = g[i] * u[i] * s * (1.0 + a[i] * (1.0 - s));
+                                du[i] = g[i] * a[i] * s;
+                            }
+                        });
+                    Ok(())
+                })
+            })
+        })?;
+        Ok((
+            wa.then(|| Tensor::from_vec(da, a.shape(), a.device()))
+                .transpose()?,
+            wu.then(|| Tensor::from_vec(du, u.shape(), u.device()))
+                .transpose()?,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    fn vals(t: &Tensor) -> Vec<f64> {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    /// `fused` against `composed` (candle's graph of the same function) at `inputs`: values, the
+    /// gradients of `Σ y⊙r` by autograd (f32), and central finite differences of `composed` in f64
+    /// at a spread of elements. `tol` is relative to the largest gradient; `grads` marks the inputs
+    /// whose gradient is compared (the others are constants of the op).
+    fn check(
+        name: &str,
+        inputs: &[Var],
+        grads: &[bool],
+        fused: &dyn Fn(&[Tensor]) -> Tensor,
+        composed: &dyn Fn(&[Tensor]) -> Tensor,
+        tol: f64,
+    ) {
+        let ts: Vec<Tensor> = inputs.iter().map(|v| v.as_tensor().clone()).collect();
+        let (yf, yc) = (fused(&ts), composed(&ts));
+        let r = Tensor::randn(0f32, 1.0, yf.dims(), &Device::Cpu).unwrap();
+        let (a, b) = (vals(&yf), vals(&yc));
+        let m = b.iter().fold(0f64, |m, x| m.max(x.abs()));
+        let e = a
+            .iter()
+            .zip(&b)
+            .fold(0f64, |e, (x, y)| e.max((x - y).abs()));
+        assert!(e < tol * m, "{name}: values differ by {e}");
+        let gf = (&yf * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gc = (&yc * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let r64 = r.to_dtype(DType::F64).unwrap();
+        let t64: Vec<Tensor> = ts.iter().map(|t| t.to_dtype(DType::F64).unwrap()).collect();
+        for (k, v) in inputs.iter().enumerate() {
+            if !grads[k] {
+                continue;
+            }
+            let a = vals(gf.get(v).expect("fused gradient"));
+            let b = vals(gc.get(v).expect("autograd gradient"));
+            let gmax = b.iter().fold(0f64, |m, x| m.max(x.abs()));
+            let e = a
+                .iter()
+                .zip(&b)
+                .fold(0f64, |e, (x, y)| e.max((x - y).abs()));
+            assert!(
+                e < tol * gmax,
+                "{name}: input {k} gradient vs autograd: {e} (max {gmax})"
+            );
+            let x = vals(v);
+            for i in (0..x.len()).step_by((x.len() / 17).max(1)) {
+                let loss = |d: f64| {
+                    let mut xs = x.clone();
+                    xs[i] += d;
+                    let mut args = t64.clone();
+                    args[k] = Tensor::from_vec(xs, v.dims(), &Device::Cpu).unwrap();
+                    (composed(&args) * &r64)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .to_scalar::<f64>()
+                        .unwrap()
+                };
+                let fd = (loss(1e-4) - loss(-1e-4)) / 2e-4;
+                assert!(
+                    (fd - a[i]).abs() < tol * gmax,
+                    "{name}: input {k}[{i}] fd {fd} vs {}",
+                    a[i]
+                );
+            }
+        }
+    }
+
+    fn var(t: Tensor) -> Var {
+        Var::from_tensor(&t).unwrap()
+    }
+
+    // Tolerances: every output and gradient element is a sum of at most n = 64 products (the
+    // normalised dimension) or an elementwise expression; f32 rounding keeps them within
+    // n·2⁻²⁴ ≈ 4e-6 of the summed magnitudes; 5e-5 of the largest value leaves a factor 10.
+    // Central differences in f64 with step 1e-4 are exact to ~1e-8 on these smooth functions.
+
+    #[test]
+    fn rms_norm_gradients_match_autograd_and_finite_differences() {
+        let dev = Device::Cpu;
+        let x = var(Tensor::randn(0f32, 1.0, (3, 70, 64), &dev).unwrap());
+        let w = var(Tensor::rand(0.5f32, 1.5, 64, &dev).unwrap());
+        let eps = 1e-5;
+        check(
+            "rms_norm",
+            &[x, w],
+            &[true, true],
+            &|t| {
+                t[0].apply_op2(&t[1], RmsNormOp { eps: eps as f32 })
+                    .unwrap()
+            },
+            &|t| {
+                let r = (t[0].sqr().unwrap().mean_keepdim(2).unwrap() + eps)
+                    .unwrap()
+                    .sqrt()
+                    .unwrap()
+                    .recip()
+                    .unwrap();
+                t[0].broadcast_mul(&r)
+                    .unwrap()
+                    .broadcast_mul(&t[1])
+                    .unwrap()
+            },
+            5e-5,
+        );
+    }
+
+    #[test]
+    fn rope_gradients_match_autograd_and_finite_differences() {
+        let dev = Device::Cpu;
+        let (t, d) = (70, 16);
+        let ang: Vec<f32> = (0..t * d / 2)
+            .map(|i| (i / (d / 2)) as f32 * 0.3f32.powi((i % (d / 2)) as i32))
+            .collect();
+        let cos = Tensor::from_vec(
+            ang.iter().map(|a| a.cos()).collect::<Vec<_>>(),
+            (t, d / 2),
+            &dev,
+        )
+        .unwrap();
+        let sin = Tensor::from_vec(
+            ang.iter().map(|a| a.sin()).collect::<Vec<_>>(),
+            (t, d / 2),
+            &dev,
+        )
+        .unwrap();
+        let x = var(Tensor::randn(0f32, 1.0, (2, 3, t, d), &dev).unwrap());
+        check(
+            "rope",
+            &[x, var(cos), var(sin)],
+            &[true, false, false],
+            &|a| a[0].apply_op3(&a[1], &a[2], RopeOp).unwrap(),
+            &|a| candle_nn::rotary_emb::rope_slow(&a[0], &a[1].detach(), &a[2].detach()).unwrap(),
+            5e-5,
+        );
+    }
+
+    #[test]
+    fn swiglu_gradients_match_autograd_and_finite_differences() {
+        let dev = Device::Cpu;
+        let a = var(Tensor::randn(0f32, 2.0, (3, 70, 40), &dev).unwrap());
+        let u = var(Tensor::randn(0f32, 1.0, (3, 70, 40), &dev).unwrap());
+        check(
+            "swiglu",
+            &[a, u],
+            &[true, true],
+            &|t| t[0].apply_op2(&t[1], SwiGluOp).unwrap(),
+            &|t| (candle_nn::ops::silu(&t[0]).unwrap() * &t[1]).unwrap(),
+            5e-5,
+        );
+    }
+}
