@@ -9,11 +9,13 @@
 #  - candle's f32 GEMM rate at the model's linear shapes (examples/gemm_peak.rs) — the peak;
 #  - wall time, peak RSS, and per phase (building the quantized block's weights, forward + loss,
 #    backward, optimizer) the seconds summed over all blocks, from `affq quantize`'s block lines;
-#  - the step's model FLOPs: forward = linears 2·T·Σ out·in + attention 4·B·L²·H·hd (candle
-#    computes the masked half too) + FlatQuant's online Kronecker transforms 2·T·n·(n1+n2) per
-#    site + the weight-side transforms 2·out·in·(n1+n2) per linear; a step ≈ 3 × forward (the
-#    backward of a product costs two products); T = B·L tokens. Achieved GFLOP/s = FLOPs × steps /
-#    (forward + backward + weights seconds), and its share of the peak.
+#  - the step's model FLOPs: forward = linears 2·T·Σ out·in + attention 2·B·L²·H·hd (Q·Kᵀ and
+#    P·V over the visible, causal half: the fused kernel's work; before it had a backward, this
+#    counted 4·B·L²·H·hd, the full matrices candle computed) + FlatQuant's online Kronecker
+#    transforms 2·T·n·(n1+n2) per site + the weight-side transforms 2·out·in·(n1+n2) per linear;
+#    a step ≈ 3 × forward (the backward of a product costs two products); T = B·L tokens.
+#    Achieved GFLOP/s = FLOPs × steps / (forward + backward + weights seconds), and its share of
+#    the peak.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 model=$here/target/affq-models/smollm2
@@ -60,7 +62,7 @@ def kron(n):
 lin = {"q": (H * hd, d), "k": (kv * hd, d), "v": (kv * hd, d), "o": (d, H * hd),
        "gate": (I, d), "up": (I, d), "down": (d, I)}
 fwd_lin = 2 * T * sum(o * n for o, n in lin.values())
-fwd_attn = 4 * B * L * L * H * hd
+fwd_attn = 2 * B * L * L * H * hd  # Q·Kᵀ and P·V over the causal half
 if method == "flatquant":
     site = {"q": kron(d), "k": kron(d), "v": kron(d), "o": H + hd, "gate": kron(d), "up": kron(d), "down": kron(I)}
     online = 2 * T * (d * kron(d) * 2 + H * hd * (H + hd) + I * kron(I))

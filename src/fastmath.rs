@@ -91,8 +91,11 @@ fn logsumexp_generic(xs: &[f32]) -> f64 {
 
 macro_rules! dispatch {
     ($(#[$doc:meta])* $name:ident, $generic:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
+        $crate::fastmath::dispatch!($(#[$doc])* pub $name, $generic, ($($arg: $ty),*) -> $ret);
+    };
+    ($(#[$doc:meta])* $vis:vis $name:ident, $generic:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
         $(#[$doc])*
-        pub fn $name($($arg: $ty),*) -> $ret {
+        $vis fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f")]

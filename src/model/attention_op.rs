@@ -7,7 +7,7 @@
 //! skips the invisible upper triangle.
 //!
 //! The backward recomputes `P` block by block (the memory-efficient attention backward of
-//! algorithms.md §6): with `s` the score scale and `D_i = Σ_d dO_id·O_id`,
+//! algorithms.md §7.1): with `s` the score scale and `D_i = Σ_d dO_id·O_id`,
 //!
 //! ```text
 //! dV = Pᵀ·dO      dP = dO·Vᵀ      dS = P ⊙ (dP − D)      dQ = s·dS·K      dK = s·dSᵀ·Q

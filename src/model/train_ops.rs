@@ -14,7 +14,7 @@
 //! SwiGLU, `y = silu(a)·u` with `σ` the logistic function:
 //! `da = g·u·σ(a)·(1 + a·(1 − σ(a)))`, `du = g·silu(a)`.
 //!
-//! Gradients are computed only for inputs that carry them (`track_op`).
+//! Gradients are computed only for inputs that carry them (`track_op`). Derivations: algorithms.md §7.3.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;

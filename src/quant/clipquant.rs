@@ -45,11 +45,7 @@ struct Row {
 
 impl ClipQuant {
     fn row(&self, x: &[f32], a_hi: f32, a_lo: f32) -> Row {
-        let (min, max) = x
-            .iter()
-            .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
-                (a.min(v), b.max(v))
-            });
+        let (min, max) = min_max(x);
         let hi = sigmoid(a_hi) * max.max(0.0);
         let lo = sigmoid(a_lo) * min.min(0.0);
         let raw = if self.spec.symmetric {
@@ -107,35 +103,16 @@ impl ClipQuant {
                 let gr = &gv[r * n..(r + 1) * n];
                 let k = if per_row { r } else { 0 };
                 let p = self.row(xr, ah[k], al[k]);
-                let (mut ds, mut dhi, mut dlo) = (0f32, 0f32, 0f32);
-                for j in 0..n {
-                    let v = xr[j];
-                    let xc = if self.clamp_input {
-                        v.clamp(p.lo, p.hi)
-                    } else {
-                        v
-                    };
-                    let c_raw = round_even(xc / p.s) + p.z;
-                    // Pass-through weight of the code clamp: 1 inside, 0 outside, ½ exactly on a
-                    // bound (candle's clamp splits ties; LWC puts the clipped maxima there).
-                    let unsat = if c_raw > qlo && c_raw < qhi {
-                        1.0
-                    } else if c_raw == qlo || c_raw == qhi {
-                        0.5
-                    } else {
-                        0.0
-                    };
-                    let c = c_raw.clamp(qlo, qhi);
-                    let dxc = gr[j] * unsat;
-                    ds += gr[j] * ((c - p.z) - unsat * xc / p.s);
-                    if self.clamp_input && v > p.hi {
-                        dhi += dxc;
-                    } else if self.clamp_input && v < p.lo {
-                        dlo += dxc;
-                    } else {
-                        dxr[j] = dxc;
-                    }
-                }
+                let grid = Grid {
+                    lo: p.lo,
+                    hi: p.hi,
+                    s: p.s,
+                    z: p.z,
+                    qlo,
+                    qhi,
+                    clamp_input: self.clamp_input,
+                };
+                let (ds, mut dhi, mut dlo) = backward_row(xr, gr, dxr, &grid);
                 if !p.scale_clamped {
                     if self.spec.symmetric {
                         if p.hi >= -p.lo {
@@ -184,6 +161,122 @@ impl ClipQuant {
     }
 }
 
+/// One row's grid as the forward decided it.
+pub(crate) struct Grid {
+    lo: f32,
+    hi: f32,
+    s: f32,
+    z: f32,
+    qlo: f32,
+    qhi: f32,
+    clamp_input: bool,
+}
+
+/// `v` clamped to `[lo, hi]` (`f32::clamp` without its assertion, so loops vectorize).
+#[inline(always)]
+fn clamp(v: f32, lo: f32, hi: f32) -> f32 {
+    if v < lo {
+        lo
+    } else if v > hi {
+        hi
+    } else {
+        v
+    }
+}
+
+/// `(min, max)` of a row over 16 lanes (exact: order does not change a minimum).
+fn min_max_generic(x: &[f32]) -> (f32, f32) {
+    let (mut lo, mut hi) = ([f32::INFINITY; 16], [f32::NEG_INFINITY; 16]);
+    let chunks = x.chunks_exact(16);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..16 {
+            lo[i] = if c[i] < lo[i] { c[i] } else { lo[i] };
+            hi[i] = if c[i] > hi[i] { c[i] } else { hi[i] };
+        }
+    }
+    let (mut mn, mut mx) = (f32::INFINITY, f32::NEG_INFINITY);
+    for (&a, &b) in lo.iter().zip(&hi) {
+        mn = mn.min(a);
+        mx = mx.max(b);
+    }
+    for &v in rest {
+        mn = mn.min(v);
+        mx = mx.max(v);
+    }
+    (mn, mx)
+}
+
+/// Fake quantization of one row, element by element as the module doc states.
+fn forward_row_generic(x: &[f32], o: &mut [f32], g: &Grid) {
+    let step = |v: f32| {
+        let xc = if g.clamp_input { clamp(v, g.lo, g.hi) } else { v };
+        let c = clamp(round_even(xc / g.s) + g.z, g.qlo, g.qhi);
+        (c - g.z) * g.s
+    };
+    for (o, &v) in o.iter_mut().zip(x) {
+        *o = step(v);
+    }
+}
+
+/// The straight-through backward of one row: writes `dx` for the elements inside the clip range
+/// and returns `(Σ ∂/∂s, Σ over elements clipped at hi, Σ over elements clipped at lo)`, summed
+/// over 8 lanes.
+fn backward_row_generic(x: &[f32], gr: &[f32], dx: &mut [f32], g: &Grid) -> (f32, f32, f32) {
+    let elem = |v: f32, gv: f32| -> (f32, f32, f32, f32) {
+        let xc = if g.clamp_input { clamp(v, g.lo, g.hi) } else { v };
+        let c_raw = round_even(xc / g.s) + g.z;
+        // Pass-through weight of the code clamp: 1 inside, 0 outside, ½ exactly on a bound
+        // (candle's clamp splits ties; LWC puts the clipped maxima there).
+        let unsat = if c_raw > g.qlo && c_raw < g.qhi {
+            1.0
+        } else if c_raw == g.qlo || c_raw == g.qhi {
+            0.5
+        } else {
+            0.0
+        };
+        let c = clamp(c_raw, g.qlo, g.qhi);
+        let dxc = gv * unsat;
+        let ds = gv * ((c - g.z) - unsat * xc / g.s);
+        let at_hi = g.clamp_input && v > g.hi;
+        let at_lo = g.clamp_input && !at_hi && v < g.lo;
+        let pass = if at_hi || at_lo { 0.0 } else { dxc };
+        (
+            pass,
+            ds,
+            if at_hi { dxc } else { 0.0 },
+            if at_lo { dxc } else { 0.0 },
+        )
+    };
+    const W: usize = 8;
+    let (mut ds, mut dh, mut dl) = ([0f32; W], [0f32; W], [0f32; W]);
+    let main = x.len() / W * W;
+    for b in (0..main).step_by(W) {
+        for i in 0..W {
+            let (p, s, h, l) = elem(x[b + i], gr[b + i]);
+            dx[b + i] = p;
+            ds[i] += s;
+            dh[i] += h;
+            dl[i] += l;
+        }
+    }
+    for j in main..x.len() {
+        let (p, s, h, l) = elem(x[j], gr[j]);
+        dx[j] = p;
+        ds[0] += s;
+        dh[0] += h;
+        dl[0] += l;
+    }
+    (ds.iter().sum(), dh.iter().sum(), dl.iter().sum())
+}
+
+crate::fastmath::dispatch!(pub(crate) min_max, min_max_generic, (x: &[f32]) -> (f32, f32));
+crate::fastmath::dispatch!(pub(crate) forward_row, forward_row_generic, (x: &[f32], o: &mut [f32], g: &Grid) -> ());
+crate::fastmath::dispatch!(
+    pub(crate) backward_row, backward_row_generic,
+    (x: &[f32], gr: &[f32], dx: &mut [f32], g: &Grid) -> (f32, f32, f32)
+);
+
 /// A contiguous CPU f32 tensor's values, read in place.
 fn read<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> candle_core::Result<R>) -> candle_core::Result<R> {
     let (s, l) = t.storage_and_layout();
@@ -229,15 +322,16 @@ impl CustomOp3 for ClipQuant {
             .for_each(|(r, (o, xr))| {
                 let k = if per_row { r } else { 0 };
                 let p = self.row(xr, ah[k], al[k]);
-                for (o, &v) in o.iter_mut().zip(xr) {
-                    let xc = if self.clamp_input {
-                        v.clamp(p.lo, p.hi)
-                    } else {
-                        v
-                    };
-                    let c = (round_even(xc / p.s) + p.z).clamp(qlo, qhi);
-                    *o = (c - p.z) * p.s;
-                }
+                let g = Grid {
+                    lo: p.lo,
+                    hi: p.hi,
+                    s: p.s,
+                    z: p.z,
+                    qlo,
+                    qhi,
+                    clamp_input: self.clamp_input,
+                };
+                forward_row(xr, o, &g);
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }

@@ -147,6 +147,7 @@ impl KroneckerTransform {
 ///
 /// The `X·P2` and `dZ·P2ᵀ` products run as one GEMM over a chunk of rows (`[chunk·n1, n2]`); the
 /// `P1` side is one small GEMM per row. An absent factor is the identity (its argument a dummy).
+/// Derivation: algorithms.md §7.2.
 struct KronOp {
     n1: usize,
     n2: usize,
