@@ -291,13 +291,14 @@ fn resolve_recipe(
     if !m.trained {
         let training = [
             f.keep_trained.is_some(),
+            f.quantized_inputs.is_some(),
             f.epochs.is_some(),
             f.batch.is_some(),
             f.lr.is_some(),
             f.alpha.is_some(),
         ];
         if training.iter().any(|&x| x) {
-            return Err(usage(format!("training flags (--epochs, --batch, --lr, --alpha, --keep-trained) need a trained method (--method {})", trained_methods())));
+            return Err(usage(format!("training flags (--epochs, --batch, --lr, --alpha, --keep-trained, --quantized-inputs) need a trained method (--method {})", trained_methods())));
         }
         let data = [
             f.nsamples.is_some(),
@@ -335,6 +336,11 @@ fn resolve_recipe(
     {
         return Err(usage(
             "--gptq-damp, --act-order, --gptq-nsamples, --gptq-grid-search and --gptq-fp-inputs need --weight-quantizer gptq",
+        ));
+    }
+    if r.quantized_inputs == Some(true) && r.gptq_fp_inputs == Some(true) {
+        return Err(usage(
+            "--quantized-inputs carries the quantized model's inputs, --gptq-fp-inputs the full-precision ones: pick one",
         ));
     }
     if gptq {

@@ -137,6 +137,9 @@ fn calibration_summary(p: &QuantizePlan, method: &dyn Method, data_desc: &str) -
             summary.push_str(", Hessians from full-precision inputs");
         }
     }
+    if p.recipe.quantized_inputs == Some(true) {
+        summary.push_str(", trained on the quantized model's own block inputs");
+    }
     if p.calib_activations() == candle_core::DType::BF16 {
         summary.push_str(", activations kept in bf16");
     }
@@ -202,6 +205,7 @@ fn engine_config(p: &QuantizePlan) -> EngineConfig {
         activations: p.calib_activations(),
         gptq_fp_inputs: gptq_fp_inputs(p),
         keep_trained: p.recipe.keep_trained == Some(true),
+        quantized_inputs: p.recipe.quantized_inputs == Some(true),
     }
 }
 

@@ -49,6 +49,10 @@ pub struct Recipe {
     /// ablations want the method's own blocks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_trained: Option<bool>,
+    /// Trained methods: learn on the quantized model's own block inputs against the
+    /// full-precision outputs (`false`: on the full-precision inputs, the paper's way).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantized_inputs: Option<bool>,
 }
 
 /// Recipes shipped in calib/.
@@ -147,6 +151,7 @@ impl Recipe {
             gptq_grid_search: over.gptq_grid_search.or(self.gptq_grid_search),
             gptq_fp_inputs: over.gptq_fp_inputs.or(self.gptq_fp_inputs),
             keep_trained: over.keep_trained.or(self.keep_trained),
+            quantized_inputs: over.quantized_inputs.or(self.quantized_inputs),
         }
     }
 }

@@ -114,6 +114,11 @@ pub struct EngineConfig {
     pub gptq_fp_inputs: bool,
     /// Deploy a trained block even when it loses to its untrained start (not when it diverged).
     pub keep_trained: bool,
+    /// Trained methods learn on the quantized model's own inputs (the outputs of the blocks
+    /// already deployed) against the full-precision block's outputs on the full-precision
+    /// inputs, so each block also learns to undo the error of the blocks before it (the
+    /// asymmetric calibration of OmniQuant and GPTAQ; algorithms.md §8).
+    pub quantized_inputs: bool,
 }
 
 /// A block of an untrained method: the plan's activation and KV quantizers on it as it is.
@@ -165,8 +170,9 @@ pub fn mse(a: &Tensor, b: &Tensor) -> Result<f64> {
 /// form (a whole run) or saved in `store` (a shard). `ends` gives the embedding and RoPE.
 /// `progress(done, total, report)` after each block.
 ///
-/// Methods train on the full-precision inputs and targets (no error propagation, as FlatQuant and
-/// AffineQuant do); GPTQ's Hessians come from the inputs produced by the already-quantized
+/// Methods train on the full-precision inputs and targets (no error propagation, as FlatQuant
+/// does), or with `engine.quantized_inputs` on the quantized model's own inputs against the
+/// full-precision targets; GPTQ's Hessians come from the inputs produced by the already-quantized
 /// preceding blocks (as GPTQ and QuaRot do), so those are carried along only when GPTQ runs,
 /// unless `engine.gptq_fp_inputs`. A block's result is thus a function of the settings and the
 /// full-precision blocks before it, which is what lets a shard start at any block.
@@ -197,6 +203,11 @@ pub fn calibrate_model(
                     "a shard cannot calibrate GPTQ on the quantized model's own inputs (they need every earlier block): use --gptq-fp-inputs".into(),
                 ));
             }
+            if engine.quantized_inputs {
+                return Err(Error::Usage(
+                    "a shard cannot train on the quantized model's own inputs (they need every earlier block)".into(),
+                ));
+            }
             if store.is_none() || r.end > total {
                 return Err(Error::Runtime(format!(
                     "shard blocks {r:?} of {total}: needs a work directory"
@@ -209,7 +220,7 @@ pub fn calibrate_model(
     let all = ends.embed(tokens)?.to_dtype(engine.activations)?;
     let windows = engine.method_windows.min(all.dim(0)?).max(1);
     let mut x = all.narrow(0, 0, windows)?;
-    let mut xq = gptq.then_some(all);
+    let mut xq = (gptq || engine.quantized_inputs).then_some(all);
     let mut out = CalibOutcome::default();
     let t_start = Instant::now();
     for i in 0..range.end {
@@ -273,11 +284,15 @@ pub fn calibrate_model(
             continue;
         }
         let wx = xq.as_ref().unwrap_or(&x);
+        let xt = match (&xq, engine.quantized_inputs) {
+            (Some(xq), true) => xq.narrow(0, 0, windows)?,
+            _ => x.clone(),
+        };
         let (block, mut report) = calibrate_block(
             i,
             &fp,
             rope,
-            &x,
+            &xt,
             &y,
             wx,
             &stats,

@@ -210,7 +210,11 @@ fn min_max_generic(x: &[f32]) -> (f32, f32) {
 /// Fake quantization of one row, element by element as the module doc states.
 fn forward_row_generic(x: &[f32], o: &mut [f32], g: &Grid) {
     let step = |v: f32| {
-        let xc = if g.clamp_input { clamp(v, g.lo, g.hi) } else { v };
+        let xc = if g.clamp_input {
+            clamp(v, g.lo, g.hi)
+        } else {
+            v
+        };
         let c = clamp(round_even(xc / g.s) + g.z, g.qlo, g.qhi);
         (c - g.z) * g.s
     };
@@ -224,7 +228,11 @@ fn forward_row_generic(x: &[f32], o: &mut [f32], g: &Grid) {
 /// over 8 lanes.
 fn backward_row_generic(x: &[f32], gr: &[f32], dx: &mut [f32], g: &Grid) -> (f32, f32, f32) {
     let elem = |v: f32, gv: f32| -> (f32, f32, f32, f32) {
-        let xc = if g.clamp_input { clamp(v, g.lo, g.hi) } else { v };
+        let xc = if g.clamp_input {
+            clamp(v, g.lo, g.hi)
+        } else {
+            v
+        };
         let c_raw = round_even(xc / g.s) + g.z;
         // Pass-through weight of the code clamp: 1 inside, 0 outside, ½ exactly on a bound
         // (candle's clamp splits ties; LWC puts the clipped maxima there).

@@ -293,3 +293,45 @@ fn a_bf16_store_is_the_f32_block_on_rounded_values() {
     };
     assert_eq!(v(a), v(b));
 }
+
+#[test]
+fn quantized_inputs_train_on_the_deployed_blocks_outputs() {
+    // Block 0's inputs are the embeddings either way (same RTN start); every later block trains
+    // on the outputs of the quantized blocks before it, which carry their error, so its RTN
+    // start is further from the full-precision targets than on full-precision inputs. Refused
+    // together with --gptq-fp-inputs and by an untrained method.
+    let tmp = tempfile::tempdir().unwrap();
+    let (fp, q) = (tmp.path().join("fp"), tmp.path().join("q"));
+    quantize(&fp, &[]);
+    let v = quantize(&q, &["--quantized-inputs"]);
+    let notes = v["transforms"].as_array().unwrap();
+    assert!(
+        notes.iter().any(|n| n
+            .as_str()
+            .unwrap()
+            .contains("trained on the quantized model's own block inputs")),
+        "{v}"
+    );
+    let (a, b) = (block_table(&fp), block_table(&q));
+    assert_eq!(a[0].loss_rtn, b[0].loss_rtn, "{a:?} {b:?}");
+    for (x, y) in a.iter().zip(&b).skip(1) {
+        assert!(y.loss_rtn > x.loss_rtn, "{x:?} {y:?}");
+    }
+    quantize_stories_refused(
+        &tmp.path().join("g"),
+        &[
+            "--method",
+            "flatquant",
+            "--quantized-inputs",
+            "--weight-quantizer",
+            "gptq",
+            "--gptq-fp-inputs",
+        ],
+        "pick one",
+    );
+    quantize_stories_refused(
+        &tmp.path().join("r"),
+        &["--method", "rtn", "--quantized-inputs"],
+        "need a trained method",
+    );
+}

@@ -297,6 +297,11 @@ pub(crate) struct QuantizeArgs {
     /// the calibration windows (by default the start is deployed instead).
     #[arg(long)]
     pub(crate) keep_trained: bool,
+    /// Trained methods: learn each block on the quantized model's own inputs (the outputs of the
+    /// blocks already deployed) against the full-precision outputs, instead of on the
+    /// full-precision inputs.
+    #[arg(long)]
+    pub(crate) quantized_inputs: bool,
     /// Calibrate only shard I of N (0-based; contiguous, balanced block ranges) into the work
     /// directory `.OUT.affq-work` on a shared filesystem; run `--merge` with the same flags once
     /// every shard has finished. Each shard runs the earlier blocks forward to get its inputs.
@@ -590,6 +595,7 @@ impl QuantizeArgs {
                 gptq_grid_search: self.gptq_grid_search.then_some(true),
                 gptq_fp_inputs: self.gptq_fp_inputs.then_some(true),
                 keep_trained: self.keep_trained.then_some(true),
+                quantized_inputs: self.quantized_inputs.then_some(true),
             },
             sym_scale: self.sym_scale.map(|s| match s {
                 SymScaleArg::Maxpos => SymScale::MaxPos,
