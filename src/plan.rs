@@ -651,6 +651,11 @@ pub fn plan(req: QuantizeRequest) -> Result<QuantizePlan> {
             "--shard with --weight-quantizer gptq: GPTQ's Hessians come from the quantized model's own inputs, which need every earlier block; pass --gptq-fp-inputs (Hessians from the full-precision inputs, the same flag in every shard and the merge) or run in one process",
         ));
     }
+    if shard.is_some() && recipe.quantized_inputs == Some(true) {
+        return Err(usage(
+            "--shard with --quantized-inputs: a block's training inputs come from every earlier quantized block; run in one process",
+        ));
+    }
     // Three heartbeats (20 s each), so that a live lock never looks stale through a slow
     // filesystem's attribute cache (NFS caches them up to 60 s).
     if req.lock_timeout < 60 {

@@ -49,12 +49,7 @@ impl ClipQuant {
         let hi = sigmoid(a_hi) * max.max(0.0);
         let lo = sigmoid(a_lo) * min.min(0.0);
         let raw = if self.spec.symmetric {
-            let div = match self.spec.sym_scale {
-                SymScale::MaxPos => ((1u32 << (self.spec.bits - 1)) - 1) as f32,
-                SymScale::HalfRange => self.spec.qmax() as f32 / 2.0,
-                SymScale::SignedMax => (1u32 << (self.spec.bits - 1)) as f32,
-            };
-            hi.max(-lo) / div
+            hi.max(-lo) / self.sym_div()
         } else {
             (hi - lo) / self.spec.qmax() as f32
         };
@@ -88,11 +83,7 @@ impl ClipQuant {
         let per_row = ah.len() == rows;
         let (qlo, qhi) = self.bounds();
         let qmax = self.spec.qmax() as f32;
-        let div = match self.spec.sym_scale {
-            SymScale::MaxPos => ((1u32 << (self.spec.bits - 1)) - 1) as f32,
-            SymScale::HalfRange => qmax / 2.0,
-            SymScale::SignedMax => (1u32 << (self.spec.bits - 1)) as f32,
-        };
+        let div = self.sym_div();
         let mut dx = vec![0f32; rows * n];
         // Per row: (d a_hi, d a_lo).
         let da: Vec<(f32, f32)> = dx
@@ -103,15 +94,7 @@ impl ClipQuant {
                 let gr = &gv[r * n..(r + 1) * n];
                 let k = if per_row { r } else { 0 };
                 let p = self.row(xr, ah[k], al[k]);
-                let grid = Grid {
-                    lo: p.lo,
-                    hi: p.hi,
-                    s: p.s,
-                    z: p.z,
-                    qlo,
-                    qhi,
-                    clamp_input: self.clamp_input,
-                };
+                let grid = self.grid(&p, qlo, qhi);
                 let (ds, mut dhi, mut dlo) = backward_row(xr, gr, dxr, &grid);
                 if !p.scale_clamped {
                     if self.spec.symmetric {
@@ -148,6 +131,28 @@ impl ClipQuant {
             })
             .collect();
         (dx, da)
+    }
+
+    /// The symmetric grid's divisor: `scale = max(hi, −lo) / div`.
+    fn sym_div(&self) -> f32 {
+        match self.spec.sym_scale {
+            SymScale::MaxPos => ((1u32 << (self.spec.bits - 1)) - 1) as f32,
+            SymScale::HalfRange => self.spec.qmax() as f32 / 2.0,
+            SymScale::SignedMax => (1u32 << (self.spec.bits - 1)) as f32,
+        }
+    }
+
+    /// Row `p`'s grid for the row kernels, with the code range `[qlo, qhi]` of [`Self::bounds`].
+    fn grid(&self, p: &Row, qlo: f32, qhi: f32) -> Grid {
+        Grid {
+            lo: p.lo,
+            hi: p.hi,
+            s: p.s,
+            z: p.z,
+            qlo,
+            qhi,
+            clamp_input: self.clamp_input,
+        }
     }
 
     /// (code range) for the rounded value `r` (symmetric: r itself; asymmetric: r + z).
@@ -330,16 +335,7 @@ impl CustomOp3 for ClipQuant {
             .for_each(|(r, (o, xr))| {
                 let k = if per_row { r } else { 0 };
                 let p = self.row(xr, ah[k], al[k]);
-                let g = Grid {
-                    lo: p.lo,
-                    hi: p.hi,
-                    s: p.s,
-                    z: p.z,
-                    qlo,
-                    qhi,
-                    clamp_input: self.clamp_input,
-                };
-                forward_row(xr, o, &g);
+                forward_row(xr, o, &self.grid(&p, qlo, qhi));
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }

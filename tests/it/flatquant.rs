@@ -334,4 +334,15 @@ fn quantized_inputs_train_on_the_deployed_blocks_outputs() {
         &["--method", "rtn", "--quantized-inputs"],
         "need a trained method",
     );
+    quantize_stories_refused(
+        &tmp.path().join("s"),
+        &[
+            "--method",
+            "flatquant",
+            "--quantized-inputs",
+            "--shard",
+            "0/2",
+        ],
+        "run in one process",
+    );
 }
