@@ -153,6 +153,28 @@ pub fn run_block(
     Ok(Tensor::cat(&outs, 0)?)
 }
 
+/// Windows on which a block's deployed form is compared with its untrained (RTN) start.
+const PROBE_WINDOWS: usize = 4;
+
+/// Shows `hook` the linear inputs of `block` on `x` (`[N, L, hidden]`), `batch` windows at a
+/// time, running each batch only as far as the hook wants ([`Block::observe`]).
+pub fn observe_block(
+    block: &Block,
+    rope: &Rope,
+    x: &Tensor,
+    batch: usize,
+    hook: &mut dyn BlockHook,
+) -> Result<()> {
+    let n = x.dim(0)?;
+    let mut s = 0;
+    while s < n {
+        let b = batch.min(n - s);
+        block.observe(&x.narrow(0, s, b)?.to_dtype(DType::F32)?, rope, hook)?;
+        s += b;
+    }
+    Ok(())
+}
+
 /// Mean squared error between two tensors (either dtype), in f64.
 pub fn mse(a: &Tensor, b: &Tensor) -> Result<f64> {
     let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
@@ -218,7 +240,12 @@ pub fn calibrate_model(
     };
     let shard = matches!(schedule, Schedule::Shard(_));
     let all = ends.embed(tokens)?.to_dtype(engine.activations)?;
-    let windows = engine.method_windows.min(all.dim(0)?).max(1);
+    // An untrained method reads its full-precision path only for the deploy check's targets.
+    let method_windows = match method.trainer() {
+        Some(_) => engine.method_windows,
+        None => engine.method_windows.min(PROBE_WINDOWS),
+    };
+    let windows = method_windows.min(all.dim(0)?).max(1);
     let mut x = all.narrow(0, 0, windows)?;
     let mut xq = (gptq || engine.quantized_inputs).then_some(all);
     let mut out = CalibOutcome::default();
@@ -333,7 +360,7 @@ fn calibrate_block(
     on_epoch: &mut dyn FnMut(usize, &EpochLog),
 ) -> Result<(Block, BlockReport)> {
     // The untrained start on the first windows: plain RTN of the full-precision block.
-    let probe = x.dim(0)?.min(4);
+    let probe = x.dim(0)?.min(PROBE_WINDOWS);
     // In f32 even when the store is bf16, so the deploy decision compares unrounded outputs.
     let (xp, yp) = (
         x.narrow(0, 0, probe)?.to_dtype(DType::F32)?,

@@ -1,7 +1,7 @@
 //! The engine's last step for every block: the weights the method left in full precision (already
 //! transformed and clipped) go onto their grid, by round-to-nearest or by GPTQ.
 
-use super::run_block;
+use super::observe_block;
 use crate::backend::simulated::QuantLinear;
 use crate::error::Result;
 use crate::methods::plan::quantize_linear;
@@ -56,6 +56,10 @@ impl BlockHook for HessianHook {
         }
         Ok(())
     }
+
+    fn last_wanted(&self) -> Option<LinearKind> {
+        Some(self.kind)
+    }
 }
 
 /// Puts every linear of `block` on the plan's weight grid. `x` (`[N, L, hidden]`): the block's
@@ -103,7 +107,7 @@ pub fn quantize_block_weights(
                     act: first.act_quantizer(),
                     h: Hessian::new(first.in_features()),
                 };
-                run_block(block, rope, x, 4, &mut hook)?;
+                observe_block(block, rope, x, 4, &mut hook)?;
                 let h = hook.h.matrix();
                 for &kind in &group {
                     let layer = block.linear(kind);

@@ -28,6 +28,11 @@ pub trait BlockHook {
     fn linear_input(&mut self, _kind: LinearKind, _x: &Tensor) -> Result<()> {
         Ok(())
     }
+    /// The last linear whose input the hook wants: [`Block::observe`] stops the forward once it
+    /// has shown that linear's input (`None`: the whole block).
+    fn last_wanted(&self) -> Option<LinearKind> {
+        None
+    }
 }
 
 /// The hook that does nothing.
@@ -242,9 +247,17 @@ impl Block {
         }
     }
 
-    fn lin(&self, kind: LinearKind, x: &Tensor, hook: &mut dyn BlockHook) -> Result<Tensor> {
-        hook.linear_input(kind, x)?;
-        self.linears[kind.index()].forward(x)
+    /// Shows the hook the input of `site`'s linears (when they read it densely); true when the
+    /// hook wants nothing past this site.
+    fn show_site(&self, input: &SiteInput, site: Site, hook: &mut dyn BlockHook) -> Result<bool> {
+        if let SiteInput::Dense(x) = input {
+            for &kind in site.linears() {
+                hook.linear_input(kind, x)?;
+            }
+        }
+        Ok(hook
+            .last_wanted()
+            .is_some_and(|k| site.linears().contains(&k)))
     }
 
     /// The input of `site`'s linears: through the backend's fused kernel in eval mode when one is
@@ -259,15 +272,9 @@ impl Block {
     }
 
     /// The output of linear `kind` (of `site`) given the site's input.
-    fn project(
-        &self,
-        input: &SiteInput,
-        site: Site,
-        kind: LinearKind,
-        hook: &mut dyn BlockHook,
-    ) -> Result<Tensor> {
+    fn project(&self, input: &SiteInput, site: Site, kind: LinearKind) -> Result<Tensor> {
         match input {
-            SiteInput::Dense(x) => self.lin(kind, x, hook),
+            SiteInput::Dense(x) => self.linears[kind.index()].forward(x),
             SiteInput::Fused(y) => {
                 let kinds = site.linears();
                 if kinds.len() == 1 {
@@ -292,7 +299,20 @@ impl Block {
         mode: Mode,
         hook: &mut dyn BlockHook,
     ) -> Result<Tensor> {
-        self.forward_inner(x, rope, mode, hook, None)
+        self.forward_inner(x, rope, mode, hook, None)?
+            .ok_or_else(|| {
+                Error::Runtime(format!(
+                    "layer {}: a hook that stops the forward needs Block::observe",
+                    self.index
+                ))
+            })
+    }
+
+    /// Runs `x` through the block only as far as `hook` wants to see ([`BlockHook::last_wanted`]),
+    /// in eval mode, for the inputs of its linears; the output is not formed.
+    pub fn observe(&self, x: &Tensor, rope: &Rope, hook: &mut dyn BlockHook) -> Result<()> {
+        self.forward_inner(x, rope, Mode::Eval, hook, None)?;
+        Ok(())
     }
 
     /// [`Self::forward`] of `x` `[1, T, hidden]`, the tokens following the `cache.len()` cached
@@ -304,7 +324,9 @@ impl Block {
         rope: &Rope,
         cache: &mut LayerCache,
     ) -> Result<Tensor> {
-        self.forward_inner(x, rope, Mode::Eval, &mut NoHook, Some(cache))
+        Ok(self
+            .forward_inner(x, rope, Mode::Eval, &mut NoHook, Some(cache))?
+            .expect("NoHook sees the whole block"))
     }
 
     /// An empty cache for this block, storing keys and values in its KV quantizers' grids.
@@ -324,25 +346,37 @@ impl Block {
         mode: Mode,
         hook: &mut dyn BlockHook,
         cache: Option<&mut LayerCache>,
-    ) -> Result<Tensor> {
+    ) -> Result<Option<Tensor>> {
         use LinearKind::*;
         let c = &*self.config;
         let eps = c.rms_norm_eps;
         let h = rms_norm(x, &self.input_norm, eps, mode)?;
         let qkv = self.site_input(Site::AttnIn, &h, mode)?;
+        if self.show_site(&qkv, Site::AttnIn, hook)? {
+            return Ok(None);
+        }
         let attn = self.attention(rope, mode, cache, &mut |k| {
-            self.project(&qkv, Site::AttnIn, k, hook)
+            self.project(&qkv, Site::AttnIn, k)
         })?;
         let o_in = self.site_input(Site::OIn, &attn, mode)?;
-        let x = (x + self.project(&o_in, Site::OIn, O, hook)?)?;
+        if self.show_site(&o_in, Site::OIn, hook)? {
+            return Ok(None);
+        }
+        let x = (x + self.project(&o_in, Site::OIn, O)?)?;
         let h = rms_norm(&x, &self.post_norm, eps, mode)?;
         let mlp = self.site_input(Site::MlpIn, &h, mode)?;
-        let gate = self.project(&mlp, Site::MlpIn, Gate, hook)?;
-        let up = self.project(&mlp, Site::MlpIn, Up, hook)?;
+        if self.show_site(&mlp, Site::MlpIn, hook)? {
+            return Ok(None);
+        }
+        let gate = self.project(&mlp, Site::MlpIn, Gate)?;
+        let up = self.project(&mlp, Site::MlpIn, Up)?;
         let act = swiglu(&gate, &up, mode)?;
         let down_in = self.site_input(Site::DownIn, &act, mode)?;
-        let down = self.project(&down_in, Site::DownIn, Down, hook)?;
-        Ok((x + down)?)
+        if self.show_site(&down_in, Site::DownIn, hook)? {
+            return Ok(None);
+        }
+        let down = self.project(&down_in, Site::DownIn, Down)?;
+        Ok(Some((x + down)?))
     }
 
     /// Queries, keys and values by head, `[B, heads, T, D]`, at positions `pos0..pos0 + T`:
@@ -383,7 +417,7 @@ impl Block {
         let h = rms_norm(x, &self.input_norm, self.config.rms_norm_eps, Mode::Eval)?;
         let qkv = self.site_input(Site::AttnIn, &h, Mode::Eval)?;
         let (_, k, v) = self.heads(rope, Mode::Eval, 0, &mut |k| {
-            self.project(&qkv, Site::AttnIn, k, &mut NoHook)
+            self.project(&qkv, Site::AttnIn, k)
         })?;
         let hd = self.config.head_dim;
         let quant = |t: Tensor, q: &Option<Arc<dyn ActQuantizer>>| match q {

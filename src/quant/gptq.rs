@@ -61,15 +61,52 @@ impl Hessian {
         }
     }
 
-    /// Adds the rows of `x` (`[..., n]`).
+    /// Adds the rows of `x` (`[..., n]`): `Σ x·xᵀ` is symmetric, so only its lower triangle is
+    /// formed, a block row at a time in parallel (`matrix` mirrors it).
     pub fn add(&mut self, x: &Tensor) -> Result<()> {
-        let x = x.to_dtype(DType::F32)?.reshape(((), self.n))?;
+        let n = self.n;
+        let x = x.to_dtype(DType::F32)?.reshape(((), n))?;
         let t = x.dim(0)?;
-        let xtx: Vec<f32> = x.t()?.matmul(&x)?.flatten_all()?.to_vec1()?;
+        let x: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        const ROWS: usize = 256;
         self.sum
-            .par_iter_mut()
-            .zip(xtx.par_iter())
-            .for_each(|(s, &v)| *s += v as f64);
+            .chunks_mut(ROWS * n)
+            .enumerate()
+            .for_each(|(s, sum)| {
+                let (r0, mr) = (s * ROWS, sum.len() / n);
+                let w = r0 + mr;
+                let mut strip = vec![0f32; mr * w];
+                // SAFETY: `strip` is `mr × w` (row stride w); the left operand reads columns
+                // r0..r0+mr and the right columns 0..w of the `t × n` row-major `x`, w ≤ n.
+                unsafe {
+                    gemm::gemm(
+                        mr,
+                        w,
+                        t,
+                        strip.as_mut_ptr(),
+                        1,
+                        w as isize,
+                        false,
+                        x.as_ptr().add(r0),
+                        n as isize,
+                        1,
+                        x.as_ptr(),
+                        1,
+                        n as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::Rayon(0),
+                    );
+                }
+                for (row, srow) in sum.chunks_mut(n).zip(strip.chunks(w)) {
+                    for (a, &v) in row.iter_mut().zip(srow) {
+                        *a += v as f64;
+                    }
+                }
+            });
         self.tokens += t;
         Ok(())
     }
@@ -80,8 +117,16 @@ impl Hessian {
 
     /// `H = 2/N·Σ x·xᵀ`.
     pub fn matrix(&self) -> Vec<f64> {
-        let k = 2.0 / self.tokens.max(1) as f64;
-        self.sum.iter().map(|v| v * k).collect()
+        let (n, k) = (self.n, 2.0 / self.tokens.max(1) as f64);
+        let mut h = vec![0.0; n * n];
+        for i in 0..n {
+            for j in 0..=i {
+                let v = self.sum[i * n + j] * k;
+                h[i * n + j] = v;
+                h[j * n + i] = v;
+            }
+        }
+        h
     }
 }
 
@@ -161,6 +206,12 @@ pub fn weighted_unit_params(xs: &[f32], a: &[f32], spec: &QuantSpec) -> UnitPara
     best
 }
 
+/// Rows of the weight swept together (see [`gptq`]).
+const GPTQ_TILE_ROWS: usize = 16;
+/// Columns of the lazy update handled at once: the block's rows of `U` over this slab (128 ×
+/// 512 f64 = 512 KiB) stay in L2 while each row of the tile passes over them.
+const GPTQ_SLAB_COLS: usize = 512;
+
 /// Quantizes `w` (`out × inp`, row-major) with GPTQ against the Hessian `h` (`inp × inp`).
 #[allow(clippy::too_many_arguments)]
 pub fn gptq(
@@ -239,78 +290,114 @@ pub fn gptq(
         };
         out * ng
     ];
+    // Rows are independent given U: a tile of rows sweeps the columns together so that each row
+    // of U, read once from memory, serves every row of the tile in the lazy update (the update
+    // of each element keeps its order, so the result does not depend on the tile).
+    let tile = GPTQ_TILE_ROWS;
     codes
-        .par_chunks_mut(inp)
-        .zip(params.par_chunks_mut(ng))
-        .zip(w.par_chunks(inp))
-        .for_each(|((c_row, p_row), w_row)| {
-            let fixed_p = if dynamic_groups {
-                Vec::new()
-            } else {
-                fixed(w_row)
-            };
-            // The row in quantization order, in f64.
-            let mut wr: Vec<f64> = perm.iter().map(|&j| w_row[j] as f64).collect();
-            let mut cur = fixed_p.first().copied().unwrap_or(UnitParams {
-                scale: 1.0,
-                zero: 0.0,
-                offset: 0.0,
-            });
+        .par_chunks_mut(inp * tile)
+        .zip(params.par_chunks_mut(ng * tile))
+        .zip(w.par_chunks(inp * tile))
+        .for_each(|((c_tile, p_tile), w_tile)| {
+            let rows = w_tile.len() / inp;
+            let fixed_p: Vec<Vec<UnitParams>> = w_tile
+                .chunks(inp)
+                .map(|w_row| {
+                    if dynamic_groups {
+                        Vec::new()
+                    } else {
+                        fixed(w_row)
+                    }
+                })
+                .collect();
+            // The rows in quantization order, in f64.
+            let mut wr: Vec<f64> = w_tile
+                .chunks(inp)
+                .flat_map(|w_row| perm.iter().map(|&j| w_row[j] as f64))
+                .collect();
+            let mut cur: Vec<UnitParams> = fixed_p
+                .iter()
+                .map(|f| {
+                    f.first().copied().unwrap_or(UnitParams {
+                        scale: 1.0,
+                        zero: 0.0,
+                        offset: 0.0,
+                    })
+                })
+                .collect();
+            let mut e1 = vec![0f64; rows * bs];
             let mut i1 = 0;
             while i1 < inp {
                 let i2 = (i1 + bs).min(inp);
-                let mut w1: Vec<f64> = wr[i1..i2].to_vec();
-                let mut e1 = vec![0f64; i2 - i1];
-                for i in 0..i2 - i1 {
-                    let col = i1 + i;
-                    let orig = perm[col];
-                    let p = if dynamic_groups {
-                        if col % g == 0 {
-                            cur = if cfg.grid_search {
-                                // The group as it stands now: this block's updates (`w1`) and
-                                // the lazy ones of earlier blocks beyond it (`wr`).
-                                let vals: Vec<f32> = (col..col + g)
-                                    .map(|j| if j < i2 { w1[j - i1] } else { wr[j] } as f32)
-                                    .collect();
-                                let imp: Vec<f32> =
-                                    (col..col + g).map(|j| h[j * inp + j] as f32).collect();
-                                weighted_unit_params(&vals, &imp, &spec)
-                            } else {
-                                // `wr` beyond i1 holds the updates of previous blocks only.
-                                let vals: Vec<f32> =
-                                    wr[col..col + g].iter().map(|&v| v as f32).collect();
-                                unit_params(&vals, &spec, clip_search)
-                            };
-                            p_row[col / g] = cur;
+                let nb = i2 - i1;
+                for r in 0..rows {
+                    let wr = &wr[r * inp..(r + 1) * inp];
+                    let c_row = &mut c_tile[r * inp..(r + 1) * inp];
+                    let p_row = &mut p_tile[r * ng..(r + 1) * ng];
+                    let e1 = &mut e1[r * bs..r * bs + nb];
+                    let mut w1: Vec<f64> = wr[i1..i2].to_vec();
+                    for i in 0..nb {
+                        let col = i1 + i;
+                        let orig = perm[col];
+                        let p = if dynamic_groups {
+                            if col % g == 0 {
+                                cur[r] = if cfg.grid_search {
+                                    // The group as it stands now: this block's updates (`w1`)
+                                    // and the lazy ones of earlier blocks beyond it (`wr`).
+                                    let vals: Vec<f32> = (col..col + g)
+                                        .map(|j| if j < i2 { w1[j - i1] } else { wr[j] } as f32)
+                                        .collect();
+                                    let imp: Vec<f32> =
+                                        (col..col + g).map(|j| h[j * inp + j] as f32).collect();
+                                    weighted_unit_params(&vals, &imp, &spec)
+                                } else {
+                                    // `wr` beyond i1 holds the updates of previous blocks only.
+                                    let vals: Vec<f32> =
+                                        wr[col..col + g].iter().map(|&v| v as f32).collect();
+                                    unit_params(&vals, &spec, clip_search)
+                                };
+                                p_row[col / g] = cur[r];
+                            }
+                            cur[r]
+                        } else {
+                            // One grid per unit of g columns (g = inp per channel or tensor).
+                            fixed_p[r][orig / g]
+                        };
+                        let code = p.code(w1[i] as f32, qmax);
+                        c_row[orig] = code;
+                        let q = p.value(code) as f64;
+                        let urow = &u[col * inp..(col + 1) * inp];
+                        let err = (w1[i] - q) / urow[col];
+                        for j in i..nb {
+                            w1[j] -= err * urow[i1 + j];
                         }
-                        cur
-                    } else {
-                        // One grid per unit of g columns (g = inp per channel or tensor).
-                        fixed_p[orig / g]
-                    };
-                    let code = p.code(w1[i] as f32, qmax);
-                    c_row[orig] = code;
-                    let q = p.value(code) as f64;
-                    let urow = &u[col * inp..(col + 1) * inp];
-                    let err = (w1[i] - q) / urow[col];
-                    for j in i..i2 - i1 {
-                        w1[j] -= err * urow[i1 + j];
+                        e1[i] = err;
                     }
-                    e1[i] = err;
                 }
-                // Lazy batch update of the columns after this block.
-                for (k, &e) in e1.iter().enumerate() {
-                    if e != 0.0 {
-                        let urow = &u[(i1 + k) * inp..(i1 + k + 1) * inp];
-                        for j in i2..inp {
-                            wr[j] -= e * urow[j];
+                // Lazy batch update of the columns after this block (Eq. 4's deferred terms),
+                // a slab of columns at a time so that the block's rows of U stay in cache.
+                let mut j0 = i2;
+                while j0 < inp {
+                    let j1 = (j0 + GPTQ_SLAB_COLS).min(inp);
+                    for r in 0..rows {
+                        let wr = &mut wr[r * inp + j0..r * inp + j1];
+                        for (k, &e) in e1[r * bs..r * bs + nb].iter().enumerate() {
+                            if e != 0.0 {
+                                let urow = &u[(i1 + k) * inp + j0..(i1 + k) * inp + j1];
+                                for (x, &v) in wr.iter_mut().zip(urow) {
+                                    *x -= e * v;
+                                }
+                            }
                         }
                     }
+                    j0 = j1;
                 }
                 i1 = i2;
             }
             if !dynamic_groups {
-                p_row.copy_from_slice(&fixed_p);
+                for (r, f) in fixed_p.iter().enumerate() {
+                    p_tile[r * ng..(r + 1) * ng].copy_from_slice(f);
+                }
             }
         });
     Ok(GptqOutput {
@@ -420,6 +507,38 @@ mod tests {
             act_order,
             block: 128,
             grid_search: false,
+        }
+    }
+
+    #[test]
+    fn hessian_is_the_sum_of_outer_products() {
+        // 300 inputs: two strips of the lower triangle, the second ragged.
+        let mut rng = Rng::new(3);
+        let (t, n) = (37, 300);
+        let x: Vec<f32> = (0..t * n).map(|_| rng.normal() as f32).collect();
+        let mut hs = Hessian::new(n);
+        let xt = Tensor::from_vec(x.clone(), (t, n), &candle_core::Device::Cpu).unwrap();
+        hs.add(&xt.narrow(0, 0, 20).unwrap()).unwrap();
+        hs.add(&xt.narrow(0, 20, t - 20).unwrap()).unwrap();
+        let h = hs.matrix();
+        for i in 0..n {
+            for j in 0..n {
+                let want: f64 = (0..t)
+                    .map(|k| x[k * n + i] as f64 * x[k * n + j] as f64)
+                    .sum::<f64>()
+                    * 2.0
+                    / t as f64;
+                // f32 products summed over ≤ 20 tokens: relative error ≲ 20·2⁻²⁴ of Σ|x_i·x_j|.
+                let bound: f64 = (0..t)
+                    .map(|k| (x[k * n + i] as f64 * x[k * n + j] as f64).abs())
+                    .sum::<f64>()
+                    * 2.0
+                    / t as f64
+                    * 20.0
+                    * f32::EPSILON as f64;
+                assert!((h[i * n + j] - want).abs() <= bound, "({i}, {j})");
+                assert_eq!(h[i * n + j], h[j * n + i]);
+            }
         }
     }
 

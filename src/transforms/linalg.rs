@@ -101,55 +101,206 @@ pub fn orthogonality_error(a: &[f64], n: usize) -> f64 {
     worst
 }
 
-/// Lower Cholesky factor `L` of a symmetric positive definite `a` (`a = L·Lᵀ`), in place (the
-/// upper triangle is zeroed). Fails with the first column whose pivot is not positive.
-pub fn cholesky_lower(a: &mut [f64], n: usize) -> Result<(), usize> {
-    use rayon::prelude::*;
-    for j in 0..n {
-        let (head, tail) = a.split_at_mut((j + 1) * n);
-        let row_j = &mut head[j * n..];
-        let d = row_j[j] - row_j[..j].iter().map(|x| x * x).sum::<f64>();
+/// Diagonal and panel blocks of the blocked factorisations below: the GEMMs on `NB`-wide panels
+/// do the O(n³) work; only `NB × NB` blocks are done element by element.
+const NB: usize = 128;
+
+/// `dst[m × n] = dst + alpha·lhs[m × k]·rhs[k × n]`, every operand row-major with its own row
+/// stride (`rhs_t`: `rhs` is stored as its transpose, `n × k`). The slices start at the first
+/// element and must hold every row they address (checked).
+#[allow(clippy::too_many_arguments)]
+fn gemm_acc(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f64],
+    ldd: usize,
+    lhs: &[f64],
+    ldl: usize,
+    rhs: &[f64],
+    ldr: usize,
+    rhs_t: bool,
+    alpha: f64,
+) {
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    let need = |rows: usize, cols: usize, ld: usize| (rows - 1) * ld + cols;
+    assert!(dst.len() >= need(m, n, ldd) && lhs.len() >= need(m, k, ldl));
+    let (rhs_rs, rhs_cs) = if rhs_t {
+        assert!(rhs.len() >= need(n, k, ldr));
+        (1, ldr as isize)
+    } else {
+        assert!(rhs.len() >= need(k, n, ldr));
+        (ldr as isize, 1)
+    };
+    // SAFETY: the extents addressed (rows × columns at the given strides) lie inside the slices,
+    // asserted above; `dst` is a distinct mutable borrow, so it aliases neither operand.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            ldd as isize,
+            true,
+            lhs.as_ptr(),
+            1,
+            ldl as isize,
+            rhs.as_ptr(),
+            rhs_cs,
+            rhs_rs,
+            1.0,
+            alpha,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// Unblocked lower Cholesky of the `b × b` block at `a[o..]` (row stride `n`), in place on its
+/// lower triangle. Fails with the block-local column whose pivot is not positive.
+fn cholesky_block(a: &mut [f64], n: usize, o: usize, b: usize) -> Result<(), usize> {
+    for j in 0..b {
+        let rj = o + j * n;
+        let d = a[rj + j] - (0..j).map(|k| a[rj + k] * a[rj + k]).sum::<f64>();
         if !(d > 0.0 && d.is_finite()) {
             return Err(j);
         }
         let d = d.sqrt();
-        row_j[j] = d;
-        row_j[j + 1..].iter_mut().for_each(|x| *x = 0.0);
-        let row_j = &head[j * n..j * n + j];
-        // L[i][j] = (a[i][j] − Σ_k<j L[i][k]·L[j][k]) / L[j][j] for every row below.
-        tail.par_chunks_mut(n).for_each(|row_i| {
-            let dot: f64 = row_i[..j].iter().zip(row_j).map(|(a, b)| a * b).sum();
-            row_i[j] = (row_i[j] - dot) / d;
-        });
+        a[rj + j] = d;
+        for i in j + 1..b {
+            let ri = o + i * n;
+            let dot: f64 = (0..j).map(|k| a[ri + k] * a[rj + k]).sum();
+            a[ri + j] = (a[ri + j] - dot) / d;
+        }
+    }
+    Ok(())
+}
+
+/// Inverse of the lower-triangular `b × b` block at `l[o..]` (row stride `n`), as a dense
+/// row-major `b × b` (zero above the diagonal), by forward substitution column by column.
+fn lower_inverse_block(l: &[f64], n: usize, o: usize, b: usize) -> Vec<f64> {
+    let mut x = vec![0.0; b * b];
+    for j in 0..b {
+        x[j * b + j] = 1.0 / l[o + j * n + j];
+        for i in j + 1..b {
+            let s: f64 = (j..i).map(|k| l[o + i * n + k] * x[k * b + j]).sum();
+            x[i * b + j] = -s / l[o + i * n + i];
+        }
+    }
+    x
+}
+
+/// Lower Cholesky factor `L` of a symmetric positive definite `a` (`a = L·Lᵀ`), in place (the
+/// upper triangle is zeroed). Fails with the first column whose pivot is not positive.
+///
+/// Blocked right-looking form (docs/algorithms.md §9): for each `NB`-wide panel, factor its
+/// diagonal block `A₁₁ = L₁₁·L₁₁ᵀ`, solve the panel `L₂₁ = A₂₁·L₁₁⁻ᵀ`, and update the trailing
+/// matrix `A₂₂ −= L₂₁·L₂₁ᵀ` (lower half only, a block row at a time, in parallel).
+pub fn cholesky_lower(a: &mut [f64], n: usize) -> Result<(), usize> {
+    use rayon::prelude::*;
+    let mut k0 = 0;
+    while k0 < n {
+        let k1 = (k0 + NB).min(n);
+        let b = k1 - k0;
+        cholesky_block(a, n, k0 * n + k0, b).map_err(|j| k0 + j)?;
+        let m = n - k1;
+        if m > 0 {
+            let inv = lower_inverse_block(a, n, k0 * n + k0, b);
+            // L₂₁ = A₂₁·L₁₁⁻ᵀ into a packed `m × b` panel, then back into place.
+            let mut p = vec![0.0; m * b];
+            p.par_chunks_mut(NB * b).enumerate().for_each(|(s, rows)| {
+                let r0 = k1 + s * NB;
+                let mr = rows.len() / b;
+                gemm_acc(
+                    (mr, b, b),
+                    rows,
+                    b,
+                    &a[r0 * n + k0..],
+                    n,
+                    &inv,
+                    b,
+                    true,
+                    1.0,
+                );
+            });
+            for (i, row) in p.chunks(b).enumerate() {
+                a[(k1 + i) * n + k0..(k1 + i) * n + k1].copy_from_slice(row);
+            }
+            // A₂₂ −= L₂₁·L₂₁ᵀ, each block row up to its diagonal.
+            let p = &p;
+            a[k1 * n..]
+                .par_chunks_mut(NB * n)
+                .enumerate()
+                .for_each(|(s, rows)| {
+                    let (i0, mr) = (s * NB, rows.len() / n);
+                    let dst = &mut rows[k1..];
+                    gemm_acc((mr, i0 + mr, b), dst, n, &p[i0 * b..], b, p, b, true, -1.0);
+                });
+        }
+        k0 = k1;
+    }
+    for i in 0..n {
+        a[i * n + i + 1..(i + 1) * n]
+            .iter_mut()
+            .for_each(|x| *x = 0.0);
     }
     Ok(())
 }
 
 /// Inverse of a lower-triangular `l` with a positive diagonal (itself lower triangular).
+///
+/// By block rows (docs/algorithms.md §9): `X_ii = L_ii⁻¹` and, for the columns left of it,
+/// `X_{i,<i} = −X_ii·(L_{i,<i}·X_{<i,<i})`, a column block at a time (in parallel) over only the
+/// rows where `X` is non-zero.
 pub fn lower_triangular_inverse(l: &[f64], n: usize) -> Vec<f64> {
     use rayon::prelude::*;
-    // Column j of X = L⁻¹ solves L·x = e_j by forward substitution; x[i] = 0 for i < j.
-    // Columns are independent: solve them in parallel, then transpose into place.
-    let cols: Vec<Vec<f64>> = (0..n)
-        .into_par_iter()
-        .map(|j| {
-            let mut x = vec![0.0; n];
-            x[j] = 1.0 / l[j * n + j];
-            for i in j + 1..n {
-                let row = &l[i * n..i * n + i];
-                let s: f64 = row[j..i].iter().zip(&x[j..i]).map(|(a, b)| a * b).sum();
-                x[i] = -s / l[i * n + i];
+    let mut x = vec![0.0; n * n];
+    let mut r0 = 0;
+    while r0 < n {
+        let r1 = (r0 + NB).min(n);
+        let b = r1 - r0;
+        let xii = lower_inverse_block(l, n, r0 * n + r0, b);
+        let xr = &x;
+        let blocks: Vec<(usize, Vec<f64>)> = (0..r0.div_ceil(NB))
+            .into_par_iter()
+            .map(|cb| {
+                let (c0, c1) = (cb * NB, ((cb + 1) * NB).min(r0));
+                let w = c1 - c0;
+                // T = L[r, c0..r0]·X[c0..r0, c0..c1] (X is zero above row c0 in these columns).
+                let mut t = vec![0.0; b * w];
+                let ll = &l[r0 * n + c0..];
+                gemm_acc(
+                    (b, w, r0 - c0),
+                    &mut t,
+                    w,
+                    ll,
+                    n,
+                    &xr[c0 * n + c0..],
+                    n,
+                    false,
+                    1.0,
+                );
+                let mut out = vec![0.0; b * w];
+                gemm_acc((b, w, b), &mut out, w, &xii, b, &t, w, false, -1.0);
+                (c0, out)
+            })
+            .collect();
+        for (c0, out) in blocks {
+            let w = out.len() / b;
+            for i in 0..b {
+                x[(r0 + i) * n + c0..(r0 + i) * n + c0 + w]
+                    .copy_from_slice(&out[i * w..(i + 1) * w]);
             }
-            x
-        })
-        .collect();
-    let mut out = vec![0.0; n * n];
-    for (j, c) in cols.iter().enumerate() {
-        for i in j..n {
-            out[i * n + j] = c[i];
         }
+        for i in 0..b {
+            x[(r0 + i) * n + r0..(r0 + i) * n + r1].copy_from_slice(&xii[i * b..(i + 1) * b]);
+        }
+        r0 = r1;
     }
-    out
+    x
 }
 
 /// The upper-triangular `U` with `H⁻¹ = Uᵀ·U` (GPTQ's "Cholesky of the inverse", §4.3), from one
@@ -190,15 +341,24 @@ mod tests {
     #[test]
     fn upper_factor_of_the_inverse() {
         let mut rng = Rng::new(5);
-        for n in [1, 3, 17, 130] {
-            // H = A·Aᵀ + n·I: symmetric positive definite.
-            let a: Vec<f64> = (0..n * n).map(|_| rng.normal()).collect();
-            let mut h = vec![0.0; n * n];
+        let mm = |a: &[f64], b: &[f64], n: usize| -> Vec<f64> {
+            let mut c = vec![0.0; n * n];
             for i in 0..n {
-                for j in 0..n {
-                    h[i * n + j] = (0..n).map(|k| a[i * n + k] * a[j * n + k]).sum::<f64>()
-                        + if i == j { n as f64 } else { 0.0 };
+                for k in 0..n {
+                    for j in 0..n {
+                        c[i * n + j] += a[i * n + k] * b[k * n + j];
+                    }
                 }
+            }
+            c
+        };
+        // Sizes within one panel, across one panel boundary and across several (NB = 128).
+        for n in [1, 3, 17, 130, 300] {
+            // H = A·Aᵀ + n·I: symmetric positive definite, condition number ≈ 5.
+            let a: Vec<f64> = (0..n * n).map(|_| rng.normal()).collect();
+            let mut h = mm(&a, &transpose(&a, n), n);
+            for i in 0..n {
+                h[i * n + i] += n as f64;
             }
             let u = upper_cholesky_of_inverse(&h, n).unwrap();
             for i in 0..n {
@@ -207,20 +367,32 @@ mod tests {
                 }
                 assert!(u[i * n + i] > 0.0);
             }
-            // Uᵀ·U·H = I.
-            let mut err: f64 = 0.0;
-            for i in 0..n {
-                for j in 0..n {
-                    let mut s = 0.0;
-                    for k in 0..n {
-                        let utu: f64 = (0..n).map(|m| u[m * n + i] * u[m * n + k]).sum();
-                        s += utu * h[k * n + j];
-                    }
-                    err = err.max((s - if i == j { 1.0 } else { 0.0 }).abs());
-                }
-            }
+            // Uᵀ·U·H = I, to f64 rounding times n and the condition number.
+            let p = mm(&mm(&transpose(&u, n), &u, n), &h, n);
+            let err = (0..n * n)
+                .map(|k| (p[k] - if k % (n + 1) == 0 { 1.0 } else { 0.0 }).abs())
+                .fold(0.0, f64::max);
             assert!(err < 1e-10, "n = {n}: {err}");
+            // The factor and the triangular inverse on their own: L·Lᵀ = H and L·L⁻¹ = I.
+            let mut l = h.clone();
+            cholesky_lower(&mut l, n).unwrap();
+            let llt = mm(&l, &transpose(&l, n), n);
+            let scale = h.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            let err = (0..n * n)
+                .map(|k| (llt[k] - h[k]).abs())
+                .fold(0.0, f64::max);
+            assert!(err < 1e-12 * scale * n as f64, "n = {n}: L·Lᵀ off by {err}");
+            let li = mm(&l, &lower_triangular_inverse(&l, n), n);
+            let err = (0..n * n)
+                .map(|k| (li[k] - if k % (n + 1) == 0 { 1.0 } else { 0.0 }).abs())
+                .fold(0.0, f64::max);
+            assert!(err < 1e-10, "n = {n}: L·L⁻¹ off by {err}");
         }
+        // A failing pivot is reported by its column, also beyond the first panel.
+        let n = 200;
+        let mut bad: Vec<f64> = identity(n);
+        bad[150 * n + 150] = -1.0;
+        assert_eq!(cholesky_lower(&mut bad, n), Err(150));
         let singular = [1.0, 1.0, 1.0, 1.0];
         assert!(upper_cholesky_of_inverse(&singular, 2).is_err());
     }
