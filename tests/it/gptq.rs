@@ -2,9 +2,9 @@
 //! `--weight-quantizer gptq` path through the binary under rtn, rotate and flatquant.
 
 use crate::common::*;
-use affq::calib::run_block;
+use affq::calib::{observe_block, run_block};
 use affq::formats::Checkpoint;
-use affq::model::{BlockHook, LinearKind};
+use affq::model::{BlockHook, LinearKind, Site};
 use affq::quant::gptq::{gptq, output_error, GptqConfig, Hessian};
 use affq::quant::{Granularity, QuantSpec, QuantizedWeight};
 use candle_core::{Device, Tensor};
@@ -20,6 +20,71 @@ impl BlockHook for Capture {
             .entry(kind as usize)
             .or_insert_with(|| Hessian::new(n))
             .add(x)
+    }
+}
+
+/// Records the linears it is shown and the Hessian of `kind`'s input; wants nothing past `kind`.
+struct Until {
+    kind: LinearKind,
+    seen: Vec<LinearKind>,
+    h: Option<Hessian>,
+}
+
+impl BlockHook for Until {
+    fn linear_input(&mut self, kind: LinearKind, x: &Tensor) -> affq::Result<()> {
+        self.seen.push(kind);
+        if kind == self.kind {
+            let n = x.dims()[x.dims().len() - 1];
+            self.h.get_or_insert_with(|| Hessian::new(n)).add(x)?;
+        }
+        Ok(())
+    }
+
+    fn last_wanted(&self) -> Option<LinearKind> {
+        Some(self.kind)
+    }
+}
+
+#[test]
+fn a_partial_forward_sees_what_the_whole_forward_sees_and_stops_at_its_site() {
+    // GPTQ's group Hessians run each block only up to the group's input (Block::observe): that
+    // input must be the whole forward's, bit for bit, and no later site may run.
+    let ckpt = Checkpoint::open(&stories_hf()).unwrap();
+    let model = ckpt.load_model(256).unwrap();
+    let raw = std::fs::read_to_string(data_dir().join("wikitext-2-raw/wiki.valid.raw")).unwrap();
+    let tok = affq::tokenizer::Tok::load(&stories_hf().join("tokenizer.json")).unwrap();
+    let ids: Vec<u32> = tok.encode(&raw[..20_000], false).unwrap()[..3 * 128].to_vec();
+    let ids = Tensor::from_vec(ids, (3, 128), &Device::Cpu).unwrap();
+    let x = model.embed(&ids).unwrap();
+    let block = &model.blocks[1];
+    let mut whole = Capture(HashMap::new());
+    run_block(block, &model.rope, &x, 2, &mut whole).unwrap();
+    for kind in LinearKind::ALL {
+        let mut part = Until {
+            kind,
+            seen: Vec::new(),
+            h: None,
+        };
+        observe_block(block, &model.rope, &x, 2, &mut part).unwrap();
+        assert_eq!(
+            part.h.as_ref().unwrap().matrix(),
+            whole.0[&(kind as usize)].matrix(),
+            "{kind:?}"
+        );
+        // Sites in forward order, up to and including the one that reads `kind`; twice (two
+        // batches of windows).
+        let upto: Vec<LinearKind> = Site::ALL
+            .iter()
+            .take(
+                Site::ALL
+                    .iter()
+                    .position(|s| s.linears().contains(&kind))
+                    .unwrap()
+                    + 1,
+            )
+            .flat_map(|s| s.linears().iter().copied())
+            .collect();
+        assert_eq!(part.seen, [upto.clone(), upto].concat(), "{kind:?}");
     }
 }
 
