@@ -33,6 +33,7 @@ pub mod quantize;
 pub mod recipe;
 pub mod rng;
 pub mod runtime;
+pub mod strided_gemm;
 pub mod tokenizer;
 pub mod transforms;
 

@@ -137,20 +137,32 @@ pub fn run_block(
     batch: usize,
     hook: &mut dyn BlockHook,
 ) -> Result<Tensor> {
-    let n = x.dim(0)?;
     let mut outs = Vec::new();
+    for_each_batch(x, batch, |xb| {
+        outs.push(
+            block
+                .forward(xb, rope, Mode::Eval, hook)?
+                .to_dtype(x.dtype())?,
+        );
+        Ok(())
+    })?;
+    Ok(Tensor::cat(&outs, 0)?)
+}
+
+/// `f` on `x` (`[N, ...]`) `batch` windows at a time, each batch in f32.
+fn for_each_batch(
+    x: &Tensor,
+    batch: usize,
+    mut f: impl FnMut(&Tensor) -> Result<()>,
+) -> Result<()> {
+    let n = x.dim(0)?;
     let mut s = 0;
     while s < n {
         let b = batch.min(n - s);
-        let xb = x.narrow(0, s, b)?.to_dtype(DType::F32)?;
-        outs.push(
-            block
-                .forward(&xb, rope, Mode::Eval, hook)?
-                .to_dtype(x.dtype())?,
-        );
+        f(&x.narrow(0, s, b)?.to_dtype(DType::F32)?)?;
         s += b;
     }
-    Ok(Tensor::cat(&outs, 0)?)
+    Ok(())
 }
 
 /// Windows on which a block's deployed form is compared with its untrained (RTN) start.
@@ -165,14 +177,7 @@ pub fn observe_block(
     batch: usize,
     hook: &mut dyn BlockHook,
 ) -> Result<()> {
-    let n = x.dim(0)?;
-    let mut s = 0;
-    while s < n {
-        let b = batch.min(n - s);
-        block.observe(&x.narrow(0, s, b)?.to_dtype(DType::F32)?, rope, hook)?;
-        s += b;
-    }
-    Ok(())
+    for_each_batch(x, batch, |xb| block.observe(xb, rope, hook))
 }
 
 /// Mean squared error between two tensors (either dtype), in f64.

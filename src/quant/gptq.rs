@@ -12,6 +12,7 @@
 use super::quantizer::{QuantSpec, UnitParams};
 use super::weight::{check_finite, unit_len, unit_params, Granularity, QuantizedWeight};
 use crate::error::{Error, Result};
+use crate::strided_gemm::{gemm, Parallelism};
 use crate::transforms::linalg::upper_cholesky_of_inverse;
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
@@ -62,51 +63,37 @@ impl Hessian {
     }
 
     /// Adds the rows of `x` (`[..., n]`): `Σ x·xᵀ` is symmetric, so only its lower triangle is
-    /// formed, a block row at a time in parallel (`matrix` mirrors it).
+    /// formed, a strip of rows at a time, each strip's GEMM across the threads (`matrix` mirrors
+    /// it).
     pub fn add(&mut self, x: &Tensor) -> Result<()> {
         let n = self.n;
         let x = x.to_dtype(DType::F32)?.reshape(((), n))?;
         let t = x.dim(0)?;
         let x: Vec<f32> = x.flatten_all()?.to_vec1()?;
         const ROWS: usize = 256;
-        self.sum
-            .chunks_mut(ROWS * n)
-            .enumerate()
-            .for_each(|(s, sum)| {
-                let (r0, mr) = (s * ROWS, sum.len() / n);
-                let w = r0 + mr;
-                let mut strip = vec![0f32; mr * w];
-                // SAFETY: `strip` is `mr × w` (row stride w); the left operand reads columns
-                // r0..r0+mr and the right columns 0..w of the `t × n` row-major `x`, w ≤ n.
-                unsafe {
-                    gemm::gemm(
-                        mr,
-                        w,
-                        t,
-                        strip.as_mut_ptr(),
-                        1,
-                        w as isize,
-                        false,
-                        x.as_ptr().add(r0),
-                        n as isize,
-                        1,
-                        x.as_ptr(),
-                        1,
-                        n as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::Rayon(0),
-                    );
+        for (s, sum) in self.sum.chunks_mut(ROWS * n).enumerate() {
+            let (r0, mr) = (s * ROWS, sum.len() / n);
+            let w = r0 + mr;
+            let mut strip = vec![0f32; mr * w];
+            // The strip's rows r0..r0+mr of Xᵀ (X's columns, read through strides) times
+            // X's columns 0..w.
+            let cols = (&x[r0..], n, 1);
+            gemm(
+                (mr, w, t),
+                &mut strip,
+                w,
+                false,
+                cols,
+                (&x, 1, n),
+                1.0,
+                Parallelism::Rayon(0),
+            );
+            for (row, srow) in sum.chunks_mut(n).zip(strip.chunks(w)) {
+                for (a, &v) in row.iter_mut().zip(srow) {
+                    *a += v as f64;
                 }
-                for (row, srow) in sum.chunks_mut(n).zip(strip.chunks(w)) {
-                    for (a, &v) in row.iter_mut().zip(srow) {
-                        *a += v as f64;
-                    }
-                }
-            });
+            }
+        }
         self.tokens += t;
         Ok(())
     }

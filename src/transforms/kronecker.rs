@@ -5,6 +5,7 @@
 //! a full `n × n` matrix (`n1 = 1`) or a head-mixing `P⊗I`.
 
 use crate::error::{Error, Result};
+use crate::strided_gemm::{gemm, Parallelism};
 use candle_core::{CpuStorage, CustomOp3, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -158,43 +159,6 @@ struct KronOp {
 /// Rows per task.
 const CHUNK: usize = 32;
 
-/// `dst (m×n, row stride rs_d) = α·dst + β·lhs·rhs`, operands given by (pointer, column stride,
-/// row stride).
-///
-/// # Safety
-/// Every operand must address an in-bounds block of the stated shape and strides.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_f32(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    rs_d: usize,
-    acc: bool,
-    (lhs, lcs, lrs): (*const f32, usize, usize),
-    (rhs, rcs, rrs): (*const f32, usize, usize),
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        rs_d as isize,
-        acc,
-        lhs,
-        lcs as isize,
-        lrs as isize,
-        rhs,
-        rcs as isize,
-        rrs as isize,
-        if acc { 1.0 } else { 0.0 },
-        1.0,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    )
-}
-
 fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
@@ -219,17 +183,17 @@ impl KronOp {
             return;
         }
         let m = x.len() / n2;
-        // SAFETY: x and z are [m × n2], p2 is [n2 × n2], all row-major.
-        unsafe {
-            gemm_f32(
-                (m, n2, n2),
-                z.as_mut_ptr(),
-                n2,
-                false,
-                (x.as_ptr(), 1, n2),
-                (p2.as_ptr(), 1, n2),
-            )
-        };
+        // x and z are [m × n2], p2 is [n2 × n2], all row-major.
+        gemm(
+            (m, n2, n2),
+            z,
+            n2,
+            false,
+            (x, 1, n2),
+            (p2, 1, n2),
+            1.0,
+            Parallelism::None,
+        );
     }
 
     fn forward(&self, x: &[f32], p1: &[f32], p2: &[f32]) -> Vec<f32> {
@@ -248,17 +212,17 @@ impl KronOp {
                     let z = &mut z[..xc.len()];
                     self.z_chunk(xc, p2, z);
                     for (yr, zr) in yc.chunks_exact_mut(n).zip(z.chunks_exact(n)) {
-                        // SAFETY: yr, zr are [n1 × n2]; P1ᵀ is P1 [n1 × n1] read transposed.
-                        unsafe {
-                            gemm_f32(
-                                (n1, n2, n1),
-                                yr.as_mut_ptr(),
-                                n2,
-                                false,
-                                (p1.as_ptr(), n1, 1),
-                                (zr.as_ptr(), 1, n2),
-                            )
-                        };
+                        // yr, zr are [n1 × n2]; P1ᵀ is P1 [n1 × n1] read transposed.
+                        gemm(
+                            (n1, n2, n1),
+                            yr,
+                            n2,
+                            false,
+                            (p1, n1, 1),
+                            (zr, 1, n2),
+                            1.0,
+                            Parallelism::None,
+                        );
                     }
                 },
             );
@@ -290,33 +254,33 @@ impl KronOp {
             let dz: Vec<f32> = if self.p1 {
                 let mut dz = vec![0f32; xc.len()];
                 for (dzr, gr) in dz.chunks_exact_mut(n).zip(gc.chunks_exact(n)) {
-                    // SAFETY: dzr, gr are [n1 × n2]; P1 is [n1 × n1].
-                    unsafe {
-                        gemm_f32(
-                            (n1, n2, n1),
-                            dzr.as_mut_ptr(),
-                            n2,
-                            false,
-                            (p1.as_ptr(), 1, n1),
-                            (gr.as_ptr(), 1, n2),
-                        )
-                    };
+                    // dzr, gr are [n1 × n2]; P1 is [n1 × n1].
+                    gemm(
+                        (n1, n2, n1),
+                        dzr,
+                        n2,
+                        false,
+                        (p1, 1, n1),
+                        (gr, 1, n2),
+                        1.0,
+                        Parallelism::None,
+                    );
                 }
                 if want_p1 {
                     let mut z = vec![0f32; xc.len()];
                     self.z_chunk(xc, p2, &mut z);
                     for (zr, gr) in z.chunks_exact(n).zip(gc.chunks_exact(n)) {
-                        // SAFETY: zr, gr are [n1 × n2]; Gᵀ read through strides; dp1 [n1 × n1].
-                        unsafe {
-                            gemm_f32(
-                                (n1, n1, n2),
-                                dp1.as_mut_ptr(),
-                                n1,
-                                true,
-                                (zr.as_ptr(), 1, n2),
-                                (gr.as_ptr(), n2, 1),
-                            )
-                        };
+                        // zr, gr are [n1 × n2]; Gᵀ read through strides; dp1 [n1 × n1].
+                        gemm(
+                            (n1, n1, n2),
+                            &mut dp1,
+                            n1,
+                            true,
+                            (zr, 1, n2),
+                            (gr, n2, 1),
+                            1.0,
+                            Parallelism::None,
+                        );
                     }
                 }
                 dz
@@ -326,32 +290,32 @@ impl KronOp {
             let m = rows * n1;
             if want_p2 {
                 // dP2 = Σ X_rᵀ·dZ_r = (X as [m × n2])ᵀ·(dZ as [m × n2]).
-                // SAFETY: xc, dz are [m × n2]; dp2 [n2 × n2].
-                unsafe {
-                    gemm_f32(
-                        (n2, n2, m),
-                        dp2.as_mut_ptr(),
-                        n2,
-                        false,
-                        (xc.as_ptr(), n2, 1),
-                        (dz.as_ptr(), 1, n2),
-                    )
-                };
+                // xc, dz are [m × n2]; dp2 [n2 × n2].
+                gemm(
+                    (n2, n2, m),
+                    &mut dp2,
+                    n2,
+                    false,
+                    (xc, n2, 1),
+                    (&dz, 1, n2),
+                    1.0,
+                    Parallelism::None,
+                );
             }
             if let Some(dxc) = dxc {
                 if self.p2 {
                     // dX = dZ·P2ᵀ.
-                    // SAFETY: dz, dxc are [m × n2]; P2ᵀ read through strides.
-                    unsafe {
-                        gemm_f32(
-                            (m, n2, n2),
-                            dxc.as_mut_ptr(),
-                            n2,
-                            false,
-                            (dz.as_ptr(), 1, n2),
-                            (p2.as_ptr(), n2, 1),
-                        )
-                    };
+                    // dz, dxc are [m × n2]; P2ᵀ read through strides.
+                    gemm(
+                        (m, n2, n2),
+                        dxc,
+                        n2,
+                        false,
+                        (&dz, 1, n2),
+                        (p2, n2, 1),
+                        1.0,
+                        Parallelism::None,
+                    );
                 } else {
                     dxc.copy_from_slice(&dz);
                 }

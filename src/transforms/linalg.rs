@@ -2,6 +2,7 @@
 //! Matrices are row-major `Vec<f64>` of size `n × n`.
 
 use crate::rng::Rng;
+use crate::strided_gemm::{gemm, Parallelism};
 
 /// A Haar-random orthogonal matrix: QR (Householder) of a Gaussian matrix with the signs of
 /// `diag(R)` folded into Q's columns.
@@ -104,60 +105,8 @@ pub fn orthogonality_error(a: &[f64], n: usize) -> f64 {
 /// Diagonal and panel blocks of the blocked factorisations below: the GEMMs on `NB`-wide panels
 /// do the O(n³) work; only `NB × NB` blocks are done element by element.
 const NB: usize = 128;
-
-/// `dst[m × n] = dst + alpha·lhs[m × k]·rhs[k × n]`, every operand row-major with its own row
-/// stride (`rhs_t`: `rhs` is stored as its transpose, `n × k`). The slices start at the first
-/// element and must hold every row they address (checked).
-#[allow(clippy::too_many_arguments)]
-fn gemm_acc(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [f64],
-    ldd: usize,
-    lhs: &[f64],
-    ldl: usize,
-    rhs: &[f64],
-    ldr: usize,
-    rhs_t: bool,
-    alpha: f64,
-) {
-    if m == 0 || n == 0 || k == 0 {
-        return;
-    }
-    let need = |rows: usize, cols: usize, ld: usize| (rows - 1) * ld + cols;
-    assert!(dst.len() >= need(m, n, ldd) && lhs.len() >= need(m, k, ldl));
-    let (rhs_rs, rhs_cs) = if rhs_t {
-        assert!(rhs.len() >= need(n, k, ldr));
-        (1, ldr as isize)
-    } else {
-        assert!(rhs.len() >= need(k, n, ldr));
-        (ldr as isize, 1)
-    };
-    // SAFETY: the extents addressed (rows × columns at the given strides) lie inside the slices,
-    // asserted above; `dst` is a distinct mutable borrow, so it aliases neither operand.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            ldd as isize,
-            true,
-            lhs.as_ptr(),
-            1,
-            ldl as isize,
-            rhs.as_ptr(),
-            rhs_cs,
-            rhs_rs,
-            1.0,
-            alpha,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
-}
+/// The panel GEMMs run one per rayon task, each on one thread.
+const SEQ: Parallelism = Parallelism::None;
 
 /// Unblocked lower Cholesky of the `b × b` block at `a[o..]` (row stride `n`), in place on its
 /// lower triangle. Fails with the block-local column whose pivot is not positive.
@@ -214,17 +163,8 @@ pub fn cholesky_lower(a: &mut [f64], n: usize) -> Result<(), usize> {
             p.par_chunks_mut(NB * b).enumerate().for_each(|(s, rows)| {
                 let r0 = k1 + s * NB;
                 let mr = rows.len() / b;
-                gemm_acc(
-                    (mr, b, b),
-                    rows,
-                    b,
-                    &a[r0 * n + k0..],
-                    n,
-                    &inv,
-                    b,
-                    true,
-                    1.0,
-                );
+                let panel = (&a[r0 * n + k0..], 1, n);
+                gemm((mr, b, b), rows, b, true, panel, (&inv, b, 1), 1.0, SEQ);
             });
             for (i, row) in p.chunks(b).enumerate() {
                 a[(k1 + i) * n + k0..(k1 + i) * n + k1].copy_from_slice(row);
@@ -237,7 +177,16 @@ pub fn cholesky_lower(a: &mut [f64], n: usize) -> Result<(), usize> {
                 .for_each(|(s, rows)| {
                     let (i0, mr) = (s * NB, rows.len() / n);
                     let dst = &mut rows[k1..];
-                    gemm_acc((mr, i0 + mr, b), dst, n, &p[i0 * b..], b, p, b, true, -1.0);
+                    gemm(
+                        (mr, i0 + mr, b),
+                        dst,
+                        n,
+                        true,
+                        (&p[i0 * b..], 1, b),
+                        (p, b, 1),
+                        -1.0,
+                        SEQ,
+                    );
                 });
         }
         k0 = k1;
@@ -272,19 +221,19 @@ pub fn lower_triangular_inverse(l: &[f64], n: usize) -> Vec<f64> {
                 // T = L[r, c0..r0]·X[c0..r0, c0..c1] (X is zero above row c0 in these columns).
                 let mut t = vec![0.0; b * w];
                 let ll = &l[r0 * n + c0..];
-                gemm_acc(
-                    (b, w, r0 - c0),
-                    &mut t,
-                    w,
-                    ll,
-                    n,
-                    &xr[c0 * n + c0..],
-                    n,
-                    false,
-                    1.0,
-                );
+                let xc = (&xr[c0 * n + c0..], 1, n);
+                gemm((b, w, r0 - c0), &mut t, w, true, (ll, 1, n), xc, 1.0, SEQ);
                 let mut out = vec![0.0; b * w];
-                gemm_acc((b, w, b), &mut out, w, &xii, b, &t, w, false, -1.0);
+                gemm(
+                    (b, w, b),
+                    &mut out,
+                    w,
+                    true,
+                    (&xii, 1, b),
+                    (&t, 1, w),
+                    -1.0,
+                    SEQ,
+                );
                 (c0, out)
             })
             .collect();

@@ -25,6 +25,14 @@ pub fn stories_dir() -> PathBuf {
     data_dir().join("models/stories260K")
 }
 
+/// The first `n` tokens of the first `chars` characters of WikiText-2's validation text, by the
+/// tokenizer of the model in `dir` (`bos`: as its tokenizer adds one).
+pub fn valid_ids(dir: &Path, chars: usize, bos: bool, n: usize) -> Vec<u32> {
+    let raw = std::fs::read_to_string(data_dir().join("wikitext-2-raw/wiki.valid.raw")).unwrap();
+    let tok = affq::tokenizer::Tok::load(&dir.join("tokenizer.json")).unwrap();
+    tok.encode(&raw[..chars], bos).unwrap()[..n].to_vec()
+}
+
 pub fn read_json(p: &Path) -> serde_json::Value {
     serde_json::from_str(
         &std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
@@ -124,9 +132,7 @@ pub fn stories_reparameterisation_error(
 ) -> f32 {
     use affq::model::Mode;
     let ckpt = affq::formats::Checkpoint::open(&stories_hf()).unwrap();
-    let tok = affq::tokenizer::Tok::load(&stories_hf().join("tokenizer.json")).unwrap();
-    let raw = std::fs::read_to_string(data_dir().join("wikitext-2-raw/wiki.valid.raw")).unwrap();
-    let ids = tok.encode(&raw[..8000], true).unwrap()[..200].to_vec();
+    let ids = valid_ids(&stories_hf(), 8000, true, 200);
     let t =
         candle_core::Tensor::from_slice(&ids, (1, ids.len()), &candle_core::Device::Cpu).unwrap();
     let want = ckpt

@@ -49,11 +49,11 @@ impl BlockHook for Until {
 fn a_partial_forward_sees_what_the_whole_forward_sees_and_stops_at_its_site() {
     // GPTQ's group Hessians run each block only up to the group's input (Block::observe): that
     // input must be the whole forward's, bit for bit, and no later site may run.
-    let ckpt = Checkpoint::open(&stories_hf()).unwrap();
-    let model = ckpt.load_model(256).unwrap();
-    let raw = std::fs::read_to_string(data_dir().join("wikitext-2-raw/wiki.valid.raw")).unwrap();
-    let tok = affq::tokenizer::Tok::load(&stories_hf().join("tokenizer.json")).unwrap();
-    let ids: Vec<u32> = tok.encode(&raw[..20_000], false).unwrap()[..3 * 128].to_vec();
+    let model = Checkpoint::open(&stories_hf())
+        .unwrap()
+        .load_model(256)
+        .unwrap();
+    let ids = valid_ids(&stories_hf(), 20_000, false, 3 * 128);
     let ids = Tensor::from_vec(ids, (3, 128), &Device::Cpu).unwrap();
     let x = model.embed(&ids).unwrap();
     let block = &model.blocks[1];
@@ -92,11 +92,11 @@ fn a_partial_forward_sees_what_the_whole_forward_sees_and_stops_at_its_site() {
 fn gptq_lowers_every_layer_output_error_on_stories260k() {
     // GPTQ minimises tr(ΔW·H·ΔWᵀ) column by column; on real calibration activations it must come
     // out below round-to-nearest for every linear of every block.
-    let ckpt = Checkpoint::open(&stories_hf()).unwrap();
-    let model = ckpt.load_model(256).unwrap();
-    let raw = std::fs::read_to_string(data_dir().join("wikitext-2-raw/wiki.valid.raw")).unwrap();
-    let tok = affq::tokenizer::Tok::load(&stories_hf().join("tokenizer.json")).unwrap();
-    let ids: Vec<u32> = tok.encode(&raw[..40_000], false).unwrap()[..4 * 256].to_vec();
+    let model = Checkpoint::open(&stories_hf())
+        .unwrap()
+        .load_model(256)
+        .unwrap();
+    let ids = valid_ids(&stories_hf(), 40_000, false, 4 * 256);
     let ids = Tensor::from_vec(ids, (4, 256), &Device::Cpu).unwrap();
     let mut x = model.embed(&ids).unwrap();
     for (bi, block) in model.blocks.iter().enumerate() {

@@ -10,9 +10,7 @@ use candle_core::{Device, Tensor};
 use std::path::Path;
 
 fn ids() -> Vec<u32> {
-    let raw = std::fs::read_to_string(data_dir().join("wikitext-2-raw/wiki.valid.raw")).unwrap();
-    let tok = affq::tokenizer::Tok::load(&stories_hf().join("tokenizer.json")).unwrap();
-    tok.encode(&raw[..6000], true).unwrap()[..256].to_vec()
+    valid_ids(&stories_hf(), 6000, true, 256)
 }
 
 fn logits(m: &Model, ids: &[u32]) -> Tensor {
@@ -120,9 +118,7 @@ fn rotation_preserves_smollm2() {
     let base = ckpt.load_model(512).unwrap();
     let mut rot = ckpt.load_model(512).unwrap();
     methods::rotate::rotate(&mut rot, 0).unwrap();
-    let tok = affq::tokenizer::Tok::load(&smollm2_dir().join("tokenizer.json")).unwrap();
-    let raw = std::fs::read_to_string(data_dir().join("wikitext-2-raw/wiki.valid.raw")).unwrap();
-    let ids = tok.encode(&raw[..3000], false).unwrap()[..200].to_vec();
+    let ids = valid_ids(&smollm2_dir(), 3000, false, 200);
     let (a, b) = (logits(&base, &ids), logits(&rot, &ids));
     let rel = max_abs(&(a - &b).unwrap()) / max_abs(&b);
     assert!(rel < 1e-4, "relative logit difference {rel}");
