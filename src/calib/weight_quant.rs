@@ -7,7 +7,7 @@ use crate::error::Result;
 use crate::methods::plan::quantize_linear;
 use crate::methods::QuantPlan;
 use crate::model::{Block, BlockHook, LinearKind, Rope};
-use crate::quant::gptq::{gptq, GptqConfig, Hessian};
+use crate::quant::gptq::{gptq_factored, GptqConfig, GptqFactor, Hessian};
 use crate::quant::ActQuantizer;
 use candle_core::Tensor;
 use std::sync::Arc;
@@ -108,18 +108,18 @@ pub fn quantize_block_weights(
                     h: Hessian::new(first.in_features()),
                 };
                 observe_block(block, rope, x, 4, &mut hook)?;
-                let h = hook.h.matrix();
+                let inp = hook.h.n;
+                let factor = GptqFactor::new(&name(group[0]), hook.h.into_matrix(), inp, cfg)?;
                 for &kind in &group {
                     let layer = block.linear(kind);
                     let w = layer.weight()?;
-                    let (out, inp) = w.dims2()?;
+                    let out = w.dims2()?.0;
                     let values: Vec<f32> = w.flatten_all()?.to_vec1()?;
-                    let r = gptq(
+                    let r = gptq_factored(
                         &name(kind),
                         &values,
                         out,
-                        inp,
-                        &h,
+                        &factor,
                         scheme.spec,
                         scheme.granularity,
                         scheme.clip_search,

@@ -13,7 +13,7 @@ use super::quantizer::{QuantSpec, UnitParams};
 use super::weight::{check_finite, unit_len, unit_params, Granularity, QuantizedWeight};
 use crate::error::{Error, Result};
 use crate::strided_gemm::{gemm, Parallelism};
-use crate::transforms::linalg::upper_cholesky_of_inverse;
+use crate::transforms::linalg::upper_cholesky_of_inverse_shifted;
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
@@ -104,11 +104,18 @@ impl Hessian {
 
     /// `H = 2/N·Σ x·xᵀ`.
     pub fn matrix(&self) -> Vec<f64> {
+        self.clone().into_matrix()
+    }
+
+    /// [`Hessian::matrix`] in the accumulator's own buffer: the lower triangle scaled, then
+    /// mirrored (only lower-triangle and diagonal entries are read, only strictly upper ones
+    /// are written by the mirror).
+    pub fn into_matrix(self) -> Vec<f64> {
         let (n, k) = (self.n, 2.0 / self.tokens.max(1) as f64);
-        let mut h = vec![0.0; n * n];
+        let mut h = self.sum;
         for i in 0..n {
             for j in 0..=i {
-                let v = self.sum[i * n + j] * k;
+                let v = h[i * n + j] * k;
                 h[i * n + j] = v;
                 h[j * n + i] = v;
             }
@@ -117,27 +124,91 @@ impl Hessian {
     }
 }
 
-/// `H⁻¹`'s upper Cholesky factor after dampening; more dampening (×10, up to 3 times) if the
-/// factorisation fails. Returns the factor and the dampening used.
-fn inverse_factor(name: &str, h: &mut [f64], n: usize, damp: f64) -> Result<(Vec<f64>, f64)> {
+/// `H⁻¹`'s upper Cholesky factor after dampening, in `h`'s buffer; more dampening (×10, up to 3
+/// times) if the factorisation fails. Returns the factor and the dampening used.
+fn inverse_factor(name: &str, h: Vec<f64>, n: usize, damp: f64) -> Result<(Vec<f64>, f64)> {
     let mean_diag = (0..n).map(|i| h[i * n + i]).sum::<f64>() / n as f64;
-    let mut d = damp;
-    let mut added = 0.0;
-    for _ in 0..4 {
-        let target = d * mean_diag;
-        for i in 0..n {
-            h[i * n + i] += target - added;
-        }
-        added = target;
-        match upper_cholesky_of_inverse(h, n) {
-            Ok(u) => return Ok((u, d)),
-            Err(_) => d = if d > 0.0 { d * 10.0 } else { 0.01 },
-        }
+    let mut damps = vec![damp];
+    for _ in 1..4 {
+        let d = damps[damps.len() - 1];
+        damps.push(if d > 0.0 { d * 10.0 } else { 0.01 });
     }
-    Err(Error::Runtime(format!(
-        "{name}: GPTQ Hessian is not positive definite even with dampening {}",
-        d / 10.0
-    )))
+    let shifts: Vec<f64> = damps.iter().map(|d| d * mean_diag).collect();
+    match upper_cholesky_of_inverse_shifted(h, n, &shifts) {
+        Ok((u, k)) => Ok((u, damps[k])),
+        Err(_) => Err(Error::Runtime(format!(
+            "{name}: GPTQ Hessian is not positive definite even with dampening {}",
+            damps[damps.len() - 1]
+        ))),
+    }
+}
+
+/// What GPTQ takes from one input's Hessian, computed once and shared by the linears that read
+/// that input (q/k/v, gate/up): the dead inputs, the column order, the Hessian's diagonal (the
+/// importance of [`weighted_unit_params`]) and the factor `U` of `H⁻¹`. Built in the Hessian's
+/// own buffer: at its peak it holds two `inp × inp` f64 matrices (three with act order).
+pub struct GptqFactor {
+    inp: usize,
+    /// Inputs never non-zero in calibration: their column is irrelevant and zeroed.
+    dead: Vec<usize>,
+    perm: Vec<usize>,
+    diag: Vec<f64>,
+    u: Vec<f64>,
+    damp: f64,
+}
+
+impl GptqFactor {
+    pub fn new(name: &str, mut h: Vec<f64>, inp: usize, cfg: &GptqConfig) -> Result<Self> {
+        if h.len() != inp * inp {
+            return Err(Error::Runtime(format!(
+                "{name}: Hessian is {} values, expected {inp}²",
+                h.len()
+            )));
+        }
+        if let Some(i) = h.iter().position(|x| !x.is_finite()) {
+            return Err(Error::Runtime(format!(
+                "{name}: calibration Hessian has a non-finite entry at ({}, {})",
+                i / inp,
+                i % inp
+            )));
+        }
+        let mut dead = Vec::new();
+        for j in 0..inp {
+            if h[j * inp + j] == 0.0 {
+                h[j * inp + j] = 1.0;
+                dead.push(j);
+            }
+        }
+        let diag: Vec<f64> = (0..inp).map(|j| h[j * inp + j]).collect();
+        let perm: Vec<usize> = if cfg.act_order {
+            let mut p: Vec<usize> = (0..inp).collect();
+            p.sort_by(|&a, &b| diag[b].total_cmp(&diag[a]));
+            p
+        } else {
+            (0..inp).collect()
+        };
+        let hp = if cfg.act_order {
+            (0..inp * inp)
+                .map(|k| h[perm[k / inp] * inp + perm[k % inp]])
+                .collect()
+        } else {
+            h
+        };
+        let (u, damp) = inverse_factor(name, hp, inp, cfg.damp)?;
+        Ok(GptqFactor {
+            inp,
+            dead,
+            perm,
+            diag,
+            u,
+            damp,
+        })
+    }
+
+    /// The dampening the factorisation needed.
+    pub fn damp(&self) -> f64 {
+        self.damp
+    }
 }
 
 /// Result of [`gptq`]: the quantized weight and the dampening that was needed.
@@ -213,42 +284,39 @@ pub fn gptq(
     cfg: &GptqConfig,
 ) -> Result<GptqOutput> {
     check_finite(name, w, inp)?;
+    unit_len(name, inp, granularity)?;
+    let factor = GptqFactor::new(name, h.to_vec(), inp, cfg)?;
+    gptq_factored(name, w, out, &factor, spec, granularity, clip_search, cfg)
+}
+
+/// [`gptq`] with the Hessian's [`GptqFactor`] (`w` is `out × factor.inp`).
+#[allow(clippy::too_many_arguments)]
+pub fn gptq_factored(
+    name: &str,
+    w: &[f32],
+    out: usize,
+    factor: &GptqFactor,
+    spec: QuantSpec,
+    granularity: Granularity,
+    clip_search: bool,
+    cfg: &GptqConfig,
+) -> Result<GptqOutput> {
+    let inp = factor.inp;
+    if w.len() != out * inp {
+        return Err(Error::Runtime(format!(
+            "{name}: weight of {} values for a {out} × {inp} Hessian factor",
+            w.len()
+        )));
+    }
+    check_finite(name, w, inp)?;
     let g = unit_len(name, inp, granularity)?;
-    if h.len() != inp * inp {
-        return Err(Error::Runtime(format!(
-            "{name}: Hessian is {} values, expected {inp}²",
-            h.len()
-        )));
-    }
-    if let Some(i) = h.iter().position(|x| !x.is_finite()) {
-        return Err(Error::Runtime(format!(
-            "{name}: calibration Hessian has a non-finite entry at ({}, {})",
-            i / inp,
-            i % inp
-        )));
-    }
-    let mut h = h.to_vec();
+    let (perm, u, h_diag, damp) = (&factor.perm, &factor.u, &factor.diag, factor.damp);
     let mut w: Vec<f32> = w.to_vec();
-    // Dead inputs (never non-zero in calibration): the column is irrelevant; zero it.
-    for j in 0..inp {
-        if h[j * inp + j] == 0.0 {
-            h[j * inp + j] = 1.0;
-            for r in 0..out {
-                w[r * inp + j] = 0.0;
-            }
+    for &j in &factor.dead {
+        for r in 0..out {
+            w[r * inp + j] = 0.0;
         }
     }
-    let perm: Vec<usize> = if cfg.act_order {
-        let mut p: Vec<usize> = (0..inp).collect();
-        p.sort_by(|&a, &b| h[b * inp + b].total_cmp(&h[a * inp + a]));
-        p
-    } else {
-        (0..inp).collect()
-    };
-    let mut hp: Vec<f64> = (0..inp * inp)
-        .map(|k| h[perm[k / inp] * inp + perm[k % inp]])
-        .collect();
-    let (u, damp) = inverse_factor(name, &mut hp, inp, cfg.damp)?;
 
     let ng = inp / g;
     let qmax = spec.qmax() as f32;
@@ -335,7 +403,7 @@ pub fn gptq(
                                         .map(|j| if j < i2 { w1[j - i1] } else { wr[j] } as f32)
                                         .collect();
                                     let imp: Vec<f32> =
-                                        (col..col + g).map(|j| h[j * inp + j] as f32).collect();
+                                        (col..col + g).map(|j| h_diag[j] as f32).collect();
                                     weighted_unit_params(&vals, &imp, &spec)
                                 } else {
                                     // `wr` beyond i1 holds the updates of previous blocks only.

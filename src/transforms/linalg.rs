@@ -257,21 +257,79 @@ pub fn lower_triangular_inverse(l: &[f64], n: usize) -> Vec<f64> {
 /// `H⁻¹ = J·L'⁻ᵀ·L'⁻¹·J = Uᵀ·U` for `U = J·L'⁻¹·J`, which is upper triangular with a positive
 /// diagonal — the unique such factor. Fails with the column (of `H`) where positivity is lost.
 pub fn upper_cholesky_of_inverse(h: &[f64], n: usize) -> Result<Vec<f64>, usize> {
-    let mut r = vec![0.0; n * n];
-    for i in 0..n {
-        for j in 0..n {
-            r[i * n + j] = h[(n - 1 - i) * n + (n - 1 - j)];
+    upper_cholesky_of_inverse_shifted(h.to_vec(), n, &[0.0]).map(|(u, _)| u)
+}
+
+/// [`upper_cholesky_of_inverse`] of `H + δ·I` for the first `δ` of `shifts` at which that is
+/// positive definite (GPTQ's dampening), in `H`'s own buffer and one more of its size. Each shift
+/// is added to the diagonal as its difference from the one before (`(h + δ₀) + (δ₁ − δ₀)`, …).
+/// Returns the factor and the index of the shift used; fails with the column where positivity is
+/// lost at the last shift.
+///
+/// In row-major storage `J·H·J` is `H` reversed, and so is `U` of `L'⁻¹`. A failed
+/// factorisation has overwritten the lower triangle and, inside the `NB × NB` diagonal blocks,
+/// part of the upper one (the trailing updates run a block row up to its diagonal); the strict
+/// upper triangle outside those blocks is still `H`'s, so keeping the diagonal blocks and the
+/// running diagonal is enough to start again.
+pub fn upper_cholesky_of_inverse_shifted(
+    mut h: Vec<f64>,
+    n: usize,
+    shifts: &[f64],
+) -> Result<(Vec<f64>, usize), usize> {
+    assert_eq!(
+        h.len(),
+        n * n,
+        "matrix of {} values, expected {n}²",
+        h.len()
+    );
+    h.reverse();
+    let blocks: Vec<(usize, usize)> = (0..n)
+        .step_by(NB)
+        .map(|k0| (k0, (k0 + NB).min(n)))
+        .collect();
+    let saved: Vec<f64> = if shifts.len() > 1 {
+        blocks
+            .iter()
+            .flat_map(|&(k0, k1)| (k0..k1).flat_map(move |i| i * n + k0..i * n + k1))
+            .map(|k| h[k])
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut diag: Vec<f64> = (0..n).map(|i| h[i * n + i]).collect();
+    let (mut added, mut failed) = (0.0, 0);
+    for (attempt, &d) in shifts.iter().enumerate() {
+        if attempt > 0 {
+            let mut it = saved.iter();
+            for &(k0, k1) in &blocks {
+                for i in k0..k1 {
+                    for (x, s) in h[i * n + k0..i * n + k1].iter_mut().zip(&mut it) {
+                        *x = *s;
+                    }
+                }
+            }
+            for i in 0..n {
+                for j in 0..i / NB * NB {
+                    h[i * n + j] = h[j * n + i];
+                }
+            }
+        }
+        for (i, di) in diag.iter_mut().enumerate() {
+            *di += d - added;
+            h[i * n + i] = *di;
+        }
+        added = d;
+        match cholesky_lower(&mut h, n) {
+            Ok(()) => {
+                let mut u = lower_triangular_inverse(&h, n);
+                drop(h);
+                u.reverse();
+                return Ok((u, attempt));
+            }
+            Err(j) => failed = n - 1 - j,
         }
     }
-    cholesky_lower(&mut r, n).map_err(|j| n - 1 - j)?;
-    let li = lower_triangular_inverse(&r, n);
-    let mut u = vec![0.0; n * n];
-    for i in 0..n {
-        for j in 0..n {
-            u[i * n + j] = li[(n - 1 - i) * n + (n - 1 - j)];
-        }
-    }
-    Ok(u)
+    Err(failed)
 }
 
 #[cfg(test)]
@@ -344,5 +402,40 @@ mod tests {
         assert_eq!(cholesky_lower(&mut bad, n), Err(150));
         let singular = [1.0, 1.0, 1.0, 1.0];
         assert!(upper_cholesky_of_inverse(&singular, 2).is_err());
+    }
+
+    /// After failed attempts the shifted factorisation starts again from the matrix it was given
+    /// (its lower triangle and diagonal blocks overwritten in between): the factor equals, bit for
+    /// bit, that of a fresh copy carrying the same running diagonal.
+    #[test]
+    fn shifted_factor_starts_again_from_the_matrix() {
+        let mut rng = Rng::new(9);
+        for n in [5, 130, 300] {
+            // H = A·Aᵀ − I with A of rank n/2: eigenvalues −1 (n/2 times) and above.
+            let k = n / 2;
+            let a: Vec<f64> = (0..n * k).map(|_| rng.normal()).collect();
+            let mut h = vec![0.0; n * n];
+            for i in 0..n {
+                for j in 0..n {
+                    h[i * n + j] = (0..k).map(|t| a[i * k + t] * a[j * k + t]).sum();
+                }
+                h[i * n + i] -= 1.0;
+            }
+            let shifts = [0.0, 0.5, 0.75, 2.0];
+            let (u, used) = upper_cholesky_of_inverse_shifted(h.clone(), n, &shifts).unwrap();
+            assert_eq!(used, 3, "n = {n}");
+            let mut fresh = h.clone();
+            for i in 0..n {
+                let mut d = h[i * n + i];
+                let mut added = 0.0;
+                for s in shifts {
+                    d += s - added;
+                    added = s;
+                }
+                fresh[i * n + i] = d;
+            }
+            assert_eq!(u, upper_cholesky_of_inverse(&fresh, n).unwrap(), "n = {n}");
+            assert!(upper_cholesky_of_inverse_shifted(h, n, &shifts[..3]).is_err());
+        }
     }
 }
