@@ -122,18 +122,14 @@ pub struct DenseLinear {
 /// `x·Wᵀ + b` for any leading shape; `w` is `[out, in]`. A 16-bit `w` is widened to `x`'s dtype
 /// for the product (exactly the values an f32 copy would hold).
 pub fn linear_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let wide;
-    use candle_core::DType;
-    let w = if matches!(w.dtype(), DType::F16 | DType::BF16) && x.dtype() == DType::F32 {
-        wide = super::ops::widen_f32(w)?;
-        &wide
-    } else {
-        w
-    };
     let dims = x.dims().to_vec();
     let n_in = *dims.last().expect("linear input has a feature dim");
     let rows: usize = dims[..dims.len() - 1].iter().product();
-    let y = x.reshape((rows, n_in))?.matmul(&w.t()?)?;
+    let x = x.reshape((rows, n_in))?;
+    let y = match widened_matmul(&x, w)? {
+        Some(y) => y,
+        None => x.matmul(&w.t()?)?,
+    };
     let y = match b {
         Some(b) => y.broadcast_add(b)?,
         None => y,
@@ -141,6 +137,67 @@ pub fn linear_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tens
     let mut out_dims = dims;
     *out_dims.last_mut().unwrap() = w.dim(0)?;
     Ok(y.reshape(out_dims)?)
+}
+
+thread_local! {
+    /// The 16-bit weight of the current product widened to f32, kept for the next product on
+    /// this thread (see [`widened_matmul`]).
+    static WIDE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `x·Wᵀ` for f32 rows `x` and a 16-bit CPU weight `W`, widened exactly into a buffer reused
+/// across products: a fresh buffer per product (hundreds of MB at 8B shapes, above glibc's
+/// largest mmap threshold) is mapped and faulted in page by page each time, which cost an
+/// 8B-shaped block a quarter of its evaluation time. The product is candle's matmul of the
+/// widened weight — the same GEMM, strides and thread count — so the bits are the same. `None`
+/// for other operands.
+fn widened_matmul(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    use crate::strided_gemm::{gemm, Parallelism};
+    use candle_core::{CpuStorage, DType, Storage};
+    if !matches!(w.dtype(), DType::F16 | DType::BF16) || x.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let (m, k) = x.dims2()?;
+    let (n, kw) = w.dims2()?;
+    if k != kw || m == 0 || n == 0 || k == 0 {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    let xs = match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => &v[a..b],
+        _ => return Ok(None),
+    };
+    let threads = candle_core::utils::get_num_threads();
+    let par = if threads > 1 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
+    let y = WIDE.with(|wide| -> Result<Option<Vec<f32>>> {
+        let mut wide = wide.borrow_mut();
+        if !super::ops::widen_into(w, &mut wide)? {
+            return Ok(None);
+        }
+        let mut y = vec![0f32; m * n];
+        // y = x·Wᵀ: Wᵀ's element (i, j) is W[j·k + i] (column stride k, row stride 1).
+        gemm(
+            (m, n, k),
+            &mut y,
+            n,
+            false,
+            (xs, 1, k),
+            (&wide, k, 1),
+            1.0,
+            par,
+        );
+        Ok(Some(y))
+    })?;
+    drop(storage);
+    Ok(match y {
+        Some(y) => Some(Tensor::from_vec(y, (m, n), x.device())?),
+        None => None,
+    })
 }
 
 impl LinearLayer for DenseLinear {
@@ -219,36 +276,52 @@ mod tests {
 
     #[test]
     fn sixteen_bit_weight_gives_the_f32_product_exactly() {
-        // Widening f16/bf16 weights per product is exact: the same values an f32 copy holds, so
-        // the same product bit for bit.
-        let w32: Vec<f32> = (0..48)
-            .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.173)
-            .collect();
-        let x = Tensor::from_vec(
-            (0..24).map(|i| (i as f32 * 0.31).sin()).collect::<Vec<_>>(),
-            (2, 3, 4),
-            &Device::Cpu,
-        )
-        .unwrap();
-        for dt in [DType::F16, DType::BF16] {
-            let w16 = Tensor::from_vec(w32.clone(), (12, 4), &Device::Cpu)
-                .unwrap()
-                .to_dtype(dt)
-                .unwrap();
-            let wide = w16.to_dtype(DType::F32).unwrap();
-            let a: Vec<f32> = linear_forward(&x, &w16, None)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let b: Vec<f32> = linear_forward(&x, &wide, None)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            assert_eq!(a, b, "{dt:?}");
+        // Widening f16/bf16 weights per product is exact: the same values an f32 copy holds, and
+        // the same GEMM as candle's matmul of that copy, so the same product bit for bit — at a
+        // toy shape and at one past the GEMM's blocking (k > 256, several column panels), with a
+        // bias, and again after a larger weight has grown the reused buffer.
+        for (xdims, n) in [(vec![2, 3, 4], 12), (vec![150, 300], 500), (vec![5, 3], 7)] {
+            let k = xdims[xdims.len() - 1];
+            let len: usize = xdims.iter().product();
+            let w32: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.173)
+                .collect();
+            let x = Tensor::from_vec(
+                (0..len)
+                    .map(|i| (i as f32 * 0.31).sin())
+                    .collect::<Vec<_>>(),
+                xdims.as_slice(),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let bias = Tensor::from_vec(
+                (0..n).map(|i| i as f32 * 0.01).collect::<Vec<_>>(),
+                n,
+                &Device::Cpu,
+            )
+            .unwrap();
+            for dt in [DType::F16, DType::BF16] {
+                let w16 = Tensor::from_vec(w32.clone(), (n, k), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dt)
+                    .unwrap();
+                let wide = w16.to_dtype(DType::F32).unwrap();
+                for b in [None, Some(&bias)] {
+                    let a: Vec<f32> = linear_forward(&x, &w16, b)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap();
+                    let want: Vec<f32> = linear_forward(&x, &wide, b)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap();
+                    assert_eq!(a, want, "{dt:?} {xdims:?}·{n}");
+                }
+            }
         }
     }
 }

@@ -94,37 +94,30 @@ impl Rope {
     }
 }
 
-/// `t` in f32: 16-bit storage widened with the CPU's conversion instructions (F16C where present,
-/// through `half`'s slice conversion) across threads — the per-product cost of keeping weights
-/// 16-bit in memory. Exact: every f16/bf16 value is an f32.
-pub fn widen_f32(t: &Tensor) -> Result<Tensor> {
-    use candle_core::{CpuStorage, DType, Storage};
+/// A 16-bit CPU tensor's elements widened to f32 into `out` (resized to fit), with the CPU's
+/// conversion instructions (F16C where present, through `half`'s slice conversion) across
+/// threads — the per-product cost of keeping weights 16-bit in memory. Exact: every f16/bf16
+/// value is an f32. `false` (and `out` untouched) for any other tensor.
+pub fn widen_into(t: &Tensor, out: &mut Vec<f32>) -> Result<bool> {
+    use candle_core::{CpuStorage, Storage};
     use half::slice::HalfFloatSliceExt;
     use rayon::prelude::*;
-    if t.dtype() == DType::F32 {
-        return Ok(t.clone());
-    }
-    fn widen<T: Sync>(v: &[T]) -> Vec<f32>
+    fn widen<T: Sync>(v: &[T], out: &mut Vec<f32>)
     where
         [T]: HalfFloatSliceExt,
     {
         const CHUNK: usize = 1 << 16;
-        let mut out = vec![0f32; v.len()];
+        out.resize(v.len(), 0.0);
         out.par_chunks_mut(CHUNK)
             .zip(v.par_chunks(CHUNK))
             .for_each(|(o, s)| s.convert_to_f32_slice(o));
-        out
     }
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
-    let out = match (&*storage, layout.contiguous_offsets()) {
-        (Storage::Cpu(CpuStorage::F16(v)), Some((a, b))) => Some(widen(&v[a..b])),
-        (Storage::Cpu(CpuStorage::BF16(v)), Some((a, b))) => Some(widen(&v[a..b])),
-        _ => None,
-    };
-    drop(storage);
-    Ok(match out {
-        Some(v) => Tensor::from_vec(v, t.shape(), t.device())?,
-        None => t.to_dtype(DType::F32)?,
-    })
+    match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F16(v)), Some((a, b))) => widen(&v[a..b], out),
+        (Storage::Cpu(CpuStorage::BF16(v)), Some((a, b))) => widen(&v[a..b], out),
+        _ => return Ok(false),
+    }
+    Ok(true)
 }
