@@ -4,18 +4,21 @@
 # Llama-3.2-1B-, Llama-3-8B- and Llama-3-70B-shaped blocks, 2 blocks each, 1 for 70B; SmolLM2's
 # tokenizer and 49 152 vocabulary) and measures, per shape:
 #   - FlatQuant W4A4 per-block wall time at the CPU preset (32 × 512, 1 epoch), measured on
-#     NS_CPU windows and scaled linearly in windows (training is per window), and peak RSS;
-#   - the paper budget (128 × 2048, 15 epochs): one or two 2048-token windows for one epoch,
-#     scaled ×128/n ×15; peak RSS at 1 and 2 windows, extrapolated linearly to 128;
+#     NS_CPU windows and scaled linearly in windows, all but the block's fixed cost; and peak RSS;
+#   - the paper budget (128 × 2048, 15 epochs): one and two 2048-token windows for one epoch,
+#     which separate a block's fixed cost (statistics, deploy, writing), the per-window cost
+#     outside training (targets, RTN baseline: once) and a window's training (×128 ×15); peak
+#     RSS at 1 and 2 windows, extrapolated linearly to 128;
 #   - GPTQ (W4, RTN method, 32 × 512 Hessian windows) per-block wall time;
 #   - eval: ms per token per block (difference of 1- and 2-block models at 512 tokens) and
 #     peak RSS of the 2-block evaluation.
 # then prints the table and a projection for whole 8B (32 blocks) and 70B (80 blocks) models.
 # What a 24 GB, 2-core machine can run is measured; the rest is estimated from the measured shapes
-# and marked ~ in the table: 8B trains on 2 windows of 512 tokens only (its 2048-token paper
-# windows would need ≈ 20 GB), 70B only evaluates (training one of its blocks needs ≈ 15× the
-# block's f32 weights, ≈ 50 GB); GPTQ runs on SmolLM2 and 1B shapes and is projected by its
-# cost Σ over the linears of out·in² + tokens·in² (the Hessians and their solves).
+# and marked ~ in the table: 8B trains on 2 windows of 512 tokens and 1–2 of 2 048 (one block),
+# 70B runs GPTQ and eval only (training one of its blocks holds ≈ 12× the block's f32 weights,
+# ≈ 41 GB): its training time is scaled from 8B by block parameters, its memory by the measured
+# ratio of peak RSS to block f32 weights; GPTQ is projected, where not measured, by its cost Σ over
+# the linears of out·in² + tokens·in² (the Hessians and their solves).
 #   scripts/bench-scale.sh [SHAPES...]     default: smollm2 1b 8b 70b
 #   scripts/bench-scale.sh --table         print what is cached
 # Cached under target/bench-scale/<shape>/ (delete a file to redo that measurement).
@@ -59,8 +62,8 @@ measure() {
   local shape=$1 dir=$results/$1 layers=2 ns_cpu todo="fq-cpu fq-paper gptq eval"
   case $shape in
     smollm2) ns_cpu=32 ;; 1b) ns_cpu=8 ;;
-    8b) ns_cpu=2; layers=1; todo="fq-cpu eval" ;;
-    70b) ns_cpu=1; layers=1; todo="eval" ;;
+    8b) ns_cpu=2; layers=1 ;;
+    70b) ns_cpu=1; layers=1; todo="gptq eval" ;;
   esac
   mkdir -p "$dir"
   local m=$dir/model m1=$dir/model-1
@@ -114,15 +117,39 @@ SHAPES = {"smollm2": (576, 1536, 9, 3, 64, 30, 49152), "1b": (2048, 8192, 32, 8,
           "8b": (4096, 14336, 32, 8, 128, 32, 128256), "70b": (8192, 28672, 64, 8, 128, 80, 128256)}
 def block_params(d, f, nh, nkv, hd):
     return d * nh * hd * 2 + d * nkv * hd * 2 + 3 * d * f
-def block_secs(path):
-    rows, part = [], 0
+def phases(path):
+    # (seconds per block, of which training steps) from a calibration.csv: epoch rows, a blank
+    # line, block rows.
+    train, blocks, part = 0.0, [], 0
     for line in open(path):
         line = line.strip()
         if not line:
             part += 1; continue
-        if part == 1 and not line.startswith("block"):
-            rows.append(float(line.split(",")[3]))
-    return sum(rows) / len(rows)
+        if line.startswith("block"): continue
+        if part == 0:
+            train += float(line.split(",")[3])
+        else:
+            blocks.append(float(line.split(",")[3]))
+    return sum(blocks) / len(blocks), train / len(blocks)
+def block_secs(path):
+    return phases(path)[0]
+def paper_model(dd):
+    # From the 1- and 2-window runs at 2048 tokens: a block's fixed cost (statistics, deploy and
+    # its check, writing), the per-window cost outside training (full-precision targets, RTN
+    # baseline) and one window's training for one epoch.
+    p1, p2 = os.path.join(dd, "fq-paper-1.csv"), os.path.join(dd, "fq-paper-2.csv")
+    if not (os.path.exists(p1) and os.path.exists(p2)):
+        return None
+    (t1, tr1), (t2, tr2) = phases(p1), phases(p2)
+    per_win = max((t2 - tr2) - (t1 - tr1), 0.0)
+    return dict(fixed=max((t1 - tr1) - per_win, 0.0), per_win=per_win, train_win=tr2 / 2)
+def cpu_block(dd, ns):
+    # The CPU preset's block time at 32 windows from ns measured: everything but the block's
+    # fixed cost (taken from the paper runs where measured) grows with the windows.
+    t, _ = phases(os.path.join(dd, "fq-cpu.csv"))
+    pm = paper_model(dd)
+    fixed = min(pm["fixed"], t) if pm else 0.0
+    return fixed + (t - fixed) * 32 / ns
 def read(p, conv=float):
     # A measurement still running has an empty file.
     v = open(p).read().split() if os.path.exists(p) else []
@@ -137,8 +164,8 @@ def fmt_s(s):
     if s < 2 * 86400: return f"{s / 3600:.1f} h"
     return f"{s / 86400:.1f} d"
 gb = lambda kib: f"{kib / 1048576:.2f} GB" if kib else "—"
-print("| shape | params / block | FlatQuant CPU preset / block | paper budget / block | GPTQ / block | quantize peak RSS (CPU preset; paper, 2 win → 128 win) | eval ms / token / block | eval peak RSS |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|")
+print("| shape | params / block | FlatQuant CPU preset / block | paper budget / block | GPTQ / block | quantize peak RSS (CPU preset; paper, 2 win → 128 win) | GPTQ peak RSS | eval ms / token / block | eval peak RSS |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 proj = {}
 def linears(d, f, nh, nkv, hd):
     return [(nh * hd, d), (nkv * hd, d), (nkv * hd, d), (d, nh * hd), (f, d), (f, d), (d, f)]
@@ -146,16 +173,16 @@ def gptq_cost(d, f, nh, nkv, hd, tokens=32 * 512):
     return sum(o * i * i + tokens * i * i for o, i in linears(d, f, nh, nkv, hd))
 # Reference shape for estimates: the largest one fully measured.
 ref = None
-for s in ("1b", "smollm2"):
+for s in ("8b", "1b", "smollm2"):
     dd = os.path.join(res, s)
     if all(os.path.exists(os.path.join(dd, f)) for f in ("gptq.csv", "fq-cpu.csv", "fq-paper-2.csv")):
         d, f, nh, nkv, hd, _, _ = SHAPES[s]
         ns = int(open(os.path.join(dd, "ns_cpu")).read())
-        cpu_w = block_secs(os.path.join(dd, "fq-cpu.csv")) / ns
-        paper_w = block_secs(os.path.join(dd, "fq-paper-2.csv")) / 2
+        pm = paper_model(dd)
+        cpu_train_w = phases(os.path.join(dd, "fq-cpu.csv"))[1] / ns
         r1 = read(os.path.join(dd, "fq-paper-1.rss")); r2 = read(os.path.join(dd, "fq-paper-2.rss"))
         ref = dict(shape=s, gptq_k=block_secs(os.path.join(dd, "gptq.csv")) / gptq_cost(d, f, nh, nkv, hd),
-                   paper_over_cpu=paper_w / cpu_w, heads=nh,
+                   paper_over_cpu=pm["train_win"] / cpu_train_w, heads=nh,
                    attn_kib=(r1 - read(os.path.join(dd, "fq-cpu.rss"))), per_window_kib=r2 - r1)
         break
 largest_cpu = None
@@ -163,7 +190,8 @@ for s, (d, f, nh, nkv, hd, L, V) in SHAPES.items():
     c = os.path.join(res, s, "fq-cpu.csv")
     if os.path.exists(c):
         ns = int(open(os.path.join(res, s, "ns_cpu")).read())
-        largest_cpu = (s, block_params(d, f, nh, nkv, hd), block_secs(c) * 32 / ns)
+        rc = read(os.path.join(res, s, "fq-cpu.rss"))
+        largest_cpu = (s, block_params(d, f, nh, nkv, hd), cpu_block(os.path.join(res, s), ns), rc)
 VSYN = 49152
 for s, (d, f, nh, nkv, hd, L, V) in SHAPES.items():
     dd = os.path.join(res, s)
@@ -171,13 +199,12 @@ for s, (d, f, nh, nkv, hd, L, V) in SHAPES.items():
     P = block_params(d, f, nh, nkv, hd)
     ns = read(os.path.join(dd, "ns_cpu"), int)
     layers = read(os.path.join(dd, "layers"), int)
-    cpu = block_secs(os.path.join(dd, "fq-cpu.csv")) * 32 / ns if os.path.exists(os.path.join(dd, "fq-cpu.csv")) else None
-    p1 = os.path.join(dd, "fq-paper-1.csv"); p2 = os.path.join(dd, "fq-paper-2.csv")
+    cpu = cpu_block(dd, ns) if os.path.exists(os.path.join(dd, "fq-cpu.csv")) else None
     paper = None; rss128 = None
-    if os.path.exists(p2):
-        paper = block_secs(p2) / 2 * 128 * 15
-    elif os.path.exists(p1):
-        paper = block_secs(p1) * 128 * 15
+    pm = paper_model(dd)
+    if pm:
+        # 128 windows' targets once, 15 epochs of training over them.
+        paper = pm["fixed"] + 128 * pm["per_win"] + 128 * 15 * pm["train_win"]
     r1, r2 = read(os.path.join(dd, "fq-paper-1.rss")), read(os.path.join(dd, "fq-paper-2.rss"))
     if r1 and r2:
         rss128 = r2 + (r2 - r1) * 126
@@ -186,16 +213,18 @@ for s, (d, f, nh, nkv, hd, L, V) in SHAPES.items():
     est = set()
     if cpu is None and largest_cpu:
         # Training time per window grows with the block's parameters.
-        ls, lP, lcpu = largest_cpu
+        ls, lP, lcpu, _ = largest_cpu
         cpu = lcpu * P / lP; est.add("cpu")
     if gptq is None and ref:
         gptq = ref["gptq_k"] * gptq_cost(d, f, nh, nkv, hd); est.add("gptq")
     if paper is None and cpu is not None and ref:
         # Per-window cost at 2048 over 512 tokens as on the reference shape.
         paper = cpu / 32 * ref["paper_over_cpu"] * 128 * 15; est.add("paper")
-    if rcpu is None:
-        # Training holds ≈ 15× the block's f32 weights (measured: SmolLM2 and 1B shapes).
-        rcpu = 15 * P * 4 / 1024; est.add("rcpu")
+    if rcpu is None and largest_cpu and largest_cpu[3]:
+        # Training holds a fixed multiple of the block's f32 weights: that of the largest
+        # shape measured.
+        ls, lP, _, lr = largest_cpu
+        rcpu = lr * P / lP; est.add("rcpu")
     if rss128 is None and ref:
         # The 2048-token attention graph grows with the heads; the windows with the width.
         attn = ref["attn_kib"] * nh / ref["heads"]
@@ -208,7 +237,7 @@ for s, (d, f, nh, nkv, hd, L, V) in SHAPES.items():
     e = lambda k, txt: ("~" + txt) if k in est else txt
     msb = f"{ms_block:.2f}" if ms_block is not None else "—"
     print(f"| {s} | {P / 1e6:.0f} M | {e('cpu', fmt_s(cpu))} | {e('paper', fmt_s(paper))} | {e('gptq', fmt_s(gptq))} | "
-          f"{e('rcpu', gb(rcpu))}; {gb(r2)} → {e('rss128', gb(rss128))} | {msb} | {gb(reval)} |")
+          f"{e('rcpu', gb(rcpu))}; {gb(r2)} → {e('rss128', gb(rss128))} | {gb(read(os.path.join(dd, 'gptq.rss')))} | {msb} | {gb(reval)} |")
 print()
 if ref:
     print(f"~ estimated from the {ref['shape']} shape (see the header of scripts/bench-scale.sh).")
