@@ -38,17 +38,6 @@ fn read<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<
     }
 }
 
-/// Sums per-task column vectors of length `n`.
-fn sum_columns(parts: impl ParallelIterator<Item = Vec<f32>>, n: usize) -> Vec<f32> {
-    parts.reduce(
-        || vec![0f32; n],
-        |mut a, b| {
-            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-            a
-        },
-    )
-}
-
 fn inv_rms(x: &[f32], eps: f32) -> f32 {
     let ss: f32 = x.iter().map(|v| v * v).sum();
     1.0 / (ss / x.len() as f32 + eps).sqrt()
@@ -111,7 +100,7 @@ impl CustomOp2 for RmsNormOp {
                         dx
                     });
                     let dw = w.track_op().then(|| {
-                        sum_columns(
+                        crate::fastmath::sum_in_order(
                             xs.par_chunks(CHUNK * n).zip(gs.par_chunks(CHUNK * n)).map(
                                 |(xc, gc)| {
                                     let mut acc = vec![0f32; n];
@@ -391,6 +380,44 @@ mod tests {
     // normalised dimension) or an elementwise expression; f32 rounding keeps them within
     // n·2⁻²⁴ ≈ 4e-6 of the summed magnitudes; 5e-5 of the largest value leaves a factor 10.
     // Central differences in f64 with step 1e-4 are exact to ~1e-8 on these smooth functions.
+
+    #[test]
+    fn weight_gradients_do_not_depend_on_the_thread_count() {
+        // The gain's and the channel scale's gradients sum over rows in chunks across threads;
+        // with many chunks a work-stealing reduction would add them in a run-dependent order.
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (4 * CHUNK * 8 + 5, 96), &dev).unwrap();
+        let w = Var::from_tensor(&Tensor::rand(0.5f32, 1.5, 96, &dev).unwrap()).unwrap();
+        let c = Var::from_tensor(&Tensor::rand(0.5f32, 1.5, 96, &dev).unwrap()).unwrap();
+        let r = Tensor::randn(0f32, 1.0, x.dims(), &dev).unwrap();
+        let grads = |threads: usize| -> (Vec<f32>, Vec<f32>) {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let y = x.apply_op2(w.as_tensor(), RmsNormOp { eps: 1e-5 }).unwrap();
+                let y = crate::transforms::KroneckerTransform {
+                    n1: 8,
+                    n2: 12,
+                    p1: None,
+                    p2: None,
+                    scale: Some(c.as_tensor().clone()),
+                }
+                .apply(&y)
+                .unwrap();
+                let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let v = |t: &Var| g.get(t).unwrap().to_vec1::<f32>().unwrap();
+                (v(&w), v(&c))
+            })
+        };
+        let one = grads(1);
+        for threads in [2, 3, 4] {
+            for _ in 0..3 {
+                assert_eq!(grads(threads), one, "{threads} threads");
+            }
+        }
+    }
 
     #[test]
     fn rms_norm_gradients_match_autograd_and_finite_differences() {

@@ -401,24 +401,20 @@ impl candle_core::CustomOp2 for ScaleOp {
         let dc = if c.track_op() {
             let v = read(&grad, |g| {
                 read(x, |x| {
-                    Ok(g.par_chunks(CHUNK * n)
-                        .zip(x.par_chunks(CHUNK * n))
-                        .map(|(g, x)| {
-                            let mut acc = vec![0f32; n];
-                            for (g, x) in g.chunks_exact(n).zip(x.chunks_exact(n)) {
-                                for ((a, g), x) in acc.iter_mut().zip(g).zip(x) {
-                                    *a += g * x;
+                    Ok(crate::fastmath::sum_in_order(
+                        g.par_chunks(CHUNK * n)
+                            .zip(x.par_chunks(CHUNK * n))
+                            .map(|(g, x)| {
+                                let mut acc = vec![0f32; n];
+                                for (g, x) in g.chunks_exact(n).zip(x.chunks_exact(n)) {
+                                    for ((a, g), x) in acc.iter_mut().zip(g).zip(x) {
+                                        *a += g * x;
+                                    }
                                 }
-                            }
-                            acc
-                        })
-                        .reduce(
-                            || vec![0f32; n],
-                            |mut a, b| {
-                                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                                a
-                            },
-                        ))
+                                acc
+                            }),
+                        n,
+                    ))
                 })
             })?;
             Some(Tensor::from_vec(v, c.shape(), c.device())?)
