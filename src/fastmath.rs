@@ -199,6 +199,22 @@ unsafe fn dot_f16_f16c(w: &[half::f16], x: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
+/// Column sums of per-chunk partial vectors (each of length `n`), added in chunk order. The chunks
+/// are fixed by the data, not by how rayon splits the work, so the sums are the same on any number
+/// of threads; a parallel `reduce` adds in a tree shaped by work stealing, which changes from run
+/// to run (even on one thread `reduce` split the work once).
+pub fn sum_in_order<I>(parts: I, n: usize) -> Vec<f32>
+where
+    I: rayon::iter::IndexedParallelIterator<Item = Vec<f32>>,
+{
+    let parts: Vec<Vec<f32>> = parts.collect();
+    let mut sum = vec![0f32; n];
+    for p in &parts {
+        sum.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+    }
+    sum
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -244,20 +260,4 @@ mod tests {
         // f32 exponentials with relative error ≤ 3e-7 each: the log-sum moves by at most that.
         assert!((got - want).abs() < 1e-6, "{got} vs {want}");
     }
-}
-
-/// Column sums of per-chunk partial vectors (each of length `n`), added in chunk order. The chunks
-/// are fixed by the data, not by how rayon splits the work, so the sums are the same on any number
-/// of threads; a parallel `reduce` adds in a tree shaped by work stealing, which changes from run
-/// to run (even on one thread `reduce` split the work once).
-pub fn sum_in_order<I>(parts: I, n: usize) -> Vec<f32>
-where
-    I: rayon::iter::IndexedParallelIterator<Item = Vec<f32>>,
-{
-    let parts: Vec<Vec<f32>> = parts.collect();
-    let mut sum = vec![0f32; n];
-    for p in &parts {
-        sum.iter_mut().zip(p).for_each(|(a, b)| *a += b);
-    }
-    sum
 }

@@ -180,14 +180,9 @@ impl GptqFactor {
             }
         }
         let diag: Vec<f64> = (0..inp).map(|j| h[j * inp + j]).collect();
-        let perm: Vec<usize> = if cfg.act_order {
-            let mut p: Vec<usize> = (0..inp).collect();
-            p.sort_by(|&a, &b| diag[b].total_cmp(&diag[a]));
-            p
-        } else {
-            (0..inp).collect()
-        };
+        let mut perm: Vec<usize> = (0..inp).collect();
         let hp = if cfg.act_order {
+            perm.sort_by(|&a, &b| diag[b].total_cmp(&diag[a]));
             (0..inp * inp)
                 .map(|k| h[perm[k / inp] * inp + perm[k % inp]])
                 .collect()
@@ -203,11 +198,6 @@ impl GptqFactor {
             u,
             damp,
         })
-    }
-
-    /// The dampening the factorisation needed.
-    pub fn damp(&self) -> f64 {
-        self.damp
     }
 }
 
