@@ -1,8 +1,8 @@
 //! affq: post-training quantization of LLMs with learned affine transforms.
 //!
 //! The pipeline, bottom up (each layer imports only the ones below it):
-//! - `error`, `rng`, `fastmath`, `fsutil`: the one error type, the seeded generator, SIMD math
-//!   helpers, crash-safe output;
+//! - `error`, `rng`, `fastmath`, `fsutil`, `heap`: the one error type, the seeded generator, SIMD
+//!   math helpers, crash-safe output, the allocator policy;
 //! - `quant` (grids, quantizers, GPTQ, packing) and `transforms` (Hadamard, Kronecker, inverses):
 //!   math on tensors, no model;
 //! - `model`: the decoder floor — blocks, attention, RoPE — behind its own small traits;
@@ -24,6 +24,7 @@ pub mod export;
 pub mod fastmath;
 pub mod formats;
 pub mod fsutil;
+pub mod heap;
 pub mod kernels;
 pub mod methods;
 pub mod model;

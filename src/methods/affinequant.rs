@@ -606,6 +606,9 @@ impl Trainee for Training<'_> {
     fn rope(&self) -> &Rope {
         self.rope
     }
+    fn block(&self) -> &Block {
+        self.block
+    }
     /// Truncation, then the condition check of the matrices as the next epoch (or deployment)
     /// will use them.
     fn end_of_epoch(&self, e: usize) -> Result<Option<String>> {

@@ -602,6 +602,9 @@ impl Trainee for Training<'_> {
     fn rope(&self) -> &Rope {
         self.rope
     }
+    fn block(&self) -> &Block {
+        self.block
+    }
 }
 
 impl Method for FlatQuant {

@@ -67,6 +67,8 @@ pub trait Trainee {
     fn quantized_block(&self, epoch: usize) -> Result<Block>;
     /// The rotary tables the block runs with.
     fn rope(&self) -> &Rope;
+    /// The full-precision block being calibrated.
+    fn block(&self) -> &Block;
     /// Called after each epoch's last step; `Some(note)` restores the last good parameters and
     /// stops training with that note.
     fn end_of_epoch(&self, _epoch: usize) -> Result<Option<String>> {
@@ -127,6 +129,10 @@ pub fn train(
     let mut epochs = Vec::new();
     let mut step = 0;
     let mut good = snapshot(&vars)?;
+    // Every step allocates and frees the same buffers, the largest of them the block's
+    // transformed weights (f32) and their gradients: keep those in the heap.
+    let c = t.block().config();
+    let _heap = crate::heap::ReuseLarge::for_buffers_of(4 * c.hidden_size * c.intermediate_size);
     'train: for e in 0..cfg.epochs {
         let t0 = Instant::now();
         let mut sum = 0.0;

@@ -407,17 +407,6 @@ fn run_bench(a: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Keeps large tensor buffers in the malloc heap instead of fresh mmap/munmap pairs: every munmap
-/// costs page faults and a cross-core TLB shootdown, which dominated the calibration profile.
-fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only adjusts glibc allocator thresholds; called before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20); // glibc maximum
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-    }
-}
-
 fn main() {
     // Die quietly on a closed stdout (`affq eval … | head -1`), as Unix tools do, instead of
     // panicking on the failed write.
@@ -426,7 +415,7 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    tune_allocator();
+    affq::heap::tune();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Import(a) => run_import(a),
