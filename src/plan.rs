@@ -73,13 +73,17 @@ pub struct QuantizePlan {
     pub chosen_recipe: Option<&'static str>,
     pub quant: QuantPlan,
     pub weight_quantizer: WeightQuantizer,
-    /// The block-by-block calibration engine runs (a trained method, or GPTQ).
+    /// The block-by-block calibration engine runs (a trained method, GPTQ, or key smoothing).
     pub calibrated: bool,
     /// This process calibrates one shard of the blocks (and writes no checkpoint).
     pub shard: Option<Shard>,
 }
 
 impl QuantizePlan {
+    /// Keys are smoothed and centred before KV quantization (algorithms.md §10).
+    pub fn conditions_keys(&self) -> bool {
+        conditions_keys(&self.recipe)
+    }
     /// Calibration windows the method trains on.
     pub fn nsamples(&self) -> usize {
         self.recipe.nsamples.unwrap_or(32)
@@ -195,6 +199,12 @@ fn weight_quantizer(r: &Recipe) -> Result<WeightQuantizer> {
 }
 
 /// The registered methods that train, as `a or b`.
+/// Whether keys are smoothed and centred on calibration data (a quantized KV cache, unless
+/// `--no-key-smoothing`): it makes even an untrained method with RTN weights calibrated.
+fn conditions_keys(r: &Recipe) -> bool {
+    r.kv_bits.is_some_and(|b| b < 16) && r.key_smoothing != Some(false)
+}
+
 fn trained_methods() -> String {
     method_names(|m| m.trained, " or ")
 }
@@ -306,8 +316,8 @@ fn resolve_recipe(
             f.calib.is_some(),
             f.calib_activations.is_some(),
         ];
-        if !gptq && data.iter().any(|&x| x) {
-            return Err(usage(format!("calibration data flags (--calib, --nsamples, --calib-seqlen, --calib-activations) need a calibrated method (--method {}) or --weight-quantizer gptq", trained_methods())));
+        if !gptq && !conditions_keys(&r) && data.iter().any(|&x| x) {
+            return Err(usage(format!("calibration data flags (--calib, --nsamples, --calib-seqlen, --calib-activations) need a calibrated method (--method {}), --weight-quantizer gptq or --kv-bits", trained_methods())));
         }
     }
     let set = f.keys_set();
@@ -615,7 +625,13 @@ pub fn plan(req: QuantizeRequest) -> Result<QuantizePlan> {
     if let Some(f) = req.target {
         target_grid(f, method, &mut quant)?;
     }
-    let calibrated = method.trained || weight_quantizer != WeightQuantizer::Rtn;
+    if recipe.key_smoothing == Some(false) && recipe.kv_bits.is_none_or(|b| b >= 16) {
+        return Err(usage(
+            "--no-key-smoothing applies to a quantized KV cache: add --kv-bits",
+        ));
+    }
+    let calibrated =
+        method.trained || weight_quantizer != WeightQuantizer::Rtn || conditions_keys(&recipe);
     if req.resume && !calibrated {
         return Err(usage(format!(
             "--resume continues a calibration: it needs --method {}, or --weight-quantizer gptq",

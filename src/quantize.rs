@@ -124,7 +124,7 @@ fn calibration_tokens(p: &QuantizePlan, ckpt: &Checkpoint) -> Result<(Tensor, St
 
 /// The first line of a calibrated checkpoint's notes: data, training and weight quantizer.
 fn calibration_summary(p: &QuantizePlan, method: &dyn Method, data_desc: &str) -> String {
-    let mut summary = format!("{}: calibrated on {data_desc}", method.label());
+    let mut summary = format!("{}: calibrated on {data_desc}", calib_label(p, method));
     if let Some(t) = method.training_summary() {
         summary.push_str(&format!(", {t}"));
     }
@@ -143,7 +143,23 @@ fn calibration_summary(p: &QuantizePlan, method: &dyn Method, data_desc: &str) -
     if p.calib_activations() == candle_core::DType::BF16 {
         summary.push_str(", activations kept in bf16");
     }
+    if p.conditions_keys() {
+        summary.push_str(&format!(
+            ", keys smoothed (α {}) and centred before KV quantization",
+            crate::calib::key_smooth::ALPHA
+        ));
+    }
     summary
+}
+
+/// What the calibration is named by in logs and notes: the method's label, or `kv` when only
+/// the keys are calibrated (an untrained method with RTN weights).
+fn calib_label(p: &QuantizePlan, method: &dyn Method) -> &'static str {
+    if !p.method.trained && p.weight_quantizer == WeightQuantizer::Rtn {
+        "kv"
+    } else {
+        method.label()
+    }
 }
 
 fn gptq_fp_inputs(p: &QuantizePlan) -> bool {
@@ -206,6 +222,7 @@ fn engine_config(p: &QuantizePlan) -> EngineConfig {
         gptq_fp_inputs: gptq_fp_inputs(p),
         keep_trained: p.recipe.keep_trained == Some(true),
         quantized_inputs: p.recipe.quantized_inputs == Some(true),
+        condition_keys: p.conditions_keys(),
     }
 }
 
@@ -224,7 +241,7 @@ fn run_calibration(
 ) -> Result<(CalibOutcome, String)> {
     let (tokens, data_desc) = calibration_tokens(p, ckpt)?;
     let summary = calibration_summary(p, method, &data_desc);
-    let label = method.label();
+    let label = calib_label(p, method);
     let engine = engine_config(p);
     let n = match schedule {
         Schedule::Whole => blocks.num_blocks(),

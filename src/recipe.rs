@@ -53,6 +53,10 @@ pub struct Recipe {
     /// full-precision outputs (`false`: on the full-precision inputs, the paper's way).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantized_inputs: Option<bool>,
+    /// With a quantized KV cache: smooth and centre the keys of every block before its method
+    /// (algorithms.md §10); on by default, `false` turns it off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_smoothing: Option<bool>,
 }
 
 /// Recipes shipped in calib/.
@@ -152,6 +156,7 @@ impl Recipe {
             gptq_fp_inputs: over.gptq_fp_inputs.or(self.gptq_fp_inputs),
             keep_trained: over.keep_trained.or(self.keep_trained),
             quantized_inputs: over.quantized_inputs.or(self.quantized_inputs),
+            key_smoothing: over.key_smoothing.or(self.key_smoothing),
         }
     }
 }

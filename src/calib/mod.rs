@@ -7,6 +7,7 @@
 //! alive at a time.
 
 pub mod data;
+pub mod key_smooth;
 pub mod lock;
 pub mod resume;
 pub mod shard;
@@ -119,6 +120,9 @@ pub struct EngineConfig {
     /// inputs, so each block also learns to undo the error of the blocks before it (the
     /// asymmetric calibration of OmniQuant and GPTAQ; algorithms.md §8).
     pub quantized_inputs: bool,
+    /// Smooth and centre every block's keys before its method (a quantized KV cache;
+    /// [`key_smooth`]).
+    pub condition_keys: bool,
 }
 
 /// A block of an untrained method: the plan's activation and KV quantizers on it as it is.
@@ -262,6 +266,9 @@ pub fn calibrate_model(
         let t0 = Instant::now();
         let mut fp = blocks.take(i)?;
         method.prepare_block(&mut fp)?;
+        if engine.condition_keys {
+            key_smooth::condition_keys(&mut fp, rope, &x)?;
+        }
         let mut stats = SiteStats::default();
         let y = run_block(&fp, rope, &x, 4, &mut stats)?;
         let ymax = y.flatten_all()?.max(0)?.to_dtype(DType::F32)?;

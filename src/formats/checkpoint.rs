@@ -228,7 +228,13 @@ pub fn load_block(
             quant.and_then(|q| q.kv_cache),
         )?,
     };
-    Block::new(i, config, parts)
+    let mut block = Block::new(i, config, parts)?;
+    let center = format!("{p}.self_attn.k_center");
+    if store.contains(&center) {
+        let (kv, hd) = (block.config().num_kv_heads, block.config().head_dim);
+        block.set_k_center(Some(store.f32(&center, &[kv, hd])?.reshape((kv, 1, hd))?));
+    }
+    Ok(block)
 }
 
 /// Tensors of one block for a checkpoint (or a resumable calibration's work file).
@@ -276,6 +282,13 @@ pub fn block_tensors(b: &Block) -> Result<Vec<(String, StoredTensor)>> {
         v.push((
             format!("{p}.self_attn.qk_transform.k"),
             StoredTensor::from_f32(&qk.k)?,
+        ));
+    }
+    if let Some(c) = b.k_center() {
+        let (kv, _, hd) = c.dims3()?;
+        v.push((
+            format!("{p}.self_attn.k_center"),
+            StoredTensor::from_f32(&c.reshape((kv, hd))?)?,
         ));
     }
     for (name, qz) in [("k_quant", b.k_quant()), ("v_quant", b.v_quant())] {

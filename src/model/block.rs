@@ -69,6 +69,10 @@ pub struct Block {
     /// its linears changes.
     kernels: [Option<Arc<dyn SiteKernel>>; 4],
     qk_transform: Option<QkTransform>,
+    /// `[kv_heads, 1, hd]` subtracted from every key after RoPE, before the Q/K transform: each
+    /// query's scores all move by `q·c`, which softmax ignores, so attention is unchanged while
+    /// the KV quantizer sees centred keys (algorithms.md §10).
+    k_center: Option<Tensor>,
     /// Per-(token, head) quantization of keys (after RoPE and the Q/K transform) and values.
     k_quant: Option<Arc<dyn ActQuantizer>>,
     v_quant: Option<Arc<dyn ActQuantizer>>,
@@ -103,6 +107,7 @@ impl Block {
             online: parts.online,
             kernels: Default::default(),
             qk_transform: parts.qk_transform,
+            k_center: None,
             k_quant: parts.k_quant,
             v_quant: parts.v_quant,
         };
@@ -131,6 +136,13 @@ impl Block {
     }
     pub fn qk_transform(&self) -> Option<&QkTransform> {
         self.qk_transform.as_ref()
+    }
+    /// The key offset `[kv_heads, 1, hd]`, if any.
+    pub fn k_center(&self) -> Option<&Tensor> {
+        self.k_center.as_ref()
+    }
+    pub fn set_k_center(&mut self, c: Option<Tensor>) {
+        self.k_center = c;
     }
     pub fn k_quant(&self) -> Option<&Arc<dyn ActQuantizer>> {
         self.k_quant.as_ref()
@@ -242,6 +254,7 @@ impl Block {
             qk.q = qk.q.detach();
             qk.k = qk.k.detach();
         }
+        self.k_center = self.k_center.as_ref().map(Tensor::detach);
         for l in self.linears.iter_mut() {
             *l = Arc::from(l.detached());
         }
@@ -404,11 +417,31 @@ impl Block {
         };
         let q = rope.apply_at(&q.transpose(1, 2)?.contiguous()?, mode, pos0)?; // [B, H, T, D]
         let k = rope.apply_at(&k.transpose(1, 2)?.contiguous()?, mode, pos0)?; // [B, Hkv, T, D]
+        let k = match &self.k_center {
+            Some(c) => k.broadcast_sub(c)?,
+            None => k,
+        };
         let v = v.transpose(1, 2)?.contiguous()?;
         Ok(match &self.qk_transform {
             Some(t) => (q.broadcast_matmul(&t.q)?, k.broadcast_matmul(&t.k)?, v),
             None => (q, k, v),
         })
+    }
+
+    /// The keys of block input `x` `[B, T, hidden]` after the k norm and RoPE, before the key
+    /// offset and the Q/K transform: `[B, kv_heads, T, hd]` (what key conditioning measures).
+    pub fn rope_keys(&self, x: &Tensor, rope: &Rope) -> Result<Tensor> {
+        let c = &*self.config;
+        let h = rms_norm(x, &self.input_norm, c.rms_norm_eps, Mode::Eval)?;
+        let qkv = self.site_input(Site::AttnIn, &h, Mode::Eval)?;
+        let k = self.project(&qkv, Site::AttnIn, LinearKind::K)?;
+        let (b, t, _) = k.dims3()?;
+        let k = k.reshape((b, t, c.num_kv_heads, c.head_dim))?;
+        let k = match &self.k_norm {
+            Some(kn) => rms_norm(&k, kn, c.rms_norm_eps, Mode::Eval)?,
+            None => k,
+        };
+        rope.apply_at(&k.transpose(1, 2)?.contiguous()?, Mode::Eval, 0)
     }
 
     /// The keys and values of block input `x` `[B, T, hidden]` as the full-sequence forward

@@ -364,3 +364,53 @@ fn qwen2_shapes_through_the_binary() {
         );
     }
 }
+
+#[test]
+fn qwen2_key_conditioning_is_exact_and_centres_the_keys() {
+    // Key smoothing folds per-channel scales into q_proj and k_proj (seven query heads read each
+    // KV head; biases included) and centring subtracts the mean key after RoPE (algorithms.md
+    // §10): with quantization off the model computes the same function, alone and under
+    // rotation's per-head Hadamard, and the keys the KV quantizer sees have zero mean per channel.
+    use affq::calib::key_smooth::condition_keys;
+    use affq::model::NoHook;
+    let tmp = tempfile::tempdir().unwrap();
+    qwen2_like(tmp.path());
+    let ids: Vec<u32> = (0..120).map(|i| (i * 13 % 40) as u32).collect();
+    let t = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu).unwrap();
+    for rotated in [false, true] {
+        let mut m = open(tmp.path());
+        if rotated {
+            affq::methods::rotate::rotate(&mut m, 3).unwrap();
+        }
+        let want = logits(&m, &ids, Mode::Eval);
+        let mut x = m.embed(&t).unwrap();
+        for i in 0..m.blocks.len() {
+            let y = m.blocks[i]
+                .forward(&x, &m.rope, Mode::Eval, &mut NoHook)
+                .unwrap();
+            let mut b = m.blocks[i].clone();
+            condition_keys(&mut b, &m.rope, &x).unwrap();
+            let k = b
+                .rope_keys(&x, &m.rope)
+                .unwrap()
+                .broadcast_sub(b.k_center().unwrap())
+                .unwrap();
+            let mean = k.mean(2).unwrap();
+            // A mean of 120 f32 values: relative rounding ≈ 120 · 2⁻²⁴.
+            assert!(
+                max_abs(&mean) < 1e-5 * max_abs(&k),
+                "block {i}: key mean {} of max {}",
+                max_abs(&mean),
+                max_abs(&k)
+            );
+            m.blocks[i] = b;
+            x = y;
+        }
+        let got = logits(&m, &ids, Mode::Eval);
+        let rel = max_abs(&(got - &want).unwrap()) / max_abs(&want);
+        assert!(
+            rel < 1e-5,
+            "rotated {rotated}: relative logit difference {rel}"
+        );
+    }
+}

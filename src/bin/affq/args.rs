@@ -302,6 +302,10 @@ pub(crate) struct QuantizeArgs {
     /// full-precision inputs.
     #[arg(long)]
     pub(crate) quantized_inputs: bool,
+    /// With --kv-bits: keep the keys as they are (by default every block's keys are smoothed and
+    /// centred on calibration data before KV quantization, an exact change of the attention).
+    #[arg(long)]
+    pub(crate) no_key_smoothing: bool,
     /// Calibrate only shard I of N (0-based; contiguous, balanced block ranges) into the work
     /// directory `.OUT.affq-work` on a shared filesystem; run `--merge` with the same flags once
     /// every shard has finished. Each shard runs the earlier blocks forward to get its inputs.
@@ -596,6 +600,7 @@ impl QuantizeArgs {
                 gptq_fp_inputs: self.gptq_fp_inputs.then_some(true),
                 keep_trained: self.keep_trained.then_some(true),
                 quantized_inputs: self.quantized_inputs.then_some(true),
+                key_smoothing: self.no_key_smoothing.then_some(false),
             },
             sym_scale: self.sym_scale.map(|s| match s {
                 SymScaleArg::Maxpos => SymScale::MaxPos,
