@@ -28,9 +28,9 @@ pub const ALPHA: f64 = 0.5;
 const CHUNK: usize = 4;
 
 /// Smooths and centres the keys of `block` (full precision, before its method) from its inputs
-/// `x` `[N, L, hidden]`. The block computes the same function
-/// (up to rounding). Blocks with q/k norms are only centred: their per-channel gain is shared by
-/// all heads and re-normalises the keys, so a per-head scale cannot be folded.
+/// `x` `[N, L, hidden]`; the block computes the same function up to rounding. Blocks with q/k
+/// norms are only centred: their per-channel gain is shared by all heads and re-normalises the
+/// keys, so a per-head scale cannot be folded.
 pub fn condition_keys(block: &mut Block, rope: &Rope, x: &Tensor) -> Result<()> {
     let c = block.config().clone();
     let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
