@@ -198,13 +198,13 @@ fn weight_quantizer(r: &Recipe) -> Result<WeightQuantizer> {
     })
 }
 
-/// The registered methods that train, as `a or b`.
 /// Whether keys are smoothed and centred on calibration data (a quantized KV cache, unless
 /// `--no-key-smoothing`): it makes even an untrained method with RTN weights calibrated.
 fn conditions_keys(r: &Recipe) -> bool {
     r.kv_bits.is_some_and(|b| b < 16) && r.key_smoothing != Some(false)
 }
 
+/// The registered methods that train, as `a or b`.
 fn trained_methods() -> String {
     method_names(|m| m.trained, " or ")
 }

@@ -405,18 +405,10 @@ impl Block {
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let q = proj(LinearKind::Q)?;
         let (b, t, _) = q.dims3()?;
-        let q = q.reshape((b, t, nh, hd))?;
-        let k = proj(LinearKind::K)?.reshape((b, t, nkv, hd))?;
+        let q = self.rope_heads(&q, nh, self.q_norm.as_ref(), rope, mode, pos0)?; // [B, H, T, D]
+        let k = proj(LinearKind::K)?;
+        let k = self.rope_heads(&k, nkv, self.k_norm.as_ref(), rope, mode, pos0)?; // [B, Hkv, T, D]
         let v = proj(LinearKind::V)?.reshape((b, t, nkv, hd))?;
-        let (q, k) = match (&self.q_norm, &self.k_norm) {
-            (Some(qn), Some(kn)) => (
-                rms_norm(&q, qn, c.rms_norm_eps, mode)?,
-                rms_norm(&k, kn, c.rms_norm_eps, mode)?,
-            ),
-            _ => (q, k),
-        };
-        let q = rope.apply_at(&q.transpose(1, 2)?.contiguous()?, mode, pos0)?; // [B, H, T, D]
-        let k = rope.apply_at(&k.transpose(1, 2)?.contiguous()?, mode, pos0)?; // [B, Hkv, T, D]
         let k = match &self.k_center {
             Some(c) => k.broadcast_sub(c)?,
             None => k,
@@ -435,13 +427,35 @@ impl Block {
         let h = rms_norm(x, &self.input_norm, c.rms_norm_eps, Mode::Eval)?;
         let qkv = self.site_input(Site::AttnIn, &h, Mode::Eval)?;
         let k = self.project(&qkv, Site::AttnIn, LinearKind::K)?;
-        let (b, t, _) = k.dims3()?;
-        let k = k.reshape((b, t, c.num_kv_heads, c.head_dim))?;
-        let k = match &self.k_norm {
-            Some(kn) => rms_norm(&k, kn, c.rms_norm_eps, Mode::Eval)?,
-            None => k,
+        self.rope_heads(
+            &k,
+            c.num_kv_heads,
+            self.k_norm.as_ref(),
+            rope,
+            Mode::Eval,
+            0,
+        )
+    }
+
+    /// A projection `[B, T, heads·D]` split by head, per-head RMSNorm'd (Qwen3's q/k norm, when
+    /// present) and rotated by RoPE at positions `pos0..`: `[B, heads, T, D]`.
+    fn rope_heads(
+        &self,
+        x: &Tensor,
+        heads: usize,
+        norm: Option<&Tensor>,
+        rope: &Rope,
+        mode: Mode,
+        pos0: usize,
+    ) -> Result<Tensor> {
+        let c = &*self.config;
+        let (b, t, _) = x.dims3()?;
+        let x = x.reshape((b, t, heads, c.head_dim))?;
+        let x = match norm {
+            Some(g) => rms_norm(&x, g, c.rms_norm_eps, mode)?,
+            None => x,
         };
-        rope.apply_at(&k.transpose(1, 2)?.contiguous()?, Mode::Eval, 0)
+        rope.apply_at(&x.transpose(1, 2)?.contiguous()?, mode, pos0)
     }
 
     /// The keys and values of block input `x` `[B, T, hidden]` as the full-sequence forward
