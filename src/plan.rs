@@ -634,7 +634,7 @@ pub fn plan(req: QuantizeRequest) -> Result<QuantizePlan> {
         method.trained || weight_quantizer != WeightQuantizer::Rtn || conditions_keys(&recipe);
     if req.resume && !calibrated {
         return Err(usage(format!(
-            "--resume continues a calibration: it needs --method {}, or --weight-quantizer gptq",
+            "--resume continues a calibration: it needs --method {}, --weight-quantizer gptq, or --kv-bits",
             trained_methods()
         )));
     }
@@ -647,7 +647,7 @@ pub fn plan(req: QuantizeRequest) -> Result<QuantizePlan> {
     };
     if (shard.is_some() || req.merge) && !calibrated {
         return Err(usage(format!(
-            "--shard and --merge split a calibration: they need --method {}, or --weight-quantizer gptq (this plan rounds to nearest in seconds)",
+            "--shard and --merge split a calibration: they need --method {}, --weight-quantizer gptq, or --kv-bits (this plan rounds to nearest in seconds)",
             trained_methods()
         )));
     }

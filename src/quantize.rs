@@ -87,7 +87,7 @@ fn calibration_source(p: &QuantizePlan) -> Result<(PathBuf, String)> {
         path => CalibSource::File(PathBuf::from(path)),
     };
     let (path, desc) = calib::data::resolve(&source, &dir)?;
-    let (n, l) = (p.nsamples(), p.calib_seqlen());
+    let (n, l) = (training_windows(p), p.calib_seqlen());
     let mut desc = format!("{desc}, {n} × {l} tokens");
     if gptq_windows(p) > n {
         desc.push_str(&format!(
@@ -98,9 +98,22 @@ fn calibration_source(p: &QuantizePlan) -> Result<(PathBuf, String)> {
     Ok((path, desc))
 }
 
+/// Windows the method reads: the recipe's, or only the deploy check's probe windows where
+/// nothing trains and only the keys are measured (the engine reads no more).
+fn training_windows(p: &QuantizePlan) -> usize {
+    if keys_only(p) {
+        p.nsamples().min(calib::PROBE_WINDOWS)
+    } else {
+        p.nsamples()
+    }
+}
+
 /// Windows drawn: the training windows, and more where GPTQ asks for more.
 fn gptq_windows(p: &QuantizePlan) -> usize {
-    let n = p.nsamples();
+    let n = training_windows(p);
+    if p.weight_quantizer == WeightQuantizer::Rtn {
+        return n;
+    }
     p.recipe.gptq_nsamples.unwrap_or(n).max(n)
 }
 
@@ -155,11 +168,16 @@ fn calibration_summary(p: &QuantizePlan, method: &dyn Method, data_desc: &str) -
 /// What the calibration is named by in logs and notes: the method's label, or `kv` when only
 /// the keys are calibrated (an untrained method with RTN weights).
 fn calib_label(p: &QuantizePlan, method: &dyn Method) -> &'static str {
-    if !p.method.trained && p.weight_quantizer == WeightQuantizer::Rtn {
+    if keys_only(p) {
         "kv"
     } else {
         method.label()
     }
+}
+
+/// An untrained method with RTN weights: a calibration only because the keys are conditioned.
+fn keys_only(p: &QuantizePlan) -> bool {
+    !p.method.trained && p.weight_quantizer == WeightQuantizer::Rtn
 }
 
 fn gptq_fp_inputs(p: &QuantizePlan) -> bool {

@@ -170,7 +170,7 @@ fn for_each_batch(
 }
 
 /// Windows on which a block's deployed form is compared with its untrained (RTN) start.
-const PROBE_WINDOWS: usize = 4;
+pub const PROBE_WINDOWS: usize = 4;
 
 /// Shows `hook` the linear inputs of `block` on `x` (`[N, L, hidden]`), `batch` windows at a
 /// time, running each batch only as far as the hook wants ([`Block::observe`]).
