@@ -397,11 +397,42 @@ fn calibrate_block(
         &mut rep.notes,
     )?;
     let mut loss_final = mse(&run_block(&block, rope, &xp, 4, &mut NoHook)?, &yp)?;
+    let loses = |loss: f64| loss.is_nan() || (!engine.keep_trained && loss > loss_rtn);
+    // A method with a second start trains a block that lost to its untrained start once more
+    // from there, and keeps the lower of the two (AffineQuant, docs/algorithms.md §3.10).
+    if trained && loses(loss_final) {
+        let retry = match method.trainer() {
+            Some(t) => t.recalibrate(fp, rope, x, y, stats, &mut |e| on_epoch(i, e))?,
+            None => None,
+        };
+        if let Some(mut r) = retry {
+            r.block.detach();
+            weight_quant::quantize_block_weights(
+                &mut r.block,
+                &engine.plan,
+                &engine.weight_quantizer,
+                rope,
+                wx,
+                &mut r.report.notes,
+            )?;
+            let loss = mse(&run_block(&r.block, rope, &xp, 4, &mut NoHook)?, &yp)?;
+            let note = format!(
+                "block {i}: the trained block's loss {loss_final:.3e} is above the untrained start's {loss_rtn:.3e} (RTN); trained again from {}: loss {loss:.3e}",
+                r.start
+            );
+            if loss < loss_final || (loss_final.is_nan() && !loss.is_nan()) {
+                block = r.block;
+                rep = r.report;
+                loss_final = loss;
+            }
+            rep.notes.insert(0, note);
+        }
+    }
     // A trained block is deployed only if it beats its untrained start on the calibration
     // windows (a diverged training must not cost more than not training at all); the start
     // gets the engine's weight quantizer (GPTQ where asked, RTN if GPTQ does no better).
     let mut kept_untrained = false;
-    if trained && (loss_final.is_nan() || (!engine.keep_trained && loss_final > loss_rtn)) {
+    if trained && loses(loss_final) {
         // With RTN weights the untrained start is `rtn` itself.
         let (start, loss_start) = match engine.weight_quantizer {
             WeightQuantizer::Rtn => (rtn, loss_rtn),

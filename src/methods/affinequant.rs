@@ -27,7 +27,9 @@
 use super::lwc::{clamp_rows, lwc_bounds, lwc_units, Clip};
 use super::plan::{attach_kv, fixed_quantizer, Grids};
 use super::train::{train, var, Group, Loss, Schedule, TrainConfig, Trainee};
-use super::{BlockTrainer, EpochLog, Method, MethodInput, MethodReport, MethodSpec, SiteStats};
+use super::{
+    BlockTrainer, EpochLog, Method, MethodInput, MethodReport, MethodSpec, Retrained, SiteStats,
+};
 use crate::backend::simulated::QuantLinear;
 use crate::error::{Error, Result};
 use crate::model::{Block, LinearKind, QkTransform, Rope, Site};
@@ -234,7 +236,8 @@ impl AffineQuant {
             .collect())
     }
 
-    fn init_params(&self, block: &Block, stats: &SiteStats) -> Result<Params> {
+    /// The paper's start (§3.5), or with `identity` every transform at `I` (LWC as usual).
+    fn init_params(&self, block: &Block, stats: &SiteStats, identity: bool) -> Result<Params> {
         let c = &**block.config();
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let smooth = |s: Vec<f32>| -> Result<Smooth> {
@@ -252,10 +255,17 @@ impl AffineQuant {
         let q = block.linear(LinearKind::Q).weight()?;
         let up = block.linear(LinearKind::Up).weight()?;
         let o = block.linear(LinearKind::O).weight()?;
-        let s_qkv = self.init_scale(&q, stats.attn_in.as_ref())?;
-        let s_fc1 = self.init_scale(&up, stats.mlp_in.as_ref())?;
+        let scale = |w: &Tensor, xmax: Option<&Tensor>| -> Result<Vec<f32>> {
+            if identity {
+                Ok(vec![1.0; w.dim(1)?])
+            } else {
+                self.init_scale(w, xmax)
+            }
+        };
+        let s_qkv = scale(&q, stats.attn_in.as_ref())?;
+        let s_fc1 = scale(&up, stats.mlp_in.as_ref())?;
         // V→O: o_proj's statistics; a KV head's matrix serves its query heads: take their max.
-        let s_o = self.init_scale(&o, stats.o_in.as_ref())?;
+        let s_o = scale(&o, stats.o_in.as_ref())?;
         let g = nh / nkv;
         let mut out = vec![0f32; nkv * hd * hd];
         for kv in 0..nkv {
@@ -477,6 +487,45 @@ impl AffineQuant {
         Ok(b)
     }
 
+    /// Trains `block`'s parameters from `p` and returns the deployed block.
+    fn train_from(
+        &self,
+        block: &Block,
+        rope: &Rope,
+        x: &Tensor,
+        y: &Tensor,
+        p: &Params,
+        on_epoch: &mut dyn FnMut(&EpochLog),
+    ) -> Result<(Block, MethodReport)> {
+        let groups = [
+            Group {
+                vars: p.smooth_vars(),
+                lr: self.cfg.lr,
+                weight_decay: 0.0,
+                schedule: Schedule::Constant,
+            },
+            Group {
+                vars: p.lwc_vars(),
+                lr: self.cfg.lwc_lr,
+                weight_decay: 0.0,
+                schedule: Schedule::Constant,
+            },
+        ];
+        let cfg = TrainConfig {
+            epochs: self.cfg.epochs,
+            batch: 1,
+            loss: Loss::Mse,
+        };
+        let t = Training {
+            method: self,
+            block,
+            rope,
+            p,
+        };
+        let rep = train(&t, &groups, &cfg, block.index(), x, y, on_epoch)?;
+        Ok((self.deploy(block, p, true)?, rep))
+    }
+
     /// Smallest pivot ratio over the masked matrices at `epoch` (f64 Gauss–Jordan), or `None` if
     /// one is singular.
     fn conditioning(&self, p: &Params, epoch: Option<usize>) -> Result<Option<f64>> {
@@ -567,7 +616,7 @@ impl AffineQuant {
         stats: &SiteStats,
         perturb: Option<u64>,
     ) -> Result<Block> {
-        let p = self.init_params(block, stats)?;
+        let p = self.init_params(block, stats, false)?;
         if let Some(seed) = perturb {
             let mut rng = crate::rng::Rng::new(seed);
             for v in p.smooth_vars() {
@@ -659,35 +708,29 @@ impl BlockTrainer for AffineQuant {
         stats: &SiteStats,
         on_epoch: &mut dyn FnMut(&EpochLog),
     ) -> Result<(Block, MethodReport)> {
-        let p = self.init_params(block, stats)?;
-        let groups = [
-            Group {
-                vars: p.smooth_vars(),
-                lr: self.cfg.lr,
-                weight_decay: 0.0,
-                schedule: Schedule::Constant,
-            },
-            Group {
-                vars: p.lwc_vars(),
-                lr: self.cfg.lwc_lr,
-                weight_decay: 0.0,
-                schedule: Schedule::Constant,
-            },
-        ];
-        let cfg = TrainConfig {
-            epochs: self.cfg.epochs,
-            batch: 1,
-            loss: Loss::Mse,
-        };
-        let t = Training {
-            method: self,
+        let p = self.init_params(block, stats, false)?;
+        self.train_from(block, rope, x, y, &p, on_epoch)
+    }
+
+    /// §3.10: the smoothing start can be worse than no transform at all (weight grids under large
+    /// activation outliers, Qwen2.5), and 32 steps do not undo it; such a block trains again
+    /// with every transform at the identity.
+    fn recalibrate(
+        &mut self,
+        block: &Block,
+        rope: &Rope,
+        x: &Tensor,
+        y: &Tensor,
+        stats: &SiteStats,
+        on_epoch: &mut dyn FnMut(&EpochLog),
+    ) -> Result<Option<Retrained>> {
+        let p = self.init_params(block, stats, true)?;
+        let (block, report) = self.train_from(block, rope, x, y, &p, on_epoch)?;
+        Ok(Some(Retrained {
+            start: "every transform at the identity",
             block,
-            rope,
-            p: &p,
-        };
-        let rep = train(&t, &groups, &cfg, block.index(), x, y, on_epoch)?;
-        let deployed = self.deploy(block, &p, true)?;
-        Ok((deployed, rep))
+            report,
+        }))
     }
 }
 

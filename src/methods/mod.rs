@@ -112,6 +112,29 @@ pub trait BlockTrainer {
         stats: &SiteStats,
         on_epoch: &mut dyn FnMut(&EpochLog),
     ) -> Result<(Block, MethodReport)>;
+
+    /// The calibration from the method's second start, for a block whose first training ended
+    /// above its untrained start (the engine keeps whichever of the two is lower). `None`: the
+    /// method has one start.
+    fn recalibrate(
+        &mut self,
+        _block: &Block,
+        _rope: &Rope,
+        _x: &Tensor,
+        _y: &Tensor,
+        _stats: &SiteStats,
+        _on_epoch: &mut dyn FnMut(&EpochLog),
+    ) -> Result<Option<Retrained>> {
+        Ok(None)
+    }
+}
+
+/// A block calibrated again from a second start ([`BlockTrainer::recalibrate`]).
+pub struct Retrained {
+    /// The start, as the notes name it.
+    pub start: &'static str,
+    pub block: Block,
+    pub report: MethodReport,
 }
 
 /// Per-channel running max of |x| at the inputs of q/o/gate/down (FlatQuant §2.5, AffineQuant

@@ -22,6 +22,16 @@ impl Rng {
 
 /// Writes config.json + model.safetensors for a tiny model of the given family.
 pub fn write_model(dir: &Path, config: serde_json::Value, seed: u64) {
+    write_model_edited(dir, config, seed, &|_, _, x| x);
+}
+
+/// [`write_model`] with `edit(name, index, value)` applied to every generated value.
+pub fn write_model_edited(
+    dir: &Path,
+    config: serde_json::Value,
+    seed: u64,
+    edit: &dyn Fn(&str, usize, f32) -> f32,
+) {
     let c = affq::model::ModelConfig::from_json_str(&config.to_string()).unwrap();
     let mut rng = Rng(seed);
     let mut tensors: Vec<(String, Vec<usize>)> = vec![
@@ -62,9 +72,9 @@ pub fn write_model(dir: &Path, config: serde_json::Value, seed: u64) {
             let count: usize = s.iter().product();
             let norm = n.contains("norm");
             let v: Vec<u8> = (0..count)
-                .flat_map(|_| {
+                .flat_map(|j| {
                     let x = if norm { 1.0 + rng.next() } else { rng.next() };
-                    half::bf16::from_f32(x).to_le_bytes()
+                    half::bf16::from_f32(edit(&n, j, x)).to_le_bytes()
                 })
                 .collect();
             (n, s, v)
@@ -413,4 +423,52 @@ fn qwen2_key_conditioning_is_exact_and_centres_the_keys() {
             "rotated {rotated}: relative logit difference {rel}"
         );
     }
+}
+
+#[test]
+fn affinequant_trains_again_from_the_identity_where_smoothing_hurts() {
+    // A Qwen2-shaped model where AffineQuant's smoothing start is bad for block 0: q_proj's input
+    // channel 5 is negative in every row, so its signed column maximum clamps to 1e-5 (§3.5, as
+    // upstream) and the start scales that column of q/k/v up by ≈ 300·√max|x|, which widens every
+    // row's per-channel 4-bit grid; with 16-bit activations nothing pays for it. The trained block
+    // loses to RTN, and the engine trains it again from the identity and says so (§3.10).
+    use crate::common::*;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("qwen2");
+    let mut cfg = base("Qwen2ForCausalLM");
+    cfg["hidden_size"] = 56.into();
+    cfg["intermediate_size"] = 76.into();
+    cfg["num_attention_heads"] = 7.into();
+    cfg["num_key_value_heads"] = 1.into();
+    cfg["vocab_size"] = 512.into();
+    write_model_edited(&dir, cfg, 5, &|name, j, x| {
+        if name == "model.layers.0.self_attn.q_proj.weight" && j % 56 == 5 {
+            -x.abs() - 0.01
+        } else {
+            x
+        }
+    });
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(stories_hf().join(f), dir.join(f)).unwrap();
+    }
+    let out = tmp.path().join("aq");
+    let mut args = vec![
+        "quantize".to_string(),
+        dir.to_str().unwrap().to_string(),
+        "-o".to_string(),
+        out.to_str().unwrap().to_string(),
+    ];
+    args.extend(
+        Calibrated::new(4, 64)
+            .method("affinequant")
+            .epochs(2)
+            .args(),
+    );
+    args.extend(["--bits".to_string(), "4".to_string()]);
+    let notes = affq_json(&args)["transforms"].to_string();
+    assert!(
+        notes.contains("block 0: the trained block's loss")
+            && notes.contains("trained again from every transform at the identity"),
+        "{notes}"
+    );
 }
