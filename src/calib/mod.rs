@@ -382,21 +382,26 @@ fn calibrate_block(
     quantize_block(&mut rtn, &engine.plan)?;
     let loss_rtn = mse(&run_block(&rtn, rope, &xp, 4, &mut NoHook)?, &yp)?;
 
+    // The engine's weight quantizer on a calibrated block, then its loss on the probe windows.
+    let round_and_score = |block: &mut Block, notes: &mut Vec<String>| -> Result<f64> {
+        weight_quant::quantize_block_weights(
+            block,
+            &engine.plan,
+            &engine.weight_quantizer,
+            rope,
+            wx,
+            notes,
+        )?;
+        mse(&run_block(block, rope, &xp, 4, &mut NoHook)?, &yp)
+    };
+
     let trained = method.trainer().is_some();
     let (mut block, mut rep) = match method.trainer() {
         Some(t) => t.calibrate(fp, rope, x, y, stats, &mut |e| on_epoch(i, e))?,
         None => untrained(fp, &engine.plan)?,
     };
     block.detach();
-    weight_quant::quantize_block_weights(
-        &mut block,
-        &engine.plan,
-        &engine.weight_quantizer,
-        rope,
-        wx,
-        &mut rep.notes,
-    )?;
-    let mut loss_final = mse(&run_block(&block, rope, &xp, 4, &mut NoHook)?, &yp)?;
+    let mut loss_final = round_and_score(&mut block, &mut rep.notes)?;
     let loses = |loss: f64| loss.is_nan() || (!engine.keep_trained && loss > loss_rtn);
     // A method with a second start trains a block that lost to its untrained start once more
     // from there, and keeps the lower of the two (AffineQuant, docs/algorithms.md §3.10).
@@ -407,15 +412,7 @@ fn calibrate_block(
         };
         if let Some(mut r) = retry {
             r.block.detach();
-            weight_quant::quantize_block_weights(
-                &mut r.block,
-                &engine.plan,
-                &engine.weight_quantizer,
-                rope,
-                wx,
-                &mut r.report.notes,
-            )?;
-            let loss = mse(&run_block(&r.block, rope, &xp, 4, &mut NoHook)?, &yp)?;
+            let loss = round_and_score(&mut r.block, &mut r.report.notes)?;
             let note = format!(
                 "block {i}: the trained block's loss {loss_final:.3e} is above the untrained start's {loss_rtn:.3e} (RTN); trained again from {}: loss {loss:.3e}",
                 r.start
@@ -439,15 +436,7 @@ fn calibrate_block(
             WeightQuantizer::Gptq(_) => {
                 let (mut start, _) = untrained(fp, &engine.plan)?;
                 let mut notes = Vec::new();
-                weight_quant::quantize_block_weights(
-                    &mut start,
-                    &engine.plan,
-                    &engine.weight_quantizer,
-                    rope,
-                    wx,
-                    &mut notes,
-                )?;
-                let loss = mse(&run_block(&start, rope, &xp, 4, &mut NoHook)?, &yp)?;
+                let loss = round_and_score(&mut start, &mut notes)?;
                 if loss <= loss_rtn {
                     rep.notes.extend(notes);
                     (start, loss)

@@ -267,17 +267,33 @@ fn sharded_checkpoint_equals_single_file() {
     assert_eq!(max_abs(&(a - b).unwrap()), 0.0);
 }
 
-/// A tiny random Qwen2 with the real model's awkward shapes: hidden 56 = 2³·7 and FFN 76 = 2²·19
+/// A tiny Qwen2 config with the real model's awkward shapes: hidden 56 = 2³·7 and FFN 76 = 2²·19
 /// (Hadamard and Kronecker factor sizes), 7 query heads on 1 KV head (GQA 7:1), q/k/v biases and
 /// an untied head.
-fn qwen2_like(dir: &Path) -> Model {
+fn qwen2_config() -> serde_json::Value {
     let mut cfg = base("Qwen2ForCausalLM");
     cfg["hidden_size"] = 56.into();
     cfg["intermediate_size"] = 76.into();
     cfg["num_attention_heads"] = 7.into();
     cfg["num_key_value_heads"] = 1.into();
-    write_model(dir, cfg, 21);
+    cfg
+}
+
+/// A tiny random Qwen2 of [`qwen2_config`].
+fn qwen2_like(dir: &Path) -> Model {
+    write_model(dir, qwen2_config(), 21);
     open(dir)
+}
+
+/// [`qwen2_config`] with stories260K's tokenizer (vocabulary 512), for runs of the binary;
+/// `edit` as in [`write_model_edited`].
+fn qwen2_with_tokenizer(dir: &Path, edit: &dyn Fn(&str, usize, f32) -> f32) {
+    let mut cfg = qwen2_config();
+    cfg["vocab_size"] = 512.into();
+    write_model_edited(dir, cfg, 5, edit);
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(crate::common::stories_hf().join(f), dir.join(f)).unwrap();
+    }
 }
 
 #[test]
@@ -326,16 +342,7 @@ fn qwen2_shapes_through_the_binary() {
     use crate::common::*;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("qwen2");
-    let mut cfg = base("Qwen2ForCausalLM");
-    cfg["hidden_size"] = 56.into();
-    cfg["intermediate_size"] = 76.into();
-    cfg["num_attention_heads"] = 7.into();
-    cfg["num_key_value_heads"] = 1.into();
-    cfg["vocab_size"] = 512.into();
-    write_model(&dir, cfg, 5);
-    for f in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(stories_hf().join(f), dir.join(f)).unwrap();
-    }
+    qwen2_with_tokenizer(&dir, &|_, _, x| x);
     for (name, run) in [
         (
             "fq",
@@ -435,22 +442,13 @@ fn affinequant_trains_again_from_the_identity_where_smoothing_hurts() {
     use crate::common::*;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("qwen2");
-    let mut cfg = base("Qwen2ForCausalLM");
-    cfg["hidden_size"] = 56.into();
-    cfg["intermediate_size"] = 76.into();
-    cfg["num_attention_heads"] = 7.into();
-    cfg["num_key_value_heads"] = 1.into();
-    cfg["vocab_size"] = 512.into();
-    write_model_edited(&dir, cfg, 5, &|name, j, x| {
+    qwen2_with_tokenizer(&dir, &|name, j, x| {
         if name == "model.layers.0.self_attn.q_proj.weight" && j % 56 == 5 {
             -x.abs() - 0.01
         } else {
             x
         }
     });
-    for f in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(stories_hf().join(f), dir.join(f)).unwrap();
-    }
     let out = tmp.path().join("aq");
     let mut args = vec![
         "quantize".to_string(),
