@@ -15,10 +15,10 @@
 //!
 //! Each matrix entry is `Ã = A⊙M`: `M` is the gradual mask of the epoch (§3.3) with off-diagonals
 //! scaled by the stability factor; before every step entries with `0 < |a| < 0.01` are moved to
-//! `±0.01` (the truncation of §3.4). Inverses use the differentiable f64 Gauss–Jordan op
-//! (`transforms::inverse`, backward checked against finite differences); at every epoch's end the
-//! pivot ratio of each masked matrix is checked in f64 and a near-singular one stops that block's
-//! training at the last good epoch, with a note.
+//! `±0.01` (the truncation of §3.4). Inverses use the differentiable f64 op (`transforms::inverse`:
+//! Gauss–Jordan, blocked LU above 128 (algorithms.md §9); backward checked against finite
+//! differences); at every epoch's end the pivot ratio of each masked matrix is checked in f64 and
+//! a near-singular one stops that block's training at the last good epoch, with a note.
 //!
 //! Deviation: training uses the block's full-precision inputs (as FlatQuant), not the quantized
 //! model's (OmniQuant/AffineQuant propagate quantized inputs); the engine's shared loop does this
@@ -526,7 +526,7 @@ impl AffineQuant {
         Ok((self.deploy(block, p, true)?, rep))
     }
 
-    /// Smallest pivot ratio over the masked matrices at `epoch` (f64 Gauss–Jordan), or `None` if
+    /// Smallest pivot ratio over the masked matrices at `epoch` (f64, the pivots of `inverse_f64`), or `None` if
     /// one is singular.
     fn conditioning(&self, p: &Params, epoch: Option<usize>) -> Result<Option<f64>> {
         let m = self.masked(p, epoch, &|a| Ok(a.clone()))?;

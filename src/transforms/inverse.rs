@@ -1,12 +1,25 @@
-//! Matrix inverse (candle has none): Gauss–Jordan elimination with partial pivoting in f64, as a
-//! differentiable candle op. For `Y = A⁻¹` and upstream gradient `G`, `∂L/∂A = −Yᵀ·G·Yᵀ`.
+//! Matrix inverse (candle has none): partial pivoting in f64 (Gauss–Jordan, or blocked LU for
+//! matrices larger than one panel), as a differentiable candle op. For `Y = A⁻¹` and upstream gradient `G`, `∂L/∂A = −Yᵀ·G·Yᵀ`.
 
 use crate::error::{Error, Result};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
 /// Inverse of the row-major `n × n` matrix `a`, with the ratio of the smallest to the largest pivot
 /// magnitude (a cheap conditioning indicator: near 0 means near-singular). `None` if singular.
+///
+/// Up to one panel (`n ≤ 128`: FlatQuant's Kronecker factors, per-head matrices) by Gauss–Jordan
+/// elimination; above it (AffineQuant's dense `d × d` norm matrices) by the blocked LU of
+/// [`super::linalg::lu_inverse`], whose GEMMs keep the matrix in cache. Both pivot the same way.
 pub fn inverse_f64(a: &[f64], n: usize) -> Option<(Vec<f64>, f64)> {
+    if n > super::linalg::NB {
+        super::linalg::lu_inverse(a, n)
+    } else {
+        gauss_jordan(a, n)
+    }
+}
+
+/// Gauss–Jordan elimination with partial pivoting (the `n ≤ 128` case of [`inverse_f64`]).
+pub fn gauss_jordan(a: &[f64], n: usize) -> Option<(Vec<f64>, f64)> {
     let mut m = a.to_vec();
     let mut inv = super::linalg::identity(n);
     let (mut pmin, mut pmax) = (f64::INFINITY, 0f64);
@@ -112,6 +125,49 @@ mod tests {
             }
         }
         assert!(inverse_f64(&[1.0, 2.0, 2.0, 4.0], 2).is_none());
+    }
+
+    #[test]
+    fn blocked_lu_inverse_matches_gauss_jordan() {
+        // Sizes across the 128-wide panels (one, several, a ragged last one); rows scaled so
+        // that partial pivoting reorders them. Both are backward stable: entries agree to
+        // ~n·ε·cond relative to the largest, and the pivot ratios (same pivots) to rounding.
+        let mut rng = crate::rng::Rng::new(11);
+        for n in [1, 5, 128, 129, 300, 576] {
+            let a: Vec<f64> = (0..n * n)
+                .map(|i| rng.normal() * (1.0 + (i / n % 7) as f64))
+                .collect();
+            let (gj, rg) = gauss_jordan(&a, n).unwrap();
+            let (lu, rl) = crate::transforms::linalg::lu_inverse(&a, n).unwrap();
+            let big = gj.iter().fold(0f64, |m, v| m.max(v.abs()));
+            let err = gj
+                .iter()
+                .zip(&lu)
+                .fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                err <= 1e-9 * big,
+                "n = {n}: max |GJ − LU| = {err:e} (largest {big:e})"
+            );
+            assert!(
+                (rg - rl).abs() <= 1e-9 * rg,
+                "n = {n}: pivot ratio {rg} vs {rl}"
+            );
+            for i in (0..n).step_by(n.div_ceil(7)) {
+                for j in 0..n {
+                    let v: f64 = (0..n).map(|k| a[i * n + k] * lu[k * n + j]).sum();
+                    assert!(
+                        (v - if i == j { 1.0 } else { 0.0 }).abs() < 1e-9,
+                        "n = {n}: (A·A⁻¹)[{i},{j}] = {v}"
+                    );
+                }
+            }
+        }
+        let mut singular = vec![0.0; 200 * 200];
+        for i in 0..200 {
+            singular[i * 200 + i] = 1.0;
+        }
+        singular[199 * 200 + 199] = 0.0;
+        assert!(crate::transforms::linalg::lu_inverse(&singular, 200).is_none());
     }
 
     #[test]

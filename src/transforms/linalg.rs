@@ -104,7 +104,7 @@ pub fn orthogonality_error(a: &[f64], n: usize) -> f64 {
 
 /// Diagonal and panel blocks of the blocked factorisations below: the GEMMs on `NB`-wide panels
 /// do the O(n³) work; only `NB × NB` blocks are done element by element.
-const NB: usize = 128;
+pub(crate) const NB: usize = 128;
 /// The panel GEMMs run one per rayon task, each on one thread.
 const SEQ: Parallelism = Parallelism::None;
 
@@ -199,7 +199,7 @@ pub fn cholesky_lower(a: &mut [f64], n: usize) -> Result<(), usize> {
     Ok(())
 }
 
-/// Inverse of a lower-triangular `l` with a positive diagonal (itself lower triangular).
+/// Inverse of a lower-triangular `l` with a non-zero diagonal (itself lower triangular).
 ///
 /// By block rows (docs/algorithms.md §9): `X_ii = L_ii⁻¹` and, for the columns left of it,
 /// `X_{i,<i} = −X_ii·(L_{i,<i}·X_{<i,<i})`, a column block at a time (in parallel) over only the
@@ -250,6 +250,136 @@ pub fn lower_triangular_inverse(l: &[f64], n: usize) -> Vec<f64> {
         r0 = r1;
     }
     x
+}
+
+/// Inverse of a general `n × n` matrix by blocked LU with partial pivoting, with the ratio of the
+/// smallest to the largest pivot magnitude (`|U_jj|`, the pivots Gauss–Jordan would choose).
+/// `None` if a pivot is zero or not finite.
+///
+/// `P·A = L·U` right-looking by `NB`-wide panels (docs/algorithms.md §9): factor the panel
+/// element by element (row swaps over the whole width), solve `U₁₂ = L₁₁⁻¹·A₁₂`, update
+/// `A₂₂ −= L₂₁·U₁₂` with GEMMs. Then `A⁻¹ = U⁻¹·L⁻¹·P`, the triangular inverses from
+/// [`lower_triangular_inverse`] (of `L` and of `Uᵀ`). About `3n³` flops, nearly all in GEMMs,
+/// where Gauss–Jordan's `2n³` stream the whole matrix through memory once per column.
+pub fn lu_inverse(a: &[f64], n: usize) -> Option<(Vec<f64>, f64)> {
+    use rayon::prelude::*;
+    assert_eq!(
+        a.len(),
+        n * n,
+        "matrix of {} values, expected {n}²",
+        a.len()
+    );
+    let mut a = a.to_vec();
+    let mut perm: Vec<usize> = (0..n).collect();
+    let (mut pmin, mut pmax) = (f64::INFINITY, 0f64);
+    let mut k0 = 0;
+    while k0 < n {
+        let k1 = (k0 + NB).min(n);
+        let b = k1 - k0;
+        for j in k0..k1 {
+            let piv = (j..n).max_by(|&x, &y| a[x * n + j].abs().total_cmp(&a[y * n + j].abs()))?;
+            let p = a[piv * n + j];
+            if p == 0.0 || !p.is_finite() {
+                return None;
+            }
+            pmin = pmin.min(p.abs());
+            pmax = pmax.max(p.abs());
+            if piv != j {
+                let (lo, hi) = a.split_at_mut(piv * n);
+                lo[j * n..(j + 1) * n].swap_with_slice(&mut hi[..n]);
+                perm.swap(j, piv);
+            }
+            let (top, rest) = a.split_at_mut((j + 1) * n);
+            let pivot_row = &top[j * n + j + 1..j * n + k1];
+            for row in rest.chunks_exact_mut(n) {
+                let f = row[j] / p;
+                row[j] = f;
+                if f != 0.0 {
+                    for (x, &u) in row[j + 1..k1].iter_mut().zip(pivot_row) {
+                        *x -= f * u;
+                    }
+                }
+            }
+        }
+        let m = n - k1;
+        if m > 0 {
+            // U₁₂ = L₁₁⁻¹·A₁₂ (L₁₁ unit lower triangular).
+            let mut l11 = vec![0.0; b * b];
+            for i in 0..b {
+                l11[i * b..i * b + i].copy_from_slice(&a[(k0 + i) * n + k0..(k0 + i) * n + k0 + i]);
+                l11[i * b + i] = 1.0;
+            }
+            let l11inv = lower_triangular_inverse(&l11, b);
+            let mut u12 = vec![0.0; b * m];
+            gemm(
+                (b, m, b),
+                &mut u12,
+                m,
+                false,
+                (&l11inv, 1, b),
+                (&a[k0 * n + k1..], 1, n),
+                1.0,
+                SEQ,
+            );
+            for i in 0..b {
+                a[(k0 + i) * n + k1..(k0 + i + 1) * n].copy_from_slice(&u12[i * m..(i + 1) * m]);
+            }
+            // A₂₂ −= L₂₁·U₁₂, a block of rows per task.
+            let l21: Vec<f64> = (k1..n)
+                .flat_map(|i| a[i * n + k0..i * n + k1].iter().copied())
+                .collect();
+            let (l21, u12) = (&l21, &u12);
+            a[k1 * n..]
+                .par_chunks_mut(NB * n)
+                .enumerate()
+                .for_each(|(s, rows)| {
+                    let mr = rows.len() / n;
+                    gemm(
+                        (mr, m, b),
+                        &mut rows[k1..],
+                        n,
+                        true,
+                        (&l21[s * NB * b..], 1, b),
+                        (u12, 1, m),
+                        -1.0,
+                        SEQ,
+                    );
+                });
+        }
+        k0 = k1;
+    }
+    // L (unit diagonal) and Uᵀ, both lower triangular.
+    let mut l = vec![0.0; n * n];
+    let mut ut = vec![0.0; n * n];
+    for i in 0..n {
+        l[i * n..i * n + i].copy_from_slice(&a[i * n..i * n + i]);
+        l[i * n + i] = 1.0;
+        for j in i..n {
+            ut[j * n + i] = a[i * n + j];
+        }
+    }
+    let linv = lower_triangular_inverse(&l, n);
+    let utinv = lower_triangular_inverse(&ut, n);
+    // X = U⁻¹·L⁻¹ = (Uᵀ⁻¹)ᵀ·L⁻¹, then A⁻¹ = X·P: column i of X is column perm[i] of A⁻¹.
+    let mut x = vec![0.0; n * n];
+    let par = Parallelism::Rayon(rayon::current_num_threads());
+    gemm(
+        (n, n, n),
+        &mut x,
+        n,
+        false,
+        (&utinv, n, 1),
+        (&linv, 1, n),
+        1.0,
+        par,
+    );
+    let mut inv = vec![0.0; n * n];
+    for (dst, src) in inv.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
+        for (i, &v) in src.iter().enumerate() {
+            dst[perm[i]] = v;
+        }
+    }
+    Some((inv, if pmax > 0.0 { pmin / pmax } else { 0.0 }))
 }
 
 /// The upper-triangular `U` with `H⁻¹ = Uᵀ·U` (GPTQ's "Cholesky of the inverse", §4.3), from one
