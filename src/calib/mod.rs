@@ -15,7 +15,7 @@ pub mod weight_quant;
 
 use crate::error::{Error, Result};
 use crate::methods::plan::{attach_quantizers, quantize_block};
-use crate::methods::{EpochLog, Method, MethodReport, QuantPlan, SiteStats};
+use crate::methods::{BlockData, EpochLog, Method, MethodReport, QuantPlan, SiteStats};
 use crate::model::{Block, BlockHook, Mode, Model, NoHook, Rope};
 use candle_core::{DType, Tensor};
 use std::time::Instant;
@@ -396,8 +396,15 @@ fn calibrate_block(
     };
 
     let trained = method.trainer().is_some();
+    let data = BlockData {
+        block: fp,
+        rope,
+        x,
+        y,
+        stats,
+    };
     let (mut block, mut rep) = match method.trainer() {
-        Some(t) => t.calibrate(fp, rope, x, y, stats, &mut |e| on_epoch(i, e))?,
+        Some(t) => t.calibrate(&data, &mut |e| on_epoch(i, e))?,
         None => untrained(fp, &engine.plan)?,
     };
     block.detach();
@@ -407,7 +414,7 @@ fn calibrate_block(
     // from there, and keeps the lower of the two (AffineQuant, docs/algorithms.md §3.10).
     if trained && loses(loss_final) {
         let retry = match method.trainer() {
-            Some(t) => t.recalibrate(fp, rope, x, y, stats, &mut |e| on_epoch(i, e))?,
+            Some(t) => t.recalibrate(&data, &mut |e| on_epoch(i, e))?,
             None => None,
         };
         if let Some(mut r) = retry {

@@ -28,7 +28,8 @@ use super::lwc::{clamp_rows, lwc_bounds, lwc_units, Clip};
 use super::plan::{attach_kv, fixed_quantizer, Grids};
 use super::train::{train, var, Group, Loss, Schedule, TrainConfig, Trainee};
 use super::{
-    BlockTrainer, EpochLog, Method, MethodInput, MethodReport, MethodSpec, Retrained, SiteStats,
+    BlockData, BlockTrainer, EpochLog, Method, MethodInput, MethodReport, MethodSpec, Retrained,
+    SiteStats,
 };
 use crate::backend::simulated::QuantLinear;
 use crate::error::{Error, Result};
@@ -487,16 +488,16 @@ impl AffineQuant {
         Ok(b)
     }
 
-    /// Trains `block`'s parameters from `p` and returns the deployed block.
+    /// Trains the block's parameters from `p` and returns the deployed block.
     fn train_from(
         &self,
-        block: &Block,
-        rope: &Rope,
-        x: &Tensor,
-        y: &Tensor,
+        d: &BlockData,
         p: &Params,
         on_epoch: &mut dyn FnMut(&EpochLog),
     ) -> Result<(Block, MethodReport)> {
+        let BlockData {
+            block, rope, x, y, ..
+        } = *d;
         let groups = [
             Group {
                 vars: p.smooth_vars(),
@@ -526,8 +527,8 @@ impl AffineQuant {
         Ok((self.deploy(block, p, true)?, rep))
     }
 
-    /// Smallest pivot ratio over the masked matrices at `epoch` (f64, the pivots of `inverse_f64`), or `None` if
-    /// one is singular.
+    /// Smallest pivot ratio over the masked matrices at `epoch` (f64, the pivots of
+    /// `inverse_f64`), or `None` if one is singular.
     fn conditioning(&self, p: &Params, epoch: Option<usize>) -> Result<Option<f64>> {
         let m = self.masked(p, epoch, &|a| Ok(a.clone()))?;
         let mut mats = vec![m.out.clone()];
@@ -701,15 +702,11 @@ impl Method for AffineQuant {
 impl BlockTrainer for AffineQuant {
     fn calibrate(
         &mut self,
-        block: &Block,
-        rope: &Rope,
-        x: &Tensor,
-        y: &Tensor,
-        stats: &SiteStats,
+        d: &BlockData,
         on_epoch: &mut dyn FnMut(&EpochLog),
     ) -> Result<(Block, MethodReport)> {
-        let p = self.init_params(block, stats, false)?;
-        self.train_from(block, rope, x, y, &p, on_epoch)
+        let p = self.init_params(d.block, d.stats, false)?;
+        self.train_from(d, &p, on_epoch)
     }
 
     /// §3.10: the smoothing start can be worse than no transform at all (weight grids under large
@@ -717,15 +714,11 @@ impl BlockTrainer for AffineQuant {
     /// with every transform at the identity.
     fn recalibrate(
         &mut self,
-        block: &Block,
-        rope: &Rope,
-        x: &Tensor,
-        y: &Tensor,
-        stats: &SiteStats,
+        d: &BlockData,
         on_epoch: &mut dyn FnMut(&EpochLog),
     ) -> Result<Option<Retrained>> {
-        let p = self.init_params(block, stats, true)?;
-        let (block, report) = self.train_from(block, rope, x, y, &p, on_epoch)?;
+        let p = self.init_params(d.block, d.stats, true)?;
+        let (block, report) = self.train_from(d, &p, on_epoch)?;
         Ok(Some(Retrained {
             start: "every transform at the identity",
             block,

@@ -21,7 +21,9 @@
 use super::lwc::{clamp_rows, lwc_bounds, lwc_units, Clip};
 use super::plan::Grids;
 use super::train::{train, var, Group, Loss, Schedule, TrainConfig, Trainee};
-use super::{BlockTrainer, EpochLog, Method, MethodInput, MethodReport, MethodSpec, SiteStats};
+use super::{
+    BlockData, BlockTrainer, EpochLog, Method, MethodInput, MethodReport, MethodSpec, SiteStats,
+};
 use crate::backend::simulated::QuantLinear;
 use crate::error::{Error, Result};
 use crate::model::{Block, DenseLinear, LinearKind, QkTransform, Rope, Site};
@@ -633,13 +635,16 @@ impl Method for FlatQuant {
 impl BlockTrainer for FlatQuant {
     fn calibrate(
         &mut self,
-        block: &Block,
-        rope: &Rope,
-        x: &Tensor,
-        y: &Tensor,
-        stats: &SiteStats,
+        d: &BlockData,
         on_epoch: &mut dyn FnMut(&EpochLog),
     ) -> Result<(Block, MethodReport)> {
+        let BlockData {
+            block,
+            rope,
+            x,
+            y,
+            stats,
+        } = *d;
         let p = self.init_params(block, stats)?;
         let (lr, wd) = (self.cfg.lr, self.cfg.weight_decay);
         // Every group decays to a thousandth of the transforms' rate.

@@ -102,14 +102,9 @@ pub trait BlockTrainer {
     /// Returns the block in its deployed form except for the weight grid: transforms merged or
     /// attached, learned clipping applied to the weights, activation and KV quantizers attached,
     /// weights still in full precision (the engine's weight quantizer rounds them).
-    /// `x` and `y`: `[N, L, hidden]` full-precision inputs and outputs of the block.
     fn calibrate(
         &mut self,
-        block: &Block,
-        rope: &Rope,
-        x: &Tensor,
-        y: &Tensor,
-        stats: &SiteStats,
+        d: &BlockData,
         on_epoch: &mut dyn FnMut(&EpochLog),
     ) -> Result<(Block, MethodReport)>;
 
@@ -118,15 +113,22 @@ pub trait BlockTrainer {
     /// method has one start.
     fn recalibrate(
         &mut self,
-        _block: &Block,
-        _rope: &Rope,
-        _x: &Tensor,
-        _y: &Tensor,
-        _stats: &SiteStats,
+        _d: &BlockData,
         _on_epoch: &mut dyn FnMut(&EpochLog),
     ) -> Result<Option<Retrained>> {
         Ok(None)
     }
+}
+
+/// What a block's calibration reads: the full-precision block, the RoPE tables, the block's
+/// full-precision inputs `x` and outputs `y` (`[N, L, hidden]`), and its input statistics.
+#[derive(Clone, Copy)]
+pub struct BlockData<'a> {
+    pub block: &'a Block,
+    pub rope: &'a Rope,
+    pub x: &'a Tensor,
+    pub y: &'a Tensor,
+    pub stats: &'a SiteStats,
 }
 
 /// A block calibrated again from a second start ([`BlockTrainer::recalibrate`]).

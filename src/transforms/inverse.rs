@@ -1,5 +1,6 @@
 //! Matrix inverse (candle has none): partial pivoting in f64 (Gauss–Jordan, or blocked LU for
-//! matrices larger than one panel), as a differentiable candle op. For `Y = A⁻¹` and upstream gradient `G`, `∂L/∂A = −Yᵀ·G·Yᵀ`.
+//! matrices larger than one panel), as a differentiable candle op. For `Y = A⁻¹` and upstream
+//! gradient `G`, `∂L/∂A = −Yᵀ·G·Yᵀ`.
 
 use crate::error::{Error, Result};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
