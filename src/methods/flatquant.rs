@@ -28,7 +28,7 @@ use crate::backend::simulated::QuantLinear;
 use crate::error::{Error, Result};
 use crate::model::{Block, DenseLinear, LinearKind, QkTransform, Rope, Site};
 use crate::quant::act::sigmoid;
-use crate::quant::clipquant::clip_quant;
+use crate::quant::clipquant::{clip_quant, clip_quant_units};
 use crate::quant::ActQuantizer;
 use crate::rng::Rng;
 use crate::transforms::inverse::{inverse, inverse_f64};
@@ -382,8 +382,10 @@ impl FlatQuant {
                         None => w,
                     }
                 }
-                (_, _, Some(spec)) => clip_quant(&lwc_units(&w, gs)?, lwc_hi, lwc_lo, spec, true)?
-                    .reshape(w.shape())?,
+                (_, _, Some(spec)) => {
+                    let unit = gs.unwrap_or(w.dim(1)?);
+                    clip_quant_units(&w, unit, lwc_hi, lwc_lo, spec, true)?
+                }
                 (_, _, None) => w,
             };
             let act = self

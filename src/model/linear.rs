@@ -122,6 +122,18 @@ pub struct DenseLinear {
 /// `x·Wᵀ + b` for any leading shape; `w` is `[out, in]`. A 16-bit `w` is widened to `x`'s dtype
 /// for the product (exactly the values an f32 copy would hold).
 pub fn linear_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    use candle_core::DType::F32;
+    if (x.track_op() || w.track_op()) && x.dtype() == F32 && w.dtype() == F32 && x.device().is_cpu()
+    {
+        // Calibration: one graph node with its explicit backward (train_ops::LinearOp).
+        let y = x
+            .contiguous()?
+            .apply_op2(&w.contiguous()?, super::train_ops::LinearOp)?;
+        return Ok(match b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        });
+    }
     let dims = x.dims().to_vec();
     let n_in = *dims.last().expect("linear input has a feature dim");
     let rows: usize = dims[..dims.len() - 1].iter().product();

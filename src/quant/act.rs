@@ -73,11 +73,14 @@ pub fn fake_quant_graph(
 
 impl ActQuantizer for LearnedClip {
     fn apply(&self, x: &Tensor, unit: usize) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let x2 = x.reshape(((), unit))?;
-        let out =
-            super::clipquant::clip_quant(&x2, &self.alpha_max, &self.alpha_min, &self.spec, false)?;
-        Ok(out.reshape(dims)?)
+        super::clipquant::clip_quant_units(
+            x,
+            unit,
+            &self.alpha_max,
+            &self.alpha_min,
+            &self.spec,
+            false,
+        )
     }
     fn spec(&self) -> Result<QuantSpec> {
         let r = |t: &Tensor| -> Result<f32> { Ok(sigmoid(t)?.flatten_all()?.to_vec1::<f32>()?[0]) };

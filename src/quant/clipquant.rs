@@ -26,6 +26,8 @@ pub struct ClipQuant {
     pub spec: QuantSpec,
     /// Clamp `x` to `[lo, hi]` before rounding (LWC) rather than only saturating codes (LAC).
     pub clamp_input: bool,
+    /// Elements per quantization unit (row): the input, of any shape, is read as rows of it.
+    pub unit: usize,
 }
 
 fn sigmoid(x: f32) -> f32 {
@@ -190,6 +192,7 @@ fn clamp(v: f32, lo: f32, hi: f32) -> f32 {
 }
 
 /// `(min, max)` of a row over 16 lanes (exact: order does not change a minimum).
+#[inline(always)]
 fn min_max_generic(x: &[f32]) -> (f32, f32) {
     let (mut lo, mut hi) = ([f32::INFINITY; 16], [f32::NEG_INFINITY; 16]);
     let chunks = x.chunks_exact(16);
@@ -213,6 +216,7 @@ fn min_max_generic(x: &[f32]) -> (f32, f32) {
 }
 
 /// Fake quantization of one row, element by element as the module doc states.
+#[inline(always)]
 fn forward_row_generic(x: &[f32], o: &mut [f32], g: &Grid) {
     let step = |v: f32| {
         let xc = if g.clamp_input {
@@ -231,29 +235,45 @@ fn forward_row_generic(x: &[f32], o: &mut [f32], g: &Grid) {
 /// The straight-through backward of one row: writes `dx` for the elements inside the clip range
 /// and returns `(Σ ∂/∂s, Σ over elements clipped at hi, Σ over elements clipped at lo)`, summed
 /// over 8 lanes.
+#[inline(always)]
 fn backward_row_generic(x: &[f32], gr: &[f32], dx: &mut [f32], g: &Grid) -> (f32, f32, f32) {
+    if g.clamp_input {
+        backward_row_lanes::<true>(x, gr, dx, g)
+    } else {
+        backward_row_lanes::<false>(x, gr, dx, g)
+    }
+}
+
+/// [`backward_row_generic`] with the input clamp fixed, every decision a select (vectorizes).
+#[inline(always)]
+fn backward_row_lanes<const CLAMP: bool>(
+    x: &[f32],
+    gr: &[f32],
+    dx: &mut [f32],
+    g: &Grid,
+) -> (f32, f32, f32) {
     let elem = |v: f32, gv: f32| -> (f32, f32, f32, f32) {
-        let xc = if g.clamp_input {
-            clamp(v, g.lo, g.hi)
-        } else {
-            v
-        };
-        let c_raw = round_even(xc / g.s) + g.z;
+        let xc = if CLAMP { clamp(v, g.lo, g.hi) } else { v };
+        let t = xc / g.s;
+        let c_raw = round_even(t) + g.z;
         // Pass-through weight of the code clamp: 1 inside, 0 outside, ½ exactly on a bound
         // (candle's clamp splits ties; LWC puts the clipped maxima there).
-        let unsat = if c_raw > g.qlo && c_raw < g.qhi {
+        let inside = (c_raw > g.qlo) & (c_raw < g.qhi);
+        let on = (c_raw == g.qlo) | (c_raw == g.qhi);
+        let unsat = if inside {
             1.0
-        } else if c_raw == g.qlo || c_raw == g.qhi {
+        } else if on {
             0.5
         } else {
             0.0
         };
         let c = clamp(c_raw, g.qlo, g.qhi);
         let dxc = gv * unsat;
-        let ds = gv * ((c - g.z) - unsat * xc / g.s);
-        let at_hi = g.clamp_input && v > g.hi;
-        let at_lo = g.clamp_input && !at_hi && v < g.lo;
-        let pass = if at_hi || at_lo { 0.0 } else { dxc };
+        // unsat ∈ {0, ½, 1}: unsat·(xc/s) is the same number as (unsat·xc)/s.
+        let ds = gv * ((c - g.z) - unsat * t);
+        let at_hi = CLAMP & (v > g.hi);
+        let at_lo = CLAMP & !at_hi & (v < g.lo);
+        let pass = if at_hi | at_lo { 0.0 } else { dxc };
         (
             pass,
             ds,
@@ -264,10 +284,14 @@ fn backward_row_generic(x: &[f32], gr: &[f32], dx: &mut [f32], g: &Grid) -> (f32
     const W: usize = 8;
     let (mut ds, mut dh, mut dl) = ([0f32; W], [0f32; W], [0f32; W]);
     let main = x.len() / W * W;
-    for b in (0..main).step_by(W) {
+    for ((xb, gb), db) in x[..main]
+        .chunks_exact(W)
+        .zip(gr[..main].chunks_exact(W))
+        .zip(dx[..main].chunks_exact_mut(W))
+    {
         for i in 0..W {
-            let (p, s, h, l) = elem(x[b + i], gr[b + i]);
-            dx[b + i] = p;
+            let (p, s, h, l) = elem(xb[i], gb[i]);
+            db[i] = p;
             ds[i] += s;
             dh[i] += h;
             dl[i] += l;
@@ -320,7 +344,8 @@ impl CustomOp3 for ClipQuant {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (rows, n) = l1.shape().dims2()?;
+        let n = self.unit;
+        let rows = l1.shape().elem_count() / n;
         let (x, ah, al) = (
             contiguous(s1, l1)?,
             contiguous(s2, l2)?,
@@ -348,7 +373,8 @@ impl CustomOp3 for ClipQuant {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (rows, n) = x.dims2()?;
+        let n = self.unit;
+        let rows = x.elem_count() / n;
         let grad = grad.contiguous()?;
         let ah: Vec<f32> = a_hi.flatten_all()?.to_vec1()?;
         let al: Vec<f32> = a_lo.flatten_all()?.to_vec1()?;
@@ -366,7 +392,7 @@ impl CustomOp3 for ClipQuant {
             (vec![a], vec![b])
         };
         Ok((
-            Some(Tensor::from_vec(dx, (rows, n), &Device::Cpu)?),
+            Some(Tensor::from_vec(dx, x.shape(), &Device::Cpu)?),
             Some(Tensor::from_vec(gh, shape.clone(), &Device::Cpu)?),
             Some(Tensor::from_vec(gl, shape, &Device::Cpu)?),
         ))
@@ -382,12 +408,33 @@ pub fn clip_quant(
     spec: &QuantSpec,
     clamp_input: bool,
 ) -> Result<Tensor> {
+    let (_, n) = x.dims2()?;
+    clip_quant_units(x, n, a_hi, a_lo, spec, clamp_input)
+}
+
+/// [`clip_quant`] of `x` of any shape read as rows of `unit` elements; the result has `x`'s
+/// shape (no reshape nodes in the graph).
+pub fn clip_quant_units(
+    x: &Tensor,
+    unit: usize,
+    a_hi: &Tensor,
+    a_lo: &Tensor,
+    spec: &QuantSpec,
+    clamp_input: bool,
+) -> Result<Tensor> {
+    if unit == 0 || x.elem_count() % unit != 0 {
+        return Err(crate::error::Error::Runtime(format!(
+            "clip quant: {:?} is not made of rows of {unit}",
+            x.dims()
+        )));
+    }
     Ok(x.contiguous()?.apply_op3(
         &a_hi.contiguous()?,
         &a_lo.contiguous()?,
         ClipQuant {
             spec: *spec,
             clamp_input,
+            unit,
         },
     )?)
 }

@@ -66,13 +66,13 @@ impl KroneckerTransform {
         let tracked = |t: &Option<Tensor>| t.as_ref().is_some_and(Tensor::track_op);
         let f32 = x.dtype() == candle_core::DType::F32;
         if f32 && (x.track_op() || tracked(&self.scale) || tracked(&self.p1) || tracked(&self.p2)) {
-            // Calibration: fused ops with their explicit backward.
-            let x = x.reshape((rows, n))?;
+            // Calibration: fused ops with their explicit backward. They read any shape as rows
+            // of `n`, so the graph holds no reshapes around them.
             let y = match &self.scale {
                 Some(c) => x.contiguous()?.apply_op2(&c.contiguous()?, ScaleOp)?,
-                None => x,
+                None => x.clone(),
             };
-            return self.apply_fused(&y)?.reshape(dims).map_err(Into::into);
+            return self.apply_fused(&y);
         }
         let y = match &self.scale {
             Some(c) => x.broadcast_mul(c)?,
