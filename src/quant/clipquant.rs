@@ -422,7 +422,7 @@ pub fn clip_quant_units(
     spec: &QuantSpec,
     clamp_input: bool,
 ) -> Result<Tensor> {
-    if unit == 0 || x.elem_count() % unit != 0 {
+    if unit == 0 || !x.elem_count().is_multiple_of(unit) {
         return Err(crate::error::Error::Runtime(format!(
             "clip quant: {:?} is not made of rows of {unit}",
             x.dims()
