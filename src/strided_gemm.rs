@@ -4,6 +4,14 @@
 
 pub use gemm::Parallelism;
 
+/// The parallelism candle's own matmul uses: its thread count, serial for one thread.
+pub fn candle_parallelism() -> Parallelism {
+    match candle_core::utils::get_num_threads() {
+        t if t > 1 => Parallelism::Rayon(t),
+        _ => Parallelism::None,
+    }
+}
+
 /// The element types the products run in.
 pub trait Scalar: Copy + 'static {
     const ZERO: Self;

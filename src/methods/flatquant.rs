@@ -18,7 +18,7 @@
 //! head mixer or `P_k` runs online, so the checkpoint holds plain weights that every format
 //! expresses.
 
-use super::lwc::{clamp_rows, lwc_bounds, lwc_units, Clip};
+use super::lwc::{clamp_rows, lwc_bounds, lwc_unit, lwc_units, Clip};
 use super::plan::Grids;
 use super::train::{train, var, Group, Loss, Schedule, TrainConfig, Trainee};
 use super::{
@@ -383,8 +383,7 @@ impl FlatQuant {
                     }
                 }
                 (_, _, Some(spec)) => {
-                    let unit = gs.unwrap_or(w.dim(1)?);
-                    clip_quant_units(&w, unit, lwc_hi, lwc_lo, spec, true)?
+                    clip_quant_units(&w, lwc_unit(&w, gs)?, lwc_hi, lwc_lo, spec, true)?
                 }
                 (_, _, None) => w,
             };

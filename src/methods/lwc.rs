@@ -36,15 +36,20 @@ impl Clip {
     }
 }
 
-/// Weight `[out, in]` viewed as its LWC units `[out·in/g, g]` (one unit per row without groups).
-pub fn lwc_units(w: &Tensor, group: Option<usize>) -> Result<Tensor> {
-    let (out, inp) = w.dims2()?;
-    let g = unit_len(
+/// Elements per LWC unit of weight `[out, in]`: a row, or a group of it (checked to divide it).
+pub fn lwc_unit(w: &Tensor, group: Option<usize>) -> Result<usize> {
+    let (_, inp) = w.dims2()?;
+    unit_len(
         "a learnable-clipping weight",
         inp,
         group.map_or(Granularity::Channel, Granularity::Group),
-    )?;
-    Ok(w.reshape((out * inp / g, g))?)
+    )
+}
+
+/// Weight `[out, in]` viewed as its LWC units `[out·in/g, g]` (one unit per row without groups).
+pub fn lwc_units(w: &Tensor, group: Option<usize>) -> Result<Tensor> {
+    let g = lwc_unit(w, group)?;
+    Ok(w.reshape((w.elem_count() / g, g))?)
 }
 
 /// Per-row extremes clipped by learned ratios: `(σ(γmin)·min(w, 0), σ(γmax)·max(w, 0))` per row.

@@ -164,7 +164,7 @@ thread_local! {
 /// widened weight — the same GEMM, strides and thread count — so the bits are the same. `None`
 /// for other operands.
 fn widened_matmul(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
-    use crate::strided_gemm::{gemm, Parallelism};
+    use crate::strided_gemm::gemm;
     use candle_core::{CpuStorage, DType, Storage};
     if !matches!(w.dtype(), DType::F16 | DType::BF16) || x.dtype() != DType::F32 {
         return Ok(None);
@@ -180,12 +180,7 @@ fn widened_matmul(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
         (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => &v[a..b],
         _ => return Ok(None),
     };
-    let threads = candle_core::utils::get_num_threads();
-    let par = if threads > 1 {
-        Parallelism::Rayon(threads)
-    } else {
-        Parallelism::None
-    };
+    let par = crate::strided_gemm::candle_parallelism();
     let y = WIDE.with(|wide| -> Result<Option<Vec<f32>>> {
         let mut wide = wide.borrow_mut();
         if !super::ops::widen_into(w, &mut wide)? {

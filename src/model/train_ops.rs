@@ -299,14 +299,6 @@ impl CustomOp2 for SwiGluOp {
 
 pub struct LinearOp;
 
-/// The GEMM's parallelism: candle's own thread count, as its matmul uses.
-fn parallelism() -> crate::strided_gemm::Parallelism {
-    match candle_core::utils::get_num_threads() {
-        t if t > 1 => crate::strided_gemm::Parallelism::Rayon(t),
-        _ => crate::strided_gemm::Parallelism::None,
-    }
-}
-
 impl CustomOp2 for LinearOp {
     fn name(&self) -> &'static str {
         "affq-linear"
@@ -336,7 +328,7 @@ impl CustomOp2 for LinearOp {
             (x, 1, k),
             (w, k, 1),
             1.0,
-            parallelism(),
+            crate::strided_gemm::candle_parallelism(),
         );
         let mut shape = dims.to_vec();
         *shape.last_mut().unwrap() = out;
@@ -368,7 +360,7 @@ impl CustomOp2 for LinearOp {
                             (g, 1, out),
                             (ws, 1, k),
                             1.0,
-                            parallelism(),
+                            crate::strided_gemm::candle_parallelism(),
                         );
                         dx
                     });
@@ -383,7 +375,7 @@ impl CustomOp2 for LinearOp {
                             (g, out, 1),
                             (xs, 1, k),
                             1.0,
-                            parallelism(),
+                            crate::strided_gemm::candle_parallelism(),
                         );
                         dw
                     });
