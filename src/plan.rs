@@ -302,13 +302,14 @@ fn resolve_recipe(
         let training = [
             f.keep_trained.is_some(),
             f.quantized_inputs.is_some(),
+            f.int_steps.is_some(),
             f.epochs.is_some(),
             f.batch.is_some(),
             f.lr.is_some(),
             f.alpha.is_some(),
         ];
         if training.iter().any(|&x| x) {
-            return Err(usage(format!("training flags (--epochs, --batch, --lr, --alpha, --keep-trained, --quantized-inputs) need a trained method (--method {})", trained_methods())));
+            return Err(usage(format!("training flags (--epochs, --batch, --lr, --alpha, --keep-trained, --quantized-inputs, --f32-steps) need a trained method (--method {})", trained_methods())));
         }
         let data = [
             f.nsamples.is_some(),

@@ -57,6 +57,11 @@ pub struct Recipe {
     /// (algorithms.md §10); on by default, `false` turns it off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_smoothing: Option<bool>,
+    /// Trained methods: a linear whose activations and weights are both fake-quantized runs its
+    /// training products as integer GEMMs, gradients to 8 bits (on by default where the machine
+    /// has an integer dot-product kernel); `false`: every product in f32.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub int_steps: Option<bool>,
 }
 
 /// Recipes shipped in calib/.
@@ -157,6 +162,7 @@ impl Recipe {
             keep_trained: over.keep_trained.or(self.keep_trained),
             quantized_inputs: over.quantized_inputs.or(self.quantized_inputs),
             key_smoothing: over.key_smoothing.or(self.key_smoothing),
+            int_steps: over.int_steps.or(self.int_steps),
         }
     }
 }

@@ -26,6 +26,9 @@ pub const NR: usize = 16;
 pub const KB: usize = 8;
 /// Activation rows per cache block.
 const MB: usize = 128;
+/// Activation rows per register tile of the two-tile VNNI kernel (8 rows × 32 outputs: 16
+/// accumulators, each weight load and unpack shared by 8 rows).
+const RB: usize = 8;
 /// Multiply-adds below which the GEMM runs on the calling thread.
 const SEQUENTIAL_WORK: usize = 1 << 20;
 
@@ -128,6 +131,19 @@ impl PackedWeights {
         scale: Vec<f32>,
         zero: Vec<i32>,
     ) -> Self {
+        Self::from_fn(n, k, bits, scale, zero, |o, j| codes[o * k + j])
+    }
+
+    /// Packs the codes `code(o, j)` of `n` outputs × `k` inputs (each `< 2^bits`), one task per
+    /// tile; `code` may read any layout (a transposed matrix, codes with an offset added).
+    pub fn from_fn(
+        n: usize,
+        k: usize,
+        bits: u8,
+        scale: Vec<f32>,
+        zero: Vec<i32>,
+        inner: impl Fn(usize, usize) -> u8 + Sync,
+    ) -> Self {
         let kp = k.div_ceil(KB) * KB;
         let nib = bits <= 4;
         let block = if nib { NR * KB / 2 } else { NR * KB };
@@ -135,29 +151,58 @@ impl PackedWeights {
         let mut data = vec![0u8; tiles * kp / KB * block];
         let code = |o: usize, j: usize| -> u8 {
             if o < n && j < k {
-                codes[o * k + j]
+                inner(o, j)
             } else {
                 0
             }
         };
-        for t in 0..tiles {
+        let pack_tile = |t: usize, tile: &mut [u8]| -> u8 {
+            let mut max = 0u8;
+            let full_tile = (t + 1) * NR <= n;
             for b in 0..kp / KB {
-                let base = (t * kp / KB + b) * block;
+                let base = b * block;
                 let k0 = b * KB;
-                for o in 0..NR {
+                let mut put = |o: usize, j: usize, lo: u8, hi: u8| {
+                    max = max.max(lo).max(hi);
+                    if nib {
+                        tile[base + o * 4 + j] = lo | (hi << 4);
+                    } else {
+                        tile[base + o * 4 + j] = lo;
+                        tile[base + NR * 4 + o * 4 + j] = hi;
+                    }
+                };
+                if full_tile && k0 + KB <= k {
+                    // Whole block: no bounds to test per code.
                     for j in 0..4 {
-                        let (lo, hi) = (code(t * NR + o, k0 + j), code(t * NR + o, k0 + 4 + j));
-                        if nib {
-                            data[base + o * 4 + j] = lo | (hi << 4);
-                        } else {
-                            data[base + o * 4 + j] = lo;
-                            data[base + NR * 4 + o * 4 + j] = hi;
+                        for o in 0..NR {
+                            let oo = t * NR + o;
+                            put(o, j, inner(oo, k0 + j), inner(oo, k0 + 4 + j));
+                        }
+                    }
+                } else {
+                    for j in 0..4 {
+                        for o in 0..NR {
+                            let oo = t * NR + o;
+                            put(o, j, code(oo, k0 + j), code(oo, k0 + 4 + j));
                         }
                     }
                 }
             }
+            max
+        };
+        let tile_bytes = (kp / KB * block).max(1);
+        let max_code = if n * k < SEQUENTIAL_WORK / 16 {
+            data.chunks_mut(tile_bytes)
+                .enumerate()
+                .map(|(t, tile)| pack_tile(t, tile))
+                .max()
+        } else {
+            data.par_chunks_mut(tile_bytes)
+                .enumerate()
+                .map(|(t, tile)| pack_tile(t, tile))
+                .max()
         }
-        let max_code = codes.iter().copied().max().unwrap_or(0) as i32;
+        .unwrap_or(0) as i32;
         PackedWeights {
             n,
             k,
@@ -415,7 +460,30 @@ pub fn gemm_into(
     out: &mut [f32],
     ldo: usize,
 ) -> Result<()> {
-    let fits = a.m == 0 || (ldo >= w.n && (a.m - 1) * ldo + w.n <= out.len());
+    gemm_raw(a, w, bias, isa, out.as_mut_ptr(), out.len(), ldo)
+}
+
+/// `a·wᵀ` `[m, n]` into a new vector (no zeroing pass: the kernel writes every element).
+pub fn gemm_new(a: &QuantizedActs, w: &PackedWeights, isa: Isa) -> Result<Vec<f32>> {
+    let len = a.m * w.n;
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    gemm_raw(a, w, None, isa, out.as_mut_ptr(), len, w.n)?;
+    // SAFETY: `gemm_raw` wrote all `len` elements (row i at i·n, n columns, every row).
+    unsafe { out.set_len(len) };
+    Ok(out)
+}
+
+/// [`gemm_into`] on `len` elements at `out` (possibly uninitialized; only written).
+fn gemm_raw(
+    a: &QuantizedActs,
+    w: &PackedWeights,
+    bias: Option<&[f32]>,
+    isa: Isa,
+    out: *mut f32,
+    len: usize,
+    ldo: usize,
+) -> Result<()> {
+    let fits = a.m == 0 || (ldo >= w.n && (a.m - 1) * ldo + w.n <= len);
     if a.kp != w.kp || !fits {
         return Err(Error::Runtime(format!(
             "int gemm: activations [{}, {}] against weights [{}, {}] into {} values at row stride {ldo}",
@@ -423,7 +491,7 @@ pub fn gemm_into(
             a.kp,
             w.n,
             w.kp,
-            out.len()
+            len
         )));
     }
     let isa = match isa {
@@ -432,7 +500,7 @@ pub fn gemm_into(
         i => i,
     };
     let n = w.n;
-    let ptr = OutPtr(out.as_mut_ptr());
+    let ptr = OutPtr(out);
     let tiles = w.tiles();
     // Per-channel epilogue terms padded to whole tiles, so the epilogue is branch-free.
     let pad = |v: &mut Vec<f32>| v.resize(tiles * NR, 0.0);
@@ -464,8 +532,8 @@ pub fn gemm_into(
                 let nt = (t_hi - t).min(2);
                 let mut r = m0;
                 while r < m1 {
-                    let rows = (m1 - r).min(4);
-                    let mut acc = [[0i32; 2 * NR]; 4];
+                    let rows = (m1 - r).min(RB);
+                    let mut acc = [[0i32; 2 * NR]; RB];
                     dot_tiles(a, w, t, nt, r, rows, isa, &mut acc);
                     for tt in 0..nt {
                         let c0 = (t + tt) * NR;
@@ -484,11 +552,13 @@ pub fn gemm_into(
                             // SAFETY: each (row, col) is written by exactly one task: tasks
                             // own disjoint tiles (columns) and rows are visited once per tile.
                             unsafe {
-                                std::ptr::copy_nonoverlapping(
-                                    y.as_ptr(),
-                                    ptr.0.add(row * ldo + c0),
-                                    width,
-                                )
+                                let dst = ptr.0.add(row * ldo + c0);
+                                if width == NR {
+                                    // A fixed-size store (vector moves, not a memcpy call).
+                                    (dst as *mut [f32; NR]).write_unaligned(y);
+                                } else {
+                                    std::ptr::copy_nonoverlapping(y.as_ptr(), dst, width);
+                                }
                             };
                         }
                     }
@@ -507,7 +577,7 @@ pub fn gemm_into(
 }
 
 /// `acc[i][tt·NR + o] = Σ_k c_w[(t + tt)·NR + o, k]·q_a[r + i, k]` for `nt ≤ 2` tiles and
-/// `rows ≤ 4` activation rows.
+/// `rows ≤ RB` activation rows.
 #[allow(clippy::too_many_arguments)]
 fn dot_tiles(
     a: &QuantizedActs,
@@ -517,35 +587,38 @@ fn dot_tiles(
     r: usize,
     rows: usize,
     isa: Isa,
-    acc: &mut [[i32; 2 * NR]; 4],
+    acc: &mut [[i32; 2 * NR]; RB],
 ) {
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512Vnni && nt == 2 {
         let tb = w.tile_bytes();
         let tiles = &w.data[t * tb..(t + 2) * tb];
         let arow = |i: usize| &a.q[(r + i) * a.kp..(r + i + 1) * a.kp];
+        let nb = w.nibble();
         // SAFETY: availability checked by `gemm`; slices cover kp/KB blocks of both tiles.
         unsafe {
             match rows {
-                4 => x86::vnni2::<4>(
-                    tiles,
-                    tb,
-                    [arow(0), arow(1), arow(2), arow(3)],
-                    w.nibble(),
-                    acc,
-                ),
-                3 => x86::vnni2::<3>(tiles, tb, [arow(0), arow(1), arow(2)], w.nibble(), acc),
-                2 => x86::vnni2::<2>(tiles, tb, [arow(0), arow(1)], w.nibble(), acc),
-                _ => x86::vnni2::<1>(tiles, tb, [arow(0)], w.nibble(), acc),
+                8 => x86::vnni2::<8>(tiles, tb, std::array::from_fn(arow), nb, acc),
+                7 => x86::vnni2::<7>(tiles, tb, std::array::from_fn(arow), nb, acc),
+                6 => x86::vnni2::<6>(tiles, tb, std::array::from_fn(arow), nb, acc),
+                5 => x86::vnni2::<5>(tiles, tb, std::array::from_fn(arow), nb, acc),
+                4 => x86::vnni2::<4>(tiles, tb, std::array::from_fn(arow), nb, acc),
+                3 => x86::vnni2::<3>(tiles, tb, std::array::from_fn(arow), nb, acc),
+                2 => x86::vnni2::<2>(tiles, tb, std::array::from_fn(arow), nb, acc),
+                _ => x86::vnni2::<1>(tiles, tb, std::array::from_fn(arow), nb, acc),
             }
         }
         return;
     }
-    for tt in 0..nt {
-        let mut one = [[0i32; NR]; 4];
-        dot_tile(a, w, t + tt, r, rows, isa, &mut one);
-        for i in 0..rows {
-            acc[i][tt * NR..(tt + 1) * NR].copy_from_slice(&one[i]);
+    // Four rows at a time on the single-tile kernels.
+    for r4 in (0..rows).step_by(4) {
+        let n4 = (rows - r4).min(4);
+        for tt in 0..nt {
+            let mut one = [[0i32; NR]; 4];
+            dot_tile(a, w, t + tt, r + r4, n4, isa, &mut one);
+            for i in 0..n4 {
+                acc[r4 + i][tt * NR..(tt + 1) * NR].copy_from_slice(&one[i]);
+            }
         }
     }
 }
@@ -667,7 +740,7 @@ mod x86 {
         tb: usize,
         rows: [&[i8]; R],
         nibble: bool,
-        acc: &mut [[i32; 2 * NR]; 4],
+        acc: &mut [[i32; 2 * NR]; super::RB],
     ) {
         let kb = rows[0].len() / KB;
         let mut s = [[_mm512_setzero_si512(); 2]; R];

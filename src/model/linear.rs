@@ -128,7 +128,7 @@ pub fn linear_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tens
         // Calibration: one graph node with its explicit backward (train_ops::LinearOp).
         let y = x
             .contiguous()?
-            .apply_op2(&w.contiguous()?, super::train_ops::LinearOp)?;
+            .apply_op2(&w.contiguous()?, super::train_ops::LinearOp::default())?;
         return Ok(match b {
             Some(b) => y.broadcast_add(b)?,
             None => y,

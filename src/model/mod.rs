@@ -10,6 +10,7 @@ pub mod kv_cache;
 pub mod linear;
 pub mod ops;
 mod train_ops;
+pub use train_ops::{set_grid_products, GridLinear, GridProducts};
 
 pub use block::{Block, BlockHook, BlockParts, NoHook, QkTransform};
 pub use config::ModelConfig;

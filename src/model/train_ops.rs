@@ -18,10 +18,54 @@
 //! `dx = g·W`, `dW = gᵀ·x` — three GEMMs whose results are formed contiguous in the operands'
 //! own layouts, so the graph holds no reshapes or transposes around them.
 //!
+//! When both operands of a linear lie on per-row integer grids (a W4A4 step: fake-quantized
+//! activations and weights), a backend installed with [`set_grid_products`] may compute the three
+//! products in integers instead (algorithms.md §7.6).
+//!
 //! Gradients are computed only for inputs that carry them (`track_op`). Derivations: algorithms.md §7.3.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::sync::{Arc, RwLock};
+
+/// Integer products for training linears `y = x·Wᵀ` (`x` `[m, k]`, `W` `[out, k]`, row-major),
+/// from a kernel backend.
+pub trait GridProducts: Send + Sync {
+    /// Both operands on their per-row integer grids, or `None` when either is not on a grid the
+    /// backend can multiply (the op then runs its f32 GEMMs).
+    fn prepare(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        m: usize,
+        k: usize,
+        out: usize,
+    ) -> Option<Box<dyn GridLinear>>;
+}
+
+/// A linear's operands on their grids, kept from the forward for the backward.
+pub trait GridLinear: Send + Sync {
+    /// `y = x·Wᵀ` `[m, out]`, exact up to the final scaling.
+    fn forward(&self) -> Vec<f32>;
+    /// `dx = g·W` `[m, k]` for the upstream gradient `g` `[m, out]` (`None`: `g` not finite).
+    fn input_grad(&self, g: &[f32]) -> Option<Vec<f32>>;
+    /// `dW = gᵀ·x` `[out, k]`.
+    fn weight_grad(&self, g: &[f32]) -> Option<Vec<f32>>;
+}
+
+static GRID_PRODUCTS: RwLock<Option<Arc<dyn GridProducts>>> = RwLock::new(None);
+
+/// Installs (or with `None` removes) the integer products every [`LinearOp`] tries first.
+pub fn set_grid_products(p: Option<Arc<dyn GridProducts>>) {
+    *GRID_PRODUCTS.write().unwrap_or_else(|e| e.into_inner()) = p;
+}
+
+fn grid_products() -> Option<Arc<dyn GridProducts>> {
+    GRID_PRODUCTS
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+}
 
 /// Rows per parallel task for row-wise reductions.
 const CHUNK: usize = 64;
@@ -297,7 +341,12 @@ impl CustomOp2 for SwiGluOp {
     }
 }
 
-pub struct LinearOp;
+/// The linear op; holds its operands' grids between forward and backward when the integer
+/// products ran.
+#[derive(Default)]
+pub struct LinearOp {
+    grid: std::sync::Mutex<Option<Box<dyn GridLinear>>>,
+}
 
 impl CustomOp2 for LinearOp {
     fn name(&self) -> &'static str {
@@ -318,6 +367,13 @@ impl CustomOp2 for LinearOp {
         }
         let (x, w) = (f32s(sx, lx, self.name())?, f32s(sw, lw, self.name())?);
         let m = x.len() / k.max(1);
+        let mut shape = dims.to_vec();
+        *shape.last_mut().unwrap() = out;
+        if let Some(g) = grid_products().and_then(|p| p.prepare(x, w, m, k, out)) {
+            let y = g.forward();
+            *self.grid.lock().unwrap_or_else(|e| e.into_inner()) = Some(g);
+            return Ok((CpuStorage::F32(y), Shape::from(shape)));
+        }
         let mut y = vec![0f32; m * out];
         // y = x·Wᵀ: Wᵀ's element (i, j) is W[j·k + i].
         crate::strided_gemm::gemm(
@@ -330,8 +386,6 @@ impl CustomOp2 for LinearOp {
             1.0,
             crate::strided_gemm::candle_parallelism(),
         );
-        let mut shape = dims.to_vec();
-        *shape.last_mut().unwrap() = out;
         Ok((CpuStorage::F32(y), Shape::from(shape)))
     }
 
@@ -346,11 +400,15 @@ impl CustomOp2 for LinearOp {
         let (out, k) = w.dims2()?;
         let m = x.elem_count() / k.max(1);
         let name = self.name();
+        let grid = self.grid.lock().unwrap_or_else(|e| e.into_inner()).take();
         let (dx, dw) = read(x, name, |xs| {
             read(w, name, |ws| {
                 read(&grad, name, |g| {
                     // dx = g·W: [m, out]·[out, k].
                     let dx = x.track_op().then(|| {
+                        if let Some(dx) = grid.as_ref().and_then(|p| p.input_grad(g)) {
+                            return dx;
+                        }
                         let mut dx = vec![0f32; m * k];
                         crate::strided_gemm::gemm(
                             (m, k, out),
@@ -366,6 +424,9 @@ impl CustomOp2 for LinearOp {
                     });
                     // dW = gᵀ·x: gᵀ's element (o, t) is g[t·out + o].
                     let dw = w.track_op().then(|| {
+                        if let Some(dw) = grid.as_ref().and_then(|p| p.weight_grad(g)) {
+                            return dw;
+                        }
                         let mut dw = vec![0f32; out * k];
                         crate::strided_gemm::gemm(
                             (out, k, m),
@@ -589,7 +650,7 @@ mod tests {
             "linear",
             &[x, w],
             &[true, true],
-            &|t| t[0].apply_op2(&t[1], LinearOp).unwrap(),
+            &|t| t[0].apply_op2(&t[1], LinearOp::default()).unwrap(),
             &|t| t[0].broadcast_matmul(&t[1].t().unwrap()).unwrap(),
             5e-5,
         );

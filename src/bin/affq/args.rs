@@ -302,6 +302,10 @@ pub(crate) struct QuantizeArgs {
     /// full-precision inputs.
     #[arg(long)]
     pub(crate) quantized_inputs: bool,
+    /// Trained methods: run every product of a training step in f32 (by default a linear whose
+    /// activations and weights are both quantized trains on integer GEMMs with 8-bit gradients).
+    #[arg(long)]
+    pub(crate) f32_steps: bool,
     /// With --kv-bits: keep the keys as they are (by default every block's keys are smoothed and
     /// centred on calibration data before KV quantization, an exact change of the attention).
     #[arg(long)]
@@ -601,6 +605,7 @@ impl QuantizeArgs {
                 keep_trained: self.keep_trained.then_some(true),
                 quantized_inputs: self.quantized_inputs.then_some(true),
                 key_smoothing: self.no_key_smoothing.then_some(false),
+                int_steps: self.f32_steps.then_some(false),
             },
             sym_scale: self.sym_scale.map(|s| match s {
                 SymScaleArg::Maxpos => SymScale::MaxPos,
