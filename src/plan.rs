@@ -289,6 +289,13 @@ fn resolve_recipe(
     if r.epochs == Some(0) {
         return Err(usage("--epochs must be at least 1"));
     }
+    if let Some(p) = r.step_products.as_deref() {
+        if !["f32", "int"].contains(&p) {
+            return Err(usage(format!(
+                "step_products must be f32 or int, not `{p}`"
+            )));
+        }
+    }
     if let Some(a) = r.calib_activations.as_deref() {
         if a != "f32" && a != "bf16" {
             return Err(usage(format!(
@@ -302,14 +309,14 @@ fn resolve_recipe(
         let training = [
             f.keep_trained.is_some(),
             f.quantized_inputs.is_some(),
-            f.int_steps.is_some(),
+            f.step_products.is_some(),
             f.epochs.is_some(),
             f.batch.is_some(),
             f.lr.is_some(),
             f.alpha.is_some(),
         ];
         if training.iter().any(|&x| x) {
-            return Err(usage(format!("training flags (--epochs, --batch, --lr, --alpha, --keep-trained, --quantized-inputs, --f32-steps) need a trained method (--method {})", trained_methods())));
+            return Err(usage(format!("training flags (--epochs, --batch, --lr, --alpha, --keep-trained, --quantized-inputs, --step-products) need a trained method (--method {})", trained_methods())));
         }
         let data = [
             f.nsamples.is_some(),

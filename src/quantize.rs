@@ -153,8 +153,8 @@ fn calibration_summary(p: &QuantizePlan, method: &dyn Method, data_desc: &str) -
     if p.recipe.quantized_inputs == Some(true) {
         summary.push_str(", trained on the quantized model's own block inputs");
     }
-    if int_steps(p) {
-        summary.push_str(", integer step products (8-bit gradients)");
+    if int_products(p) {
+        summary.push_str(", integer products (8-bit gradients)");
     }
     if p.calib_activations() == candle_core::DType::BF16 {
         summary.push_str(", activations kept in bf16");
@@ -183,12 +183,12 @@ fn keys_only(p: &QuantizePlan) -> bool {
     !p.method.trained && p.weight_quantizer == WeightQuantizer::Rtn
 }
 
-/// Whether training steps run on the integer products: a trained method with quantized
-/// activations, not turned off, on a machine with an integer dot-product kernel.
-fn int_steps(p: &QuantizePlan) -> bool {
+/// Whether the calibration runs on the integer products (`--step-products int`): a trained
+/// method with quantized activations on a machine with an integer dot-product kernel.
+fn int_products(p: &QuantizePlan) -> bool {
     p.method.trained
         && p.quant.activations.is_some()
-        && p.recipe.int_steps != Some(false)
+        && p.recipe.step_products.as_deref() == Some("int")
         && crate::backend::grid_train::IntGridProducts::detect().is_some()
 }
 
@@ -278,7 +278,7 @@ fn run_calibration(
         Schedule::Shard(r) => r.len(),
     };
     progress.calibration_started(&summary, n);
-    let _products = int_steps(p).then(crate::backend::grid_train::Installed::install);
+    let _products = int_products(p).then(crate::backend::grid_train::Installed::install);
     // Both callbacks report to `progress`; a cell lets them share it.
     let progress = std::cell::RefCell::new(progress);
     let outcome = calib::calibrate_model(

@@ -57,11 +57,12 @@ pub struct Recipe {
     /// (algorithms.md §10); on by default, `false` turns it off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_smoothing: Option<bool>,
-    /// Trained methods: a linear whose activations and weights are both fake-quantized runs its
-    /// training products as integer GEMMs, gradients to 8 bits (on by default where the machine
-    /// has an integer dot-product kernel); `false`: every product in f32.
+    /// How the calibration runs the products of linears whose activations and weights are both
+    /// fake-quantized: `f32` (default) or `int` (forwards as exact integer GEMMs, the two
+    /// gradient products with the upstream gradient rounded to 8 bits; needs an integer
+    /// dot-product kernel, else f32).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub int_steps: Option<bool>,
+    pub step_products: Option<String>,
 }
 
 /// Recipes shipped in calib/.
@@ -162,7 +163,7 @@ impl Recipe {
             keep_trained: over.keep_trained.or(self.keep_trained),
             quantized_inputs: over.quantized_inputs.or(self.quantized_inputs),
             key_smoothing: over.key_smoothing.or(self.key_smoothing),
-            int_steps: over.int_steps.or(self.int_steps),
+            step_products: over.step_products.clone().or(self.step_products),
         }
     }
 }

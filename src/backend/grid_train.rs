@@ -1,8 +1,9 @@
-//! Integer products for the training step's linears ([`GridProducts`]): when a step's activations
+//! Integer products for the calibration's linears ([`GridProducts`]): when a linear's activations
 //! and weights are fake-quantized, each row of them is `scale·code` with small integer codes, so
 //! `y = x·Wᵀ` is an integer GEMM on the inference kernels ([`int_gemm`]) and is exact up to the
 //! final scaling. The two gradient products take the upstream gradient `g` to 8-bit codes per row
-//! (symmetric, round to nearest) and the other operand's codes as they are (algorithms.md §7.6):
+//! (symmetric, round to nearest) and the other operand's codes as they are (algorithms.md §7.6;
+//! installed by `--step-products int`):
 //!
 //! ```text
 //! y[i, o]  = s_x[i]·s_w[o]·Σ_j c_x[i, j]·c_w[o, j]
@@ -389,8 +390,9 @@ impl GridProducts for IntGridProducts {
         k: usize,
         out: usize,
     ) -> Option<Box<dyn GridLinear>> {
-        let gw = grid_rows(w, out, k)?;
+        // x first: an input off every grid fails at its first row.
         let gx = grid_rows(x, m, k)?;
+        let gw = grid_rows(w, out, k)?;
         // x's codes must fit the kernel's signed operand and W's (offset) its unsigned one.
         if gx.min < -127 || gw.max - gw.min > u8::MAX as i32 {
             return None;

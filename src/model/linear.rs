@@ -138,9 +138,12 @@ pub fn linear_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tens
     let n_in = *dims.last().expect("linear input has a feature dim");
     let rows: usize = dims[..dims.len() - 1].iter().product();
     let x = x.reshape((rows, n_in))?;
-    let y = match widened_matmul(&x, w)? {
+    let y = match super::train_ops::grid_forward(&x, w)? {
         Some(y) => y,
-        None => x.matmul(&w.t()?)?,
+        None => match widened_matmul(&x, w)? {
+            Some(y) => y,
+            None => x.matmul(&w.t()?)?,
+        },
     };
     let y = match b {
         Some(b) => y.broadcast_add(b)?,

@@ -47,7 +47,8 @@ pub trait GridProducts: Send + Sync {
 pub trait GridLinear: Send + Sync {
     /// `y = x·Wᵀ` `[m, out]`, exact up to the final scaling.
     fn forward(&self) -> Vec<f32>;
-    /// `dx = g·W` `[m, k]` for the upstream gradient `g` `[m, out]` (`None`: `g` not finite).
+    /// `dx = g·W` `[m, k]` for the upstream gradient `g` `[m, out]` (`None`: `g` not finite;
+    /// the f32 GEMM runs instead).
     fn input_grad(&self, g: &[f32]) -> Option<Vec<f32>>;
     /// `dW = gᵀ·x` `[out, k]`.
     fn weight_grad(&self, g: &[f32]) -> Option<Vec<f32>>;
@@ -58,6 +59,31 @@ static GRID_PRODUCTS: RwLock<Option<Arc<dyn GridProducts>>> = RwLock::new(None);
 /// Installs (or with `None` removes) the integer products every [`LinearOp`] tries first.
 pub fn set_grid_products(p: Option<Arc<dyn GridProducts>>) {
     *GRID_PRODUCTS.write().unwrap_or_else(|e| e.into_inner()) = p;
+}
+
+/// `x·Wᵀ` (`x` `[m, k]`, `W` `[out, k]`, f32 on the CPU) by the installed integer products when
+/// both operands are on grids (the calibration engine's forwards through blocks whose weights are
+/// already quantized); `None` otherwise.
+pub(crate) fn grid_forward(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    use candle_core::DType::F32;
+    let Some(p) = grid_products() else {
+        return Ok(None);
+    };
+    if x.dtype() != F32 || w.dtype() != F32 || !x.device().is_cpu() {
+        return Ok(None);
+    }
+    let ((m, k), (out, k2)) = (x.dims2()?, w.dims2()?);
+    if k != k2 {
+        return Ok(None);
+    }
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    let y = read(&x, "grid-linear", |xs| {
+        read(&w, "grid-linear", |ws| {
+            Ok(p.prepare(xs, ws, m, k, out).map(|g| g.forward()))
+        })
+    })?;
+    y.map(|y| Tensor::from_vec(y, (m, out), x.device()))
+        .transpose()
 }
 
 fn grid_products() -> Option<Arc<dyn GridProducts>> {

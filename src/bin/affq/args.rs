@@ -302,10 +302,11 @@ pub(crate) struct QuantizeArgs {
     /// full-precision inputs.
     #[arg(long)]
     pub(crate) quantized_inputs: bool,
-    /// Trained methods: run every product of a training step in f32 (by default a linear whose
-    /// activations and weights are both quantized trains on integer GEMMs with 8-bit gradients).
-    #[arg(long)]
-    pub(crate) f32_steps: bool,
+    /// Trained methods: how a linear whose activations and weights are both quantized computes
+    /// during calibration: f32 (default) or int (forwards as exact integer GEMMs, gradients with
+    /// the upstream gradient rounded to 8 bits).
+    #[arg(long, value_name = "f32|int")]
+    pub(crate) step_products: Option<String>,
     /// With --kv-bits: keep the keys as they are (by default every block's keys are smoothed and
     /// centred on calibration data before KV quantization, an exact change of the attention).
     #[arg(long)]
@@ -605,7 +606,7 @@ impl QuantizeArgs {
                 keep_trained: self.keep_trained.then_some(true),
                 quantized_inputs: self.quantized_inputs.then_some(true),
                 key_smoothing: self.no_key_smoothing.then_some(false),
-                int_steps: self.f32_steps.then_some(false),
+                step_products: self.step_products.clone(),
             },
             sym_scale: self.sym_scale.map(|s| match s {
                 SymScaleArg::Maxpos => SymScale::MaxPos,
