@@ -339,8 +339,9 @@ pub fn calibrate_model(
             engine,
             &mut on_epoch,
         )?;
-        report.seconds = t0.elapsed().as_secs_f64();
+        // The next block's inputs through this one are part of its cost.
         advance(&mut xq, Some(&block))?;
+        report.seconds = t0.elapsed().as_secs_f64();
         if let Some(s) = store {
             s.save(&block, &report)?;
         }
