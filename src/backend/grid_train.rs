@@ -23,7 +23,8 @@ use crate::quant::quantizer::round_even;
 use rayon::prelude::*;
 use std::sync::Arc;
 
-/// Largest |code| a grid may have (codes are stored as i8; the packed side adds an offset).
+/// Largest |code| a grid may have: codes fit the kernel's signed operand, and with an offset
+/// their range (≤ 254) fits its unsigned one.
 const MAX_CODE: usize = 127;
 /// Distance from an integer within which `x/step` counts as on the grid. A value written as
 /// `step·c` in f32 and read back with a step recomputed from the row's largest |value| is off by
@@ -42,6 +43,13 @@ struct GridRows {
     sum: Vec<i32>,
     min: i32,
     max: i32,
+}
+
+impl GridRows {
+    /// The codes with their range, as [`pack`] takes them.
+    fn codes_range(&self) -> (&[i8], i32, i32) {
+        (&self.codes, self.min, self.max)
+    }
 }
 
 /// Lanes of the row loops (a zmm of f32).
@@ -321,30 +329,23 @@ fn quantize_grad(
     a.scale.iter().all(|s| !s.is_nan()).then_some(a)
 }
 
-/// The grid rows' codes as the packed right operand, `n` outputs × `kk` inputs with code
-/// `(o, j)` at `g.codes[at(o, j)]`, offset to be non-negative; scale `scale`, zero the offset.
+/// Grid codes (range `min..=max`, |code| ≤ [`MAX_CODE`]) as the packed right operand, `n`
+/// outputs × `kk` inputs with code `(o, j)` at `codes[at(o, j)]`, offset by `−min` to be
+/// non-negative; scale `scale`, zero the offset.
 fn pack(
-    g: &GridRows,
+    (codes, min, max): (&[i8], i32, i32),
     n: usize,
     kk: usize,
     scale: Vec<f32>,
     at: impl Fn(usize, usize) -> usize + Sync,
-) -> Option<PackedWeights> {
-    let off = -g.min;
-    let top = g.max + off;
-    if top > u8::MAX as i32 {
-        return None;
-    }
+) -> PackedWeights {
+    let off = -min;
+    let top = max + off;
+    debug_assert!(top <= 2 * MAX_CODE as i32);
     let bits = if top <= 15 { 4 } else { 8 };
-    let codes = &g.codes;
-    Some(PackedWeights::from_fn(
-        n,
-        kk,
-        bits,
-        scale,
-        vec![off; n],
-        |o, j| (codes[at(o, j)] as i32 + off) as u8,
-    ))
+    PackedWeights::from_fn(n, kk, bits, scale, vec![off; n], |o, j| {
+        (codes[at(o, j)] as i32 + off) as u8
+    })
 }
 
 /// While alive, every training linear tries the machine's integer products first.
@@ -393,28 +394,27 @@ impl GridProducts for IntGridProducts {
         // x first: an input off every grid fails at its first row.
         let gx = grid_rows(x, m, k)?;
         let gw = grid_rows(w, out, k)?;
-        // x's codes must fit the kernel's signed operand and W's (offset) its unsigned one.
-        if gx.min < -127 || gw.max - gw.min > u8::MAX as i32 {
-            return None;
-        }
+        let x_range = (gx.min, gx.max);
+        let x = QuantizedActs::new(m, gx.kp, gx.codes, gx.scale, gx.sum, gx.max.max(-gx.min));
         Some(Box::new(IntLinear {
             isa: self.isa,
-            m,
             k,
             out,
-            gx,
+            x,
+            x_range,
             gw,
         }))
     }
 }
 
-/// One linear's operands on their grids.
+/// One linear's operands on their grids: `x` as the kernel's left operand (its codes also packed,
+/// transposed, for `dW`), `W` as grid rows.
 struct IntLinear {
     isa: Isa,
-    m: usize,
     k: usize,
     out: usize,
-    gx: GridRows,
+    x: QuantizedActs,
+    x_range: (i32, i32),
     gw: GridRows,
 }
 
@@ -426,24 +426,16 @@ impl IntLinear {
 
 impl GridLinear for IntLinear {
     fn forward(&self) -> Vec<f32> {
-        let (gx, gw, k) = (&self.gx, &self.gw, self.k);
-        let packed = pack(gw, self.out, k, gw.scale.clone(), |o, j| o * gw.kp + j)
-            .expect("range checked in prepare");
-        let max_abs = gx.max.max(-gx.min);
-        let acts = QuantizedActs::new(
-            self.m,
-            gx.kp,
-            gx.codes.clone(),
-            gx.scale.clone(),
-            gx.sum.clone(),
-            max_abs,
-        );
-        self.gemm(&acts, &packed)
+        let (gw, k) = (&self.gw, self.k);
+        let packed = pack(gw.codes_range(), self.out, k, gw.scale.clone(), |o, j| {
+            o * gw.kp + j
+        });
+        self.gemm(&self.x, &packed)
             .expect("shapes checked in prepare")
     }
 
     fn input_grad(&self, g: &[f32]) -> Option<Vec<f32>> {
-        let (gw, m, k, out) = (&self.gw, self.m, self.k, self.out);
+        let (gw, m, k, out) = (&self.gw, self.x.m, self.k, self.out);
         // W's per-row steps multiply g's columns: h[i, o] = g[i, o]·s_w[o].
         let h = quantize_grad(m, out, |r0, buf| {
             for (i, row) in buf.chunks_mut(out).enumerate() {
@@ -451,16 +443,17 @@ impl GridLinear for IntLinear {
             }
         })?;
         // Right operand Wᵀ: output j, input o reads c_w[o, j].
-        let packed = pack(gw, k, out, vec![1.0; k], |j, o| o * gw.kp + j)?;
+        let packed = pack(gw.codes_range(), k, out, vec![1.0; k], |j, o| o * gw.kp + j);
         self.gemm(&h, &packed)
     }
 
     fn weight_grad(&self, g: &[f32]) -> Option<Vec<f32>> {
-        let (gx, m, k, out) = (&self.gx, self.m, self.k, self.out);
+        let (x, m, k, out) = (&self.x, self.x.m, self.k, self.out);
         // e[o, i] = g[i, o]·s_x[i]: gᵀ with x's per-row steps.
-        let e = quantize_grad(out, m, |o0, buf| gather_t(&g[o0..], out, &gx.scale, buf))?;
+        let e = quantize_grad(out, m, |o0, buf| gather_t(&g[o0..], out, &x.scale, buf))?;
         // Right operand xᵀ: output j, input i reads c_x[i, j].
-        let packed = pack(gx, k, m, vec![1.0; k], |j, i| i * gx.kp + j)?;
+        let (lo, hi) = self.x_range;
+        let packed = pack((&x.q, lo, hi), k, m, vec![1.0; k], |j, i| i * x.kp + j);
         self.gemm(&e, &packed)
     }
 }
@@ -505,7 +498,7 @@ mod tests {
         let g = grid_rows(&x, 5, 40).expect("on a grid");
         for (i, row) in x.chunks(40).enumerate() {
             for (j, &v) in row.iter().enumerate() {
-                let back = g.scale[i] * g.codes[i * 40 + j] as f32;
+                let back = g.scale[i] * g.codes[i * g.kp + j] as f32;
                 assert!(
                     (back - v).abs() <= 4.0 * f32::EPSILON * v.abs(),
                     "{back} vs {v}"
@@ -555,7 +548,7 @@ mod tests {
                 / 127.0;
             for j in 0..k {
                 let bound: f64 = (0..out)
-                    .map(|o| gw.codes[o * k + j].unsigned_abs() as f64)
+                    .map(|o| gw.codes[o * gw.kp + j].unsigned_abs() as f64)
                     .sum::<f64>()
                     * sigma
                     / 2.0;
@@ -576,7 +569,7 @@ mod tests {
                 / 127.0;
             for j in 0..k {
                 let bound: f64 = (0..m)
-                    .map(|i| gx.codes[i * k + j].unsigned_abs() as f64)
+                    .map(|i| gx.codes[i * gx.kp + j].unsigned_abs() as f64)
                     .sum::<f64>()
                     * tau
                     / 2.0;
