@@ -2,6 +2,7 @@
 //! per-token fake quantization of its input.
 
 use crate::error::Result;
+use crate::model::linear::quantized_linear_forward;
 use crate::model::{linear_forward, LinearLayer};
 use crate::quant::{ActQuantizer, QuantSpec, QuantizedWeight};
 use candle_core::{Device, Tensor};
@@ -78,11 +79,10 @@ impl QuantLinear {
 
 impl LinearLayer for QuantLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = match &self.act {
-            Some(a) => a.apply(x, self.in_features())?,
-            None => x.clone(),
-        };
-        linear_forward(&x, &self.weight, self.bias.as_ref())
+        match &self.act {
+            Some(a) => quantized_linear_forward(x, &**a, &self.weight, self.bias.as_ref()),
+            None => linear_forward(x, &self.weight, self.bias.as_ref()),
+        }
     }
     fn weight_ref(&self) -> &Tensor {
         &self.weight

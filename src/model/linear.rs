@@ -121,6 +121,40 @@ pub struct DenseLinear {
 
 /// `x·Wᵀ + b` for any leading shape; `w` is `[out, in]`. A 16-bit `w` is widened to `x`'s dtype
 /// for the product (exactly the values an f32 copy would hold).
+/// `act(x)·Wᵀ + b`: in calibration, with a learnable clip on the input, one node
+/// ([`train_ops::QuantLinearOp`](super::train_ops::QuantLinearOp)); otherwise the quantizer and
+/// [`linear_forward`].
+pub fn quantized_linear_forward(
+    x: &Tensor,
+    act: &dyn ActQuantizer,
+    w: &Tensor,
+    b: Option<&Tensor>,
+) -> Result<Tensor> {
+    use candle_core::DType::F32;
+    let k = w.dim(1)?;
+    if let Some((hi, lo, spec)) = act.learned_clip() {
+        if (x.track_op() || w.track_op() || hi.track_op() || lo.track_op())
+            && x.dtype() == F32
+            && w.dtype() == F32
+            && x.device().is_cpu()
+            && hi.elem_count() == 1
+            && lo.elem_count() == 1
+        {
+            let clip = Tensor::cat(&[hi.flatten_all()?, lo.flatten_all()?], 0)?;
+            let y = x.contiguous()?.apply_op3(
+                &clip,
+                &w.contiguous()?,
+                super::train_ops::QuantLinearOp::new(spec, k),
+            )?;
+            return Ok(match b {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            });
+        }
+    }
+    linear_forward(&act.apply(x, k)?, w, b)
+}
+
 pub fn linear_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     use candle_core::DType::F32;
     if (x.track_op() || w.track_op()) && x.dtype() == F32 && w.dtype() == F32 && x.device().is_cpu()

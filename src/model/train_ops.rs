@@ -367,6 +367,98 @@ impl CustomOp2 for SwiGluOp {
     }
 }
 
+/// `y = x·Wᵀ` `[m, out]` by the installed integer products when both operands are on grids (the
+/// grids returned, kept for the backward), else by the f32 GEMM.
+fn products_forward(
+    x: &[f32],
+    w: &[f32],
+    m: usize,
+    k: usize,
+    out: usize,
+) -> (Vec<f32>, Option<Box<dyn GridLinear>>) {
+    if let Some(g) = grid_products().and_then(|p| p.prepare(x, w, m, k, out)) {
+        return (g.forward(), Some(g));
+    }
+    let mut y = vec![0f32; m * out];
+    // y = x·Wᵀ: Wᵀ's element (i, j) is W[j·k + i].
+    crate::strided_gemm::gemm(
+        (m, out, k),
+        &mut y,
+        out,
+        false,
+        (x, 1, k),
+        (w, k, 1),
+        1.0,
+        crate::strided_gemm::candle_parallelism(),
+    );
+    (y, None)
+}
+
+/// `dx = g·W` `[m, k]` (integer products when the forward ran on grids).
+fn products_input_grad(
+    grid: Option<&dyn GridLinear>,
+    g: &[f32],
+    w: &[f32],
+    m: usize,
+    k: usize,
+    out: usize,
+) -> Vec<f32> {
+    if let Some(dx) = grid.and_then(|p| p.input_grad(g)) {
+        return dx;
+    }
+    let mut dx = vec![0f32; m * k];
+    crate::strided_gemm::gemm(
+        (m, k, out),
+        &mut dx,
+        k,
+        false,
+        (g, 1, out),
+        (w, 1, k),
+        1.0,
+        crate::strided_gemm::candle_parallelism(),
+    );
+    dx
+}
+
+/// `dW = gᵀ·x` `[out, k]`: `gᵀ`'s element (o, t) is `g[t·out + o]`.
+fn products_weight_grad(
+    grid: Option<&dyn GridLinear>,
+    g: &[f32],
+    x: &[f32],
+    m: usize,
+    k: usize,
+    out: usize,
+) -> Vec<f32> {
+    if let Some(dw) = grid.and_then(|p| p.weight_grad(g)) {
+        return dw;
+    }
+    let mut dw = vec![0f32; out * k];
+    crate::strided_gemm::gemm(
+        (out, k, m),
+        &mut dw,
+        k,
+        false,
+        (g, out, 1),
+        (x, 1, k),
+        1.0,
+        crate::strided_gemm::candle_parallelism(),
+    );
+    dw
+}
+
+/// The shape of `y = x·Wᵀ` and `(m, k, out)`, or an error naming the mismatch.
+fn linear_dims(op: &str, lx: &Layout, lw: &Layout) -> Result<(Vec<usize>, usize, usize, usize)> {
+    let (out, k) = lw.shape().dims2()?;
+    let dims = lx.shape().dims();
+    if dims.last() != Some(&k) {
+        candle_core::bail!("{op}: input {:?} against weight {:?}", dims, lw.shape());
+    }
+    let m = lx.shape().elem_count() / k.max(1);
+    let mut shape = dims.to_vec();
+    *shape.last_mut().unwrap() = out;
+    Ok((shape, m, k, out))
+}
+
 /// The linear op; holds its operands' grids between forward and backward when the integer
 /// products ran.
 #[derive(Default)]
@@ -386,32 +478,10 @@ impl CustomOp2 for LinearOp {
         sw: &CpuStorage,
         lw: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (out, k) = lw.shape().dims2()?;
-        let dims = lx.shape().dims();
-        if dims.last() != Some(&k) {
-            candle_core::bail!("linear: input {:?} against weight {:?}", dims, lw.shape());
-        }
+        let (shape, m, k, out) = linear_dims(self.name(), lx, lw)?;
         let (x, w) = (f32s(sx, lx, self.name())?, f32s(sw, lw, self.name())?);
-        let m = x.len() / k.max(1);
-        let mut shape = dims.to_vec();
-        *shape.last_mut().unwrap() = out;
-        if let Some(g) = grid_products().and_then(|p| p.prepare(x, w, m, k, out)) {
-            let y = g.forward();
-            *self.grid.lock().unwrap_or_else(|e| e.into_inner()) = Some(g);
-            return Ok((CpuStorage::F32(y), Shape::from(shape)));
-        }
-        let mut y = vec![0f32; m * out];
-        // y = x·Wᵀ: Wᵀ's element (i, j) is W[j·k + i].
-        crate::strided_gemm::gemm(
-            (m, out, k),
-            &mut y,
-            out,
-            false,
-            (x, 1, k),
-            (w, k, 1),
-            1.0,
-            crate::strided_gemm::candle_parallelism(),
-        );
+        let (y, grid) = products_forward(x, w, m, k, out);
+        *self.grid.lock().unwrap_or_else(|e| e.into_inner()) = grid;
         Ok((CpuStorage::F32(y), Shape::from(shape)))
     }
 
@@ -427,45 +497,16 @@ impl CustomOp2 for LinearOp {
         let m = x.elem_count() / k.max(1);
         let name = self.name();
         let grid = self.grid.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let grid = grid.as_deref();
         let (dx, dw) = read(x, name, |xs| {
             read(w, name, |ws| {
                 read(&grad, name, |g| {
-                    // dx = g·W: [m, out]·[out, k].
-                    let dx = x.track_op().then(|| {
-                        if let Some(dx) = grid.as_ref().and_then(|p| p.input_grad(g)) {
-                            return dx;
-                        }
-                        let mut dx = vec![0f32; m * k];
-                        crate::strided_gemm::gemm(
-                            (m, k, out),
-                            &mut dx,
-                            k,
-                            false,
-                            (g, 1, out),
-                            (ws, 1, k),
-                            1.0,
-                            crate::strided_gemm::candle_parallelism(),
-                        );
-                        dx
-                    });
-                    // dW = gᵀ·x: gᵀ's element (o, t) is g[t·out + o].
-                    let dw = w.track_op().then(|| {
-                        if let Some(dw) = grid.as_ref().and_then(|p| p.weight_grad(g)) {
-                            return dw;
-                        }
-                        let mut dw = vec![0f32; out * k];
-                        crate::strided_gemm::gemm(
-                            (out, k, m),
-                            &mut dw,
-                            k,
-                            false,
-                            (g, out, 1),
-                            (xs, 1, k),
-                            1.0,
-                            crate::strided_gemm::candle_parallelism(),
-                        );
-                        dw
-                    });
+                    let dx = x
+                        .track_op()
+                        .then(|| products_input_grad(grid, g, ws, m, k, out));
+                    let dw = w
+                        .track_op()
+                        .then(|| products_weight_grad(grid, g, xs, m, k, out));
                     Ok((dx, dw))
                 })
             })
@@ -474,6 +515,131 @@ impl CustomOp2 for LinearOp {
             dx.map(|v| Tensor::from_vec(v, x.shape(), x.device()))
                 .transpose()?,
             dw.map(|v| Tensor::from_vec(v, w.shape(), w.device()))
+                .transpose()?,
+        ))
+    }
+}
+
+/// What [`QuantLinearOp`]'s forward keeps for its backward: the quantized input (for `dW` in f32)
+/// or the operands' grids (integer products).
+enum Kept {
+    Values(Vec<f32>),
+    Grids(Box<dyn GridLinear>),
+}
+
+/// `y = Q(x)·Wᵀ` with `Q` the clip quantizer of a linear's input (LAC: one pair of clip logits
+/// `[a_hi, a_lo]`, rows of `k`), as one node: the quantized input is not a graph tensor, so the
+/// backward passes `dQ(x) = g·W` straight into the quantizer's straight-through backward
+/// (algorithms.md §7.3) instead of through a zero-filled gradient buffer and an add.
+pub struct QuantLinearOp {
+    pub quant: crate::quant::clipquant::ClipQuant,
+    kept: std::sync::Mutex<Option<Kept>>,
+}
+
+impl QuantLinearOp {
+    pub fn new(spec: crate::quant::QuantSpec, k: usize) -> Self {
+        QuantLinearOp {
+            quant: crate::quant::clipquant::ClipQuant {
+                spec,
+                clamp_input: false,
+                unit: k,
+            },
+            kept: std::sync::Mutex::new(None),
+        }
+    }
+}
+
+impl CustomOp3 for QuantLinearOp {
+    fn name(&self) -> &'static str {
+        "affq-quant-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sc: &CpuStorage,
+        lc: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (shape, m, k, out) = linear_dims(self.name(), lx, lw)?;
+        let (x, clip, w) = (
+            f32s(sx, lx, self.name())?,
+            f32s(sc, lc, self.name())?,
+            f32s(sw, lw, self.name())?,
+        );
+        if clip.len() != 2 || k != self.quant.unit {
+            candle_core::bail!("{}: clip logits {:?}, rows of {k}", self.name(), lc.shape());
+        }
+        let xq = self.quant.forward(x, &clip[..1], &clip[1..], m, k);
+        let (y, grid) = products_forward(&xq, w, m, k, out);
+        *self.kept.lock().unwrap_or_else(|e| e.into_inner()) = Some(match grid {
+            Some(g) => Kept::Grids(g),
+            None => Kept::Values(xq),
+        });
+        Ok((CpuStorage::F32(y), Shape::from(shape)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        clip: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (out, k) = w.dims2()?;
+        let m = x.elem_count() / k.max(1);
+        let name = self.name();
+        let Some(kept) = self.kept.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            candle_core::bail!("{name}: backward without a forward");
+        };
+        let ab: Vec<f32> = clip.to_vec1()?;
+        let (grid, xq) = match &kept {
+            Kept::Grids(g) => (Some(&**g), None),
+            Kept::Values(v) => (None, Some(v.as_slice())),
+        };
+        let want_x = x.track_op() || clip.track_op();
+        let (dx, dclip, dw) = read(x, name, |xs| {
+            read(w, name, |ws| {
+                read(&grad, name, |g| {
+                    let dw = w.track_op().then(|| match xq {
+                        Some(xq) => products_weight_grad(None, g, xq, m, k, out),
+                        None => {
+                            // The grids hold the quantized input; without them (a gradient
+                            // the integer products refuse) it is recomputed.
+                            grid.and_then(|p| p.weight_grad(g)).unwrap_or_else(|| {
+                                let xq = self.quant.forward(xs, &ab[..1], &ab[1..], m, k);
+                                products_weight_grad(None, g, &xq, m, k, out)
+                            })
+                        }
+                    });
+                    let (dx, dclip) = if want_x {
+                        let dxq = products_input_grad(grid, g, ws, m, k, out);
+                        let (dx, da) = self.quant.backward(xs, &dxq, &ab[..1], &ab[1..], m, k);
+                        let (dh, dl) = da
+                            .iter()
+                            .fold((0f32, 0f32), |(a, b), (x, y)| (a + x, b + y));
+                        (Some(dx), Some(vec![dh, dl]))
+                    } else {
+                        (None, None)
+                    };
+                    Ok((dx, dclip, dw))
+                })
+            })
+        })?;
+        let dev = x.device();
+        Ok((
+            dx.filter(|_| x.track_op())
+                .map(|v| Tensor::from_vec(v, x.shape(), dev))
+                .transpose()?,
+            dclip
+                .filter(|_| clip.track_op())
+                .map(|v| Tensor::from_vec(v, 2, dev))
+                .transpose()?,
+            dw.map(|v| Tensor::from_vec(v, w.shape(), dev))
                 .transpose()?,
         ))
     }
@@ -680,6 +846,45 @@ mod tests {
             &|t| t[0].broadcast_matmul(&t[1].t().unwrap()).unwrap(),
             5e-5,
         );
+    }
+
+    #[test]
+    fn quant_linear_equals_the_quantizer_then_the_linear() {
+        // The fused node runs the same arithmetic as the two nodes (ClipQuant, LinearOp) in the
+        // same order; the only difference is the zero-filled buffer the graph adds dQ(x) to, and
+        // 0 + v = v exactly, so values and gradients agree to the bit.
+        use crate::quant::clipquant::clip_quant_units;
+        use crate::quant::QuantSpec;
+        let dev = Device::Cpu;
+        let spec = QuantSpec::asym(4);
+        let x = var(Tensor::randn(0f32, 1.0, (2, 70, 40), &dev).unwrap());
+        let w = var(Tensor::randn(0f32, 1.0, (24, 40), &dev).unwrap());
+        let hi = var(Tensor::new(&[[1.5f32]], &dev).unwrap());
+        let lo = var(Tensor::new(&[[2.0f32]], &dev).unwrap());
+        let r = Tensor::randn(0f32, 1.0, (2, 70, 24), &dev).unwrap();
+        let clip = Tensor::cat(&[hi.flatten_all().unwrap(), lo.flatten_all().unwrap()], 0).unwrap();
+        let fused = x
+            .apply_op3(&clip, &w, QuantLinearOp::new(spec, 40))
+            .unwrap();
+        let xq = clip_quant_units(&x, 40, &hi, &lo, &spec, false).unwrap();
+        let composed = xq.apply_op2(&w, LinearOp::default()).unwrap();
+        assert_eq!(vals(&fused), vals(&composed));
+        let gf = (&fused * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gc = (&composed * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&x, &w, &hi, &lo] {
+            let (a, b) = (vals(gf.get(v).unwrap()), vals(gc.get(v).unwrap()));
+            assert_eq!(a, b, "gradient of {:?}", v.dims());
+        }
     }
 
     #[test]

@@ -11,6 +11,11 @@ pub trait ActQuantizer: Send + Sync {
     fn apply(&self, x: &Tensor, unit: usize) -> Result<Tensor>;
     /// The fixed grid this quantizer amounts to now (learned ratios evaluated).
     fn spec(&self) -> Result<QuantSpec>;
+    /// A learnable clip's logits `(a_hi, a_lo)` and grid, for ops that fuse the quantizer into
+    /// the product it feeds (training).
+    fn learned_clip(&self) -> Option<(&Tensor, &Tensor, QuantSpec)> {
+        None
+    }
 }
 
 impl ActQuantizer for QuantSpec {
@@ -81,6 +86,9 @@ impl ActQuantizer for LearnedClip {
             &self.spec,
             false,
         )
+    }
+    fn learned_clip(&self) -> Option<(&Tensor, &Tensor, QuantSpec)> {
+        Some((&self.alpha_max, &self.alpha_min, self.spec))
     }
     fn spec(&self) -> Result<QuantSpec> {
         let r = |t: &Tensor| -> Result<f32> { Ok(sigmoid(t)?.flatten_all()?.to_vec1::<f32>()?[0]) };

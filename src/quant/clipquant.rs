@@ -73,7 +73,7 @@ impl ClipQuant {
     }
 
     /// `(dx, per-row (d a_hi, d a_lo))` for inputs `xv` `[rows, n]` and upstream gradient `gv`.
-    fn backward(
+    pub(crate) fn backward(
         &self,
         xv: &[f32],
         gv: &[f32],
@@ -133,6 +133,29 @@ impl ClipQuant {
             })
             .collect();
         (dx, da)
+    }
+
+    /// The fake-quantized rows of `x` `[rows, n]` (clip logits per row, or one scalar each).
+    pub(crate) fn forward(
+        &self,
+        x: &[f32],
+        ah: &[f32],
+        al: &[f32],
+        rows: usize,
+        n: usize,
+    ) -> Vec<f32> {
+        let per_row = ah.len() == rows;
+        let (qlo, qhi) = self.bounds();
+        let mut out = vec![0f32; rows * n];
+        out.par_chunks_mut(n)
+            .zip(x.par_chunks(n))
+            .enumerate()
+            .for_each(|(r, (o, xr))| {
+                let k = if per_row { r } else { 0 };
+                let p = self.row(xr, ah[k], al[k]);
+                forward_row(xr, o, &self.grid(&p, qlo, qhi));
+            });
+        out
     }
 
     /// The symmetric grid's divisor: `scale = max(hi, −lo) / div`.
@@ -351,17 +374,7 @@ impl CustomOp3 for ClipQuant {
             contiguous(s2, l2)?,
             contiguous(s3, l3)?,
         );
-        let per_row = ah.len() == rows;
-        let (qlo, qhi) = self.bounds();
-        let mut out = vec![0f32; rows * n];
-        out.par_chunks_mut(n)
-            .zip(x.par_chunks(n))
-            .enumerate()
-            .for_each(|(r, (o, xr))| {
-                let k = if per_row { r } else { 0 };
-                let p = self.row(xr, ah[k], al[k]);
-                forward_row(xr, o, &self.grid(&p, qlo, qhi));
-            });
+        let out = self.forward(x, ah, al, rows, n);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 

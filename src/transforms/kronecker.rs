@@ -203,27 +203,28 @@ impl KronOp {
         y.par_chunks_mut(CHUNK * n)
             .zip(x.par_chunks(CHUNK * n))
             .for_each_init(
-                || vec![0f32; CHUNK * n],
-                |z, (yc, xc)| {
+                || (vec![0f32; CHUNK * n], vec![0f32; CHUNK * n]),
+                |(z, t), (yc, xc)| {
                     if !self.p1 {
                         self.z_chunk(xc, p2, yc);
                         return;
                     }
-                    let z = &mut z[..xc.len()];
+                    let (z, t) = (&mut z[..xc.len()], &mut t[..xc.len()]);
+                    let rows = xc.len() / n;
                     self.z_chunk(xc, p2, z);
-                    for (yr, zr) in yc.chunks_exact_mut(n).zip(z.chunks_exact(n)) {
-                        // yr, zr are [n1 × n2]; P1ᵀ is P1 [n1 × n1] read transposed.
-                        gemm(
-                            (n1, n2, n1),
-                            yr,
-                            n2,
-                            false,
-                            (p1, n1, 1),
-                            (zr, 1, n2),
-                            1.0,
-                            Parallelism::None,
-                        );
-                    }
+                    to_k_major(z, t, rows, n1, n2);
+                    // Yᵗ = P1ᵀ·Zᵗ over the whole chunk: [n1 × rows·n2], P1ᵀ read transposed.
+                    gemm(
+                        (n1, rows * n2, n1),
+                        z,
+                        rows * n2,
+                        false,
+                        (p1, n1, 1),
+                        (t, 1, rows * n2),
+                        1.0,
+                        Parallelism::None,
+                    );
+                    from_k_major(z, yc, rows, n1, n2);
                 },
             );
         y
@@ -246,46 +247,48 @@ impl KronOp {
         let chunks = x.len().div_ceil(CHUNK * n);
         // Per chunk: (dP1, dP2) partial sums.
         let mut partials: Vec<(Vec<f32>, Vec<f32>)> = Vec::with_capacity(chunks);
-        let body = |(xc, gc): (&[f32], &[f32]), dxc: Option<&mut [f32]>| {
+        let scratch = || [0; 4].map(|_| vec![0f32; CHUNK * n]);
+        let body = |s: &mut [Vec<f32>; 4], (xc, gc): (&[f32], &[f32]), dxc: Option<&mut [f32]>| {
             let rows = xc.len() / n;
+            let len = xc.len();
             let mut dp1 = vec![0f32; if want_p1 { n1 * n1 } else { 0 }];
             let mut dp2 = vec![0f32; if want_p2 { n2 * n2 } else { 0 }];
-            // dZ = P1·G per row (G itself without P1), and dP1 = Σ Z_r·G_rᵀ.
-            let dz: Vec<f32> = if self.p1 {
-                let mut dz = vec![0f32; xc.len()];
-                for (dzr, gr) in dz.chunks_exact_mut(n).zip(gc.chunks_exact(n)) {
-                    // dzr, gr are [n1 × n2]; P1 is [n1 × n1].
+            let [gt, a, b, zt] = s;
+            let (gt, a, b, zt) = (&mut gt[..len], &mut a[..len], &mut b[..len], &mut zt[..len]);
+            // dZ = P1·G per row (G itself without P1), and dP1 = Σ_r Z_r·G_rᵀ; both as one GEMM
+            // over the chunk in the k-major layout (row r's [n1 × n2] block split by its n1 index).
+            let dz: &[f32] = if self.p1 {
+                to_k_major(gc, gt, rows, n1, n2);
+                // dZᵗ = P1·Gᵗ: [n1 × rows·n2].
+                gemm(
+                    (n1, rows * n2, n1),
+                    a,
+                    rows * n2,
+                    false,
+                    (p1, 1, n1),
+                    (gt, 1, rows * n2),
+                    1.0,
+                    Parallelism::None,
+                );
+                from_k_major(a, b, rows, n1, n2);
+                if want_p1 {
+                    self.z_chunk(xc, p2, a);
+                    // dP1 = Zᵗ·(Gᵗ)ᵀ: the sum over rows and n2 at once.
+                    to_k_major(a, zt, rows, n1, n2);
                     gemm(
-                        (n1, n2, n1),
-                        dzr,
-                        n2,
+                        (n1, n1, rows * n2),
+                        &mut dp1,
+                        n1,
                         false,
-                        (p1, 1, n1),
-                        (gr, 1, n2),
+                        (zt, 1, rows * n2),
+                        (gt, rows * n2, 1),
                         1.0,
                         Parallelism::None,
                     );
                 }
-                if want_p1 {
-                    let mut z = vec![0f32; xc.len()];
-                    self.z_chunk(xc, p2, &mut z);
-                    for (zr, gr) in z.chunks_exact(n).zip(gc.chunks_exact(n)) {
-                        // zr, gr are [n1 × n2]; Gᵀ read through strides; dp1 [n1 × n1].
-                        gemm(
-                            (n1, n1, n2),
-                            &mut dp1,
-                            n1,
-                            true,
-                            (zr, 1, n2),
-                            (gr, n2, 1),
-                            1.0,
-                            Parallelism::None,
-                        );
-                    }
-                }
-                dz
+                b
             } else {
-                gc.to_vec()
+                gc
             };
             let m = rows * n1;
             if want_p2 {
@@ -297,7 +300,7 @@ impl KronOp {
                     n2,
                     false,
                     (xc, n2, 1),
-                    (&dz, 1, n2),
+                    (dz, 1, n2),
                     1.0,
                     Parallelism::None,
                 );
@@ -311,13 +314,13 @@ impl KronOp {
                         dxc,
                         n2,
                         false,
-                        (&dz, 1, n2),
+                        (dz, 1, n2),
                         (p2, n2, 1),
                         1.0,
                         Parallelism::None,
                     );
                 } else {
-                    dxc.copy_from_slice(&dz);
+                    dxc.copy_from_slice(dz);
                 }
             }
             (dp1, dp2)
@@ -326,13 +329,13 @@ impl KronOp {
             partials.par_extend(
                 dx.par_chunks_mut(CHUNK * n)
                     .zip(x.par_chunks(CHUNK * n).zip(g.par_chunks(CHUNK * n)))
-                    .map(|(dxc, xg)| body(xg, Some(dxc))),
+                    .map_init(scratch, |s, (dxc, xg)| body(s, xg, Some(dxc))),
             );
         } else {
             partials.par_extend(
                 x.par_chunks(CHUNK * n)
                     .zip(g.par_chunks(CHUNK * n))
-                    .map(|xg| body(xg, None)),
+                    .map_init(scratch, |s, xg| body(s, xg, None)),
             );
             dx = Vec::new();
         }
@@ -342,6 +345,25 @@ impl KronOp {
             dp2.iter_mut().zip(b).for_each(|(s, v)| *s += v);
         }
         (dx, dp1, dp2)
+    }
+}
+
+/// `dst[k][r][j] = src[r][k][j]` for `rows` rows of `[n1 × n2]` blocks: each row's `n1` index
+/// becomes the outer one, so `P1` acts on all rows of a chunk in one product.
+fn to_k_major(src: &[f32], dst: &mut [f32], rows: usize, n1: usize, n2: usize) {
+    for (r, row) in src.chunks_exact(n1 * n2).enumerate().take(rows) {
+        for (k, run) in row.chunks_exact(n2).enumerate() {
+            dst[(k * rows + r) * n2..][..n2].copy_from_slice(run);
+        }
+    }
+}
+
+/// The inverse of [`to_k_major`].
+fn from_k_major(src: &[f32], dst: &mut [f32], rows: usize, n1: usize, n2: usize) {
+    for (r, row) in dst.chunks_exact_mut(n1 * n2).enumerate().take(rows) {
+        for (k, run) in row.chunks_exact_mut(n2).enumerate() {
+            run.copy_from_slice(&src[(k * rows + r) * n2..][..n2]);
+        }
     }
 }
 
