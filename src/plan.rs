@@ -172,6 +172,18 @@ fn bits_arg(flag: &str, b: u8) -> Result<Option<u8>> {
     }
 }
 
+/// GPTQ v2's share of the asymmetric correction (`--gptq-v2`, `--gptq-v2-alpha`), or `None`.
+fn gptq_v2_alpha(r: &Recipe) -> Result<Option<f64>> {
+    if r.gptq_v2 != Some(true) {
+        return Ok(None);
+    }
+    let a = r.gptq_v2_alpha.unwrap_or(0.25);
+    if !(a > 0.0 && a <= 1.0) {
+        return Err(usage(format!("--gptq-v2-alpha {a}: must be in (0, 1]")));
+    }
+    Ok(Some(a))
+}
+
 /// The weight quantizer a resolved recipe asks for.
 fn weight_quantizer(r: &Recipe) -> Result<WeightQuantizer> {
     Ok(match r.weight_quantizer.as_deref().unwrap_or("rtn") {
@@ -188,6 +200,7 @@ fn weight_quantizer(r: &Recipe) -> Result<WeightQuantizer> {
                 act_order: r.act_order.unwrap_or(false),
                 block: 128,
                 grid_search: r.gptq_grid_search.unwrap_or(false),
+                v2_alpha: gptq_v2_alpha(r)?,
             })
         }
         other => {
@@ -350,10 +363,20 @@ fn resolve_recipe(
             || f.act_order.is_some()
             || f.gptq_nsamples.is_some()
             || f.gptq_grid_search.is_some()
-            || f.gptq_fp_inputs.is_some())
+            || f.gptq_fp_inputs.is_some()
+            || f.gptq_v2.is_some()
+            || f.gptq_v2_alpha.is_some())
     {
         return Err(usage(
-            "--gptq-damp, --act-order, --gptq-nsamples, --gptq-grid-search and --gptq-fp-inputs need --weight-quantizer gptq",
+            "--gptq-damp, --act-order, --gptq-nsamples, --gptq-grid-search, --gptq-fp-inputs and --gptq-v2 need --weight-quantizer gptq",
+        ));
+    }
+    if r.gptq_v2_alpha.is_some() && r.gptq_v2 != Some(true) {
+        return Err(usage("--gptq-v2-alpha needs --gptq-v2"));
+    }
+    if r.gptq_v2 == Some(true) && r.gptq_fp_inputs == Some(true) {
+        return Err(usage(
+            "--gptq-v2 fits the quantized model's inputs to the full-precision ones, --gptq-fp-inputs takes the Hessians from the full-precision inputs: pick one",
         ));
     }
     if r.quantized_inputs == Some(true) && r.gptq_fp_inputs == Some(true) {

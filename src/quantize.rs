@@ -149,6 +149,11 @@ fn calibration_summary(p: &QuantizePlan, method: &dyn Method, data_desc: &str) -
         if gptq_fp_inputs(p) {
             summary.push_str(", Hessians from full-precision inputs");
         }
+        if let Some(a) = g.v2_alpha {
+            summary.push_str(&format!(
+                ", GPTQ v2 (fitted to the full-precision inputs' outputs, alpha {a})"
+            ));
+        }
     }
     if p.recipe.quantized_inputs == Some(true) {
         summary.push_str(", trained on the quantized model's own block inputs");

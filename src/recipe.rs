@@ -44,6 +44,13 @@ pub struct Recipe {
     /// GPTQ: Hessians from the full-precision model's inputs instead of the quantized model's own
     /// (what lets a sharded calibration run GPTQ).
     pub gptq_fp_inputs: Option<bool>,
+    /// GPTQ v2 (asymmetric calibration): fit the quantized layer on the quantized model's input
+    /// to the full-precision layer on the full-precision input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gptq_v2: Option<bool>,
+    /// GPTQ v2: the share of the asymmetric correction (default 0.25).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gptq_v2_alpha: Option<f64>,
     /// Trained methods: deploy every trained block, even one whose calibration loss is above its
     /// untrained start's (the engine otherwise deploys the start; speed measurements and
     /// ablations want the method's own blocks).
@@ -160,6 +167,8 @@ impl Recipe {
             merged_only: over.merged_only.or(self.merged_only),
             gptq_grid_search: over.gptq_grid_search.or(self.gptq_grid_search),
             gptq_fp_inputs: over.gptq_fp_inputs.or(self.gptq_fp_inputs),
+            gptq_v2: over.gptq_v2.or(self.gptq_v2),
+            gptq_v2_alpha: over.gptq_v2_alpha.or(self.gptq_v2_alpha),
             keep_trained: over.keep_trained.or(self.keep_trained),
             quantized_inputs: over.quantized_inputs.or(self.quantized_inputs),
             key_smoothing: over.key_smoothing.or(self.key_smoothing),

@@ -256,6 +256,10 @@ pub fn calibrate_model(
     };
     let windows = method_windows.min(all.dim(0)?).max(1);
     let mut x = all.narrow(0, 0, windows)?;
+    // GPTQ v2 compares the quantized model's inputs with the full-precision ones on every GPTQ
+    // window: the training windows `x` when they are all of them, else a stream of its own.
+    let v2 = matches!(engine.weight_quantizer, WeightQuantizer::Gptq(g) if g.v2_alpha.is_some());
+    let mut xf = (v2 && windows < all.dim(0)?).then(|| all.clone());
     let mut xq = (gptq || engine.quantized_inputs).then_some(all);
     let mut out = CalibOutcome::default();
     let t_start = Instant::now();
@@ -291,8 +295,16 @@ pub fn calibrate_model(
             }
             Ok(())
         };
+        // The next block's full-precision GPTQ v2 inputs (the part the training windows lack).
+        let advance_fp = |xf: &mut Option<Tensor>| -> Result<()> {
+            if let Some(xf) = xf.as_mut() {
+                *xf = run_block(&fp, rope, xf, 4, &mut NoHook)?;
+            }
+            Ok(())
+        };
         if i < range.start {
             advance(&mut xq, None)?;
+            advance_fp(&mut xf)?;
             x = y;
             continue;
         }
@@ -311,11 +323,13 @@ pub fn calibrate_model(
             }
             if _claim.is_none() {
                 advance(&mut xq, None)?;
+                advance_fp(&mut xf)?;
                 x = y;
                 continue;
             }
         } else if let Some((block, report)) = store.map(|s| s.load(i)).transpose()?.flatten() {
             advance(&mut xq, Some(&block))?;
+            advance_fp(&mut xf)?;
             blocks.put(block)?;
             progress(out.reports.len() + 1, range.len(), &report);
             out.reports.push(report);
@@ -327,13 +341,14 @@ pub fn calibrate_model(
             (Some(xq), true) => xq.narrow(0, 0, windows)?,
             _ => x.clone(),
         };
+        let fx = v2.then(|| xf.as_ref().unwrap_or(&x));
         let (block, mut report) = calibrate_block(
             i,
             &fp,
             rope,
             &xt,
             &y,
-            wx,
+            (wx, fx),
             &stats,
             method,
             engine,
@@ -341,6 +356,7 @@ pub fn calibrate_model(
         )?;
         // The next block's inputs through this one are part of its cost.
         advance(&mut xq, Some(&block))?;
+        advance_fp(&mut xf)?;
         report.seconds = t0.elapsed().as_secs_f64();
         if let Some(s) = store {
             s.save(&block, &report)?;
@@ -357,8 +373,8 @@ pub fn calibrate_model(
     Ok(out)
 }
 
-/// One block: the method's calibration on `x` → `y`, the weight quantizer on `wx`, and the
-/// deploy decision against the untrained start.
+/// One block: the method's calibration on `x` → `y`, the weight quantizer on `wx` (GPTQ v2: and
+/// the same windows' full-precision inputs), and the deploy decision against the untrained start.
 #[allow(clippy::too_many_arguments)]
 fn calibrate_block(
     i: usize,
@@ -366,7 +382,7 @@ fn calibrate_block(
     rope: &Rope,
     x: &Tensor,
     y: &Tensor,
-    wx: &Tensor,
+    (wx, fx): (&Tensor, Option<&Tensor>),
     stats: &SiteStats,
     method: &mut dyn Method,
     engine: &EngineConfig,
@@ -391,6 +407,7 @@ fn calibrate_block(
             &engine.weight_quantizer,
             rope,
             wx,
+            fx,
             notes,
         )?;
         mse(&run_block(block, rope, &xp, 4, &mut NoHook)?, &yp)

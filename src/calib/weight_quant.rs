@@ -7,7 +7,7 @@ use crate::error::Result;
 use crate::methods::plan::quantize_linear;
 use crate::methods::QuantPlan;
 use crate::model::{Block, BlockHook, LinearKind, Rope};
-use crate::quant::gptq::{gptq_factored, GptqConfig, GptqFactor, Hessian};
+use crate::quant::gptq::{gptq_factored, CrossMoment, GptqConfig, GptqFactor, Hessian};
 use crate::quant::ActQuantizer;
 use candle_core::Tensor;
 use std::sync::Arc;
@@ -62,14 +62,154 @@ impl BlockHook for HessianHook {
     }
 }
 
+/// Captures one linear's input as the layer sees it (after its activation quantizer).
+struct InputHook {
+    kind: LinearKind,
+    act: Option<Arc<dyn ActQuantizer>>,
+    seen: Option<Tensor>,
+}
+
+impl BlockHook for InputHook {
+    fn linear_input(&mut self, kind: LinearKind, x: &Tensor) -> Result<()> {
+        if kind == self.kind {
+            let n = x.dim(candle_core::D::Minus1)?;
+            self.seen = Some(match &self.act {
+                Some(a) => a.apply(x, n)?,
+                None => x.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    fn last_wanted(&self) -> Option<LinearKind> {
+        Some(self.kind)
+    }
+}
+
+/// `block` computing in full precision: its weights as they are (not yet on the grid), no
+/// activation or KV-cache quantizer. With the method's transforms online or merged, this is the
+/// full-precision block's function in the transformed basis (GPTQ v2's `X`).
+fn full_precision(block: &Block) -> Result<Block> {
+    let mut b = block.clone();
+    for kind in LinearKind::ALL {
+        let l = block.linear(kind);
+        let q = QuantLinear::with_quantizer(None, l.weight()?, l.bias().cloned(), None)?;
+        b.set_linear(kind, Box::new(q))?;
+    }
+    b.set_kv_quantizers(None, None);
+    Ok(b)
+}
+
+/// Records the inputs of several linears in one pass (the full-precision stream of GPTQ v2).
+struct InputsHook {
+    kinds: Vec<LinearKind>,
+    seen: Vec<Option<Tensor>>,
+}
+
+impl BlockHook for InputsHook {
+    fn linear_input(&mut self, kind: LinearKind, x: &Tensor) -> Result<()> {
+        if let Some(i) = self.kinds.iter().position(|&k| k == kind) {
+            self.seen[i] = Some(x.clone());
+        }
+        Ok(())
+    }
+
+    fn last_wanted(&self) -> Option<LinearKind> {
+        self.kinds.last().copied()
+    }
+}
+
+/// Windows per pass of GPTQ's observations.
+const BATCH: usize = 4;
+
+/// The inputs of the linears `kinds` in the full-precision block `fp` on the first `windows`
+/// windows of `fx`, one forward per batch of [`BATCH`] windows: `[kind][batch]`.
+fn full_precision_inputs(
+    fp: &Block,
+    rope: &Rope,
+    fx: &Tensor,
+    windows: usize,
+    kinds: &[LinearKind],
+) -> Result<Vec<Vec<Tensor>>> {
+    if fx.dim(0)? < windows {
+        return Err(crate::error::Error::Runtime(format!(
+            "GPTQ v2: {} full-precision windows for {windows} quantized ones",
+            fx.dim(0)?
+        )));
+    }
+    let mut out = vec![Vec::new(); kinds.len()];
+    let mut s = 0;
+    while s < windows {
+        let b = BATCH.min(windows - s);
+        let mut hook = InputsHook {
+            kinds: kinds.to_vec(),
+            seen: vec![None; kinds.len()],
+        };
+        fp.observe(
+            &fx.narrow(0, s, b)?.to_dtype(candle_core::DType::F32)?,
+            rope,
+            &mut hook,
+        )?;
+        for (o, seen) in out.iter_mut().zip(hook.seen) {
+            o.push(seen.ok_or_else(|| {
+                crate::error::Error::Runtime("GPTQ v2: a linear's input was never reached".into())
+            })?);
+        }
+        s += b;
+    }
+    Ok(out)
+}
+
+/// GPTQ v2's statistics of one group's input: `H` from the quantized model's inputs `x` through
+/// `block` (its earlier groups on the grid) and `C = Σ (x_fp − x̃)·x̃ᵀ` with the same windows'
+/// full-precision inputs `fp_inputs` (per batch of [`BATCH`] windows).
+fn asymmetric_moments(
+    block: &Block,
+    rope: &Rope,
+    x: &Tensor,
+    fp_inputs: &[Tensor],
+    kind: LinearKind,
+    act: Option<Arc<dyn ActQuantizer>>,
+    n: usize,
+) -> Result<(Hessian, CrossMoment)> {
+    let (mut h, mut c) = (Hessian::new(n), CrossMoment::new(n));
+    let windows = x.dim(0)?;
+    let mut s = 0;
+    for xf in fp_inputs {
+        let b = BATCH.min(windows - s);
+        let mut q = InputHook {
+            kind,
+            act: act.clone(),
+            seen: None,
+        };
+        block.observe(
+            &x.narrow(0, s, b)?.to_dtype(candle_core::DType::F32)?,
+            rope,
+            &mut q,
+        )?;
+        let xq = q.seen.ok_or_else(|| {
+            crate::error::Error::Runtime(format!(
+                "GPTQ v2: the block never reached {}'s input",
+                kind.hf_name()
+            ))
+        })?;
+        h.add(&xq)?;
+        c.add(xf, &xq)?;
+        s += b;
+    }
+    Ok((h, c))
+}
+
 /// Puts every linear of `block` on the plan's weight grid. `x` (`[N, L, hidden]`): the block's
-/// calibration inputs from the already-quantized preceding blocks (used by GPTQ only).
+/// calibration inputs from the already-quantized preceding blocks (used by GPTQ only); `fx`: the
+/// same windows' full-precision inputs (GPTQ v2 only).
 pub fn quantize_block_weights(
     block: &mut Block,
     plan: &QuantPlan,
     wq: &WeightQuantizer,
     rope: &Rope,
     x: &Tensor,
+    fx: Option<&Tensor>,
     notes: &mut Vec<String>,
 ) -> Result<()> {
     let Some(scheme) = &plan.weights else {
@@ -91,30 +231,60 @@ pub fn quantize_block_weights(
             }
         }
         WeightQuantizer::Gptq(cfg) => {
-            for group in GPTQ_GROUPS {
-                // A linear kept dense keeps its full-precision weight (and input quantizer).
-                let group: Vec<LinearKind> = group
-                    .iter()
-                    .copied()
-                    .filter(|&k| plan.weights_for(k).is_some())
-                    .collect();
-                if group.is_empty() {
-                    continue;
+            // A linear kept dense keeps its full-precision weight (and input quantizer).
+            let groups: Vec<Vec<LinearKind>> = GPTQ_GROUPS
+                .iter()
+                .map(|g| {
+                    g.iter()
+                        .copied()
+                        .filter(|&k| plan.weights_for(k).is_some())
+                        .collect::<Vec<_>>()
+                })
+                .filter(|g| !g.is_empty())
+                .collect();
+            // GPTQ v2: every group's full-precision input, before any weight is on the grid.
+            let v2 = match (cfg.v2_alpha, fx) {
+                (Some(a), Some(fx)) => {
+                    let firsts: Vec<LinearKind> = groups.iter().map(|g| g[0]).collect();
+                    let fp = full_precision(block)?;
+                    let inputs = full_precision_inputs(&fp, rope, fx, x.dim(0)?, &firsts)?;
+                    Some((a, inputs))
                 }
+                (Some(_), None) => {
+                    return Err(crate::error::Error::Runtime(
+                        "GPTQ v2 needs the full-precision inputs".into(),
+                    ))
+                }
+                _ => None,
+            };
+            for (gi, group) in groups.into_iter().enumerate() {
                 let first = block.linear(group[0]);
-                let mut hook = HessianHook {
-                    kind: group[0],
-                    act: first.act_quantizer(),
-                    h: Hessian::new(first.in_features()),
+                let (inp, act) = (first.in_features(), first.act_quantizer());
+                let (h, c) = match &v2 {
+                    Some((_, inputs)) => {
+                        let (h, c) =
+                            asymmetric_moments(block, rope, x, &inputs[gi], group[0], act, inp)?;
+                        (h, Some(c.into_matrix()))
+                    }
+                    None => {
+                        let mut hook = HessianHook {
+                            kind: group[0],
+                            act,
+                            h: Hessian::new(inp),
+                        };
+                        observe_block(block, rope, x, BATCH, &mut hook)?;
+                        (hook.h, None)
+                    }
                 };
-                observe_block(block, rope, x, 4, &mut hook)?;
-                let inp = hook.h.n;
-                let factor = GptqFactor::new(&name(group[0]), hook.h.into_matrix(), inp, cfg)?;
+                let factor = GptqFactor::new(&name(group[0]), h.into_matrix(), inp, cfg)?;
                 for &kind in &group {
                     let layer = block.linear(kind);
                     let w = layer.weight()?;
                     let out = w.dims2()?.0;
-                    let values: Vec<f32> = w.flatten_all()?.to_vec1()?;
+                    let mut values: Vec<f32> = w.flatten_all()?.to_vec1()?;
+                    if let (Some(c), Some((alpha, _))) = (&c, &v2) {
+                        values = factor.asymmetric_target(&values, out, c, *alpha);
+                    }
                     let r = gptq_factored(
                         &name(kind),
                         &values,

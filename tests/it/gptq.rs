@@ -220,3 +220,57 @@ fn gptq_flags_need_gptq() {
         "--gptq-nsamples 4 is fewer than --nsamples 8",
     );
 }
+
+#[test]
+fn gptq_v2_through_the_binary() {
+    // GPTQ v2 (algorithms.md §4.5; its least squares are checked in quant::gptq's unit tests):
+    // under an untrained method (the full-precision stream carried beside the 4 probe windows)
+    // and a trained one (4 training windows, 32 GPTQ windows), the checkpoint says so, scores,
+    // and holds other weights than plain GPTQ's.
+    let tmp = tempfile::tempdir().unwrap();
+    for (i, args) in [
+        vec!["--method", "rtn", "--bits", "4", "--a-bits", "8"],
+        vec![
+            "--method",
+            "flatquant",
+            "--bits",
+            "4",
+            "--a-bits",
+            "4",
+            "--epochs",
+            "1",
+        ],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let plain = tmp.path().join(format!("p{i}"));
+        quantize(&plain, &args);
+        let v2 = tmp.path().join(format!("v{i}"));
+        let with: Vec<&str> = args.iter().copied().chain(["--gptq-v2"]).collect();
+        quantize(&v2, &with);
+        let cfg = read_json(&v2.join("config.json"));
+        let summary = cfg["quantization_config"]["transforms"].to_string();
+        assert!(summary.contains("GPTQ v2"), "{args:?}: {summary}");
+        assert!(eval_ppl(&v2).is_finite(), "{args:?}");
+        let bytes = |d: &std::path::Path| std::fs::read(d.join("model.safetensors")).unwrap();
+        assert_ne!(
+            bytes(&plain),
+            bytes(&v2),
+            "{args:?}: GPTQ v2 changed no weight"
+        );
+    }
+    let out = tmp.path().join("o");
+    quantize_stories_refused(&out, &["--gptq-v2"], "need --weight-quantizer gptq");
+    let gptq = ["--weight-quantizer", "gptq"];
+    let refused = |extra: &[&str], say: &str| {
+        let args: Vec<&str> = gptq.iter().chain(extra).copied().collect();
+        quantize_stories_refused(&out, &args, say);
+    };
+    refused(
+        &["--gptq-v2-alpha", "0.5"],
+        "--gptq-v2-alpha needs --gptq-v2",
+    );
+    refused(&["--gptq-v2", "--gptq-v2-alpha", "0"], "--gptq-v2-alpha 0");
+    refused(&["--gptq-v2", "--gptq-fp-inputs"], "pick one");
+}

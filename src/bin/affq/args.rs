@@ -293,6 +293,13 @@ pub(crate) struct QuantizeArgs {
     /// (every block then depends only on the full-precision model, so --shard can run GPTQ).
     #[arg(long)]
     pub(crate) gptq_fp_inputs: bool,
+    /// GPTQ v2 (GPTAQ's asymmetric calibration): fit each quantized linear on the quantized
+    /// model's input to the full-precision linear on the full-precision input, not to itself.
+    #[arg(long)]
+    pub(crate) gptq_v2: bool,
+    /// GPTQ v2: the share of the asymmetric correction applied, in (0, 1] [default: 0.25].
+    #[arg(long)]
+    pub(crate) gptq_v2_alpha: Option<f64>,
     /// Trained methods: deploy every trained block, even one that lost to its untrained start on
     /// the calibration windows (by default the start is deployed instead).
     #[arg(long)]
@@ -603,6 +610,8 @@ impl QuantizeArgs {
                 merged_only: self.merged_only.then_some(true),
                 gptq_grid_search: self.gptq_grid_search.then_some(true),
                 gptq_fp_inputs: self.gptq_fp_inputs.then_some(true),
+                gptq_v2: self.gptq_v2.then_some(true),
+                gptq_v2_alpha: self.gptq_v2_alpha,
                 keep_trained: self.keep_trained.then_some(true),
                 quantized_inputs: self.quantized_inputs.then_some(true),
                 key_smoothing: self.no_key_smoothing.then_some(false),
