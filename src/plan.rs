@@ -174,7 +174,8 @@ fn bits_arg(flag: &str, b: u8) -> Result<Option<u8>> {
 
 /// GPTQ v2's share of the asymmetric correction (`--gptq-v2`, `--gptq-v2-alpha`), or `None`.
 fn gptq_v2_alpha(r: &Recipe) -> Result<Option<f64>> {
-    if r.gptq_v2 != Some(true) {
+    // A recipe's GPTQ v2 gives way to --gptq-fp-inputs (both from flags are refused).
+    if r.gptq_v2 != Some(true) || r.gptq_fp_inputs == Some(true) {
         return Ok(None);
     }
     let a = r.gptq_v2_alpha.unwrap_or(0.25);
@@ -374,7 +375,7 @@ fn resolve_recipe(
     if r.gptq_v2_alpha.is_some() && r.gptq_v2 != Some(true) {
         return Err(usage("--gptq-v2-alpha needs --gptq-v2"));
     }
-    if r.gptq_v2 == Some(true) && r.gptq_fp_inputs == Some(true) {
+    if f.gptq_v2 == Some(true) && r.gptq_fp_inputs == Some(true) {
         return Err(usage(
             "--gptq-v2 fits the quantized model's inputs to the full-precision ones, --gptq-fp-inputs takes the Hessians from the full-precision inputs: pick one",
         ));
