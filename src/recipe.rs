@@ -89,6 +89,10 @@ pub const BUILTIN: &[(&str, &str)] = &[
         include_str!("../calib/flatquant-w4a4-gptq.toml"),
     ),
     (
+        "flatquant-w4a4kv4-gptq",
+        include_str!("../calib/flatquant-w4a4kv4-gptq.toml"),
+    ),
+    (
         "affinequant-cpu",
         include_str!("../calib/affinequant-cpu.toml"),
     ),
