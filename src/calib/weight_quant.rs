@@ -4,7 +4,7 @@
 use super::observe_block;
 use crate::backend::simulated::QuantLinear;
 use crate::error::Result;
-use crate::methods::plan::quantize_linear;
+use crate::methods::plan::{attach_fixed_quantizers, quantize_linear};
 use crate::methods::QuantPlan;
 use crate::model::{Block, BlockHook, LinearKind, Rope};
 use crate::quant::gptq::{gptq_factored, CrossMoment, GptqConfig, GptqFactor, Hessian};
@@ -39,44 +39,32 @@ const GPTQ_GROUPS: [&[LinearKind]; 4] = [
 
 /// Accumulates the Hessian of one linear's input *as the layer sees it*: after the online
 /// transform and after its activation quantizer (FlatQuant's choice; QuaRot uses the unquantized
-/// rotated input — affq uses what inference computes, for every method).
-struct HessianHook {
+/// rotated input — affq uses what inference computes, for every method). With GPTQ v2 also
+/// `C = Σ (x_fp − x̃)·x̃ᵀ`, the full-precision inputs given per batch of [`BATCH`] windows in the
+/// order the batches are shown.
+struct HessianHook<'a> {
     kind: LinearKind,
     act: Option<Arc<dyn ActQuantizer>>,
     h: Hessian,
+    cross: Option<(CrossMoment, std::slice::Iter<'a, Tensor>)>,
 }
 
-impl BlockHook for HessianHook {
+impl BlockHook for HessianHook<'_> {
     fn linear_input(&mut self, kind: LinearKind, x: &Tensor) -> Result<()> {
         if kind == self.kind {
-            match &self.act {
-                Some(a) => self.h.add(&a.apply(x, self.h.n)?)?,
-                None => self.h.add(x)?,
-            }
-        }
-        Ok(())
-    }
-
-    fn last_wanted(&self) -> Option<LinearKind> {
-        Some(self.kind)
-    }
-}
-
-/// Captures one linear's input as the layer sees it (after its activation quantizer).
-struct InputHook {
-    kind: LinearKind,
-    act: Option<Arc<dyn ActQuantizer>>,
-    seen: Option<Tensor>,
-}
-
-impl BlockHook for InputHook {
-    fn linear_input(&mut self, kind: LinearKind, x: &Tensor) -> Result<()> {
-        if kind == self.kind {
-            let n = x.dim(candle_core::D::Minus1)?;
-            self.seen = Some(match &self.act {
-                Some(a) => a.apply(x, n)?,
+            let xq = match &self.act {
+                Some(a) => a.apply(x, self.h.n)?,
                 None => x.clone(),
-            });
+            };
+            self.h.add(&xq)?;
+            if let Some((c, fp)) = &mut self.cross {
+                let xf = fp.next().ok_or_else(|| {
+                    crate::error::Error::Runtime(
+                        "GPTQ v2: fewer full-precision batches than quantized ones".into(),
+                    )
+                })?;
+                c.add(xf, &xq)?;
+            }
         }
         Ok(())
     }
@@ -91,12 +79,7 @@ impl BlockHook for InputHook {
 /// full-precision block's function in the transformed basis (GPTQ v2's `X`).
 fn full_precision(block: &Block) -> Result<Block> {
     let mut b = block.clone();
-    for kind in LinearKind::ALL {
-        let l = block.linear(kind);
-        let q = QuantLinear::with_quantizer(None, l.weight()?, l.bias().cloned(), None)?;
-        b.set_linear(kind, Box::new(q))?;
-    }
-    b.set_kv_quantizers(None, None);
+    attach_fixed_quantizers(&mut b, None, None)?;
     Ok(b)
 }
 
@@ -160,46 +143,6 @@ fn full_precision_inputs(
     Ok(out)
 }
 
-/// GPTQ v2's statistics of one group's input: `H` from the quantized model's inputs `x` through
-/// `block` (its earlier groups on the grid) and `C = Σ (x_fp − x̃)·x̃ᵀ` with the same windows'
-/// full-precision inputs `fp_inputs` (per batch of [`BATCH`] windows).
-fn asymmetric_moments(
-    block: &Block,
-    rope: &Rope,
-    x: &Tensor,
-    fp_inputs: &[Tensor],
-    kind: LinearKind,
-    act: Option<Arc<dyn ActQuantizer>>,
-    n: usize,
-) -> Result<(Hessian, CrossMoment)> {
-    let (mut h, mut c) = (Hessian::new(n), CrossMoment::new(n));
-    let windows = x.dim(0)?;
-    let mut s = 0;
-    for xf in fp_inputs {
-        let b = BATCH.min(windows - s);
-        let mut q = InputHook {
-            kind,
-            act: act.clone(),
-            seen: None,
-        };
-        block.observe(
-            &x.narrow(0, s, b)?.to_dtype(candle_core::DType::F32)?,
-            rope,
-            &mut q,
-        )?;
-        let xq = q.seen.ok_or_else(|| {
-            crate::error::Error::Runtime(format!(
-                "GPTQ v2: the block never reached {}'s input",
-                kind.hf_name()
-            ))
-        })?;
-        h.add(&xq)?;
-        c.add(xf, &xq)?;
-        s += b;
-    }
-    Ok((h, c))
-}
-
 /// Puts every linear of `block` on the plan's weight grid. `x` (`[N, L, hidden]`): the block's
 /// calibration inputs from the already-quantized preceding blocks (used by GPTQ only); `fx`: the
 /// same windows' full-precision inputs (GPTQ v2 only).
@@ -260,23 +203,17 @@ pub fn quantize_block_weights(
             for (gi, group) in groups.into_iter().enumerate() {
                 let first = block.linear(group[0]);
                 let (inp, act) = (first.in_features(), first.act_quantizer());
-                let (h, c) = match &v2 {
-                    Some((_, inputs)) => {
-                        let (h, c) =
-                            asymmetric_moments(block, rope, x, &inputs[gi], group[0], act, inp)?;
-                        (h, Some(c.into_matrix()))
-                    }
-                    None => {
-                        let mut hook = HessianHook {
-                            kind: group[0],
-                            act,
-                            h: Hessian::new(inp),
-                        };
-                        observe_block(block, rope, x, BATCH, &mut hook)?;
-                        (hook.h, None)
-                    }
+                let mut hook = HessianHook {
+                    kind: group[0],
+                    act,
+                    h: Hessian::new(inp),
+                    cross: v2
+                        .as_ref()
+                        .map(|(_, inputs)| (CrossMoment::new(inp), inputs[gi].iter())),
                 };
-                let factor = GptqFactor::new(&name(group[0]), h.into_matrix(), inp, cfg)?;
+                observe_block(block, rope, x, BATCH, &mut hook)?;
+                let c = hook.cross.map(|(c, _)| c.into_matrix());
+                let factor = GptqFactor::new(&name(group[0]), hook.h.into_matrix(), inp, cfg)?;
                 for &kind in &group {
                     let layer = block.linear(kind);
                     let w = layer.weight()?;

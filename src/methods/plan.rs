@@ -129,17 +129,27 @@ pub fn quantize_block(block: &mut Block, plan: &QuantPlan) -> Result<()> {
 /// The plan's activation quantizers on every linear input and its KV quantizers, weights left in
 /// full precision: the starting point of weight quantizers that need calibration data (GPTQ).
 pub fn attach_quantizers(block: &mut Block, plan: &QuantPlan) -> Result<()> {
+    attach_fixed_quantizers(block, plan.activations, plan.kv_cache)
+}
+
+/// Fixed-grid quantizers `activations` on every linear input and `kv` on keys and values (`None`:
+/// none), weights left as they are in full precision.
+pub fn attach_fixed_quantizers(
+    block: &mut Block,
+    activations: Option<QuantSpec>,
+    kv: Option<QuantSpec>,
+) -> Result<()> {
     for kind in LinearKind::ALL {
         let layer = block.linear(kind);
         let q = QuantLinear::with_quantizer(
             None,
             layer.weight()?,
             layer.bias().cloned(),
-            act_of(plan),
+            fixed_quantizer(activations),
         )?;
         block.set_linear(kind, Box::new(q))?;
     }
-    attach_kv(block, plan.kv_cache);
+    attach_kv(block, kv);
     Ok(())
 }
 

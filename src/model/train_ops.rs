@@ -619,9 +619,7 @@ impl CustomOp3 for QuantLinearOp {
                     let (dx, dclip) = if want_x {
                         let dxq = products_input_grad(grid, g, ws, m, k, out);
                         let (dx, da) = self.quant.backward(xs, &dxq, &ab[..1], &ab[1..], m, k);
-                        let (dh, dl) = da
-                            .iter()
-                            .fold((0f32, 0f32), |(a, b), (x, y)| (a + x, b + y));
+                        let (dh, dl) = crate::quant::clipquant::scalar_clip_grads(&da);
                         (Some(dx), Some(vec![dh, dl]))
                     } else {
                         (None, None)

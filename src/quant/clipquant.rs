@@ -399,9 +399,7 @@ impl CustomOp3 for ClipQuant {
         let (gh, gl): (Vec<f32>, Vec<f32>) = if per_row {
             da.into_iter().unzip()
         } else {
-            let (a, b) = da
-                .iter()
-                .fold((0f32, 0f32), |(a, b), (x, y)| (a + x, b + y));
+            let (a, b) = scalar_clip_grads(&da);
             (vec![a], vec![b])
         };
         Ok((
@@ -410,6 +408,13 @@ impl CustomOp3 for ClipQuant {
             Some(Tensor::from_vec(gl, shape, &Device::Cpu)?),
         ))
     }
+}
+
+/// The gradients of one scalar pair of clip logits: the per-row `(d a_hi, d a_lo)` summed in row
+/// order.
+pub(crate) fn scalar_clip_grads(da: &[(f32, f32)]) -> (f32, f32) {
+    da.iter()
+        .fold((0f32, 0f32), |(a, b), (x, y)| (a + x, b + y))
 }
 
 /// Fake-quantizes the rows of `x` `[rows, n]` with learnable clip logits `a_hi`, `a_lo`

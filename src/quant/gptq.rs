@@ -50,6 +50,44 @@ impl Default for GptqConfig {
     }
 }
 
+/// The values of `x` (`[..., n]`, any float dtype) as f32 rows of `n`.
+fn rows_of(x: &Tensor, n: usize) -> Result<Vec<f32>> {
+    Ok(x.to_dtype(DType::F32)?
+        .reshape(((), n))?
+        .flatten_all()?
+        .to_vec1()?)
+}
+
+/// `sum += aᵀ·b` (`sum` `[n, n]` f64, `a`, `b` `[t, n]` row-major f32), a strip of output rows at
+/// a time, each strip's GEMM in f32 across the threads; with `lower` only the lower triangle (and
+/// diagonal) of each strip is formed. Returns `t`.
+fn add_products(sum: &mut [f64], n: usize, a: &[f32], b: &[f32], lower: bool) -> usize {
+    let t = a.len() / n.max(1);
+    const ROWS: usize = 256;
+    for (s, sum) in sum.chunks_mut(ROWS * n).enumerate() {
+        let (r0, mr) = (s * ROWS, sum.len() / n);
+        let w = if lower { r0 + mr } else { n };
+        let mut strip = vec![0f32; mr * w];
+        // Rows r0..r0+mr of aᵀ (a's columns, read through strides) times b's columns 0..w.
+        gemm(
+            (mr, w, t),
+            &mut strip,
+            w,
+            false,
+            (&a[r0..], n, 1),
+            (b, 1, n),
+            1.0,
+            Parallelism::Rayon(0),
+        );
+        for (row, srow) in sum.chunks_mut(n).zip(strip.chunks(w)) {
+            for (acc, &v) in row.iter_mut().zip(srow) {
+                *acc += v as f64;
+            }
+        }
+    }
+    t
+}
+
 /// Accumulates `Σ x·xᵀ` over calibration tokens of one linear input.
 #[derive(Debug, Clone)]
 pub struct Hessian {
@@ -71,35 +109,8 @@ impl Hessian {
     /// formed, a strip of rows at a time, each strip's GEMM across the threads (`matrix` mirrors
     /// it).
     pub fn add(&mut self, x: &Tensor) -> Result<()> {
-        let n = self.n;
-        let x = x.to_dtype(DType::F32)?.reshape(((), n))?;
-        let t = x.dim(0)?;
-        let x: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        const ROWS: usize = 256;
-        for (s, sum) in self.sum.chunks_mut(ROWS * n).enumerate() {
-            let (r0, mr) = (s * ROWS, sum.len() / n);
-            let w = r0 + mr;
-            let mut strip = vec![0f32; mr * w];
-            // The strip's rows r0..r0+mr of Xᵀ (X's columns, read through strides) times
-            // X's columns 0..w.
-            let cols = (&x[r0..], n, 1);
-            gemm(
-                (mr, w, t),
-                &mut strip,
-                w,
-                false,
-                cols,
-                (&x, 1, n),
-                1.0,
-                Parallelism::Rayon(0),
-            );
-            for (row, srow) in sum.chunks_mut(n).zip(strip.chunks(w)) {
-                for (a, &v) in row.iter_mut().zip(srow) {
-                    *a += v as f64;
-                }
-            }
-        }
-        self.tokens += t;
+        let x = rows_of(x, self.n)?;
+        self.tokens += add_products(&mut self.sum, self.n, &x, &x, true);
         Ok(())
     }
 
@@ -150,32 +161,9 @@ impl CrossMoment {
     /// Adds the token rows of `x` and `xq` (both `[..., n]`, the same tokens in the same order),
     /// a strip of output rows at a time like [`Hessian::add`] (the matrix is not symmetric).
     pub fn add(&mut self, x: &Tensor, xq: &Tensor) -> Result<()> {
-        let n = self.n;
-        let xq = xq.to_dtype(DType::F32)?.reshape(((), n))?;
-        let d = (x.to_dtype(DType::F32)?.reshape(((), n))? - &xq)?;
-        let t = xq.dim(0)?;
-        let (d, xq): (Vec<f32>, Vec<f32>) =
-            (d.flatten_all()?.to_vec1()?, xq.flatten_all()?.to_vec1()?);
-        const ROWS: usize = 256;
-        for (s, sum) in self.sum.chunks_mut(ROWS * n).enumerate() {
-            let (r0, mr) = (s * ROWS, sum.len() / n);
-            let mut strip = vec![0f32; mr * n];
-            // Rows r0..r0+mr of (x − x̃)ᵀ (its columns, read through strides) times x̃.
-            gemm(
-                (mr, n, t),
-                &mut strip,
-                n,
-                false,
-                (&d[r0..], n, 1),
-                (&xq, 1, n),
-                1.0,
-                Parallelism::Rayon(0),
-            );
-            for (a, &v) in sum.iter_mut().zip(&strip) {
-                *a += v as f64;
-            }
-        }
-        self.tokens += t;
+        let (x, xq) = (rows_of(x, self.n)?, rows_of(xq, self.n)?);
+        let d: Vec<f32> = x.iter().zip(&xq).map(|(a, b)| a - b).collect();
+        self.tokens += add_products(&mut self.sum, self.n, &d, &xq, false);
         Ok(())
     }
 
@@ -695,24 +683,21 @@ mod tests {
         for act_order in [false, true] {
             let f = GptqFactor::new("t", h.matrix(), n, &cfg(0.0, act_order)).unwrap();
             let target = f.asymmetric_target(&w, out, &c, 1.0);
+            // Σ_k (row·input_k)·x̃_kj in f64.
+            let moment = |row: &[f32], input: &[f32], j: usize| -> f64 {
+                (0..t)
+                    .map(|k| {
+                        let p: f64 = (0..n)
+                            .map(|i| row[i] as f64 * input[k * n + i] as f64)
+                            .sum();
+                        p * xq[k * n + j] as f64
+                    })
+                    .sum()
+            };
             for r in 0..out {
                 for j in 0..n {
-                    let lhs: f64 = (0..t)
-                        .map(|k| {
-                            let p: f64 = (0..n)
-                                .map(|i| target[r * n + i] as f64 * xq[k * n + i] as f64)
-                                .sum();
-                            p * xq[k * n + j] as f64
-                        })
-                        .sum();
-                    let rhs: f64 = (0..t)
-                        .map(|k| {
-                            let p: f64 = (0..n)
-                                .map(|i| w[r * n + i] as f64 * x[k * n + i] as f64)
-                                .sum();
-                            p * xq[k * n + j] as f64
-                        })
-                        .sum();
+                    let lhs = moment(&target[r * n..(r + 1) * n], &xq, j);
+                    let rhs = moment(&w[r * n..(r + 1) * n], &x, j);
                     assert!(
                         (lhs - rhs).abs() <= 1e-3 * rhs.abs().max(t as f64),
                         "act order {act_order}: ({r}, {j}) {lhs} vs {rhs}"

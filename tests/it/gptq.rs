@@ -138,6 +138,18 @@ fn gptq_lowers_every_layer_output_error_on_stories260k() {
     }
 }
 
+/// A one-epoch FlatQuant W4A4 calibration (with the helpers' 4 training windows).
+const FLATQUANT_W4A4: [&str; 8] = [
+    "--method",
+    "flatquant",
+    "--bits",
+    "4",
+    "--a-bits",
+    "4",
+    "--epochs",
+    "1",
+];
+
 fn quantize(out: &std::path::Path, args: &[&str]) -> serde_json::Value {
     quantize_stories(out, &Calibrated::new(4, 128).gptq().with(args).args())
 }
@@ -155,16 +167,7 @@ fn gptq_under_every_method_through_the_binary() {
         vec!["--method", "rtn", "--bits", "3", "--group-size", "4"],
         vec!["--method", "rtn", "--bits", "4", "--act-order", "--asym"],
         vec!["--method", "rotate", "--bits", "4", "--a-bits", "8"],
-        vec![
-            "--method",
-            "flatquant",
-            "--bits",
-            "4",
-            "--a-bits",
-            "4",
-            "--epochs",
-            "1",
-        ],
+        FLATQUANT_W4A4.to_vec(),
     ]
     .into_iter()
     .enumerate()
@@ -230,16 +233,7 @@ fn gptq_v2_through_the_binary() {
     let tmp = tempfile::tempdir().unwrap();
     for (i, args) in [
         vec!["--method", "rtn", "--bits", "4", "--a-bits", "8"],
-        vec![
-            "--method",
-            "flatquant",
-            "--bits",
-            "4",
-            "--a-bits",
-            "4",
-            "--epochs",
-            "1",
-        ],
+        FLATQUANT_W4A4.to_vec(),
     ]
     .into_iter()
     .enumerate()
