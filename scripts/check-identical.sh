@@ -52,7 +52,7 @@ train="--nsamples 4 --calib-seqlen 64 --epochs 1"
 declare -A runs=(
   [rtn]="--method rtn --bits 4 --a-bits 8"
   [rotate]="--method rotate --bits 4 --a-bits 4 --kv-bits 8"
-  [flatquant]="--method flatquant --bits 4 --a-bits 4 --kv-bits 4 $train"
+  [flatquant]="--method flatquant --bits 4 --a-bits 4 --kv-bits 4 --weight-quantizer rtn $train"
   [affinequant]="--method affinequant --bits 4 --a-bits 4 $train"
   [rtn-gptq]="--method rtn --bits 3 --group-size 4 --weight-quantizer gptq --nsamples 8 --calib-seqlen 64"
 )

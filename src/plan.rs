@@ -261,7 +261,7 @@ fn resolve_recipe(
     };
     let chosen = match &req.recipe {
         Some(_) => None,
-        None => (m.scheme_recipe)(req.flags.bits.unwrap_or(4), req.flags.a_bits.unwrap_or(16)),
+        None => (m.scheme_recipe)(&req.flags, req.target.is_some()),
     };
     let base = match req.recipe.as_deref().or(chosen) {
         Some(r) => {
@@ -372,7 +372,7 @@ fn resolve_recipe(
             "--gptq-damp, --act-order, --gptq-nsamples, --gptq-grid-search, --gptq-fp-inputs and --gptq-v2 need --weight-quantizer gptq",
         ));
     }
-    if r.gptq_v2_alpha.is_some() && r.gptq_v2 != Some(true) {
+    if f.gptq_v2_alpha.is_some() && r.gptq_v2 != Some(true) {
         return Err(usage("--gptq-v2-alpha needs --gptq-v2"));
     }
     if f.gptq_v2 == Some(true) && r.gptq_fp_inputs == Some(true) {
@@ -696,7 +696,7 @@ pub fn plan(req: QuantizeRequest) -> Result<QuantizePlan> {
         && recipe.gptq_fp_inputs != Some(true)
     {
         return Err(usage(
-            "--shard with --weight-quantizer gptq: GPTQ's Hessians come from the quantized model's own inputs, which need every earlier block; pass --gptq-fp-inputs (Hessians from the full-precision inputs, the same flag in every shard and the merge) or run in one process",
+            "--shard with GPTQ weights (--weight-quantizer gptq, or the scheme's recipe): GPTQ's Hessians come from the quantized model's own inputs, which need every earlier block; pass --gptq-fp-inputs (Hessians from the full-precision inputs, the same flag in every shard and the merge), --weight-quantizer rtn, or run in one process",
         ));
     }
     if shard.is_some() && recipe.quantized_inputs == Some(true) {

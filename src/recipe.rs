@@ -85,6 +85,10 @@ pub const BUILTIN: &[(&str, &str)] = &[
         include_str!("../calib/flatquant-w4a4kv4.toml"),
     ),
     (
+        "flatquant-w4a16-gptq",
+        include_str!("../calib/flatquant-w4a16-gptq.toml"),
+    ),
+    (
         "flatquant-w4a4-gptq",
         include_str!("../calib/flatquant-w4a4-gptq.toml"),
     ),

@@ -68,7 +68,7 @@ pub const SPEC: MethodSpec = MethodSpec {
     preset: Some("affinequant-cpu"),
     // Weight-only and weight-activation settings differ in kind (§3.3): dense norm matrices and
     // a small stability factor without activation quantization, scales and 0.1 with it.
-    scheme_recipe: |bits, a_bits| match (bits, a_bits) {
+    scheme_recipe: |f, _| match (f.bits.unwrap_or(4), f.a_bits.unwrap_or(16)) {
         (16, _) => None,
         (3, 16) => Some("affinequant-w3a16-g64"),
         (_, 16) => Some("affinequant-w4a16"),

@@ -63,7 +63,21 @@ pub const SPEC: MethodSpec = MethodSpec {
         "Learned Kronecker affine transforms with learnable clipping, calibrated block by block.",
     trained: true,
     preset: Some("cpu"),
-    scheme_recipe: |_, _| None,
+    // The presets measured per scheme (README, "FlatQuant CPU preset"): GPTQ v2 weights at
+    // W4A16, W4A4 and W4A4KV4 on the per-channel grid; RTN weights asked for explicitly, another
+    // grid (a group size, a `--format` target) or another scheme keep the `cpu` preset alone.
+    scheme_recipe: |f, format| {
+        let gptq = f.weight_quantizer.as_deref().is_none_or(|w| w == "gptq");
+        if !gptq || format || f.bits.unwrap_or(4) != 4 || f.group_size.is_some() {
+            return None;
+        }
+        match (f.a_bits.unwrap_or(16), f.kv_bits.unwrap_or(16)) {
+            (16, 16) => Some("flatquant-w4a16-gptq"),
+            (4, 16) => Some("flatquant-w4a4-gptq"),
+            (4, 4) => Some("flatquant-w4a4kv4-gptq"),
+            _ => None,
+        }
+    },
     own_keys: &[],
     asym_activations: false,
     merged_mode: true,

@@ -44,9 +44,10 @@ pub struct MethodSpec {
     /// The recipe the method starts from (flags and `--recipe` override it); `None`: only the
     /// `cpu` recipe's data budget (used by GPTQ).
     pub preset: Option<&'static str>,
-    /// The recipe for a requested scheme `(weight bits, activation bits)` (16 = full precision)
-    /// when no `--recipe` is given, between the preset and the flags.
-    pub scheme_recipe: fn(u8, u8) -> Option<&'static str>,
+    /// The recipe for the scheme the flags request (bits, activation and KV bits, weight
+    /// quantizer; unset keys at their defaults; `true`: a `--format` target fixes the weight
+    /// grid) when no `--recipe` is given, between the preset and the flags.
+    pub scheme_recipe: fn(&Recipe, bool) -> Option<&'static str>,
     /// Recipe keys that only this method reads.
     pub own_keys: &'static [&'static str],
     /// Per-token activations on an asymmetric grid (AffineQuant §3.6) instead of a symmetric one.

@@ -256,6 +256,10 @@ impl Calibrated {
     pub fn gptq(self) -> Self {
         self.with(&["--weight-quantizer", "gptq"])
     }
+    /// RTN weights, where a FlatQuant scheme's recipe would choose GPTQ.
+    pub fn rtn(self) -> Self {
+        self.with(&["--weight-quantizer", "rtn"])
+    }
     /// Any further flags.
     pub fn with<S: AsRef<str>>(mut self, extra: &[S]) -> Self {
         self.args

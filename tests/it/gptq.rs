@@ -229,8 +229,10 @@ fn gptq_v2_through_the_binary() {
     // GPTQ v2 (algorithms.md §4.5; its least squares are checked in quant::gptq's unit tests):
     // under an untrained method (the full-precision stream carried beside the 4 probe windows)
     // and a trained one (4 training windows, 32 GPTQ windows), the checkpoint says so, scores,
-    // and holds other weights than plain GPTQ's.
+    // and holds other weights than plain GPTQ's (`--no-gptq-v2`). FlatQuant's W4A4 recipe, chosen
+    // without `--recipe`, is GPTQ v2: the same bytes as the flag.
     let tmp = tempfile::tempdir().unwrap();
+    let bytes = |d: &std::path::Path| std::fs::read(d.join("model.safetensors")).unwrap();
     for (i, args) in [
         vec!["--method", "rtn", "--bits", "4", "--a-bits", "8"],
         FLATQUANT_W4A4.to_vec(),
@@ -238,21 +240,30 @@ fn gptq_v2_through_the_binary() {
     .into_iter()
     .enumerate()
     {
+        let with =
+            |flag: &'static str| -> Vec<&str> { args.iter().copied().chain([flag]).collect() };
         let plain = tmp.path().join(format!("p{i}"));
-        quantize(&plain, &args);
+        quantize(&plain, &with("--no-gptq-v2"));
         let v2 = tmp.path().join(format!("v{i}"));
-        let with: Vec<&str> = args.iter().copied().chain(["--gptq-v2"]).collect();
-        quantize(&v2, &with);
+        quantize(&v2, &with("--gptq-v2"));
         let cfg = read_json(&v2.join("config.json"));
         let summary = cfg["quantization_config"]["transforms"].to_string();
         assert!(summary.contains("GPTQ v2"), "{args:?}: {summary}");
         assert!(eval_ppl(&v2).is_finite(), "{args:?}");
-        let bytes = |d: &std::path::Path| std::fs::read(d.join("model.safetensors")).unwrap();
         assert_ne!(
             bytes(&plain),
             bytes(&v2),
             "{args:?}: GPTQ v2 changed no weight"
         );
+        if args.contains(&"flatquant") {
+            let preset = tmp.path().join(format!("d{i}"));
+            quantize(&preset, &args);
+            assert_eq!(
+                bytes(&preset),
+                bytes(&v2),
+                "{args:?}: the preset is not GPTQ v2"
+            );
+        }
     }
     let out = tmp.path().join("o");
     quantize_stories_refused(&out, &["--gptq-v2"], "need --weight-quantizer gptq");
@@ -267,4 +278,9 @@ fn gptq_v2_through_the_binary() {
     );
     refused(&["--gptq-v2", "--gptq-v2-alpha", "0"], "--gptq-v2-alpha 0");
     refused(&["--gptq-v2", "--gptq-fp-inputs"], "pick one");
+    refused(
+        &["--no-gptq-v2", "--gptq-v2-alpha", "0.5"],
+        "--gptq-v2-alpha needs --gptq-v2",
+    );
+    refused(&["--gptq-v2", "--no-gptq-v2"], "cannot be used with");
 }

@@ -349,6 +349,53 @@ fn affinequant_picks_the_recipe_of_the_scheme() {
 }
 
 #[test]
+fn flatquant_picks_the_gptq_recipe_of_the_scheme() {
+    // Without --recipe, FlatQuant at W4A16, W4A4 and W4A4KV4 on the per-channel grid takes the
+    // measured GPTQ v2 preset of the scheme; RTN weights asked for, or a group grid, keep `cpu`.
+    let tmp = tempfile::tempdir().unwrap();
+    for (i, (flags, recipe)) in [
+        (&["--bits", "4"][..], Some("flatquant-w4a16-gptq for W4A16")),
+        (
+            &["--bits", "4", "--a-bits", "4"][..],
+            Some("flatquant-w4a4-gptq for W4A4"),
+        ),
+        (
+            &["--bits", "4", "--a-bits", "4", "--kv-bits", "4"][..],
+            Some("flatquant-w4a4kv4-gptq for W4A4"),
+        ),
+        (
+            &["--bits", "4", "--a-bits", "4", "--weight-quantizer", "rtn"][..],
+            None,
+        ),
+        (&["--bits", "4", "--group-size", "4"][..], None),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let out = tmp.path().join(format!("f{i}"));
+        let v = quantize_stories(
+            &out,
+            &Calibrated::new(2, 64)
+                .method("flatquant")
+                .epochs(1)
+                .with(flags)
+                .args(),
+        );
+        let notes = v["transforms"].to_string();
+        match recipe {
+            Some(r) => {
+                assert!(notes.contains(&format!("recipe {r}")), "{flags:?}: {notes}");
+                assert!(notes.contains("GPTQ v2"), "{flags:?}: {notes}");
+            }
+            None => {
+                assert!(!notes.contains("recipe "), "{flags:?}: {notes}");
+                assert!(!notes.contains("GPTQ"), "{flags:?}: {notes}");
+            }
+        }
+    }
+}
+
+#[test]
 fn kv_quantization_smooths_and_centres_the_keys() {
     // With --kv-bits even round to nearest calibrates: each block's keys are smoothed and centred
     // (algorithms.md §10), the offsets travel in the checkpoint, and --no-key-smoothing turns it

@@ -188,6 +188,7 @@ fn shards_refuse_other_settings_and_unshardable_plans() {
     let quick = Calibrated::new(2, 64)
         .method("flatquant")
         .scheme(4, 4)
+        .rtn()
         .epochs(1)
         .args();
     let mut a = quick.clone();
@@ -238,6 +239,7 @@ fn shard_from_the_scheduler_environment() {
         &Calibrated::new(2, 64)
             .method("flatquant")
             .scheme(4, 4)
+            .rtn()
             .epochs(1)
             .with(&["--shard-from-env", "--json"])
             .args(),
@@ -289,6 +291,7 @@ fn smollm2_two_shards_merge_to_the_one_process_bytes() {
     let flags = Calibrated::new(2, 64)
         .method("flatquant")
         .scheme(4, 4)
+        .rtn()
         .epochs(1)
         .args();
     let single = tmp.path().join("single");

@@ -181,8 +181,9 @@ pub(crate) struct QuantizeArgs {
     /// Key/value cache bits, per (token, head) (2..8; 16 = off) [default: 16].
     #[arg(long)]
     pub(crate) kv_bits: Option<u8>,
-    /// Calibration recipe: a built-in name (cpu, paper, flatquant-w4a4, flatquant-w4a4kv4) or a
-    /// .toml path. Flags override it.
+    /// Calibration recipe: a built-in name (calib/README.md: cpu, paper, flatquant-w4a4-gptq, …)
+    /// or a .toml path. Flags override it. Without it, FlatQuant and AffineQuant take the recipe
+    /// of the requested scheme (named in the output).
     #[arg(long)]
     pub(crate) recipe: Option<String>,
     /// Calibration text: wikitext2 (train split if present, else validation), c4, or a .txt/.jsonl file.
@@ -246,7 +247,8 @@ pub(crate) struct QuantizeArgs {
     /// Seed of every random choice (rotations).
     #[arg(long, default_value_t = 0)]
     pub(crate) seed: u64,
-    /// How weights are rounded onto their grid, under any method [default: rtn].
+    /// How weights are rounded onto their grid, under any method [default: rtn; gptq (v2) in
+    /// FlatQuant's W4A16, W4A4 and W4A4KV4 recipes].
     #[arg(long, value_enum)]
     pub(crate) weight_quantizer: Option<WeightQuantizerArg>,
     /// GPTQ dampening: fraction of the mean Hessian diagonal added to it [default: 0.01].
@@ -295,8 +297,11 @@ pub(crate) struct QuantizeArgs {
     pub(crate) gptq_fp_inputs: bool,
     /// GPTQ v2 (GPTAQ's asymmetric calibration): fit each quantized linear on the quantized
     /// model's input to the full-precision linear on the full-precision input, not to itself.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "no_gptq_v2")]
     pub(crate) gptq_v2: bool,
+    /// Plain GPTQ where the scheme's recipe (the FlatQuant presets) sets GPTQ v2.
+    #[arg(long)]
+    pub(crate) no_gptq_v2: bool,
     /// GPTQ v2: the share of the asymmetric correction applied, in (0, 1] [default: 0.25].
     #[arg(long)]
     pub(crate) gptq_v2_alpha: Option<f64>,
@@ -610,7 +615,11 @@ impl QuantizeArgs {
                 merged_only: self.merged_only.then_some(true),
                 gptq_grid_search: self.gptq_grid_search.then_some(true),
                 gptq_fp_inputs: self.gptq_fp_inputs.then_some(true),
-                gptq_v2: self.gptq_v2.then_some(true),
+                gptq_v2: if self.no_gptq_v2 {
+                    Some(false)
+                } else {
+                    self.gptq_v2.then_some(true)
+                },
                 gptq_v2_alpha: self.gptq_v2_alpha,
                 keep_trained: self.keep_trained.then_some(true),
                 quantized_inputs: self.quantized_inputs.then_some(true),
