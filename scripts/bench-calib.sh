@@ -45,6 +45,9 @@ read -r d i < <(python3 -c "import json,sys; c=json.load(open(sys.argv[1])); pri
 "$peakbin" $((b * l)) "$d" "$i" | tee "$out/gemm.txt"
 peak=$(awk '/^peak_gflops/ {print $2}' "$out/gemm.txt")
 log=$out/quantize.log
+# The reference trains the transforms and rounds the weights to nearest: RTN weights unless the
+# extra arguments choose the weight quantizer (FlatQuant's scheme recipes would take GPTQ v2).
+case " ${extra[*]} " in *" --weight-quantizer "*) ;; *) extra+=(--weight-quantizer rtn) ;; esac
 echo "affq quantize $model --method $method --nsamples $n --calib-seqlen $l --epochs $e --batch $b ${extra[*]}"
 /usr/bin/time -f "wall %e s, peak RSS %M KB" "$affq" quantize "$model" -o "$out/ckpt" --force \
   --method "$method" --nsamples "$n" --calib-seqlen "$l" --epochs "$e" --batch "$b" "${extra[@]}" 2> "$log"

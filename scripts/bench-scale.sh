@@ -72,14 +72,14 @@ measure() {
   # FlatQuant at the CPU preset's shape on ns_cpu windows.
   if [[ $todo == *fq-cpu* ]] && [ ! -f "$dir/fq-cpu.wall" ]; then
     rm -rf "$dir/q-fq"
-    timed "$dir/fq-cpu" "$bin" quantize "$m" -o "$dir/q-fq" --method flatquant --bits 4 --a-bits 4 --nsamples "$ns_cpu"
+    timed "$dir/fq-cpu" "$bin" quantize "$m" -o "$dir/q-fq" --method flatquant --bits 4 --a-bits 4 --weight-quantizer rtn --nsamples "$ns_cpu"
     cp "$dir/q-fq/calibration.csv" "$dir/fq-cpu.csv"; rm -rf "$dir/q-fq"
   fi
   # The paper budget's window length, 1 and 2 windows, one epoch.
   for n in 1 2; do
     if [[ $todo == *fq-paper* ]] && [ ! -f "$dir/fq-paper-$n.wall" ]; then
       rm -rf "$dir/q-fqp"
-      timed "$dir/fq-paper-$n" "$bin" quantize "$m" -o "$dir/q-fqp" --method flatquant --bits 4 --a-bits 4 --nsamples "$n" --calib-seqlen 2048 --epochs 1
+      timed "$dir/fq-paper-$n" "$bin" quantize "$m" -o "$dir/q-fqp" --method flatquant --bits 4 --a-bits 4 --weight-quantizer rtn --nsamples "$n" --calib-seqlen 2048 --epochs 1
       cp "$dir/q-fqp/calibration.csv" "$dir/fq-paper-$n.csv"; rm -rf "$dir/q-fqp"
     fi
   done
