@@ -154,7 +154,7 @@ pub fn run_block(
 }
 
 /// `f` on `x` (`[N, ...]`) `batch` windows at a time, each batch in f32.
-fn for_each_batch(
+pub(super) fn for_each_batch(
     x: &Tensor,
     batch: usize,
     mut f: impl FnMut(&Tensor) -> Result<()>,
@@ -342,7 +342,7 @@ pub fn calibrate_model(
             _ => x.clone(),
         };
         let fx = v2.then(|| xf.as_ref().unwrap_or(&x));
-        let (block, mut report) = calibrate_block(
+        let (block, mut report, deployed_out) = calibrate_block(
             i,
             &fp,
             rope,
@@ -354,8 +354,12 @@ pub fn calibrate_model(
             engine,
             &mut on_epoch,
         )?;
-        // The next block's inputs through this one are part of its cost.
-        advance(&mut xq, Some(&block))?;
+        // The next block's inputs through this one are part of its cost (GPTQ on the quantized
+        // model's inputs computed them: `wx` is `xq`).
+        match deployed_out {
+            Some(y) if xq.is_some() && !engine.gptq_fp_inputs => xq = Some(y),
+            _ => advance(&mut xq, Some(&block))?,
+        }
         advance_fp(&mut xf)?;
         report.seconds = t0.elapsed().as_secs_f64();
         if let Some(s) = store {
@@ -375,6 +379,7 @@ pub fn calibrate_model(
 
 /// One block: the method's calibration on `x` → `y`, the weight quantizer on `wx` (GPTQ v2: and
 /// the same windows' full-precision inputs), and the deploy decision against the untrained start.
+/// Also the deployed block's output on `wx` where GPTQ computed it.
 #[allow(clippy::too_many_arguments)]
 fn calibrate_block(
     i: usize,
@@ -387,7 +392,7 @@ fn calibrate_block(
     method: &mut dyn Method,
     engine: &EngineConfig,
     on_epoch: &mut dyn FnMut(usize, &EpochLog),
-) -> Result<(Block, BlockReport)> {
+) -> Result<(Block, BlockReport, Option<Tensor>)> {
     // The untrained start on the first windows: plain RTN of the full-precision block.
     let probe = x.dim(0)?.min(PROBE_WINDOWS);
     // In f32 even when the store is bf16, so the deploy decision compares unrounded outputs.
@@ -399,9 +404,11 @@ fn calibrate_block(
     quantize_block(&mut rtn, &engine.plan)?;
     let loss_rtn = mse(&run_block(&rtn, rope, &xp, 4, &mut NoHook)?, &yp)?;
 
-    // The engine's weight quantizer on a calibrated block, then its loss on the probe windows.
-    let round_and_score = |block: &mut Block, notes: &mut Vec<String>| -> Result<f64> {
-        weight_quant::quantize_block_weights(
+    // The engine's weight quantizer on a calibrated block, then its loss on the probe windows;
+    // with GPTQ also the block's output on `wx`.
+    type Scored = (f64, Option<Tensor>);
+    let round_and_score = |block: &mut Block, notes: &mut Vec<String>| -> Result<Scored> {
+        let out = weight_quant::quantize_block_weights(
             block,
             &engine.plan,
             &engine.weight_quantizer,
@@ -410,7 +417,10 @@ fn calibrate_block(
             fx,
             notes,
         )?;
-        mse(&run_block(block, rope, &xp, 4, &mut NoHook)?, &yp)
+        Ok((
+            mse(&run_block(block, rope, &xp, 4, &mut NoHook)?, &yp)?,
+            out,
+        ))
     };
 
     let trained = method.trainer().is_some();
@@ -426,7 +436,7 @@ fn calibrate_block(
         None => untrained(fp, &engine.plan)?,
     };
     block.detach();
-    let mut loss_final = round_and_score(&mut block, &mut rep.notes)?;
+    let (mut loss_final, mut out) = round_and_score(&mut block, &mut rep.notes)?;
     let loses = |loss: f64| loss.is_nan() || (!engine.keep_trained && loss > loss_rtn);
     // A method with a second start trains a block that lost to its untrained start once more
     // from there, and keeps the lower of the two (AffineQuant, docs/algorithms.md §3.10).
@@ -437,7 +447,7 @@ fn calibrate_block(
         };
         if let Some(mut r) = retry {
             r.block.detach();
-            let loss = round_and_score(&mut r.block, &mut r.report.notes)?;
+            let (loss, r_out) = round_and_score(&mut r.block, &mut r.report.notes)?;
             let note = format!(
                 "block {i}: the trained block's loss {loss_final:.3e} is above the untrained start's {loss_rtn:.3e} (RTN); trained again from {}: loss {loss:.3e}",
                 r.start
@@ -446,6 +456,7 @@ fn calibrate_block(
                 block = r.block;
                 rep = r.report;
                 loss_final = loss;
+                out = r_out;
             }
             rep.notes.insert(0, note);
         }
@@ -456,17 +467,17 @@ fn calibrate_block(
     let mut kept_untrained = false;
     if trained && loses(loss_final) {
         // With RTN weights the untrained start is `rtn` itself.
-        let (start, loss_start) = match engine.weight_quantizer {
-            WeightQuantizer::Rtn => (rtn, loss_rtn),
+        let (start, loss_start, start_out) = match engine.weight_quantizer {
+            WeightQuantizer::Rtn => (rtn, loss_rtn, None),
             WeightQuantizer::Gptq(_) => {
                 let (mut start, _) = untrained(fp, &engine.plan)?;
                 let mut notes = Vec::new();
-                let loss = round_and_score(&mut start, &mut notes)?;
+                let (loss, start_out) = round_and_score(&mut start, &mut notes)?;
                 if loss <= loss_rtn {
                     rep.notes.extend(notes);
-                    (start, loss)
+                    (start, loss, start_out)
                 } else {
-                    (rtn, loss_rtn)
+                    (rtn, loss_rtn, None)
                 }
             }
         };
@@ -476,6 +487,7 @@ fn calibrate_block(
         ));
         block = start;
         loss_final = loss_start;
+        out = start_out;
         kept_untrained = true;
     }
     let report = BlockReport {
@@ -487,5 +499,5 @@ fn calibrate_block(
         seconds: 0.0,
         notes: rep.notes,
     };
-    Ok((block, report))
+    Ok((block, report, out))
 }

@@ -1,12 +1,12 @@
 //! The engine's last step for every block: the weights the method left in full precision (already
 //! transformed and clipped) go onto their grid, by round-to-nearest or by GPTQ.
 
-use super::observe_block;
+use super::for_each_batch;
 use crate::backend::simulated::QuantLinear;
 use crate::error::Result;
 use crate::methods::plan::{attach_fixed_quantizers, quantize_linear};
 use crate::methods::QuantPlan;
-use crate::model::{Block, BlockHook, LinearKind, Rope};
+use crate::model::{Block, BlockHook, LinearKind, Rope, Site, SiteState, Stage};
 use crate::quant::gptq::{gptq_factored, CrossMoment, GptqConfig, GptqFactor, Hessian};
 use crate::quant::ActQuantizer;
 use candle_core::Tensor;
@@ -143,9 +143,23 @@ fn full_precision_inputs(
     Ok(out)
 }
 
+/// `state` run forward to `site` (`None`: to the block's output) with the block's linears as
+/// they are now.
+fn run_to(block: &Block, state: SiteState, site: Option<Site>, rope: &Rope) -> Result<Stage> {
+    let mut stage = Stage::At(state);
+    while let Stage::At(s) = stage {
+        if Some(s.site()) == site {
+            return Ok(Stage::At(s));
+        }
+        stage = block.advance(s, rope)?;
+    }
+    Ok(stage)
+}
+
 /// Puts every linear of `block` on the plan's weight grid. `x` (`[N, L, hidden]`): the block's
 /// calibration inputs from the already-quantized preceding blocks (used by GPTQ only); `fx`: the
-/// same windows' full-precision inputs (GPTQ v2 only).
+/// same windows' full-precision inputs (GPTQ v2 only). GPTQ returns the quantized block's output
+/// on `x` (in `x`'s dtype), which its site-by-site observation computes anyway.
 pub fn quantize_block_weights(
     block: &mut Block,
     plan: &QuantPlan,
@@ -154,9 +168,9 @@ pub fn quantize_block_weights(
     x: &Tensor,
     fx: Option<&Tensor>,
     notes: &mut Vec<String>,
-) -> Result<()> {
+) -> Result<Option<Tensor>> {
     let Some(scheme) = &plan.weights else {
-        return Ok(());
+        return Ok(None);
     };
     let index = block.index();
     let name = |kind: LinearKind| format!("model.layers.{index}.{}", kind.hf_name());
@@ -172,6 +186,7 @@ pub fn quantize_block_weights(
                 )?;
                 block.set_linear(kind, Box::new(q))?;
             }
+            Ok(None)
         }
         WeightQuantizer::Gptq(cfg) => {
             // A linear kept dense keeps its full-precision weight (and input quantizer).
@@ -200,7 +215,29 @@ pub fn quantize_block_weights(
                 }
                 _ => None,
             };
+            // Every batch of windows is carried site by site: each group is observed with the
+            // groups before it already quantized (as a forward per group to its site would), and
+            // what was computed up to a site is not computed again for the next group.
+            let mut states = Vec::new();
+            for_each_batch(x, BATCH, |xb| {
+                states.push(block.enter(xb)?);
+                Ok(())
+            })?;
             for (gi, group) in groups.into_iter().enumerate() {
+                let site = Site::ALL
+                    .into_iter()
+                    .find(|s| s.linears().contains(&group[0]))
+                    .expect("every linear has a site");
+                states = states
+                    .into_iter()
+                    .map(|s| match run_to(block, s, Some(site), rope)? {
+                        Stage::At(s) => Ok(s),
+                        Stage::Out(_) => Err(crate::error::Error::Runtime(format!(
+                            "GPTQ: site {} after the block's end",
+                            site.name()
+                        ))),
+                    })
+                    .collect::<Result<_>>()?;
                 let first = block.linear(group[0]);
                 let (inp, act) = (first.in_features(), first.act_quantizer());
                 let mut hook = HessianHook {
@@ -211,7 +248,9 @@ pub fn quantize_block_weights(
                         .as_ref()
                         .map(|(_, inputs)| (CrossMoment::new(inp), inputs[gi].iter())),
                 };
-                observe_block(block, rope, x, BATCH, &mut hook)?;
+                for s in states.iter_mut() {
+                    block.show(s, &mut hook)?;
+                }
                 let c = hook.cross.map(|(c, _)| c.into_matrix());
                 let factor = GptqFactor::new(&name(group[0]), hook.h.into_matrix(), inp, cfg)?;
                 for &kind in &group {
@@ -249,7 +288,14 @@ pub fn quantize_block_weights(
                     block.set_linear(kind, Box::new(q))?;
                 }
             }
+            let outs = states
+                .into_iter()
+                .map(|s| match run_to(block, s, None, rope)? {
+                    Stage::Out(y) => Ok(y.to_dtype(x.dtype())?),
+                    Stage::At(_) => unreachable!("run to the end"),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Some(Tensor::cat(&outs, 0)?))
         }
     }
-    Ok(())
 }

@@ -85,6 +85,32 @@ enum SiteInput {
     Fused(Tensor),
 }
 
+/// The forward of a block stopped where a site's linears read their input ([`Block::enter`]).
+pub struct SiteState {
+    site: Site,
+    /// The residual stream so far.
+    residual: Tensor,
+    at: SiteAt,
+}
+
+/// A site's input before its online transform, or as its linears receive it.
+enum SiteAt {
+    Pre(Tensor),
+    Input(SiteInput),
+}
+
+impl SiteState {
+    pub fn site(&self) -> Site {
+        self.site
+    }
+}
+
+/// Where [`Block::advance`] stops: at the next site, or with the block's output.
+pub enum Stage {
+    At(SiteState),
+    Out(Tensor),
+}
+
 impl Block {
     /// Layer `index` of a model of configuration `config`; the linears' shapes are checked.
     pub fn new(index: usize, config: Arc<ModelConfig>, parts: BlockParts) -> Result<Self> {
@@ -358,38 +384,128 @@ impl Block {
         rope: &Rope,
         mode: Mode,
         hook: &mut dyn BlockHook,
-        cache: Option<&mut LayerCache>,
+        mut cache: Option<&mut LayerCache>,
     ) -> Result<Option<Tensor>> {
+        let mut state = self.enter_mode(x, mode)?;
+        loop {
+            let site = state.site;
+            let input = self.form_input(&mut state, mode, true)?;
+            if self.show_site(input, site, hook)? {
+                return Ok(None);
+            }
+            match self.past_site(state, rope, mode, cache.as_deref_mut())? {
+                Stage::At(next) => state = next,
+                Stage::Out(y) => return Ok(Some(y)),
+            }
+        }
+    }
+
+    /// The forward of `x` `[B, T, hidden]` (eval) stopped at its first site, the input norm
+    /// applied: with [`Self::show`] and [`Self::advance`] the block runs one site at a time, and
+    /// its linears may change in between (GPTQ's groups, each observed with the earlier ones
+    /// already quantized). Site by site it computes what [`Self::forward`] computes.
+    pub fn enter(&self, x: &Tensor) -> Result<SiteState> {
+        self.enter_mode(x, Mode::Eval)
+    }
+
+    fn enter_mode(&self, x: &Tensor, mode: Mode) -> Result<SiteState> {
+        Ok(SiteState {
+            site: Site::AttnIn,
+            residual: x.clone(),
+            at: SiteAt::Pre(rms_norm(
+                x,
+                &self.input_norm,
+                self.config.rms_norm_eps,
+                mode,
+            )?),
+        })
+    }
+
+    /// Shows `hook` the inputs of the linears at `state`'s site (the site's online transform is
+    /// applied once and kept in `state`: it does not depend on the linears). The staged forward
+    /// takes no backend kernel.
+    pub fn show(&self, state: &mut SiteState, hook: &mut dyn BlockHook) -> Result<()> {
+        let site = state.site;
+        let input = self.form_input(state, Mode::Eval, false)?;
+        self.show_site(input, site, hook)?;
+        Ok(())
+    }
+
+    /// Runs `state` past its site with the block's linears as they are now.
+    pub fn advance(&self, mut state: SiteState, rope: &Rope) -> Result<Stage> {
+        self.form_input(&mut state, Mode::Eval, false)?;
+        self.past_site(state, rope, Mode::Eval, None)
+    }
+
+    /// The input of `state`'s linears, formed from the site's pre-transform input if not yet:
+    /// through the site's backend kernel where `kernels` allows one, else dense (the staged
+    /// forward keeps the input while the linears change, so it never takes a kernel's outputs).
+    fn form_input<'s>(
+        &self,
+        state: &'s mut SiteState,
+        mode: Mode,
+        kernels: bool,
+    ) -> Result<&'s SiteInput> {
+        if let SiteAt::Pre(pre) = &state.at {
+            let input = if kernels {
+                self.site_input(state.site, pre, mode)?
+            } else {
+                SiteInput::Dense(self.apply_site(state.site, pre)?)
+            };
+            state.at = SiteAt::Input(input);
+        }
+        match &state.at {
+            SiteAt::Input(i) => Ok(i),
+            SiteAt::Pre(_) => unreachable!("formed above"),
+        }
+    }
+
+    /// The linears of `state`'s site (its input formed) and what follows up to the next site.
+    fn past_site(
+        &self,
+        state: SiteState,
+        rope: &Rope,
+        mode: Mode,
+        cache: Option<&mut LayerCache>,
+    ) -> Result<Stage> {
         use LinearKind::*;
-        let c = &*self.config;
-        let eps = c.rms_norm_eps;
-        let h = rms_norm(x, &self.input_norm, eps, mode)?;
-        let qkv = self.site_input(Site::AttnIn, &h, mode)?;
-        if self.show_site(&qkv, Site::AttnIn, hook)? {
-            return Ok(None);
-        }
-        let attn = self.attention(rope, mode, cache, &mut |k| {
-            self.project(&qkv, Site::AttnIn, k)
-        })?;
-        let o_in = self.site_input(Site::OIn, &attn, mode)?;
-        if self.show_site(&o_in, Site::OIn, hook)? {
-            return Ok(None);
-        }
-        let x = (x + self.project(&o_in, Site::OIn, O)?)?;
-        let h = rms_norm(&x, &self.post_norm, eps, mode)?;
-        let mlp = self.site_input(Site::MlpIn, &h, mode)?;
-        if self.show_site(&mlp, Site::MlpIn, hook)? {
-            return Ok(None);
-        }
-        let gate = self.project(&mlp, Site::MlpIn, Gate)?;
-        let up = self.project(&mlp, Site::MlpIn, Up)?;
-        let act = swiglu(&gate, &up, mode)?;
-        let down_in = self.site_input(Site::DownIn, &act, mode)?;
-        if self.show_site(&down_in, Site::DownIn, hook)? {
-            return Ok(None);
-        }
-        let down = self.project(&down_in, Site::DownIn, Down)?;
-        Ok(Some((x + down)?))
+        let SiteState { site, residual, at } = state;
+        let input = match at {
+            SiteAt::Input(i) => i,
+            SiteAt::Pre(_) => {
+                return Err(Error::Runtime(format!(
+                    "layer {}: site {} run before its input was formed",
+                    self.index,
+                    site.name()
+                )))
+            }
+        };
+        let next = |site, residual, pre| {
+            Stage::At(SiteState {
+                site,
+                residual,
+                at: SiteAt::Pre(pre),
+            })
+        };
+        Ok(match site {
+            Site::AttnIn => {
+                let attn = self.attention(rope, mode, cache, &mut |k| {
+                    self.project(&input, Site::AttnIn, k)
+                })?;
+                next(Site::OIn, residual, attn)
+            }
+            Site::OIn => {
+                let x = (&residual + self.project(&input, Site::OIn, O)?)?;
+                let h = rms_norm(&x, &self.post_norm, self.config.rms_norm_eps, mode)?;
+                next(Site::MlpIn, x, h)
+            }
+            Site::MlpIn => {
+                let gate = self.project(&input, Site::MlpIn, Gate)?;
+                let up = self.project(&input, Site::MlpIn, Up)?;
+                next(Site::DownIn, residual, swiglu(&gate, &up, mode)?)
+            }
+            Site::DownIn => Stage::Out((residual + self.project(&input, Site::DownIn, Down)?)?),
+        })
     }
 
     /// Queries, keys and values by head, `[B, heads, T, D]`, at positions `pos0..pos0 + T`:

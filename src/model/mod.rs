@@ -12,7 +12,7 @@ pub mod ops;
 mod train_ops;
 pub use train_ops::{set_grid_products, GridLinear, GridProducts};
 
-pub use block::{Block, BlockHook, BlockParts, NoHook, QkTransform};
+pub use block::{Block, BlockHook, BlockParts, NoHook, QkTransform, SiteState, Stage};
 pub use config::ModelConfig;
 pub use kv_cache::{KvCache, KvStore, LayerCache};
 pub use linear::{linear_forward, DenseLinear, LinearKind, LinearLayer, Site, SiteKernel};

@@ -89,6 +89,45 @@ fn a_partial_forward_sees_what_the_whole_forward_sees_and_stops_at_its_site() {
 }
 
 #[test]
+fn the_staged_forward_is_the_forward() {
+    // GPTQ carries each batch site by site (Block::enter / show / advance) so that a group's
+    // Hessian sees the earlier groups quantized without a forward per group: site by site it must
+    // show the whole forward's inputs and end at its output, bit for bit.
+    use affq::model::Stage;
+    let model = Checkpoint::open(&stories_hf())
+        .unwrap()
+        .load_model(256)
+        .unwrap();
+    let ids = valid_ids(&stories_hf(), 30_000, false, 2 * 128);
+    let ids = Tensor::from_vec(ids, (2, 128), &Device::Cpu).unwrap();
+    let x = model.embed(&ids).unwrap();
+    let block = &model.blocks[1];
+    let mut whole = Capture(HashMap::new());
+    let y = run_block(block, &model.rope, &x, 2, &mut whole).unwrap();
+    let mut staged = Capture(HashMap::new());
+    let mut stage = Stage::At(block.enter(&x).unwrap());
+    let mut sites = Vec::new();
+    while let Stage::At(mut s) = stage {
+        sites.push(s.site());
+        block.show(&mut s, &mut staged).unwrap();
+        stage = block.advance(s, &model.rope).unwrap();
+    }
+    assert_eq!(sites, Site::ALL);
+    for kind in LinearKind::ALL {
+        assert_eq!(
+            staged.0[&(kind as usize)].matrix(),
+            whole.0[&(kind as usize)].matrix(),
+            "{kind:?}"
+        );
+    }
+    let Stage::Out(out) = stage else {
+        unreachable!()
+    };
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(flat(&out), flat(&y));
+}
+
+#[test]
 fn gptq_lowers_every_layer_output_error_on_stories260k() {
     // GPTQ minimises tr(ΔW·H·ΔWᵀ) column by column; on real calibration activations it must come
     // out below round-to-nearest for every linear of every block.
