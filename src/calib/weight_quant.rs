@@ -1,7 +1,7 @@
 //! The engine's last step for every block: the weights the method left in full precision (already
 //! transformed and clipped) go onto their grid, by round-to-nearest or by GPTQ.
 
-use super::for_each_batch;
+use super::{for_each_batch, observe_block};
 use crate::backend::simulated::QuantLinear;
 use crate::error::Result;
 use crate::methods::plan::{attach_fixed_quantizers, quantize_linear};
@@ -156,10 +156,16 @@ fn run_to(block: &Block, state: SiteState, site: Option<Site>, rope: &Rope) -> R
     Ok(stage)
 }
 
+/// The most bytes of states GPTQ carries site by site (every window's residual stream and input
+/// at the widest site, in f32): beyond it each group runs its own partial forward instead, which
+/// holds one batch at a time (SmolLM2 at 32 × 512 tokens: 138 MB; an 8B model at 128 × 2048:
+/// 19 GB).
+pub const STAGED_MAX_BYTES: usize = 2 << 30;
+
 /// Puts every linear of `block` on the plan's weight grid. `x` (`[N, L, hidden]`): the block's
 /// calibration inputs from the already-quantized preceding blocks (used by GPTQ only); `fx`: the
 /// same windows' full-precision inputs (GPTQ v2 only). GPTQ returns the quantized block's output
-/// on `x` (in `x`'s dtype), which its site-by-site observation computes anyway.
+/// on `x` (in `x`'s dtype) when it carried the windows site by site, which computes it anyway.
 pub fn quantize_block_weights(
     block: &mut Block,
     plan: &QuantPlan,
@@ -168,6 +174,22 @@ pub fn quantize_block_weights(
     x: &Tensor,
     fx: Option<&Tensor>,
     notes: &mut Vec<String>,
+) -> Result<Option<Tensor>> {
+    quantize_block_weights_within(block, plan, wq, rope, x, fx, notes, STAGED_MAX_BYTES)
+}
+
+/// [`quantize_block_weights`] with GPTQ's states bounded by `max_state_bytes` (the two ways give
+/// the same weights).
+#[allow(clippy::too_many_arguments)]
+pub fn quantize_block_weights_within(
+    block: &mut Block,
+    plan: &QuantPlan,
+    wq: &WeightQuantizer,
+    rope: &Rope,
+    x: &Tensor,
+    fx: Option<&Tensor>,
+    notes: &mut Vec<String>,
+    max_state_bytes: usize,
 ) -> Result<Option<Tensor>> {
     let Some(scheme) = &plan.weights else {
         return Ok(None);
@@ -218,11 +240,17 @@ pub fn quantize_block_weights(
             // Every batch of windows is carried site by site: each group is observed with the
             // groups before it already quantized (as a forward per group to its site would), and
             // what was computed up to a site is not computed again for the next group.
+            let c = block.config();
+            let widest = Site::ALL.iter().map(|s| s.dim(c)).max().unwrap_or(0);
+            let (n, l, _) = x.dims3()?;
+            let staged = n * l * (c.hidden_size + widest) * 4 <= max_state_bytes;
             let mut states = Vec::new();
-            for_each_batch(x, BATCH, |xb| {
-                states.push(block.enter(xb)?);
-                Ok(())
-            })?;
+            if staged {
+                for_each_batch(x, BATCH, |xb| {
+                    states.push(block.enter(xb)?);
+                    Ok(())
+                })?;
+            }
             for (gi, group) in groups.into_iter().enumerate() {
                 let site = Site::ALL
                     .into_iter()
@@ -248,8 +276,12 @@ pub fn quantize_block_weights(
                         .as_ref()
                         .map(|(_, inputs)| (CrossMoment::new(inp), inputs[gi].iter())),
                 };
-                for s in states.iter_mut() {
-                    block.show(s, &mut hook)?;
+                if staged {
+                    for s in states.iter_mut() {
+                        block.show(s, &mut hook)?;
+                    }
+                } else {
+                    observe_block(block, rope, x, BATCH, &mut hook)?;
                 }
                 let c = hook.cross.map(|(c, _)| c.into_matrix());
                 let factor = GptqFactor::new(&name(group[0]), hook.h.into_matrix(), inp, cfg)?;
@@ -287,6 +319,9 @@ pub fn quantize_block_weights(
                     )?;
                     block.set_linear(kind, Box::new(q))?;
                 }
+            }
+            if !staged {
+                return Ok(None);
             }
             let outs = states
                 .into_iter()

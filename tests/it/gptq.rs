@@ -128,6 +128,64 @@ fn the_staged_forward_is_the_forward() {
 }
 
 #[test]
+fn gptq_with_bounded_states_gives_the_same_weights() {
+    // Above STAGED_MAX_BYTES GPTQ observes each group with its own partial forward instead of
+    // carrying every window site by site: the same weights; the carried states' output is the
+    // quantized block's forward (the next block's GPTQ inputs).
+    use affq::calib::weight_quant::{quantize_block_weights_within, WeightQuantizer};
+    use affq::methods::QuantPlan;
+    use affq::model::NoHook;
+    let model = Checkpoint::open(&stories_hf())
+        .unwrap()
+        .load_model(256)
+        .unwrap();
+    let ids = valid_ids(&stories_hf(), 50_000, false, 6 * 128);
+    let ids = Tensor::from_vec(ids, (6, 128), &Device::Cpu).unwrap();
+    let x = model.embed(&ids).unwrap();
+    let plan = QuantPlan {
+        weights: Some(affq::formats::checkpoint::WeightScheme {
+            spec: QuantSpec::sym(4),
+            granularity: Granularity::Channel,
+            clip_search: false,
+            quantizer: "gptq".into(),
+            dense: Vec::new(),
+        }),
+        activations: None,
+        kv_cache: None,
+        quantize_head: false,
+    };
+    let wq = WeightQuantizer::Gptq(GptqConfig::default());
+    let quantized = |budget: usize| {
+        let mut b = model.blocks[1].clone();
+        let out = quantize_block_weights_within(
+            &mut b,
+            &plan,
+            &wq,
+            &model.rope,
+            &x,
+            None,
+            &mut Vec::new(),
+            budget,
+        )
+        .unwrap();
+        (b, out)
+    };
+    let (staged, out) = quantized(usize::MAX);
+    let (bounded, none) = quantized(0);
+    assert!(none.is_none());
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for kind in LinearKind::ALL {
+        assert_eq!(
+            flat(&staged.linear(kind).weight().unwrap()),
+            flat(&bounded.linear(kind).weight().unwrap()),
+            "{kind:?}"
+        );
+    }
+    let y = run_block(&staged, &model.rope, &x, 4, &mut NoHook).unwrap();
+    assert_eq!(flat(&out.expect("carried site by site")), flat(&y));
+}
+
+#[test]
 fn gptq_lowers_every_layer_output_error_on_stories260k() {
     // GPTQ minimises tr(ΔW·H·ΔWᵀ) column by column; on real calibration activations it must come
     // out below round-to-nearest for every linear of every block.
