@@ -416,6 +416,7 @@ fn calibrate_block(
             wx,
             fx,
             notes,
+            weight_quant::STAGED_MAX_BYTES,
         )?;
         Ok((
             mse(&run_block(block, rope, &xp, 4, &mut NoHook)?, &yp)?,

@@ -164,24 +164,12 @@ pub const STAGED_MAX_BYTES: usize = 2 << 30;
 
 /// Puts every linear of `block` on the plan's weight grid. `x` (`[N, L, hidden]`): the block's
 /// calibration inputs from the already-quantized preceding blocks (used by GPTQ only); `fx`: the
-/// same windows' full-precision inputs (GPTQ v2 only). GPTQ returns the quantized block's output
-/// on `x` (in `x`'s dtype) when it carried the windows site by site, which computes it anyway.
-pub fn quantize_block_weights(
-    block: &mut Block,
-    plan: &QuantPlan,
-    wq: &WeightQuantizer,
-    rope: &Rope,
-    x: &Tensor,
-    fx: Option<&Tensor>,
-    notes: &mut Vec<String>,
-) -> Result<Option<Tensor>> {
-    quantize_block_weights_within(block, plan, wq, rope, x, fx, notes, STAGED_MAX_BYTES)
-}
-
-/// [`quantize_block_weights`] with GPTQ's states bounded by `max_state_bytes` (the two ways give
-/// the same weights).
+/// same windows' full-precision inputs (GPTQ v2 only); `max_state_bytes` bounds the states GPTQ
+/// carries site by site ([`STAGED_MAX_BYTES`]; either way the same weights). GPTQ returns the
+/// quantized block's output on `x` (in `x`'s dtype) when it carried the windows site by site,
+/// which computes it anyway.
 #[allow(clippy::too_many_arguments)]
-pub fn quantize_block_weights_within(
+pub fn quantize_block_weights(
     block: &mut Block,
     plan: &QuantPlan,
     wq: &WeightQuantizer,
@@ -252,10 +240,7 @@ pub fn quantize_block_weights_within(
                 })?;
             }
             for (gi, group) in groups.into_iter().enumerate() {
-                let site = Site::ALL
-                    .into_iter()
-                    .find(|s| s.linears().contains(&group[0]))
-                    .expect("every linear has a site");
+                let site = group[0].site();
                 states = states
                     .into_iter()
                     .map(|s| match run_to(block, s, Some(site), rope)? {
@@ -277,9 +262,10 @@ pub fn quantize_block_weights_within(
                         .map(|(_, inputs)| (CrossMoment::new(inp), inputs[gi].iter())),
                 };
                 if staged {
-                    for s in states.iter_mut() {
-                        block.show(s, &mut hook)?;
-                    }
+                    states = states
+                        .into_iter()
+                        .map(|s| block.show(s, &mut hook))
+                        .collect::<Result<_>>()?;
                 } else {
                     observe_block(block, rope, x, BATCH, &mut hook)?;
                 }

@@ -257,9 +257,7 @@ impl Block {
     ) -> Result<()> {
         self.check_shape(kind, layer.as_ref())?;
         self.linears[kind.index()] = layer;
-        if let Some(site) = Site::ALL.into_iter().find(|s| s.linears().contains(&kind)) {
-            self.kernels[site as usize] = None;
-        }
+        self.kernels[kind.site() as usize] = None;
         Ok(())
     }
 
@@ -294,9 +292,7 @@ impl Block {
                 hook.linear_input(kind, x)?;
             }
         }
-        Ok(hook
-            .last_wanted()
-            .is_some_and(|k| site.linears().contains(&k)))
+        Ok(hook.last_wanted().is_some_and(|k| k.site() == site))
     }
 
     /// The input of `site`'s linears: through the backend's fused kernel in eval mode when one is
@@ -388,12 +384,11 @@ impl Block {
     ) -> Result<Option<Tensor>> {
         let mut state = self.enter_mode(x, mode)?;
         loop {
-            let site = state.site;
-            let input = self.form_input(&mut state, mode, true)?;
-            if self.show_site(input, site, hook)? {
+            let (site, residual, input) = self.open(state, mode, true)?;
+            if self.show_site(&input, site, hook)? {
                 return Ok(None);
             }
-            match self.past_site(state, rope, mode, cache.as_deref_mut())? {
+            match self.past_site(site, residual, &input, rope, mode, cache.as_deref_mut())? {
                 Stage::At(next) => state = next,
                 Stage::Out(y) => return Ok(Some(y)),
             }
@@ -424,62 +419,52 @@ impl Block {
     /// Shows `hook` the inputs of the linears at `state`'s site (the site's online transform is
     /// applied once and kept in `state`: it does not depend on the linears). The staged forward
     /// takes no backend kernel.
-    pub fn show(&self, state: &mut SiteState, hook: &mut dyn BlockHook) -> Result<()> {
-        let site = state.site;
-        let input = self.form_input(state, Mode::Eval, false)?;
-        self.show_site(input, site, hook)?;
-        Ok(())
+    pub fn show(&self, state: SiteState, hook: &mut dyn BlockHook) -> Result<SiteState> {
+        let (site, residual, input) = self.open(state, Mode::Eval, false)?;
+        self.show_site(&input, site, hook)?;
+        Ok(SiteState {
+            site,
+            residual,
+            at: SiteAt::Input(input),
+        })
     }
 
     /// Runs `state` past its site with the block's linears as they are now.
-    pub fn advance(&self, mut state: SiteState, rope: &Rope) -> Result<Stage> {
-        self.form_input(&mut state, Mode::Eval, false)?;
-        self.past_site(state, rope, Mode::Eval, None)
+    pub fn advance(&self, state: SiteState, rope: &Rope) -> Result<Stage> {
+        let (site, residual, input) = self.open(state, Mode::Eval, false)?;
+        self.past_site(site, residual, &input, rope, Mode::Eval, None)
     }
 
-    /// The input of `state`'s linears, formed from the site's pre-transform input if not yet:
-    /// through the site's backend kernel where `kernels` allows one, else dense (the staged
-    /// forward keeps the input while the linears change, so it never takes a kernel's outputs).
-    fn form_input<'s>(
-        &self,
-        state: &'s mut SiteState,
-        mode: Mode,
-        kernels: bool,
-    ) -> Result<&'s SiteInput> {
-        if let SiteAt::Pre(pre) = &state.at {
-            let input = if kernels {
-                self.site_input(state.site, pre, mode)?
-            } else {
-                SiteInput::Dense(self.apply_site(state.site, pre)?)
-            };
-            state.at = SiteAt::Input(input);
-        }
-        match &state.at {
-            SiteAt::Input(i) => Ok(i),
-            SiteAt::Pre(_) => unreachable!("formed above"),
-        }
-    }
-
-    /// The linears of `state`'s site (its input formed) and what follows up to the next site.
-    fn past_site(
+    /// `state`'s site, residual and the input of its linears, formed from the site's
+    /// pre-transform input if not yet: through the site's backend kernel where `kernels` allows
+    /// one, else dense (the staged forward keeps the input while the linears change, so it never
+    /// takes a kernel's outputs).
+    fn open(
         &self,
         state: SiteState,
+        mode: Mode,
+        kernels: bool,
+    ) -> Result<(Site, Tensor, SiteInput)> {
+        let SiteState { site, residual, at } = state;
+        let input = match at {
+            SiteAt::Input(i) => i,
+            SiteAt::Pre(pre) if kernels => self.site_input(site, &pre, mode)?,
+            SiteAt::Pre(pre) => SiteInput::Dense(self.apply_site(site, &pre)?),
+        };
+        Ok((site, residual, input))
+    }
+
+    /// The linears of `site` on their `input` and what follows up to the next site.
+    fn past_site(
+        &self,
+        site: Site,
+        residual: Tensor,
+        input: &SiteInput,
         rope: &Rope,
         mode: Mode,
         cache: Option<&mut LayerCache>,
     ) -> Result<Stage> {
         use LinearKind::*;
-        let SiteState { site, residual, at } = state;
-        let input = match at {
-            SiteAt::Input(i) => i,
-            SiteAt::Pre(_) => {
-                return Err(Error::Runtime(format!(
-                    "layer {}: site {} run before its input was formed",
-                    self.index,
-                    site.name()
-                )))
-            }
-        };
         let next = |site, residual, pre| {
             Stage::At(SiteState {
                 site,
@@ -490,21 +475,21 @@ impl Block {
         Ok(match site {
             Site::AttnIn => {
                 let attn = self.attention(rope, mode, cache, &mut |k| {
-                    self.project(&input, Site::AttnIn, k)
+                    self.project(input, Site::AttnIn, k)
                 })?;
                 next(Site::OIn, residual, attn)
             }
             Site::OIn => {
-                let x = (&residual + self.project(&input, Site::OIn, O)?)?;
+                let x = (&residual + self.project(input, Site::OIn, O)?)?;
                 let h = rms_norm(&x, &self.post_norm, self.config.rms_norm_eps, mode)?;
                 next(Site::MlpIn, x, h)
             }
             Site::MlpIn => {
-                let gate = self.project(&input, Site::MlpIn, Gate)?;
-                let up = self.project(&input, Site::MlpIn, Up)?;
+                let gate = self.project(input, Site::MlpIn, Gate)?;
+                let up = self.project(input, Site::MlpIn, Up)?;
                 next(Site::DownIn, residual, swiglu(&gate, &up, mode)?)
             }
-            Site::DownIn => Stage::Out((residual + self.project(&input, Site::DownIn, Down)?)?),
+            Site::DownIn => Stage::Out((residual + self.project(input, Site::DownIn, Down)?)?),
         })
     }
 

@@ -59,6 +59,16 @@ impl LinearKind {
         self as usize
     }
 
+    /// The site whose input this linear reads.
+    pub fn site(self) -> Site {
+        match self {
+            LinearKind::Q | LinearKind::K | LinearKind::V => Site::AttnIn,
+            LinearKind::O => Site::OIn,
+            LinearKind::Gate | LinearKind::Up => Site::MlpIn,
+            LinearKind::Down => Site::DownIn,
+        }
+    }
+
     /// (out, in) for this layer in a model of configuration `c`.
     pub fn shape(self, c: &ModelConfig) -> (usize, usize) {
         let (d, f) = (c.hidden_size, c.intermediate_size);

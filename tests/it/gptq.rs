@@ -10,6 +10,19 @@ use affq::quant::{Granularity, QuantSpec, QuantizedWeight};
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 
+/// stories260K and the embeddings of `n` windows of `len` tokens from the first `chars`
+/// characters of the validation text ([`valid_ids`]).
+fn stories_windows(chars: usize, n: usize, len: usize) -> (affq::model::Model, Tensor) {
+    let model = Checkpoint::open(&stories_hf())
+        .unwrap()
+        .load_model(256)
+        .unwrap();
+    let ids = valid_ids(&stories_hf(), chars, false, n * len);
+    let ids = Tensor::from_vec(ids, (n, len), &Device::Cpu).unwrap();
+    let x = model.embed(&ids).unwrap();
+    (model, x)
+}
+
 /// Hessians of every linear input of a block.
 struct Capture(HashMap<usize, Hessian>);
 
@@ -49,13 +62,7 @@ impl BlockHook for Until {
 fn a_partial_forward_sees_what_the_whole_forward_sees_and_stops_at_its_site() {
     // GPTQ's group Hessians run each block only up to the group's input (Block::observe): that
     // input must be the whole forward's, bit for bit, and no later site may run.
-    let model = Checkpoint::open(&stories_hf())
-        .unwrap()
-        .load_model(256)
-        .unwrap();
-    let ids = valid_ids(&stories_hf(), 20_000, false, 3 * 128);
-    let ids = Tensor::from_vec(ids, (3, 128), &Device::Cpu).unwrap();
-    let x = model.embed(&ids).unwrap();
+    let (model, x) = stories_windows(20_000, 3, 128);
     let block = &model.blocks[1];
     let mut whole = Capture(HashMap::new());
     run_block(block, &model.rope, &x, 2, &mut whole).unwrap();
@@ -94,22 +101,16 @@ fn the_staged_forward_is_the_forward() {
     // Hessian sees the earlier groups quantized without a forward per group: site by site it must
     // show the whole forward's inputs and end at its output, bit for bit.
     use affq::model::Stage;
-    let model = Checkpoint::open(&stories_hf())
-        .unwrap()
-        .load_model(256)
-        .unwrap();
-    let ids = valid_ids(&stories_hf(), 30_000, false, 2 * 128);
-    let ids = Tensor::from_vec(ids, (2, 128), &Device::Cpu).unwrap();
-    let x = model.embed(&ids).unwrap();
+    let (model, x) = stories_windows(30_000, 2, 128);
     let block = &model.blocks[1];
     let mut whole = Capture(HashMap::new());
     let y = run_block(block, &model.rope, &x, 2, &mut whole).unwrap();
     let mut staged = Capture(HashMap::new());
     let mut stage = Stage::At(block.enter(&x).unwrap());
     let mut sites = Vec::new();
-    while let Stage::At(mut s) = stage {
+    while let Stage::At(s) = stage {
         sites.push(s.site());
-        block.show(&mut s, &mut staged).unwrap();
+        let s = block.show(s, &mut staged).unwrap();
         stage = block.advance(s, &model.rope).unwrap();
     }
     assert_eq!(sites, Site::ALL);
@@ -132,16 +133,10 @@ fn gptq_with_bounded_states_gives_the_same_weights() {
     // Above STAGED_MAX_BYTES GPTQ observes each group with its own partial forward instead of
     // carrying every window site by site: the same weights; the carried states' output is the
     // quantized block's forward (the next block's GPTQ inputs).
-    use affq::calib::weight_quant::{quantize_block_weights_within, WeightQuantizer};
+    use affq::calib::weight_quant::{quantize_block_weights, WeightQuantizer};
     use affq::methods::QuantPlan;
     use affq::model::NoHook;
-    let model = Checkpoint::open(&stories_hf())
-        .unwrap()
-        .load_model(256)
-        .unwrap();
-    let ids = valid_ids(&stories_hf(), 50_000, false, 6 * 128);
-    let ids = Tensor::from_vec(ids, (6, 128), &Device::Cpu).unwrap();
-    let x = model.embed(&ids).unwrap();
+    let (model, x) = stories_windows(50_000, 6, 128);
     let plan = QuantPlan {
         weights: Some(affq::formats::checkpoint::WeightScheme {
             spec: QuantSpec::sym(4),
@@ -157,7 +152,7 @@ fn gptq_with_bounded_states_gives_the_same_weights() {
     let wq = WeightQuantizer::Gptq(GptqConfig::default());
     let quantized = |budget: usize| {
         let mut b = model.blocks[1].clone();
-        let out = quantize_block_weights_within(
+        let out = quantize_block_weights(
             &mut b,
             &plan,
             &wq,
@@ -189,13 +184,7 @@ fn gptq_with_bounded_states_gives_the_same_weights() {
 fn gptq_lowers_every_layer_output_error_on_stories260k() {
     // GPTQ minimises tr(ΔW·H·ΔWᵀ) column by column; on real calibration activations it must come
     // out below round-to-nearest for every linear of every block.
-    let model = Checkpoint::open(&stories_hf())
-        .unwrap()
-        .load_model(256)
-        .unwrap();
-    let ids = valid_ids(&stories_hf(), 40_000, false, 4 * 256);
-    let ids = Tensor::from_vec(ids, (4, 256), &Device::Cpu).unwrap();
-    let mut x = model.embed(&ids).unwrap();
+    let (model, mut x) = stories_windows(40_000, 4, 256);
     for (bi, block) in model.blocks.iter().enumerate() {
         let mut cap = Capture(HashMap::new());
         let y = run_block(block, &model.rope, &x, 4, &mut cap).unwrap();
