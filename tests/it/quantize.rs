@@ -351,10 +351,15 @@ fn affinequant_picks_the_recipe_of_the_scheme() {
 #[test]
 fn flatquant_picks_the_gptq_recipe_of_the_scheme() {
     // Without --recipe, FlatQuant at W4A16, W4A4 and W4A4KV4 on the per-channel grid takes the
-    // measured GPTQ v2 preset of the scheme; RTN weights asked for, or a group grid, keep `cpu`.
+    // measured GPTQ v2 preset of the scheme (W4A16's with asymmetric weights, which `--sym`
+    // overrides); RTN weights asked for, or a group grid, keep `cpu`.
     let tmp = tempfile::tempdir().unwrap();
     for (i, (flags, recipe)) in [
         (&["--bits", "4"][..], Some("flatquant-w4a16-gptq for W4A16")),
+        (
+            &["--bits", "4", "--sym"][..],
+            Some("flatquant-w4a16-gptq for W4A16"),
+        ),
         (
             &["--bits", "4", "--a-bits", "4"][..],
             Some("flatquant-w4a4-gptq for W4A4"),
@@ -382,6 +387,8 @@ fn flatquant_picks_the_gptq_recipe_of_the_scheme() {
                 .args(),
         );
         let notes = v["transforms"].to_string();
+        let asym = flags == ["--bits", "4"];
+        assert_eq!(v["weights"]["symmetric"], !asym, "{flags:?}: {v}");
         match recipe {
             Some(r) => {
                 assert!(notes.contains(&format!("recipe {r}")), "{flags:?}: {notes}");

@@ -217,10 +217,11 @@ pub(crate) struct QuantizeArgs {
     /// Weight group size along the input dimension (default: one group per output channel).
     #[arg(long)]
     pub(crate) group_size: Option<usize>,
-    /// Symmetric weights (default).
+    /// Symmetric weights (default, except in recipes that set `asym`, such as FlatQuant's W4A16
+    /// preset and AffineQuant's).
     #[arg(long, conflicts_with = "asym")]
     pub(crate) sym: bool,
-    /// Asymmetric weights.
+    /// Asymmetric weights (integer zero point unless --zero-point says otherwise).
     #[arg(long)]
     pub(crate) asym: bool,
     /// Scale convention of symmetric grids [default: signed-max with --format, else maxpos].
