@@ -137,6 +137,10 @@ ppl_of() { [ -f "$1" ] && python3 -c 'import json,sys; print("%.2f" % json.load(
 # One row: quantize once (cached), then each PPL column (cached).
 run_row() {
   local name=$1 method=$2 wq=$3; shift 3
+  # FlatQuant rows stay on the `cpu` budget with symmetric weights and plain GPTQ, as the grid was
+  # measured: without --recipe, `--method flatquant` at W4A16/W4A4/W4A4KV4 takes the scheme's
+  # preset (GPTQ v2; W4A16 asymmetric), which README's preset table reports on its own.
+  if [ "$method" = flatquant ] && [[ " $* " != *" --recipe "* ]]; then set -- "$@" --recipe cpu; fi
   local dir="$results/$name-$method-$wq" ckpt
   if [ $quantize = 0 ]; then
     # Only rows whose quantization finished (FP always).
