@@ -64,3 +64,70 @@ impl Drop for ReuseLarge {
         }
     }
 }
+
+/// Elements below which [`zeroed`] clears on the calling thread (256 KiB of f32).
+const PAR_ZERO_MIN: usize = 1 << 16;
+
+/// `vec![T::default(); n]` (zeros for the numeric types), cleared by the thread pool when large.
+/// An op's output allocated on the calling thread is otherwise cleared by one core (glibc's
+/// `calloc` clears every chunk the heap reuses) while the pool's other threads wait.
+pub fn zeroed<T: Copy + Default + Send>(n: usize) -> Vec<T> {
+    if n < PAR_ZERO_MIN {
+        return vec![T::default(); n];
+    }
+    use rayon::prelude::*;
+    let mut v: Vec<T> = Vec::with_capacity(n);
+    v.spare_capacity_mut()
+        .par_chunks_mut(PAR_ZERO_MIN)
+        .for_each(|c| {
+            for x in c {
+                x.write(T::default());
+            }
+        });
+    // SAFETY: every element of the capacity's first `n` was written above.
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// A vector of `n` elements made in parallel chunks of `chunk`: chunk `i` (elements
+/// `i·chunk..`) is cleared and then handed to `fill(i, chunk)`. Each chunk is cleared while the
+/// task that fills it holds it in cache, instead of in a separate pass over the whole buffer.
+pub fn par_filled<T, F>(n: usize, chunk: usize, fill: F) -> Vec<T>
+where
+    T: Copy + Default + Send,
+    F: Fn(usize, &mut [T]) + Sync + Send,
+{
+    par_filled_with(n, chunk, || (), |_, i, c| fill(i, c))
+}
+
+/// [`par_filled`] with per-task scratch made by `init` (as rayon's `for_each_init`).
+pub fn par_filled_with<T, S, I, F>(n: usize, chunk: usize, init: I, fill: F) -> Vec<T>
+where
+    T: Copy + Default + Send,
+    I: Fn() -> S + Sync + Send,
+    F: Fn(&mut S, usize, &mut [T]) + Sync + Send,
+{
+    use rayon::prelude::*;
+    let mut v: Vec<T> = Vec::with_capacity(n);
+    v.spare_capacity_mut()[..n]
+        .par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .for_each_init(init, |s, (i, c)| {
+            for x in c.iter_mut() {
+                x.write(T::default());
+            }
+            // SAFETY: every element of `c` was written just above, and `MaybeUninit<T>` has
+            // `T`'s layout.
+            let c = unsafe { &mut *(c as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
+            fill(s, i, c);
+        });
+    // SAFETY: the chunks cover the first `n` elements, and each was written.
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// Chunk `i` of `x` in chunks of `chunk` (the last may be shorter), as [`par_filled`] hands out.
+#[inline]
+pub fn chunk_of<T>(x: &[T], i: usize, chunk: usize) -> &[T] {
+    &x[i * chunk..((i + 1) * chunk).min(x.len())]
+}

@@ -240,9 +240,9 @@ fn grid_rows(x: &[f32], m: usize, k: usize) -> Option<GridRows> {
         return None;
     }
     let kp = k.div_ceil(int_gemm::KB) * int_gemm::KB;
-    let mut codes = vec![0i8; m * kp];
-    let mut scale = vec![0f32; m];
-    let mut sum = vec![0i32; m];
+    let mut codes = crate::heap::zeroed::<i8>(m * kp);
+    let mut scale = crate::heap::zeroed::<f32>(m);
+    let mut sum = crate::heap::zeroed::<i32>(m);
     let range = codes
         .par_chunks_mut(kp * ROWS)
         .zip(scale.par_chunks_mut(ROWS))

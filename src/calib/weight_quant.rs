@@ -228,10 +228,11 @@ pub fn quantize_block_weights(
             // Every batch of windows is carried site by site: each group is observed with the
             // groups before it already quantized (as a forward per group to its site would), and
             // what was computed up to a site is not computed again for the next group.
-            let c = block.config();
-            let widest = Site::ALL.iter().map(|s| s.dim(c)).max().unwrap_or(0);
+            let config = block.config();
+            let widest = Site::ALL.iter().map(|s| s.dim(config)).max().unwrap_or(0);
             let (n, l, _) = x.dims3()?;
-            let staged = n * l * (c.hidden_size + widest) * 4 <= max_state_bytes;
+            let staged = n * l * (config.hidden_size + widest) * std::mem::size_of::<f32>()
+                <= max_state_bytes;
             let mut states = Vec::new();
             if staged {
                 for_each_batch(x, BATCH, |xb| {
@@ -269,14 +270,14 @@ pub fn quantize_block_weights(
                 } else {
                     observe_block(block, rope, x, BATCH, &mut hook)?;
                 }
-                let c = hook.cross.map(|(c, _)| c.into_matrix());
+                let cross = hook.cross.map(|(c, _)| c.into_matrix());
                 let factor = GptqFactor::new(&name(group[0]), hook.h.into_matrix(), inp, cfg)?;
                 for &kind in &group {
                     let layer = block.linear(kind);
                     let w = layer.weight()?;
                     let out = w.dims2()?.0;
                     let mut values: Vec<f32> = w.flatten_all()?.to_vec1()?;
-                    if let (Some(c), Some((alpha, _))) = (&c, &v2) {
+                    if let (Some(c), Some((alpha, _))) = (&cross, &v2) {
                         values = factor.asymmetric_target(&values, out, c, *alpha);
                     }
                     let r = gptq_factored(

@@ -148,7 +148,7 @@ impl PackedWeights {
         let nib = bits <= 4;
         let block = if nib { NR * KB / 2 } else { NR * KB };
         let tiles = n.div_ceil(NR);
-        let mut data = vec![0u8; tiles * kp / KB * block];
+        let mut data = crate::heap::zeroed::<u8>(tiles * kp / KB * block);
         let code = |o: usize, j: usize| -> u8 {
             if o < n && j < k {
                 inner(o, j)

@@ -77,7 +77,7 @@ impl CustomOp3 for CausalAttention {
             slice(sv, lv, "v")?,
         );
         let g = h / hkv;
-        let mut out = vec![0f32; b * t * h * d];
+        let mut out = crate::heap::zeroed::<f32>(b * t * h * d);
         let out_ptr = SendPtr(out.as_mut_ptr());
         let n_blocks = t.div_ceil(BLOCK);
         let row_stride = h * d; // output is [B, T, H, D]
@@ -238,7 +238,7 @@ impl CausalAttention {
         let g = h / hkv;
         let n_blocks = t.div_ceil(BLOCK);
         let row_stride = h * d;
-        let mut dq = vec![0f32; b * h * t * d];
+        let mut dq = crate::heap::zeroed::<f32>(b * h * t * d);
         // Per (batch, query head): that head's contributions to dK and dV of its KV head.
         let partial: Vec<(Vec<f32>, Vec<f32>)> = dq
             .par_chunks_mut(t * d)
@@ -404,18 +404,20 @@ impl CausalAttention {
                 },
             )
             .collect();
-        let mut dk = vec![0f32; b * hkv * t * d];
-        let mut dv = vec![0f32; b * hkv * t * d];
-        for (task, (dk_h, dv_h)) in partial.iter().enumerate() {
-            let (bi, hi) = (task / h, task % h);
-            let at = (bi * hkv + hi / g) * t * d;
-            for (a, x) in dk[at..at + t * d].iter_mut().zip(dk_h) {
-                *a += x;
-            }
-            for (a, x) in dv[at..at + t * d].iter_mut().zip(dv_h) {
-                *a += x;
-            }
-        }
+        // Each KV head's gradient sums its group's query heads in head order (`part` 0: dK, 1: dV).
+        let sum_group = |part: usize| {
+            crate::heap::par_filled(b * hkv * t * d, t * d, |kvt, acc: &mut [f32]| {
+                let (bi, kv) = (kvt / hkv, kvt % hkv);
+                for hi in kv * g..(kv + 1) * g {
+                    let (dk_h, dv_h) = &partial[bi * h + hi];
+                    let src = if part == 0 { dk_h } else { dv_h };
+                    for (a, x) in acc.iter_mut().zip(src) {
+                        *a += x;
+                    }
+                }
+            })
+        };
+        let (dk, dv) = (sum_group(0), sum_group(1));
         (dq, dk, dv)
     }
 }

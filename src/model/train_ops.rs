@@ -135,8 +135,8 @@ impl CustomOp2 for RmsNormOp {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, w) = (f32s(sx, lx, self.name())?, f32s(sw, lw, self.name())?);
         let n = w.len();
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(y, x)| {
+        let y = crate::heap::par_filled(x.len(), n, |i, y: &mut [f32]| {
+            let x = crate::heap::chunk_of(x, i, n);
             let r = inv_rms(x, self.eps);
             for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
                 *y = x * r * w;
@@ -159,19 +159,18 @@ impl CustomOp2 for RmsNormOp {
             read(w, name, |ws| {
                 read(&grad, name, |gs| {
                     let dx = x.track_op().then(|| {
-                        let mut dx = vec![0f32; xs.len()];
-                        dx.par_chunks_mut(n)
-                            .zip(xs.par_chunks(n).zip(gs.par_chunks(n)))
-                            .for_each(|(dx, (x, g))| {
-                                let r = inv_rms(x, self.eps);
-                                let dot: f32 =
-                                    g.iter().zip(w_iter(ws, x)).map(|(g, wx)| g * wx).sum();
-                                let k = r * r * r * dot / n as f32;
-                                for (((d, g), w), x) in dx.iter_mut().zip(g).zip(ws).zip(x) {
-                                    *d = r * g * w - x * k;
-                                }
-                            });
-                        dx
+                        crate::heap::par_filled(xs.len(), n, |i, dx: &mut [f32]| {
+                            let (x, g) = (
+                                crate::heap::chunk_of(xs, i, n),
+                                crate::heap::chunk_of(gs, i, n),
+                            );
+                            let r = inv_rms(x, self.eps);
+                            let dot: f32 = g.iter().zip(w_iter(ws, x)).map(|(g, wx)| g * wx).sum();
+                            let k = r * r * r * dot / n as f32;
+                            for (((d, g), w), x) in dx.iter_mut().zip(g).zip(ws).zip(x) {
+                                *d = r * g * w - x * k;
+                            }
+                        })
                     });
                     let dw = w.track_op().then(|| {
                         crate::fastmath::sum_in_order(
@@ -216,25 +215,22 @@ impl RopeOp {
     /// backward of a rotation is its transpose).
     fn rotate(x: &[f32], cos: &[f32], sin: &[f32], t: usize, d: usize, sign: f32) -> Vec<f32> {
         let half = d / 2;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(t * d)
-            .zip(x.par_chunks(t * d))
-            .for_each(|(y, x)| {
-                for p in 0..t {
-                    let (c, s) = (
-                        &cos[p * half..(p + 1) * half],
-                        &sin[p * half..(p + 1) * half],
-                    );
-                    let (x1, x2) = x[p * d..(p + 1) * d].split_at(half);
-                    let (y1, y2) = y[p * d..(p + 1) * d].split_at_mut(half);
-                    for i in 0..half {
-                        let s = sign * s[i];
-                        y1[i] = x1[i] * c[i] - x2[i] * s;
-                        y2[i] = x2[i] * c[i] + x1[i] * s;
-                    }
+        crate::heap::par_filled(x.len(), t * d, |head, y: &mut [f32]| {
+            let x = crate::heap::chunk_of(x, head, t * d);
+            for p in 0..t {
+                let (c, s) = (
+                    &cos[p * half..(p + 1) * half],
+                    &sin[p * half..(p + 1) * half],
+                );
+                let (x1, x2) = x[p * d..(p + 1) * d].split_at(half);
+                let (y1, y2) = y[p * d..(p + 1) * d].split_at_mut(half);
+                for i in 0..half {
+                    let s = sign * s[i];
+                    y1[i] = x1[i] * c[i] - x2[i] * s;
+                    y2[i] = x2[i] * c[i] + x1[i] * s;
                 }
-            });
-        y
+            }
+        })
     }
 }
 
@@ -317,14 +313,16 @@ impl CustomOp2 for SwiGluOp {
             candle_core::bail!("swiglu: shapes {:?} and {:?}", la.shape(), lu.shape());
         }
         let (a, u) = (f32s(sa, la, self.name())?, f32s(su, lu, self.name())?);
-        let mut y = vec![0f32; a.len()];
-        y.par_chunks_mut(1 << 14)
-            .zip(a.par_chunks(1 << 14).zip(u.par_chunks(1 << 14)))
-            .for_each(|(y, (a, u))| {
-                for ((y, a), u) in y.iter_mut().zip(a).zip(u) {
-                    *y = a * sigmoid(*a) * u;
-                }
-            });
+        const C: usize = 1 << 14;
+        let y = crate::heap::par_filled(a.len(), C, |i, y: &mut [f32]| {
+            let (a, u) = (
+                crate::heap::chunk_of(a, i, C),
+                crate::heap::chunk_of(u, i, C),
+            );
+            for ((y, a), u) in y.iter_mut().zip(a).zip(u) {
+                *y = a * sigmoid(*a) * u;
+            }
+        });
         Ok((CpuStorage::F32(y), la.shape().clone()))
     }
 
@@ -339,7 +337,7 @@ impl CustomOp2 for SwiGluOp {
         let (wa, wu) = (a.track_op(), u.track_op());
         const C: usize = 1 << 14;
         let n = a.elem_count();
-        let (mut da, mut du) = (vec![0f32; n], vec![0f32; n]);
+        let (mut da, mut du) = (crate::heap::zeroed::<f32>(n), crate::heap::zeroed::<f32>(n));
         let name = self.name();
         read(a, name, |av| {
             read(u, name, |uv| {
@@ -379,7 +377,7 @@ fn products_forward(
     if let Some(g) = grid_products().and_then(|p| p.prepare(x, w, m, k, out)) {
         return (g.forward(), Some(g));
     }
-    let mut y = vec![0f32; m * out];
+    let mut y = crate::heap::zeroed::<f32>(m * out);
     // y = x·Wᵀ: Wᵀ's element (i, j) is W[j·k + i].
     crate::strided_gemm::gemm(
         (m, out, k),
@@ -406,7 +404,7 @@ fn products_input_grad(
     if let Some(dx) = grid.and_then(|p| p.input_grad(g)) {
         return dx;
     }
-    let mut dx = vec![0f32; m * k];
+    let mut dx = crate::heap::zeroed::<f32>(m * k);
     crate::strided_gemm::gemm(
         (m, k, out),
         &mut dx,
@@ -432,7 +430,7 @@ fn products_weight_grad(
     if let Some(dw) = grid.and_then(|p| p.weight_grad(g)) {
         return dw;
     }
-    let mut dw = vec![0f32; out * k];
+    let mut dw = crate::heap::zeroed::<f32>(out * k);
     crate::strided_gemm::gemm(
         (out, k, m),
         &mut dw,

@@ -86,7 +86,7 @@ impl ClipQuant {
         let (qlo, qhi) = self.bounds();
         let qmax = self.spec.qmax() as f32;
         let div = self.sym_div();
-        let mut dx = vec![0f32; rows * n];
+        let mut dx = crate::heap::zeroed::<f32>(rows * n);
         // Per row: (d a_hi, d a_lo).
         let da: Vec<(f32, f32)> = dx
             .par_chunks_mut(n)
@@ -146,16 +146,12 @@ impl ClipQuant {
     ) -> Vec<f32> {
         let per_row = ah.len() == rows;
         let (qlo, qhi) = self.bounds();
-        let mut out = vec![0f32; rows * n];
-        out.par_chunks_mut(n)
-            .zip(x.par_chunks(n))
-            .enumerate()
-            .for_each(|(r, (o, xr))| {
-                let k = if per_row { r } else { 0 };
-                let p = self.row(xr, ah[k], al[k]);
-                forward_row(xr, o, &self.grid(&p, qlo, qhi));
-            });
-        out
+        crate::heap::par_filled(rows * n, n, |r, o: &mut [f32]| {
+            let xr = crate::heap::chunk_of(x, r, n);
+            let k = if per_row { r } else { 0 };
+            let p = self.row(xr, ah[k], al[k]);
+            forward_row(xr, o, &self.grid(&p, qlo, qhi));
+        })
     }
 
     /// The symmetric grid's divisor: `scale = max(hi, −lo) / div`.

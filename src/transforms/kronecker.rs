@@ -199,35 +199,34 @@ impl KronOp {
     fn forward(&self, x: &[f32], p1: &[f32], p2: &[f32]) -> Vec<f32> {
         let (n1, n2) = (self.n1, self.n2);
         let n = n1 * n2;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(CHUNK * n)
-            .zip(x.par_chunks(CHUNK * n))
-            .for_each_init(
-                || (vec![0f32; CHUNK * n], vec![0f32; CHUNK * n]),
-                |(z, t), (yc, xc)| {
-                    if !self.p1 {
-                        self.z_chunk(xc, p2, yc);
-                        return;
-                    }
-                    let (z, t) = (&mut z[..xc.len()], &mut t[..xc.len()]);
-                    let rows = xc.len() / n;
-                    self.z_chunk(xc, p2, z);
-                    to_k_major(z, t, rows, n1, n2);
-                    // Yᵗ = P1ᵀ·Zᵗ over the whole chunk: [n1 × rows·n2], P1ᵀ read transposed.
-                    gemm(
-                        (n1, rows * n2, n1),
-                        z,
-                        rows * n2,
-                        false,
-                        (p1, n1, 1),
-                        (t, 1, rows * n2),
-                        1.0,
-                        Parallelism::None,
-                    );
-                    from_k_major(z, yc, rows, n1, n2);
-                },
-            );
-        y
+        crate::heap::par_filled_with(
+            x.len(),
+            CHUNK * n,
+            || (vec![0f32; CHUNK * n], vec![0f32; CHUNK * n]),
+            |(z, t), i, yc: &mut [f32]| {
+                let xc = crate::heap::chunk_of(x, i, CHUNK * n);
+                if !self.p1 {
+                    self.z_chunk(xc, p2, yc);
+                    return;
+                }
+                let (z, t) = (&mut z[..xc.len()], &mut t[..xc.len()]);
+                let rows = xc.len() / n;
+                self.z_chunk(xc, p2, z);
+                to_k_major(z, t, rows, n1, n2);
+                // Yᵗ = P1ᵀ·Zᵗ over the whole chunk: [n1 × rows·n2], P1ᵀ read transposed.
+                gemm(
+                    (n1, rows * n2, n1),
+                    z,
+                    rows * n2,
+                    false,
+                    (p1, n1, 1),
+                    (t, 1, rows * n2),
+                    1.0,
+                    Parallelism::None,
+                );
+                from_k_major(z, yc, rows, n1, n2);
+            },
+        )
     }
 
     /// `(dX, dP1, dP2)`, each only where `want` asks for it.
@@ -243,7 +242,7 @@ impl KronOp {
         let n = n1 * n2;
         let want_p1 = want[1] && self.p1;
         let want_p2 = want[2] && self.p2;
-        let mut dx = vec![0f32; if want[0] { x.len() } else { 0 }];
+        let mut dx = crate::heap::zeroed::<f32>(if want[0] { x.len() } else { 0 });
         let chunks = x.len().div_ceil(CHUNK * n);
         // Per chunk: (dP1, dP2) partial sums.
         let mut partials: Vec<(Vec<f32>, Vec<f32>)> = Vec::with_capacity(chunks);
@@ -384,14 +383,15 @@ impl candle_core::CustomOp2 for ScaleOp {
         lc: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, c) = (f32s(sx, lx)?, f32s(sc, lc)?);
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(c.len())
-            .zip(x.par_chunks(c.len()))
-            .for_each(|(y, x)| {
-                for ((y, x), c) in y.iter_mut().zip(x).zip(c) {
-                    *y = x * c;
-                }
-            });
+        let y = crate::heap::par_filled(x.len(), c.len(), |i, y: &mut [f32]| {
+            for ((y, x), c) in y
+                .iter_mut()
+                .zip(crate::heap::chunk_of(x, i, c.len()))
+                .zip(c)
+            {
+                *y = x * c;
+            }
+        });
         Ok((CpuStorage::F32(y), lx.shape().clone()))
     }
 
@@ -407,13 +407,11 @@ impl candle_core::CustomOp2 for ScaleOp {
         let dx = if x.track_op() {
             let y = read(&grad, |g| {
                 read(c, |c| {
-                    let mut y = vec![0f32; g.len()];
-                    y.par_chunks_mut(n).zip(g.par_chunks(n)).for_each(|(y, g)| {
-                        for ((y, g), c) in y.iter_mut().zip(g).zip(c) {
+                    Ok(crate::heap::par_filled(g.len(), n, |i, y: &mut [f32]| {
+                        for ((y, g), c) in y.iter_mut().zip(crate::heap::chunk_of(g, i, n)).zip(c) {
                             *y = g * c;
                         }
-                    });
-                    Ok(y)
+                    }))
                 })
             })?;
             Some(Tensor::from_vec(y, x.shape(), x.device())?)

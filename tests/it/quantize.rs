@@ -354,25 +354,34 @@ fn flatquant_picks_the_gptq_recipe_of_the_scheme() {
     // measured GPTQ v2 preset of the scheme (W4A16's with asymmetric weights, which `--sym`
     // overrides); RTN weights asked for, or a group grid, keep `cpu`.
     let tmp = tempfile::tempdir().unwrap();
-    for (i, (flags, recipe)) in [
-        (&["--bits", "4"][..], Some("flatquant-w4a16-gptq for W4A16")),
+    // (flags, recipe named in the notes, weights on the symmetric grid)
+    for (i, (flags, recipe, symmetric)) in [
+        (
+            &["--bits", "4"][..],
+            Some("flatquant-w4a16-gptq for W4A16"),
+            false,
+        ),
         (
             &["--bits", "4", "--sym"][..],
             Some("flatquant-w4a16-gptq for W4A16"),
+            true,
         ),
         (
             &["--bits", "4", "--a-bits", "4"][..],
             Some("flatquant-w4a4-gptq for W4A4"),
+            true,
         ),
         (
             &["--bits", "4", "--a-bits", "4", "--kv-bits", "4"][..],
             Some("flatquant-w4a4kv4-gptq for W4A4"),
+            true,
         ),
         (
             &["--bits", "4", "--a-bits", "4", "--weight-quantizer", "rtn"][..],
             None,
+            true,
         ),
-        (&["--bits", "4", "--group-size", "4"][..], None),
+        (&["--bits", "4", "--group-size", "4"][..], None, true),
     ]
     .into_iter()
     .enumerate()
@@ -387,8 +396,7 @@ fn flatquant_picks_the_gptq_recipe_of_the_scheme() {
                 .args(),
         );
         let notes = v["transforms"].to_string();
-        let asym = flags == ["--bits", "4"];
-        assert_eq!(v["weights"]["symmetric"], !asym, "{flags:?}: {v}");
+        assert_eq!(v["weights"]["symmetric"], symmetric, "{flags:?}: {v}");
         match recipe {
             Some(r) => {
                 assert!(notes.contains(&format!("recipe {r}")), "{flags:?}: {notes}");
