@@ -75,18 +75,7 @@ pub fn zeroed<T: Copy + Default + Send>(n: usize) -> Vec<T> {
     if n < PAR_ZERO_MIN {
         return vec![T::default(); n];
     }
-    use rayon::prelude::*;
-    let mut v: Vec<T> = Vec::with_capacity(n);
-    v.spare_capacity_mut()
-        .par_chunks_mut(PAR_ZERO_MIN)
-        .for_each(|c| {
-            for x in c {
-                x.write(T::default());
-            }
-        });
-    // SAFETY: every element of the capacity's first `n` was written above.
-    unsafe { v.set_len(n) };
-    v
+    par_filled(n, PAR_ZERO_MIN, |_, _| {})
 }
 
 /// A vector of `n` elements made in parallel chunks of `chunk`: chunk `i` (elements

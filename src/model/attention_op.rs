@@ -404,20 +404,20 @@ impl CausalAttention {
                 },
             )
             .collect();
-        // Each KV head's gradient sums its group's query heads in head order (`part` 0: dK, 1: dV).
-        let sum_group = |part: usize| {
+        // Each KV head's gradient sums its group's query heads in head order; `pick` selects the
+        // query head's dK or dV.
+        type Pick = dyn Fn(&(Vec<f32>, Vec<f32>)) -> &[f32] + Sync;
+        let sum_group = |pick: &Pick| {
             crate::heap::par_filled(b * hkv * t * d, t * d, |kvt, acc: &mut [f32]| {
                 let (bi, kv) = (kvt / hkv, kvt % hkv);
                 for hi in kv * g..(kv + 1) * g {
-                    let (dk_h, dv_h) = &partial[bi * h + hi];
-                    let src = if part == 0 { dk_h } else { dv_h };
-                    for (a, x) in acc.iter_mut().zip(src) {
+                    for (a, x) in acc.iter_mut().zip(pick(&partial[bi * h + hi])) {
                         *a += x;
                     }
                 }
             })
         };
-        let (dk, dv) = (sum_group(0), sum_group(1));
+        let (dk, dv) = (sum_group(&|p| &p.0), sum_group(&|p| &p.1));
         (dq, dk, dv)
     }
 }
