@@ -185,6 +185,15 @@ fn gptq_v2_alpha(r: &Recipe) -> Result<Option<f64>> {
     Ok(Some(a))
 }
 
+/// The windows of GPTQ v2's cross moment (`--gptq-v2-windows`), when GPTQ v2 runs.
+fn gptq_v2_windows(r: &Recipe) -> Result<Option<usize>> {
+    match r.gptq_v2_windows {
+        Some(0) => Err(usage("--gptq-v2-windows 0: needs at least one window")),
+        Some(n) if gptq_v2_alpha(r)?.is_some() => Ok(Some(n)),
+        _ => Ok(None),
+    }
+}
+
 /// The weight quantizer a resolved recipe asks for.
 fn weight_quantizer(r: &Recipe) -> Result<WeightQuantizer> {
     Ok(match r.weight_quantizer.as_deref().unwrap_or("rtn") {
@@ -202,6 +211,7 @@ fn weight_quantizer(r: &Recipe) -> Result<WeightQuantizer> {
                 block: 128,
                 grid_search: r.gptq_grid_search.unwrap_or(false),
                 v2_alpha: gptq_v2_alpha(r)?,
+                v2_windows: gptq_v2_windows(r)?,
             })
         }
         other => {
@@ -366,7 +376,8 @@ fn resolve_recipe(
             || f.gptq_grid_search.is_some()
             || f.gptq_fp_inputs.is_some()
             || f.gptq_v2.is_some()
-            || f.gptq_v2_alpha.is_some())
+            || f.gptq_v2_alpha.is_some()
+            || f.gptq_v2_windows.is_some())
     {
         return Err(usage(
             "--gptq-damp, --act-order, --gptq-nsamples, --gptq-grid-search, --gptq-fp-inputs and --gptq-v2 need --weight-quantizer gptq",
@@ -374,6 +385,9 @@ fn resolve_recipe(
     }
     if f.gptq_v2_alpha.is_some() && r.gptq_v2 != Some(true) {
         return Err(usage("--gptq-v2-alpha needs --gptq-v2"));
+    }
+    if f.gptq_v2_windows.is_some() && r.gptq_v2 != Some(true) {
+        return Err(usage("--gptq-v2-windows needs --gptq-v2"));
     }
     if f.gptq_v2 == Some(true) && r.gptq_fp_inputs == Some(true) {
         return Err(usage(
@@ -391,7 +405,11 @@ fn resolve_recipe(
         // preset's 32 windows for GPTQ, untrained ones use --nsamples as given.
         let n = r.nsamples.unwrap_or(32);
         let min = if m.trained { n.max(32) } else { n };
-        let g = r.gptq_nsamples.unwrap_or(min);
+        // A recipe's GPTQ windows are a floor under the training windows; a flag's are checked.
+        let g = match (f.gptq_nsamples, r.gptq_nsamples) {
+            (None, Some(g)) => g.max(min),
+            (_, g) => g.unwrap_or(min),
+        };
         if g < n {
             return Err(usage(format!(
                 "--gptq-nsamples {g} is fewer than --nsamples {n}: GPTQ uses the training windows and more"

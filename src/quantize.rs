@@ -150,8 +150,12 @@ fn calibration_summary(p: &QuantizePlan, method: &dyn Method, data_desc: &str) -
             summary.push_str(", Hessians from full-precision inputs");
         }
         if let Some(a) = g.v2_alpha {
+            let windows = match g.v2_windows {
+                Some(n) => format!(", cross moment from {n} windows"),
+                None => String::new(),
+            };
             summary.push_str(&format!(
-                ", GPTQ v2 (fitted to the full-precision inputs' outputs, alpha {a})"
+                ", GPTQ v2 (fitted to the full-precision inputs' outputs, alpha {a}{windows})"
             ));
         }
     }

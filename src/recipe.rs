@@ -51,6 +51,10 @@ pub struct Recipe {
     /// GPTQ v2: the share of the asymmetric correction (default 0.25).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gptq_v2_alpha: Option<f64>,
+    /// GPTQ v2: the cross moment from the first this many calibration windows (default: all of
+    /// GPTQ's windows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gptq_v2_windows: Option<usize>,
     /// Trained methods: deploy every trained block, even one whose calibration loss is above its
     /// untrained start's (the engine otherwise deploys the start; speed measurements and
     /// ablations want the method's own blocks).
@@ -177,6 +181,7 @@ impl Recipe {
             gptq_fp_inputs: over.gptq_fp_inputs.or(self.gptq_fp_inputs),
             gptq_v2: over.gptq_v2.or(self.gptq_v2),
             gptq_v2_alpha: over.gptq_v2_alpha.or(self.gptq_v2_alpha),
+            gptq_v2_windows: over.gptq_v2_windows.or(self.gptq_v2_windows),
             keep_trained: over.keep_trained.or(self.keep_trained),
             quantized_inputs: over.quantized_inputs.or(self.quantized_inputs),
             key_smoothing: over.key_smoothing.or(self.key_smoothing),

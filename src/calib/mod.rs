@@ -256,10 +256,19 @@ pub fn calibrate_model(
     };
     let windows = method_windows.min(all.dim(0)?).max(1);
     let mut x = all.narrow(0, 0, windows)?;
-    // GPTQ v2 compares the quantized model's inputs with the full-precision ones on every GPTQ
-    // window: the training windows `x` when they are all of them, else a stream of its own.
-    let v2 = matches!(engine.weight_quantizer, WeightQuantizer::Gptq(g) if g.v2_alpha.is_some());
-    let mut xf = (v2 && windows < all.dim(0)?).then(|| all.clone());
+    // GPTQ v2 compares the quantized model's inputs with the full-precision ones on its first
+    // `fp_windows` windows (all of GPTQ's by default): the training windows `x` when they cover
+    // them, else a stream of its own.
+    let (v2, fp_windows) = match engine.weight_quantizer {
+        WeightQuantizer::Gptq(g) if g.v2_alpha.is_some() => {
+            (true, g.v2_windows.unwrap_or(usize::MAX).min(all.dim(0)?))
+        }
+        _ => (false, 0),
+    };
+    let mut xf = match v2 && windows < fp_windows {
+        true => Some(all.narrow(0, 0, fp_windows)?),
+        false => None,
+    };
     let mut xq = (gptq || engine.quantized_inputs).then_some(all);
     let mut out = CalibOutcome::default();
     let t_start = Instant::now();
@@ -295,16 +304,19 @@ pub fn calibrate_model(
             }
             Ok(())
         };
-        // The next block's full-precision GPTQ v2 inputs (the part the training windows lack).
-        let advance_fp = |xf: &mut Option<Tensor>| -> Result<()> {
-            if let Some(xf) = xf.as_mut() {
-                *xf = run_block(&fp, rope, xf, 4, &mut NoHook)?;
+        // The next block's full-precision GPTQ v2 inputs: on the training windows they are `y`
+        // (the same block on the same windows), so only the windows beyond them run here.
+        let advance_fp = |xf: &mut Option<Tensor>, y: &Tensor| -> Result<()> {
+            if let Some(f) = xf.as_mut() {
+                let w = y.dim(0)?;
+                let rest = run_block(&fp, rope, &f.narrow(0, w, f.dim(0)? - w)?, 4, &mut NoHook)?;
+                *f = Tensor::cat(&[y, &rest], 0)?;
             }
             Ok(())
         };
         if i < range.start {
             advance(&mut xq, None)?;
-            advance_fp(&mut xf)?;
+            advance_fp(&mut xf, &y)?;
             x = y;
             continue;
         }
@@ -323,13 +335,13 @@ pub fn calibrate_model(
             }
             if _claim.is_none() {
                 advance(&mut xq, None)?;
-                advance_fp(&mut xf)?;
+                advance_fp(&mut xf, &y)?;
                 x = y;
                 continue;
             }
         } else if let Some((block, report)) = store.map(|s| s.load(i)).transpose()?.flatten() {
             advance(&mut xq, Some(&block))?;
-            advance_fp(&mut xf)?;
+            advance_fp(&mut xf, &y)?;
             blocks.put(block)?;
             progress(out.reports.len() + 1, range.len(), &report);
             out.reports.push(report);
@@ -341,14 +353,18 @@ pub fn calibrate_model(
             (Some(xq), true) => xq.narrow(0, 0, windows)?,
             _ => x.clone(),
         };
-        let fx = v2.then(|| xf.as_ref().unwrap_or(&x));
+        let fx = match (v2, &xf) {
+            (false, _) => None,
+            (true, Some(f)) => Some(f.clone()),
+            (true, None) => Some(x.narrow(0, 0, fp_windows.min(windows))?),
+        };
         let (block, mut report, deployed_out) = calibrate_block(
             i,
             &fp,
             rope,
             &xt,
             &y,
-            (wx, fx),
+            (wx, fx.as_ref()),
             &stats,
             method,
             engine,
@@ -360,7 +376,7 @@ pub fn calibrate_model(
             Some(y) if xq.is_some() && !engine.gptq_fp_inputs => xq = Some(y),
             _ => advance(&mut xq, Some(&block))?,
         }
-        advance_fp(&mut xf)?;
+        advance_fp(&mut xf, &y)?;
         report.seconds = t0.elapsed().as_secs_f64();
         if let Some(s) = store {
             s.save(&block, &report)?;

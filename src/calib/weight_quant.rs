@@ -57,13 +57,13 @@ impl BlockHook for HessianHook<'_> {
                 None => x.clone(),
             };
             self.h.add(&xq)?;
-            if let Some((c, fp)) = &mut self.cross {
-                let xf = fp.next().ok_or_else(|| {
-                    crate::error::Error::Runtime(
-                        "GPTQ v2: fewer full-precision batches than quantized ones".into(),
-                    )
-                })?;
-                c.add(xf, &xq)?;
+            // The cross moment covers the windows with full-precision inputs, the first ones
+            // (`--gptq-v2-windows`); the last such batch may hold fewer windows than `xq`'s.
+            if let Some(xf) = self.cross.as_mut().and_then(|(_, fp)| fp.next()) {
+                let xq = xq.narrow(0, 0, xf.dim(0)?)?;
+                if let Some((c, _)) = &mut self.cross {
+                    c.add(xf, &xq)?;
+                }
             }
         }
         Ok(())
@@ -215,7 +215,8 @@ pub fn quantize_block_weights(
                 (Some(a), Some(fx)) => {
                     let firsts: Vec<LinearKind> = groups.iter().map(|g| g[0]).collect();
                     let fp = full_precision(block)?;
-                    let inputs = full_precision_inputs(&fp, rope, fx, x.dim(0)?, &firsts)?;
+                    let windows = fx.dim(0)?.min(x.dim(0)?);
+                    let inputs = full_precision_inputs(&fp, rope, fx, windows, &firsts)?;
                     Some((a, inputs))
                 }
                 (Some(_), None) => {

@@ -151,7 +151,7 @@ pub fn train(
                 &mut NoHook,
             )?;
             let target = y.narrow(0, k * bs, bs)?.to_dtype(f32)?;
-            let loss = (out - target)?.sqr()?.mean_all()?;
+            let loss = crate::model::mean_squared_error(&out, &target)?;
             let lv = loss.to_scalar::<f32>()? as f64;
             let t_forward = tick.elapsed().as_secs_f64();
             if !lv.is_finite() {

@@ -503,18 +503,16 @@ impl Block {
         proj: &mut dyn FnMut(LinearKind) -> Result<Tensor>,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let c = &*self.config;
-        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let (nh, nkv) = (c.num_heads, c.num_kv_heads);
         let q = proj(LinearKind::Q)?;
-        let (b, t, _) = q.dims3()?;
         let q = self.rope_heads(&q, nh, self.q_norm.as_ref(), rope, mode, pos0)?; // [B, H, T, D]
         let k = proj(LinearKind::K)?;
         let k = self.rope_heads(&k, nkv, self.k_norm.as_ref(), rope, mode, pos0)?; // [B, Hkv, T, D]
-        let v = proj(LinearKind::V)?.reshape((b, t, nkv, hd))?;
+        let v = rope.heads_at(&proj(LinearKind::V)?, nkv, false, mode, pos0)?; // [B, Hkv, T, D]
         let k = match &self.k_center {
             Some(c) => k.broadcast_sub(c)?,
             None => k,
         };
-        let v = v.transpose(1, 2)?.contiguous()?;
         Ok(match &self.qk_transform {
             Some(t) => (q.broadcast_matmul(&t.q)?, k.broadcast_matmul(&t.k)?, v),
             None => (q, k, v),
@@ -550,12 +548,16 @@ impl Block {
         pos0: usize,
     ) -> Result<Tensor> {
         let c = &*self.config;
-        let (b, t, _) = x.dims3()?;
-        let x = x.reshape((b, t, heads, c.head_dim))?;
-        let x = match norm {
-            Some(g) => rms_norm(&x, g, c.rms_norm_eps, mode)?,
-            None => x,
+        let Some(g) = norm else {
+            return rope.heads_at(x, heads, true, mode, pos0);
         };
+        let (b, t, _) = x.dims3()?;
+        let x = rms_norm(
+            &x.reshape((b, t, heads, c.head_dim))?,
+            g,
+            c.rms_norm_eps,
+            mode,
+        )?;
         rope.apply_at(&x.transpose(1, 2)?.contiguous()?, mode, pos0)
     }
 

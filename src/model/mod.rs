@@ -16,7 +16,7 @@ pub use block::{Block, BlockHook, BlockParts, NoHook, QkTransform, SiteState, St
 pub use config::ModelConfig;
 pub use kv_cache::{KvCache, KvStore, LayerCache};
 pub use linear::{linear_forward, DenseLinear, LinearKind, LinearLayer, Site, SiteKernel};
-pub use ops::{rms_norm, Mode, Rope};
+pub use ops::{mean_squared_error, rms_norm, Mode, Rope};
 
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};

@@ -36,6 +36,13 @@ pub fn swiglu(gate: &Tensor, up: &Tensor, mode: Mode) -> Result<Tensor> {
     })
 }
 
+/// `mean((y − t)²)` over all elements as one differentiable node (`t` a constant): the value and
+/// `y`'s gradient equal candle's `(y − t).sqr().mean_all()` bit for bit.
+pub fn mean_squared_error(y: &Tensor, t: &Tensor) -> Result<Tensor> {
+    Ok(y.contiguous()?
+        .apply_op2(&t.contiguous()?, super::train_ops::MseOp)?)
+}
+
 /// RoPE tables for rotate-half (HF) convention: `cos`, `sin` are `[max_len, head_dim/2]`.
 pub struct Rope {
     cos: Tensor,
@@ -91,6 +98,48 @@ impl Rope {
                 super::train_ops::RopeOp,
             )?,
         })
+    }
+
+    /// A projection `x` `[B, T, heads·D]` as heads `[B, heads, T, D]`, rotated at positions
+    /// `pos0..pos0 + T` when `rotate`. Training splits and rotates in one node
+    /// ([`super::train_ops::HeadsOp`]; the same values).
+    pub fn heads_at(
+        &self,
+        x: &Tensor,
+        heads: usize,
+        rotate: bool,
+        mode: Mode,
+        pos0: usize,
+    ) -> Result<Tensor> {
+        let (b, t, hd) = x.dims3()?;
+        match mode {
+            Mode::Eval => {
+                let x = x
+                    .reshape((b, t, heads, hd / heads.max(1)))?
+                    .transpose(1, 2)?
+                    .contiguous()?;
+                match rotate {
+                    true => self.apply_at(&x, mode, pos0),
+                    false => Ok(x),
+                }
+            }
+            Mode::Train => {
+                if pos0 + t > self.max_len() {
+                    return Err(Error::Runtime(format!(
+                        "sequence of {} tokens exceeds the RoPE table ({})",
+                        pos0 + t,
+                        self.max_len()
+                    )));
+                }
+                let cos = self.cos.narrow(0, pos0, t)?.contiguous()?;
+                let sin = self.sin.narrow(0, pos0, t)?.contiguous()?;
+                Ok(x.contiguous()?.apply_op3(
+                    &cos,
+                    &sin,
+                    super::train_ops::HeadsOp { heads, rotate },
+                )?)
+            }
+        }
     }
 }
 

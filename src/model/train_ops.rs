@@ -22,6 +22,10 @@
 //! activations and weights), a backend installed with [`set_grid_products`] may compute the three
 //! products in integers instead (algorithms.md §7.6).
 //!
+//! The block loss, `L = Σ (y − t)²/N` (`t` a constant): `dy = 2·(y − t)·∂L/N` — one node in
+//! place of candle's sub, sqr and mean, whose backward forms the difference's gradient, a
+//! broadcast of the mean's, and three zero-filled accumulators, each of the block output's size.
+//!
 //! Gradients are computed only for inputs that carry them (`track_op`). Derivations: algorithms.md §7.3.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
@@ -290,6 +294,120 @@ impl CustomOp3 for RopeOp {
     }
 }
 
+/// Rotates one head row by its position's angles (`sign = −1` rotates back), as [`RopeOp`] does.
+#[inline(always)]
+fn rotate_row(x: &[f32], y: &mut [f32], cos: &[f32], sin: &[f32], sign: f32) {
+    let half = x.len() / 2;
+    let (x1, x2) = x.split_at(half);
+    let (y1, y2) = y.split_at_mut(half);
+    for i in 0..half {
+        let s = sign * sin[i];
+        y1[i] = x1[i] * cos[i] - x2[i] * s;
+        y2[i] = x2[i] * cos[i] + x1[i] * s;
+    }
+}
+
+/// A projection `x` `[B, T, H·D]` split by head into `[B, H, T, D]`, each head row rotated by
+/// RoPE when `rotate` (tables `cos`, `sin` `[T, D/2]`, constants: no gradient). One node in place
+/// of reshape, transpose, copy and [`RopeOp`] — whose backward formed three full-size gradients
+/// of the projection, one of them through a transposed (strided) add; `dx` is the rows rotated
+/// back and written in `x`'s own layout.
+pub struct HeadsOp {
+    pub heads: usize,
+    pub rotate: bool,
+}
+
+impl HeadsOp {
+    fn dims(&self, x: &[usize], tables: &[usize]) -> Result<(usize, usize, usize)> {
+        let [b, t, hd] = x else {
+            candle_core::bail!("heads: x {x:?} is not [B, T, H·D]");
+        };
+        let d = hd / self.heads.max(1);
+        if self.heads == 0 || d * self.heads != *hd || d % 2 != 0 {
+            candle_core::bail!("heads: {} heads of x {x:?}", self.heads);
+        }
+        if self.rotate && tables != [*t, d / 2] {
+            candle_core::bail!("heads: tables {tables:?} for x {x:?}");
+        }
+        Ok((*b, *t, d))
+    }
+}
+
+impl CustomOp3 for HeadsOp {
+    fn name(&self) -> &'static str {
+        "affq-heads"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sc: &CpuStorage,
+        lc: &Layout,
+        ss: &CpuStorage,
+        ls: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, t, d) = self.dims(lx.dims(), lc.dims())?;
+        let (h, half) = (self.heads, d / 2);
+        let x = f32s(sx, lx, self.name())?;
+        let (cos, sin) = match self.rotate {
+            true => (f32s(sc, lc, self.name())?, f32s(ss, ls, self.name())?),
+            false => (&[][..], &[][..]),
+        };
+        // Task `bh`: head `h` of sequence `b`, all positions.
+        let y = crate::heap::par_filled(x.len(), t * d, |bh, y: &mut [f32]| {
+            let (bi, hi) = (bh / h, bh % h);
+            for (p, y) in y.chunks_exact_mut(d).enumerate() {
+                let x = &x[((bi * t + p) * h + hi) * d..][..d];
+                match self.rotate {
+                    true => rotate_row(x, y, &cos[p * half..], &sin[p * half..], 1.0),
+                    false => y.copy_from_slice(x),
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), Shape::from((b, h, t, d))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if !x.track_op() {
+            return Ok((None, None, None));
+        }
+        let (_, t, d) = self.dims(x.dims(), cos.dims())?;
+        let (h, half) = (self.heads, d / 2);
+        let grad = grad.contiguous()?;
+        let name = self.name();
+        // Task `bp`: position `p` of sequence `b`, all heads (one row of `x`).
+        let fill = |g: &[f32], cos: &[f32], sin: &[f32]| {
+            crate::heap::par_filled(g.len(), h * d, |bp, dx: &mut [f32]| {
+                let (bi, p) = (bp / t, bp % t);
+                for (hi, dx) in dx.chunks_exact_mut(d).enumerate() {
+                    let g = &g[((bi * h + hi) * t + p) * d..][..d];
+                    match self.rotate {
+                        true => rotate_row(g, dx, &cos[p * half..], &sin[p * half..], -1.0),
+                        false => dx.copy_from_slice(g),
+                    }
+                }
+            })
+        };
+        let dx = read(&grad, name, |g| match self.rotate {
+            true => read(cos, name, |c| read(sin, name, |s| Ok(fill(g, c, s)))),
+            false => Ok(fill(g, &[], &[])),
+        })?;
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            None,
+            None,
+        ))
+    }
+}
+
 /// `silu(a)·u`.
 pub struct SwiGluOp;
 
@@ -362,6 +480,86 @@ impl CustomOp2 for SwiGluOp {
             wu.then(|| Tensor::from_vec(du, u.shape(), u.device()))
                 .transpose()?,
         ))
+    }
+}
+
+/// `mean((y − t)²)` over all elements (`t` a constant), with the value and `y`'s gradient
+/// formed by the same f32 operations as candle's `(y − t).sqr().mean_all()` and its backward, so
+/// training takes the same steps bit for bit: the sum by candle's own reduction over the squares,
+/// then `· (1/N)`; the gradient `((y − t)·(g·(1/N)))·2`.
+pub struct MseOp;
+
+impl MseOp {
+    /// `1/N` as candle's `mean_all` applies it (an f64 reciprocal taken to f32).
+    fn inv_n(n: usize) -> f32 {
+        (1.0 / n as f64) as f32
+    }
+}
+
+impl CustomOp2 for MseOp {
+    fn name(&self) -> &'static str {
+        "affq-mse"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sy: &CpuStorage,
+        ly: &Layout,
+        st: &CpuStorage,
+        lt: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if ly.shape() != lt.shape() {
+            candle_core::bail!("mse: shapes {:?} and {:?}", ly.shape(), lt.shape());
+        }
+        let (y, t) = (f32s(sy, ly, self.name())?, f32s(st, lt, self.name())?);
+        const C: usize = 1 << 14;
+        let sq = crate::heap::par_filled(y.len(), C, |i, sq: &mut [f32]| {
+            let (y, t) = (
+                crate::heap::chunk_of(y, i, C),
+                crate::heap::chunk_of(t, i, C),
+            );
+            for ((s, y), t) in sq.iter_mut().zip(y).zip(t) {
+                let d = y - t;
+                *s = d * d;
+            }
+        });
+        let n = sq.len();
+        let sum = Tensor::from_vec(sq, ly.shape(), &candle_core::Device::Cpu)?
+            .sum_all()?
+            .to_scalar::<f32>()?;
+        Ok((
+            CpuStorage::F32(vec![sum * Self::inv_n(n) + 0.0]),
+            Shape::from(()),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        y: &Tensor,
+        t: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if !y.track_op() {
+            return Ok((None, None));
+        }
+        let g = grad.to_scalar::<f32>()? * Self::inv_n(y.elem_count()) + 0.0;
+        let name = self.name();
+        const C: usize = 1 << 14;
+        let dy = read(y, name, |yv| {
+            read(t, name, |tv| {
+                Ok(crate::heap::par_filled(yv.len(), C, |i, dy: &mut [f32]| {
+                    let (y, t) = (
+                        crate::heap::chunk_of(yv, i, C),
+                        crate::heap::chunk_of(tv, i, C),
+                    );
+                    for ((d, y), t) in dy.iter_mut().zip(y).zip(t) {
+                        *d = (y - t) * g * 2.0 + 0.0;
+                    }
+                }))
+            })
+        })?;
+        Ok((Some(Tensor::from_vec(dy, y.shape(), y.device())?), None))
     }
 }
 
@@ -768,6 +966,57 @@ mod tests {
     }
 
     #[test]
+    fn mse_equals_candles_composed_loss_bit_for_bit() {
+        // The training loop's loss (`/ L` as FlatQuant's log-MSE scales it, and plain): value and
+        // gradient identical to candle's graph of `(y − t)²` mean, so the fused node changes no
+        // step; plus finite differences of the composed loss in f64.
+        let dev = Device::Cpu;
+        let y = var(Tensor::randn(0f32, 1.0, (3, 37, 64), &dev).unwrap());
+        let t = Tensor::randn(0f32, 1.0, (3, 37, 64), &dev).unwrap();
+        let bits = |x: &Tensor| -> Vec<u32> {
+            x.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        };
+        for scaled in [false, true] {
+            let run = |loss: Tensor| {
+                let lv = loss.to_scalar::<f32>().unwrap() as f64;
+                let top = if scaled { (&loss / lv).unwrap() } else { loss };
+                let g = top.backward().unwrap();
+                (lv, bits(g.get(&y).unwrap()))
+            };
+            let fused = run(crate::model::mean_squared_error(y.as_tensor(), &t).unwrap());
+            let composed = run((y.as_tensor() - &t)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .mean_all()
+                .unwrap());
+            assert_eq!(fused.0.to_bits(), composed.0.to_bits(), "loss value");
+            assert_eq!(fused.1, composed.1, "gradient (scaled {scaled})");
+        }
+        check(
+            "mse",
+            &[y],
+            &[true],
+            &|a| crate::model::mean_squared_error(&a[0], &t).unwrap(),
+            &|a| {
+                (&a[0] - t.to_dtype(a[0].dtype()).unwrap())
+                    .unwrap()
+                    .sqr()
+                    .unwrap()
+                    .mean_all()
+                    .unwrap()
+            },
+            5e-5,
+        );
+    }
+
+    #[test]
     fn rms_norm_gradients_match_autograd_and_finite_differences() {
         let dev = Device::Cpu;
         let x = var(Tensor::randn(0f32, 1.0, (3, 70, 64), &dev).unwrap());
@@ -825,6 +1074,86 @@ mod tests {
             &|a| candle_nn::rotary_emb::rope_slow(&a[0], &a[1].detach(), &a[2].detach()).unwrap(),
             5e-5,
         );
+    }
+
+    #[test]
+    fn heads_equals_split_then_rope_bit_for_bit() {
+        // The one-node split (and rotation) against the nodes it replaces: reshape, transpose,
+        // copy and RopeOp (rotate) or the copy alone (values): the same values and input
+        // gradient bit for bit, then finite differences of the composed function.
+        let dev = Device::Cpu;
+        let (b, t, h, d) = (2, 37, 3, 16);
+        let ang: Vec<f32> = (0..t * d / 2)
+            .map(|i| (i / (d / 2)) as f32 * 0.3f32.powi((i % (d / 2)) as i32))
+            .collect();
+        let table = |f: fn(f32) -> f32| {
+            Tensor::from_vec(
+                ang.iter().map(|&a| f(a)).collect::<Vec<_>>(),
+                (t, d / 2),
+                &dev,
+            )
+            .unwrap()
+        };
+        let (cos, sin) = (table(f32::cos), table(f32::sin));
+        let x = var(Tensor::randn(0f32, 1.0, (b, t, h * d), &dev).unwrap());
+        let bits = |x: &Tensor| -> Vec<u32> {
+            let v = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            v.iter().map(|v| v.to_bits()).collect()
+        };
+        for rotate in [true, false] {
+            let fused = |a: &[Tensor]| {
+                a[0].apply_op3(&a[1], &a[2], HeadsOp { heads: h, rotate })
+                    .unwrap()
+            };
+            let composed = |a: &[Tensor]| {
+                let s = a[0]
+                    .reshape((b, t, h, d))
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap();
+                match rotate {
+                    true => s.apply_op3(&a[1], &a[2], RopeOp).unwrap(),
+                    false => s,
+                }
+            };
+            let args = [x.as_tensor().clone(), cos.clone(), sin.clone()];
+            let (yf, yc) = (fused(&args), composed(&args));
+            assert_eq!(yf.dims(), [b, h, t, d]);
+            assert_eq!(bits(&yf), bits(&yc), "values (rotate {rotate})");
+            let r = Tensor::randn(0f32, 1.0, yf.dims(), &dev).unwrap();
+            let g = |y: Tensor| {
+                let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                bits(g.get(&x).unwrap())
+            };
+            assert_eq!(g(yf), g(yc), "gradient (rotate {rotate})");
+            check(
+                "heads",
+                &[x.clone(), var(cos.clone()), var(sin.clone())],
+                &[true, false, false],
+                &|a| fused(a),
+                &|a| {
+                    let s = a[0]
+                        .reshape((b, t, h, d))
+                        .unwrap()
+                        .transpose(1, 2)
+                        .unwrap()
+                        .contiguous()
+                        .unwrap();
+                    match rotate {
+                        true => candle_nn::rotary_emb::rope_slow(
+                            &s,
+                            &a[1].detach().to_dtype(s.dtype()).unwrap(),
+                            &a[2].detach().to_dtype(s.dtype()).unwrap(),
+                        )
+                        .unwrap(),
+                        false => s,
+                    }
+                },
+                5e-5,
+            );
+        }
     }
 
     #[test]

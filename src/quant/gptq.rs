@@ -36,6 +36,11 @@ pub struct GptqConfig {
     /// quantized model's input `X̃` is fitted to the full-precision layer on the full-precision
     /// input `X`, with this share `α` of the correction; `None` is plain GPTQ.
     pub v2_alpha: Option<f64>,
+    /// GPTQ v2: `C` from the first this many calibration windows (`None`: all of GPTQ's). The
+    /// full-precision stream costs a block forward per window beyond the method's training
+    /// windows (on those it is the training targets' stream), so `C` from the training windows
+    /// lets the Hessians take more windows for little more than their own passes.
+    pub v2_windows: Option<usize>,
 }
 
 impl Default for GptqConfig {
@@ -46,6 +51,7 @@ impl Default for GptqConfig {
             block: 128,
             grid_search: false,
             v2_alpha: None,
+            v2_windows: None,
         }
     }
 }
@@ -657,6 +663,7 @@ mod tests {
             block: 128,
             grid_search: false,
             v2_alpha: None,
+            v2_windows: None,
         }
     }
 

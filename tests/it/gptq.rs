@@ -369,4 +369,51 @@ fn gptq_v2_through_the_binary() {
         "--gptq-v2-alpha needs --gptq-v2",
     );
     refused(&["--gptq-v2", "--no-gptq-v2"], "cannot be used with");
+    refused(
+        &["--gptq-v2-windows", "4"],
+        "--gptq-v2-windows needs --gptq-v2",
+    );
+    refused(
+        &["--gptq-v2", "--gptq-v2-windows", "0"],
+        "--gptq-v2-windows 0",
+    );
+}
+
+#[test]
+fn gptq_v2_cross_moment_from_the_first_windows() {
+    // `--gptq-v2-windows N`: GPTQ v2's cross moment from the first N of GPTQ's 32 windows (the
+    // Hessians still from all). N = 32 is the default's weights; N = 4, the training windows,
+    // needs no full-precision stream of its own; N = 6 carries one for 2 windows, whose last
+    // batch is shorter than the quantized batch beside it. Each scores and names N.
+    let tmp = tempfile::tempdir().unwrap();
+    let bytes = |d: &std::path::Path| std::fs::read(d.join("model.safetensors")).unwrap();
+    let run = |n: Option<&'static str>| {
+        let out = tmp.path().join(n.unwrap_or("all"));
+        let mut args = FLATQUANT_W4A4.to_vec();
+        if let Some(n) = n {
+            args.extend(["--gptq-v2-windows", n]);
+        }
+        let v = quantize(&out, &args);
+        (out, v["transforms"].to_string())
+    };
+    let (all, _) = run(None);
+    let (same, summary) = run(Some("32"));
+    assert!(
+        summary.contains("cross moment from 32 windows"),
+        "{summary}"
+    );
+    assert_eq!(bytes(&all), bytes(&same), "32 of 32 windows is the default");
+    for n in ["4", "6"] {
+        let (d, summary) = run(Some(n));
+        assert!(
+            summary.contains(&format!("cross moment from {n} windows")),
+            "{summary}"
+        );
+        assert_ne!(
+            bytes(&d),
+            bytes(&all),
+            "{n} windows: the same weights as 32"
+        );
+        assert!(eval_ppl(&d).is_finite(), "{n} windows");
+    }
 }

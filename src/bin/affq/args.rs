@@ -306,6 +306,10 @@ pub(crate) struct QuantizeArgs {
     /// GPTQ v2: the share of the asymmetric correction applied, in (0, 1] [default: 0.25].
     #[arg(long)]
     pub(crate) gptq_v2_alpha: Option<f64>,
+    /// GPTQ v2: the cross moment from the first N calibration windows [default: all of GPTQ's];
+    /// windows beyond the training ones each cost a full-precision block forward.
+    #[arg(long, value_name = "N")]
+    pub(crate) gptq_v2_windows: Option<usize>,
     /// Trained methods: deploy every trained block, even one that lost to its untrained start on
     /// the calibration windows (by default the start is deployed instead).
     #[arg(long)]
@@ -622,6 +626,7 @@ impl QuantizeArgs {
                     self.gptq_v2.then_some(true)
                 },
                 gptq_v2_alpha: self.gptq_v2_alpha,
+                gptq_v2_windows: self.gptq_v2_windows,
                 keep_trained: self.keep_trained.then_some(true),
                 quantized_inputs: self.quantized_inputs.then_some(true),
                 key_smoothing: self.no_key_smoothing.then_some(false),
