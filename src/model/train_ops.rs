@@ -323,7 +323,7 @@ impl HeadsOp {
             candle_core::bail!("heads: x {x:?} is not [B, T, H·D]");
         };
         let d = hd / self.heads.max(1);
-        if self.heads == 0 || d * self.heads != *hd || d % 2 != 0 {
+        if self.heads == 0 || d * self.heads != *hd || !d.is_multiple_of(2) {
             candle_core::bail!("heads: {} heads of x {x:?}", self.heads);
         }
         if self.rotate && tables != [*t, d / 2] {
