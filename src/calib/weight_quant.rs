@@ -59,10 +59,9 @@ impl BlockHook for HessianHook<'_> {
             self.h.add(&xq)?;
             // The cross moment covers the windows with full-precision inputs, the first ones
             // (`--gptq-v2-windows`); the last such batch may hold fewer windows than `xq`'s.
-            if let Some(xf) = self.cross.as_mut().and_then(|(_, fp)| fp.next()) {
-                let xq = xq.narrow(0, 0, xf.dim(0)?)?;
-                if let Some((c, _)) = &mut self.cross {
-                    c.add(xf, &xq)?;
+            if let Some((c, fp)) = &mut self.cross {
+                if let Some(xf) = fp.next() {
+                    c.add(xf, &xq.narrow(0, 0, xf.dim(0)?)?)?;
                 }
             }
         }

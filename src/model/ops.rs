@@ -78,9 +78,8 @@ impl Rope {
         self.apply_at(x, mode, 0)
     }
 
-    /// Rotates `x` `[B, H, T, D]` at positions `pos0..pos0 + T` (tokens after a KV cache).
-    pub fn apply_at(&self, x: &Tensor, mode: Mode, pos0: usize) -> Result<Tensor> {
-        let t = x.dim(2)?;
+    /// The `cos`, `sin` rows of positions `pos0..pos0 + t`.
+    fn tables(&self, pos0: usize, t: usize) -> Result<(Tensor, Tensor)> {
         if pos0 + t > self.max_len() {
             return Err(Error::Runtime(format!(
                 "sequence of {} tokens exceeds the RoPE table ({})",
@@ -88,8 +87,12 @@ impl Rope {
                 self.max_len()
             )));
         }
-        let cos = self.cos.narrow(0, pos0, t)?;
-        let sin = self.sin.narrow(0, pos0, t)?;
+        Ok((self.cos.narrow(0, pos0, t)?, self.sin.narrow(0, pos0, t)?))
+    }
+
+    /// Rotates `x` `[B, H, T, D]` at positions `pos0..pos0 + T` (tokens after a KV cache).
+    pub fn apply_at(&self, x: &Tensor, mode: Mode, pos0: usize) -> Result<Tensor> {
+        let (cos, sin) = self.tables(pos0, x.dim(2)?)?;
         Ok(match mode {
             Mode::Eval => candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?,
             Mode::Train => x.contiguous()?.apply_op3(
@@ -124,18 +127,10 @@ impl Rope {
                 }
             }
             Mode::Train => {
-                if pos0 + t > self.max_len() {
-                    return Err(Error::Runtime(format!(
-                        "sequence of {} tokens exceeds the RoPE table ({})",
-                        pos0 + t,
-                        self.max_len()
-                    )));
-                }
-                let cos = self.cos.narrow(0, pos0, t)?.contiguous()?;
-                let sin = self.sin.narrow(0, pos0, t)?.contiguous()?;
+                let (cos, sin) = self.tables(pos0, t)?;
                 Ok(x.contiguous()?.apply_op3(
-                    &cos,
-                    &sin,
+                    &cos.contiguous()?,
+                    &sin.contiguous()?,
                     super::train_ops::HeadsOp { heads, rotate },
                 )?)
             }

@@ -116,6 +116,20 @@ fn read<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<
     }
 }
 
+/// `f(a_i, b_i)` for two equal-length slices, in parallel chunks written in place.
+fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+    const C: usize = 1 << 14;
+    crate::heap::par_filled(a.len(), C, |i, y: &mut [f32]| {
+        let (a, b) = (
+            crate::heap::chunk_of(a, i, C),
+            crate::heap::chunk_of(b, i, C),
+        );
+        for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
+            *y = f(a, b);
+        }
+    })
+}
+
 fn inv_rms(x: &[f32], eps: f32) -> f32 {
     let ss: f32 = x.iter().map(|v| v * v).sum();
     1.0 / (ss / x.len() as f32 + eps).sqrt()
@@ -431,16 +445,7 @@ impl CustomOp2 for SwiGluOp {
             candle_core::bail!("swiglu: shapes {:?} and {:?}", la.shape(), lu.shape());
         }
         let (a, u) = (f32s(sa, la, self.name())?, f32s(su, lu, self.name())?);
-        const C: usize = 1 << 14;
-        let y = crate::heap::par_filled(a.len(), C, |i, y: &mut [f32]| {
-            let (a, u) = (
-                crate::heap::chunk_of(a, i, C),
-                crate::heap::chunk_of(u, i, C),
-            );
-            for ((y, a), u) in y.iter_mut().zip(a).zip(u) {
-                *y = a * sigmoid(*a) * u;
-            }
-        });
+        let y = zip_map(a, u, |a, u| a * sigmoid(a) * u);
         Ok((CpuStorage::F32(y), la.shape().clone()))
     }
 
@@ -512,16 +517,9 @@ impl CustomOp2 for MseOp {
             candle_core::bail!("mse: shapes {:?} and {:?}", ly.shape(), lt.shape());
         }
         let (y, t) = (f32s(sy, ly, self.name())?, f32s(st, lt, self.name())?);
-        const C: usize = 1 << 14;
-        let sq = crate::heap::par_filled(y.len(), C, |i, sq: &mut [f32]| {
-            let (y, t) = (
-                crate::heap::chunk_of(y, i, C),
-                crate::heap::chunk_of(t, i, C),
-            );
-            for ((s, y), t) in sq.iter_mut().zip(y).zip(t) {
-                let d = y - t;
-                *s = d * d;
-            }
+        let sq = zip_map(y, t, |y, t| {
+            let d = y - t;
+            d * d
         });
         let n = sq.len();
         let sum = Tensor::from_vec(sq, ly.shape(), &candle_core::Device::Cpu)?
@@ -545,18 +543,9 @@ impl CustomOp2 for MseOp {
         }
         let g = grad.to_scalar::<f32>()? * Self::inv_n(y.elem_count()) + 0.0;
         let name = self.name();
-        const C: usize = 1 << 14;
         let dy = read(y, name, |yv| {
             read(t, name, |tv| {
-                Ok(crate::heap::par_filled(yv.len(), C, |i, dy: &mut [f32]| {
-                    let (y, t) = (
-                        crate::heap::chunk_of(yv, i, C),
-                        crate::heap::chunk_of(tv, i, C),
-                    );
-                    for ((d, y), t) in dy.iter_mut().zip(y).zip(t) {
-                        *d = (y - t) * g * 2.0 + 0.0;
-                    }
-                }))
+                Ok(zip_map(yv, tv, |y, t| (y - t) * g * 2.0 + 0.0))
             })
         })?;
         Ok((Some(Tensor::from_vec(dy, y.shape(), y.device())?), None))
