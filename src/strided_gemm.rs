@@ -45,8 +45,72 @@ fn extent(rows: usize, cols: usize, cs: usize, rs: usize) -> usize {
 /// stride `ld`. Panics when a slice is shorter than its operand's extent.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm<T: Scalar>(
-    (m, n, k): (usize, usize, usize),
+    dims: (usize, usize, usize),
     dst: &mut [T],
+    ld: usize,
+    acc: bool,
+    lhs: Operand<T>,
+    rhs: Operand<T>,
+    beta: T,
+    parallelism: Parallelism,
+) {
+    // SAFETY: `dst` is a unique borrow of `dst.len()` initialised elements, so it aliases
+    // neither operand.
+    unsafe {
+        gemm_into(
+            dims,
+            (dst.as_mut_ptr(), dst.len()),
+            ld,
+            acc,
+            lhs,
+            rhs,
+            beta,
+            parallelism,
+        )
+    }
+}
+
+/// `beta·lhs[m × k]·rhs[k × n]` as a new row-major `[m × n]` vector. The destination is not
+/// cleared first: without `acc` the `gemm` crate never reads it (`read_dst = false` sets its
+/// `alpha` to zero, and every kernel then stores without loading, `k = 0` included), and it
+/// writes each of the `m·n` elements.
+pub fn product<T: Scalar>(
+    (m, n, k): (usize, usize, usize),
+    lhs: Operand<T>,
+    rhs: Operand<T>,
+    beta: T,
+    parallelism: Parallelism,
+) -> Vec<T> {
+    let len = m * n;
+    let mut dst: Vec<T> = Vec::with_capacity(len);
+    // SAFETY: the allocation holds `len` elements and is this function's alone; with
+    // `acc = false` the product only stores into it (above), every element once, so all `len`
+    // are initialised when the length is set.
+    unsafe {
+        gemm_into(
+            (m, n, k),
+            (dst.as_mut_ptr(), len),
+            n,
+            false,
+            lhs,
+            rhs,
+            beta,
+            parallelism,
+        );
+        dst.set_len(len);
+    }
+    dst
+}
+
+/// [`gemm`] into `dst`, `(pointer, elements)`. Panics when an operand is shorter than its extent.
+///
+/// # Safety
+/// `dst` must be valid for writes of its `elements` (and for reads with `acc`), and must not
+/// overlap either operand.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_into<T: Scalar>(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_len): (*mut T, usize),
     ld: usize,
     acc: bool,
     (lhs, lcs, lrs): Operand<T>,
@@ -58,7 +122,7 @@ pub fn gemm<T: Scalar>(
         return;
     }
     assert!(
-        dst.len() >= extent(m, n, 1, ld),
+        dst_len >= extent(m, n, 1, ld),
         "gemm: destination too short"
     );
     assert!(
@@ -69,14 +133,14 @@ pub fn gemm<T: Scalar>(
         rhs.len() >= extent(k, n, rcs, rrs),
         "gemm: right operand too short"
     );
-    // SAFETY: every element addressed lies inside its slice (asserted above); `dst` is a unique
-    // borrow, so it aliases neither operand.
+    // SAFETY: every element addressed lies inside its buffer (asserted above); the caller
+    // guarantees `dst` is writable and apart from the operands.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             ld as isize,
             acc,

@@ -564,13 +564,9 @@ fn products_forward(
     if let Some(g) = grid_products().and_then(|p| p.prepare(x, w, m, k, out)) {
         return (g.forward(), Some(g));
     }
-    let mut y = crate::heap::zeroed::<f32>(m * out);
     // y = x·Wᵀ: Wᵀ's element (i, j) is W[j·k + i].
-    crate::strided_gemm::gemm(
+    let y = crate::strided_gemm::product(
         (m, out, k),
-        &mut y,
-        out,
-        false,
         (x, 1, k),
         (w, k, 1),
         1.0,
@@ -591,18 +587,13 @@ fn products_input_grad(
     if let Some(dx) = grid.and_then(|p| p.input_grad(g)) {
         return dx;
     }
-    let mut dx = crate::heap::zeroed::<f32>(m * k);
-    crate::strided_gemm::gemm(
+    crate::strided_gemm::product(
         (m, k, out),
-        &mut dx,
-        k,
-        false,
         (g, 1, out),
         (w, 1, k),
         1.0,
         crate::strided_gemm::candle_parallelism(),
-    );
-    dx
+    )
 }
 
 /// `dW = gᵀ·x` `[out, k]`: `gᵀ`'s element (o, t) is `g[t·out + o]`.
@@ -617,18 +608,13 @@ fn products_weight_grad(
     if let Some(dw) = grid.and_then(|p| p.weight_grad(g)) {
         return dw;
     }
-    let mut dw = crate::heap::zeroed::<f32>(out * k);
-    crate::strided_gemm::gemm(
+    crate::strided_gemm::product(
         (out, k, m),
-        &mut dw,
-        k,
-        false,
         (g, out, 1),
         (x, 1, k),
         1.0,
         crate::strided_gemm::candle_parallelism(),
-    );
-    dw
+    )
 }
 
 /// The shape of `y = x·Wᵀ` and `(m, k, out)`, or an error naming the mismatch.
