@@ -211,7 +211,7 @@ thread_local! {
 /// widened weight — the same GEMM, strides and thread count — so the bits are the same. `None`
 /// for other operands.
 fn widened_matmul(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
-    use crate::strided_gemm::gemm;
+    use crate::strided_gemm::product;
     use candle_core::{CpuStorage, DType, Storage};
     if !matches!(w.dtype(), DType::F16 | DType::BF16) || x.dtype() != DType::F32 {
         return Ok(None);
@@ -233,19 +233,14 @@ fn widened_matmul(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
         if !super::ops::widen_into(w, &mut wide)? {
             return Ok(None);
         }
-        let mut y = vec![0f32; m * n];
         // y = x·Wᵀ: Wᵀ's element (i, j) is W[j·k + i] (column stride k, row stride 1).
-        gemm(
+        Ok(Some(product(
             (m, n, k),
-            &mut y,
-            n,
-            false,
             (xs, 1, k),
             (&wide, k, 1),
             1.0,
             par,
-        );
-        Ok(Some(y))
+        )))
     })?;
     drop(storage);
     Ok(match y {

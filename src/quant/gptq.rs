@@ -12,7 +12,7 @@
 use super::quantizer::{QuantSpec, UnitParams};
 use super::weight::{check_finite, unit_len, unit_params, Granularity, QuantizedWeight};
 use crate::error::{Error, Result};
-use crate::strided_gemm::{gemm, Parallelism};
+use crate::strided_gemm::{gemm, product, Parallelism};
 use crate::transforms::linalg::upper_cholesky_of_inverse_shifted;
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
@@ -73,13 +73,9 @@ fn add_products(sum: &mut [f64], n: usize, a: &[f32], b: &[f32], lower: bool) ->
     for (s, sum) in sum.chunks_mut(ROWS * n).enumerate() {
         let (r0, mr) = (s * ROWS, sum.len() / n);
         let w = if lower { r0 + mr } else { n };
-        let mut strip = vec![0f32; mr * w];
         // Rows r0..r0+mr of aᵀ (a's columns, read through strides) times b's columns 0..w.
-        gemm(
+        let strip = product(
             (mr, w, t),
-            &mut strip,
-            w,
-            false,
             (&a[r0..], n, 1),
             (b, 1, n),
             1.0,
@@ -265,12 +261,8 @@ impl GptqFactor {
         let n = self.inp;
         let w64: Vec<f64> = w.iter().map(|&v| v as f64).collect();
         // R = w·C, its columns in the factor's order.
-        let mut r = vec![0f64; out * n];
-        gemm(
+        let mut r = product(
             (out, n, n),
-            &mut r,
-            n,
-            false,
             (&w64, 1, n),
             (c, 1, n),
             1.0,
@@ -280,12 +272,8 @@ impl GptqFactor {
             .map(|k| r[(k / n) * n + self.perm[k % n]])
             .collect();
         // S = R·Uᵀ·U.
-        let mut t = vec![0f64; out * n];
-        gemm(
+        let t = product(
             (out, n, n),
-            &mut t,
-            n,
-            false,
             (&rp, 1, n),
             (&self.u, n, 1),
             1.0,

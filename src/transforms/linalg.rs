@@ -2,7 +2,7 @@
 //! Matrices are row-major `Vec<f64>` of size `n × n`.
 
 use crate::rng::Rng;
-use crate::strided_gemm::{gemm, Parallelism};
+use crate::strided_gemm::{gemm, product, Parallelism};
 
 /// A Haar-random orthogonal matrix: QR (Householder) of a Gaussian matrix with the signs of
 /// `diag(R)` folded into Q's columns.
@@ -310,12 +310,8 @@ pub fn lu_inverse(a: &[f64], n: usize) -> Option<(Vec<f64>, f64)> {
                 l11[i * b + i] = 1.0;
             }
             let l11inv = lower_triangular_inverse(&l11, b);
-            let mut u12 = vec![0.0; b * m];
-            gemm(
+            let u12 = product(
                 (b, m, b),
-                &mut u12,
-                m,
-                false,
                 (&l11inv, 1, b),
                 (&a[k0 * n + k1..], 1, n),
                 1.0,
@@ -361,18 +357,8 @@ pub fn lu_inverse(a: &[f64], n: usize) -> Option<(Vec<f64>, f64)> {
     let linv = lower_triangular_inverse(&l, n);
     let utinv = lower_triangular_inverse(&ut, n);
     // X = U⁻¹·L⁻¹ = (Uᵀ⁻¹)ᵀ·L⁻¹, then A⁻¹ = X·P: column i of X is column perm[i] of A⁻¹.
-    let mut x = vec![0.0; n * n];
     let par = Parallelism::Rayon(rayon::current_num_threads());
-    gemm(
-        (n, n, n),
-        &mut x,
-        n,
-        false,
-        (&utinv, n, 1),
-        (&linv, 1, n),
-        1.0,
-        par,
-    );
+    let x = product((n, n, n), (&utinv, n, 1), (&linv, 1, n), 1.0, par);
     let mut inv = vec![0.0; n * n];
     for (dst, src) in inv.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
         for (i, &v) in src.iter().enumerate() {
