@@ -380,6 +380,37 @@ fn gptq_v2_through_the_binary() {
 }
 
 #[test]
+fn act_order_flags_override_the_scheme_recipe() {
+    // FlatQuant's W4A4 recipe sets act order: `--no-act-order` turns it off (the checkpoint
+    // says so and holds the weights of the recipe with it off), `--act-order` with it refused.
+    let tmp = tempfile::tempdir().unwrap();
+    let order = |d: &std::path::Path| {
+        let cfg = read_json(&d.join("config.json"));
+        let s = cfg["quantization_config"]["transforms"].to_string();
+        match (s.contains("act order true"), s.contains("act order false")) {
+            (true, false) => true,
+            (false, true) => false,
+            _ => panic!("no act order in {s}"),
+        }
+    };
+    let with = |flag: &'static str| -> Vec<&str> {
+        FLATQUANT_W4A4.iter().copied().chain([flag]).collect()
+    };
+    let preset = tmp.path().join("preset");
+    quantize(&preset, &FLATQUANT_W4A4);
+    assert!(order(&preset), "the W4A4 recipe sets act order");
+    let off = tmp.path().join("off");
+    quantize(&off, &with("--no-act-order"));
+    assert!(!order(&off));
+    assert!(eval_ppl(&off).is_finite());
+    quantize_stories_refused(
+        &tmp.path().join("both"),
+        &[&with("--no-act-order")[..], &["--act-order"]].concat(),
+        "--act-order",
+    );
+}
+
+#[test]
 fn gptq_v2_cross_moment_from_the_first_windows() {
     // `--gptq-v2-windows N`: GPTQ v2's cross moment from the first N of GPTQ's 32 windows (the
     // Hessians still from all). N = 32 is the default's weights; N = 4, the training windows,

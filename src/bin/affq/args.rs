@@ -256,8 +256,12 @@ pub(crate) struct QuantizeArgs {
     #[arg(long)]
     pub(crate) gptq_damp: Option<f64>,
     /// GPTQ: quantize columns by decreasing Hessian diagonal (groups then use static grids).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "no_act_order")]
     pub(crate) act_order: bool,
+    /// GPTQ in column order where the scheme's recipe (FlatQuant's W4A16 and W4A4 presets) sets
+    /// act order.
+    #[arg(long)]
+    pub(crate) no_act_order: bool,
     /// GPTQ: choose each group's grid on the error-updated weights by a search of the scale
     /// weighted by the Hessian diagonal (llama.cpp's importance-matrix rule inside GPTQ).
     #[arg(long)]
@@ -606,7 +610,11 @@ impl QuantizeArgs {
                     .to_string()
                 }),
                 gptq_damp: self.gptq_damp,
-                act_order: self.act_order.then_some(true),
+                act_order: if self.no_act_order {
+                    Some(false)
+                } else {
+                    self.act_order.then_some(true)
+                },
                 gptq_nsamples: self.gptq_nsamples,
                 asym: if self.sym {
                     Some(false)
