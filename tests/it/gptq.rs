@@ -382,7 +382,7 @@ fn gptq_v2_through_the_binary() {
 #[test]
 fn act_order_flags_override_the_scheme_recipe() {
     // FlatQuant's W4A4 recipe sets act order: `--no-act-order` turns it off (the checkpoint
-    // says so and holds the weights of the recipe with it off), `--act-order` with it refused.
+    // says so and still scores), `--act-order` with it refused.
     let tmp = tempfile::tempdir().unwrap();
     let order = |d: &std::path::Path| {
         let cfg = read_json(&d.join("config.json"));

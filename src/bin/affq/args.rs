@@ -610,17 +610,9 @@ impl QuantizeArgs {
                     .to_string()
                 }),
                 gptq_damp: self.gptq_damp,
-                act_order: if self.no_act_order {
-                    Some(false)
-                } else {
-                    self.act_order.then_some(true)
-                },
+                act_order: switch(self.act_order, self.no_act_order),
                 gptq_nsamples: self.gptq_nsamples,
-                asym: if self.sym {
-                    Some(false)
-                } else {
-                    self.asym.then_some(true)
-                },
+                asym: switch(self.asym, self.sym),
                 group_size: self.group_size,
                 stability_factor: self.stability_factor,
                 ln_matrix: self.ln_matrix.then_some(true),
@@ -628,11 +620,7 @@ impl QuantizeArgs {
                 merged_only: self.merged_only.then_some(true),
                 gptq_grid_search: self.gptq_grid_search.then_some(true),
                 gptq_fp_inputs: self.gptq_fp_inputs.then_some(true),
-                gptq_v2: if self.no_gptq_v2 {
-                    Some(false)
-                } else {
-                    self.gptq_v2.then_some(true)
-                },
+                gptq_v2: switch(self.gptq_v2, self.no_gptq_v2),
                 gptq_v2_alpha: self.gptq_v2_alpha,
                 gptq_v2_windows: self.gptq_v2_windows,
                 keep_trained: self.keep_trained.then_some(true),
@@ -692,5 +680,15 @@ impl EvalArgs {
             device: self.backend.device(),
             kld_base: self.kld_base.clone(),
         }
+    }
+}
+
+/// A recipe key set by a flag and its negation (clap refuses both at once): `Some(true)`,
+/// `Some(false)`, or `None` to leave the recipe's value.
+fn switch(on: bool, off: bool) -> Option<bool> {
+    match (on, off) {
+        (_, true) => Some(false),
+        (true, false) => Some(true),
+        (false, false) => None,
     }
 }
