@@ -47,6 +47,10 @@ pub struct QuantizeRequest {
     pub merge: bool,
     /// A block lock without a heartbeat for this long is stale (seconds).
     pub lock_timeout: u64,
+    /// No block's weight quantizer beside the next block's training ([`EngineConfig::overlap`]).
+    ///
+    /// [`EngineConfig::overlap`]: crate::calib::EngineConfig::overlap
+    pub sequential_blocks: bool,
 }
 
 /// `--shard I/N` or `--shard-from-env [--shards N]`, as given.

@@ -262,6 +262,7 @@ fn engine_config(p: &QuantizePlan) -> EngineConfig {
         keep_trained: p.recipe.keep_trained == Some(true),
         quantized_inputs: p.recipe.quantized_inputs == Some(true),
         condition_keys: p.conditions_keys(),
+        overlap: !p.request.sequential_blocks,
     }
 }
 

@@ -33,6 +33,8 @@ pub struct BlockReport {
     #[serde(default)]
     pub kept_untrained: bool,
     pub epochs: Vec<EpochLog>,
+    /// From the block's full-precision forward to its deployment; blocks whose weight quantizer
+    /// ran beside the next block's training overlap in time ([`calibrate_model`]).
     pub seconds: f64,
     /// Anything the method had to do about numerical trouble.
     pub notes: Vec<String>,
@@ -123,6 +125,10 @@ pub struct EngineConfig {
     /// Smooth and centre every block's keys before its method (a quantized KV cache;
     /// [`key_smooth`]).
     pub condition_keys: bool,
+    /// A block's weight quantizer runs beside the next block's forward and training (where
+    /// those do not read its output, [`calibrate_model`]): the same blocks in less time, with
+    /// two blocks' working memory alive at once.
+    pub overlap: bool,
 }
 
 /// A block of an untrained method: the plan's activation and KV quantizers on it as it is.
@@ -207,6 +213,13 @@ pub fn mse(a: &Tensor, b: &Tensor) -> Result<f64> {
 /// preceding blocks (as GPTQ and QuaRot do), so those are carried along only when GPTQ runs,
 /// unless `engine.gptq_fp_inputs`. A block's result is thus a function of the settings and the
 /// full-precision blocks before it, which is what lets a shard start at any block.
+///
+/// The same dependence lets two blocks be worked on at once: block `i`'s weight quantizer (GPTQ's
+/// passes and solves, near half of a block's time at the CPU presets) runs on a second thread
+/// while block `i + 1` is run forward and trained, which reads only the full-precision stream.
+/// Training on the quantized model's inputs reads block `i`'s deployed outputs, so there the two
+/// run in turn. Either way each block is computed exactly as alone; a block's `seconds` run from
+/// its forward to its deployment, so with the overlap they add up to more than the run's time.
 #[allow(clippy::too_many_arguments)]
 pub fn calibrate_model(
     ends: &mut Model,
@@ -269,59 +282,42 @@ pub fn calibrate_model(
         true => Some(all.narrow(0, 0, fp_windows)?),
         false => None,
     };
-    let mut xq = (gptq || engine.quantized_inputs).then_some(all);
-    let mut out = CalibOutcome::default();
+    let mut run = Run {
+        engine,
+        rope,
+        store,
+        shard,
+        total: range.len(),
+        xq: (gptq || engine.quantized_inputs).then_some(all),
+        out: CalibOutcome::default(),
+    };
+    let on_epoch: &mut dyn FnMut(usize, &EpochLog) = &mut on_epoch;
+    let progress: &mut dyn FnMut(usize, usize, &BlockReport) = &mut progress;
+    // One worker thread asked for (`--threads 1`) means one block at a time.
+    let overlap = engine.overlap && rayon::current_num_threads() > 1;
+    // The weight quantizer beside a training runs on one thread of its own, so that the two
+    // never queue behind each other's small parallel steps in one pool (SmolLM2's W4A4 preset:
+    // 0.79 × the one-block-at-a-time time, 0.82 × with both in the global pool; README).
+    let side = match overlap {
+        true => Some(
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
+                .map_err(|e| Error::Runtime(format!("weight quantizer thread: {e}")))?,
+        ),
+        false => None,
+    };
+    // The block trained last, its weights not yet on the grid, and its shard claim.
+    let mut pending: Option<(Trained, Option<Box<dyn std::any::Any>>)> = None;
     let t_start = Instant::now();
     for i in 0..range.end {
         if i == range.start {
-            out.prefix_seconds = t_start.elapsed().as_secs_f64();
+            run.out.prefix_seconds = t_start.elapsed().as_secs_f64();
         }
         let t0 = Instant::now();
-        let mut fp = blocks.take(i)?;
-        method.prepare_block(&mut fp)?;
-        if engine.condition_keys {
-            key_smooth::condition_keys(&mut fp, rope, &x)?;
-        }
-        let mut stats = SiteStats::default();
-        let y = run_block(&fp, rope, &x, 4, &mut stats)?;
-        let ymax = y.flatten_all()?.max(0)?.to_dtype(DType::F32)?;
-        if !ymax.to_scalar::<f32>()?.is_finite() {
-            return Err(Error::Runtime(format!(
-                "block {i}: full-precision outputs are not finite"
-            )));
-        }
-        // The next block's GPTQ inputs: through the full-precision block with
-        // `gptq_fp_inputs`, else through the block deployed here (none: a shard never carries
-        // quantized inputs past a block it did not deploy).
-        let advance = |xq: &mut Option<Tensor>, deployed: Option<&Block>| -> Result<()> {
-            let through = if engine.gptq_fp_inputs {
-                Some(&fp)
-            } else {
-                deployed
-            };
-            if let (Some(xq), Some(b)) = (xq.as_mut(), through) {
-                *xq = run_block(b, rope, xq, 4, &mut NoHook)?;
-            }
-            Ok(())
-        };
-        // The next block's full-precision GPTQ v2 inputs: on the training windows they are `y`
-        // (the same block on the same windows), so only the windows beyond them run here.
-        let advance_fp = |xf: &mut Option<Tensor>, y: &Tensor| -> Result<()> {
-            if let Some(f) = xf.as_mut() {
-                let w = y.dim(0)?;
-                let rest = run_block(&fp, rope, &f.narrow(0, w, f.dim(0)? - w)?, 4, &mut NoHook)?;
-                *f = Tensor::cat(&[y, &rest], 0)?;
-            }
-            Ok(())
-        };
-        if i < range.start {
-            advance(&mut xq, None)?;
-            advance_fp(&mut xf, &y)?;
-            x = y;
-            continue;
-        }
-        let mut _claim = None;
-        if shard {
+        let role = if i < range.start {
+            Role::Forward
+        } else if shard {
             let store = store.expect("checked above");
             let claim = if store.contains(i) {
                 BlockClaim::Done
@@ -329,192 +325,384 @@ pub fn calibrate_model(
                 store.claim(i)?
             };
             match claim {
-                BlockClaim::Done => out.already_done.push(i),
-                BlockClaim::Busy(who) => out.busy.push((i, who)),
-                BlockClaim::Granted(guard) => _claim = Some(guard),
+                BlockClaim::Done => Role::Done,
+                BlockClaim::Busy(who) => Role::Busy(who),
+                BlockClaim::Granted(guard) => Role::Calibrate(Some(guard)),
             }
-            if _claim.is_none() {
-                advance(&mut xq, None)?;
-                advance_fp(&mut xf, &y)?;
-                x = y;
-                continue;
+        } else if let Some(loaded) = store.map(|s| s.load(i)).transpose()?.flatten() {
+            Role::Loaded(Box::new(loaded))
+        } else {
+            Role::Calibrate(None)
+        };
+        let calibrate = matches!(role, Role::Calibrate(_));
+        // Block i's forward and training overlap block i − 1's weight quantizer unless they read
+        // the quantized stream that it advances (or block i only advances that stream), or the
+        // engine is asked for one block at a time.
+        if !calibrate || engine.quantized_inputs || !overlap {
+            if let Some((mut p, claim)) = pending.take() {
+                let scored = p.weigh(engine, rope, run.xq.as_ref());
+                run.settle(p, claim, scored, method, blocks, on_epoch, progress)?;
             }
-        } else if let Some((block, report)) = store.map(|s| s.load(i)).transpose()?.flatten() {
-            advance(&mut xq, Some(&block))?;
-            advance_fp(&mut xf, &y)?;
-            blocks.put(block)?;
-            progress(out.reports.len() + 1, range.len(), &report);
-            out.reports.push(report);
-            x = y;
-            continue;
         }
-        let wx = xq.as_ref().unwrap_or(&x);
-        let xt = match (&xq, engine.quantized_inputs) {
-            (Some(xq), true) => xq.narrow(0, 0, windows)?,
-            _ => x.clone(),
-        };
-        let fx = match (v2, &xf) {
-            (false, _) => None,
-            (true, Some(f)) => Some(f.clone()),
-            (true, None) => Some(x.narrow(0, 0, fp_windows.min(windows))?),
-        };
-        let (block, mut report, deployed_out) = calibrate_block(
-            i,
-            &fp,
-            rope,
-            &xt,
-            &y,
-            (wx, fx.as_ref()),
-            &stats,
-            method,
-            engine,
-            &mut on_epoch,
-        )?;
-        // The next block's inputs through this one are part of its cost (GPTQ on the quantized
-        // model's inputs computed them: `wx` is `xq`).
-        match deployed_out {
-            Some(y) if xq.is_some() && !engine.gptq_fp_inputs => xq = Some(y),
-            _ => advance(&mut xq, Some(&block))?,
+        let (front, weighed) = std::thread::scope(|s| {
+            let weighing = pending.as_mut().zip(side.as_ref()).map(|((p, _), side)| {
+                let xq = run.xq.as_ref();
+                s.spawn(move || side.install(|| p.weigh(engine, rope, xq)))
+            });
+            let front = (|| -> Result<(Block, Tensor, Option<Trained>)> {
+                let mut fp = blocks.take(i)?;
+                method.prepare_block(&mut fp)?;
+                if engine.condition_keys {
+                    key_smooth::condition_keys(&mut fp, rope, &x)?;
+                }
+                let mut stats = SiteStats::default();
+                let y = run_block(&fp, rope, &x, 4, &mut stats)?;
+                let ymax = y.flatten_all()?.max(0)?.to_dtype(DType::F32)?;
+                if !ymax.to_scalar::<f32>()?.is_finite() {
+                    return Err(Error::Runtime(format!(
+                        "block {i}: full-precision outputs are not finite"
+                    )));
+                }
+                let fx = match (v2, &xf) {
+                    (false, _) => None,
+                    (true, Some(f)) => Some(f.clone()),
+                    (true, None) => Some(x.narrow(0, 0, fp_windows.min(windows))?),
+                };
+                // The next block's full-precision GPTQ v2 inputs: on the training windows they
+                // are `y` (the same block on the same windows), so only the windows beyond them
+                // run here.
+                if let Some(f) = xf.as_mut() {
+                    let w = y.dim(0)?;
+                    let rest =
+                        run_block(&fp, rope, &f.narrow(0, w, f.dim(0)? - w)?, 4, &mut NoHook)?;
+                    *f = Tensor::cat(&[&y, &rest], 0)?;
+                }
+                let trained = match calibrate {
+                    false => None,
+                    true => {
+                        let xt = match (&run.xq, engine.quantized_inputs) {
+                            (Some(xq), true) => xq.narrow(0, 0, windows)?,
+                            _ => x.clone(),
+                        };
+                        let data = BlockData {
+                            block: &fp,
+                            rope,
+                            x: &xt,
+                            y: &y,
+                            stats: &stats,
+                        };
+                        let (block, rep, probe, loss_rtn) =
+                            train_block(&data, method, &engine.plan, &mut |e| on_epoch(i, e))?;
+                        Some(Trained {
+                            i,
+                            t0,
+                            fp: fp.clone(),
+                            x: xt,
+                            y: y.clone(),
+                            stats,
+                            fx,
+                            probe,
+                            loss_rtn,
+                            block,
+                            rep,
+                            trained: method.trainer().is_some(),
+                        })
+                    }
+                };
+                Ok((fp, y, trained))
+            })();
+            let weighed =
+                weighing.map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
+            (front, weighed)
+        });
+        if let Some((mut p, claim)) = pending.take() {
+            let scored = match weighed {
+                Some(scored) => scored,
+                None => p.weigh(engine, rope, run.xq.as_ref()),
+            };
+            run.settle(p, claim, scored, method, blocks, on_epoch, progress)?;
         }
-        advance_fp(&mut xf, &y)?;
-        report.seconds = t0.elapsed().as_secs_f64();
-        if let Some(s) = store {
-            s.save(&block, &report)?;
+        let (fp, y, trained) = front?;
+        match role {
+            Role::Calibrate(claim) => pending = trained.map(|t| (t, claim)),
+            Role::Forward => run.advance(&fp, None)?,
+            Role::Done => {
+                run.advance(&fp, None)?;
+                run.out.already_done.push(i);
+            }
+            Role::Busy(who) => {
+                run.advance(&fp, None)?;
+                run.out.busy.push((i, who));
+            }
+            Role::Loaded(loaded) => {
+                let (block, report) = *loaded;
+                run.advance(&fp, Some(&block))?;
+                blocks.put(block)?;
+                progress(run.out.reports.len() + 1, run.total, &report);
+                run.out.reports.push(report);
+            }
         }
-        drop(_claim);
-        if !shard {
-            blocks.put(block)?;
-        }
-        let done = out.reports.len() + out.already_done.len() + 1;
-        progress(done, range.len(), &report);
-        out.reports.push(report);
         x = y;
     }
-    Ok(out)
+    if let Some((mut p, claim)) = pending.take() {
+        let scored = p.weigh(engine, rope, run.xq.as_ref());
+        run.settle(p, claim, scored, method, blocks, on_epoch, progress)?;
+    }
+    Ok(run.out)
 }
 
-/// One block: the method's calibration on `x` → `y`, the weight quantizer on `wx` (GPTQ v2: and
-/// the same windows' full-precision inputs), and the deploy decision against the untrained start.
-/// Also the deployed block's output on `wx` where GPTQ computed it.
-#[allow(clippy::too_many_arguments)]
-fn calibrate_block(
+/// What the engine does with block `i` of the loop.
+enum Role {
+    /// Only runs forward (before a shard's range).
+    Forward,
+    /// A shard block another process finished.
+    Done,
+    /// A shard block another live process calibrates (named).
+    Busy(String),
+    /// Finished by an earlier run of a whole calibration.
+    Loaded(Box<(Block, BlockReport)>),
+    /// Calibrated here (a shard: under its claim).
+    Calibrate(Option<Box<dyn std::any::Any>>),
+}
+
+/// The loop's state past the blocks' full-precision stream.
+struct Run<'a> {
+    engine: &'a EngineConfig,
+    rope: &'a Rope,
+    store: Option<&'a dyn BlockStore>,
+    shard: bool,
+    /// Blocks of the schedule.
+    total: usize,
+    /// The quantized model's stream: the inputs of the next block to deploy.
+    xq: Option<Tensor>,
+    out: CalibOutcome,
+}
+
+/// A block after its method, before its weight quantizer and deploy decision.
+struct Trained {
     i: usize,
-    fp: &Block,
-    rope: &Rope,
-    x: &Tensor,
-    y: &Tensor,
-    (wx, fx): (&Tensor, Option<&Tensor>),
-    stats: &SiteStats,
-    method: &mut dyn Method,
+    /// When the block's forward started.
+    t0: Instant,
+    fp: Block,
+    /// The training inputs and the full-precision outputs, and the input statistics.
+    x: Tensor,
+    y: Tensor,
+    stats: SiteStats,
+    /// GPTQ v2's full-precision inputs.
+    fx: Option<Tensor>,
+    /// The first windows of `x` and `y` in f32 (the deploy check's), and plain RTN's loss there.
+    probe: (Tensor, Tensor),
+    loss_rtn: f64,
+    block: Block,
+    rep: MethodReport,
+    /// The method trains (a block that loses to its start may be replaced).
+    trained: bool,
+}
+
+/// A block's loss on the probe windows after the weight quantizer; with GPTQ also its output on
+/// the quantized stream.
+type Scored = (f64, Option<Tensor>);
+
+/// The engine's weight quantizer on a calibrated block (GPTQ on `wx`, GPTQ v2 also on `fx`), then
+/// its loss on the probe windows `(xp, yp)`.
+fn weigh(
+    block: &mut Block,
+    notes: &mut Vec<String>,
     engine: &EngineConfig,
-    on_epoch: &mut dyn FnMut(usize, &EpochLog),
-) -> Result<(Block, BlockReport, Option<Tensor>)> {
-    // The untrained start on the first windows: plain RTN of the full-precision block.
-    let probe = x.dim(0)?.min(PROBE_WINDOWS);
-    // In f32 even when the store is bf16, so the deploy decision compares unrounded outputs.
-    let (xp, yp) = (
-        x.narrow(0, 0, probe)?.to_dtype(DType::F32)?,
-        y.narrow(0, 0, probe)?.to_dtype(DType::F32)?,
-    );
-    let mut rtn = fp.clone();
-    quantize_block(&mut rtn, &engine.plan)?;
-    let loss_rtn = mse(&run_block(&rtn, rope, &xp, 4, &mut NoHook)?, &yp)?;
-
-    // The engine's weight quantizer on a calibrated block, then its loss on the probe windows;
-    // with GPTQ also the block's output on `wx`.
-    type Scored = (f64, Option<Tensor>);
-    let round_and_score = |block: &mut Block, notes: &mut Vec<String>| -> Result<Scored> {
-        let out = weight_quant::quantize_block_weights(
-            block,
-            &engine.plan,
-            &engine.weight_quantizer,
-            rope,
-            wx,
-            fx,
-            notes,
-            weight_quant::STAGED_MAX_BYTES,
-        )?;
-        Ok((
-            mse(&run_block(block, rope, &xp, 4, &mut NoHook)?, &yp)?,
-            out,
-        ))
-    };
-
-    let trained = method.trainer().is_some();
-    let data = BlockData {
-        block: fp,
+    rope: &Rope,
+    (wx, fx): (&Tensor, Option<&Tensor>),
+    (xp, yp): (&Tensor, &Tensor),
+) -> Result<Scored> {
+    let out = weight_quant::quantize_block_weights(
+        block,
+        &engine.plan,
+        &engine.weight_quantizer,
         rope,
-        x,
-        y,
-        stats,
-    };
-    let (mut block, mut rep) = match method.trainer() {
-        Some(t) => t.calibrate(&data, &mut |e| on_epoch(i, e))?,
-        None => untrained(fp, &engine.plan)?,
+        wx,
+        fx,
+        notes,
+        weight_quant::STAGED_MAX_BYTES,
+    )?;
+    Ok((mse(&run_block(block, rope, xp, 4, &mut NoHook)?, yp)?, out))
+}
+
+/// The method's calibration of `d` (an untrained method: the plan's quantizers attached), cut
+/// from the autograd graph; with the untrained start on the first windows: the probe windows in
+/// f32 (even when the store is bf16, so the deploy decision compares unrounded outputs) and plain
+/// RTN's loss on them.
+fn train_block(
+    d: &BlockData,
+    method: &mut dyn Method,
+    plan: &QuantPlan,
+    on_epoch: &mut dyn FnMut(&EpochLog),
+) -> Result<(Block, MethodReport, (Tensor, Tensor), f64)> {
+    let probe = d.x.dim(0)?.min(PROBE_WINDOWS);
+    let (xp, yp) = (
+        d.x.narrow(0, 0, probe)?.to_dtype(DType::F32)?,
+        d.y.narrow(0, 0, probe)?.to_dtype(DType::F32)?,
+    );
+    let mut rtn = d.block.clone();
+    quantize_block(&mut rtn, plan)?;
+    let loss_rtn = mse(&run_block(&rtn, d.rope, &xp, 4, &mut NoHook)?, &yp)?;
+    let (mut block, rep) = match method.trainer() {
+        Some(t) => t.calibrate(d, on_epoch)?,
+        None => untrained(d.block, plan)?,
     };
     block.detach();
-    let (mut loss_final, mut out) = round_and_score(&mut block, &mut rep.notes)?;
-    let loses = |loss: f64| loss.is_nan() || (!engine.keep_trained && loss > loss_rtn);
-    // A method with a second start trains a block that lost to its untrained start once more
-    // from there, and keeps the lower of the two (AffineQuant, docs/algorithms.md §3.10).
-    if trained && loses(loss_final) {
-        let retry = match method.trainer() {
-            Some(t) => t.recalibrate(&data, &mut |e| on_epoch(i, e))?,
-            None => None,
+    Ok((block, rep, (xp, yp), loss_rtn))
+}
+
+impl Trained {
+    /// [`weigh`] of the trained block on the quantized stream `xq` (the full-precision inputs
+    /// where the engine carries none: RTN weights).
+    fn weigh(&mut self, engine: &EngineConfig, rope: &Rope, xq: Option<&Tensor>) -> Result<Scored> {
+        weigh(
+            &mut self.block,
+            &mut self.rep.notes,
+            engine,
+            rope,
+            (xq.unwrap_or(&self.x), self.fx.as_ref()),
+            (&self.probe.0, &self.probe.1),
+        )
+    }
+}
+
+impl Run<'_> {
+    /// The quantized stream past block `fp`: through the full-precision block with
+    /// `gptq_fp_inputs`, else through the block deployed here (none: a shard never carries
+    /// quantized inputs past a block it did not deploy).
+    fn advance(&mut self, fp: &Block, deployed: Option<&Block>) -> Result<()> {
+        let through = match self.engine.gptq_fp_inputs {
+            true => Some(fp),
+            false => deployed,
         };
-        if let Some(mut r) = retry {
-            r.block.detach();
-            let (loss, r_out) = round_and_score(&mut r.block, &mut r.report.notes)?;
-            let note = format!(
-                "block {i}: the trained block's loss {loss_final:.3e} is above the untrained start's {loss_rtn:.3e} (RTN); trained again from {}: loss {loss:.3e}",
-                r.start
-            );
-            if loss < loss_final || (loss_final.is_nan() && !loss.is_nan()) {
-                block = r.block;
-                rep = r.report;
-                loss_final = loss;
-                out = r_out;
-            }
-            rep.notes.insert(0, note);
+        if let (Some(xq), Some(b)) = (self.xq.as_mut(), through) {
+            *xq = run_block(b, self.rope, xq, 4, &mut NoHook)?;
         }
+        Ok(())
     }
-    // A trained block is deployed only if it beats its untrained start on the calibration
-    // windows (a diverged training must not cost more than not training at all); the start
-    // gets the engine's weight quantizer (GPTQ where asked, RTN if GPTQ does no better).
-    let mut kept_untrained = false;
-    if trained && loses(loss_final) {
-        // With RTN weights the untrained start is `rtn` itself.
-        let (start, loss_start, start_out) = match engine.weight_quantizer {
-            WeightQuantizer::Rtn => (rtn, loss_rtn, None),
-            WeightQuantizer::Gptq(_) => {
-                let (mut start, _) = untrained(fp, &engine.plan)?;
-                let mut notes = Vec::new();
-                let (loss, start_out) = round_and_score(&mut start, &mut notes)?;
-                if loss <= loss_rtn {
-                    rep.notes.extend(notes);
-                    (start, loss, start_out)
-                } else {
-                    (rtn, loss_rtn, None)
-                }
-            }
+
+    /// The deploy decision for a weighed block against its untrained start, then the block
+    /// deployed: the quantized stream advanced through it, saved in the store, put into the
+    /// flow (a whole run), reported.
+    #[allow(clippy::too_many_arguments)]
+    fn settle(
+        &mut self,
+        p: Trained,
+        claim: Option<Box<dyn std::any::Any>>,
+        scored: Result<Scored>,
+        method: &mut dyn Method,
+        blocks: &mut dyn BlockFlow,
+        on_epoch: &mut dyn FnMut(usize, &EpochLog),
+        progress: &mut dyn FnMut(usize, usize, &BlockReport),
+    ) -> Result<()> {
+        let (mut loss_final, mut out) = scored?;
+        let Trained {
+            i,
+            t0,
+            fp,
+            x,
+            y,
+            stats,
+            fx,
+            probe: (xp, yp),
+            loss_rtn,
+            mut block,
+            mut rep,
+            trained,
+        } = p;
+        let (engine, rope) = (self.engine, self.rope);
+        let wx = self.xq.as_ref().unwrap_or(&x);
+        let score = |block: &mut Block, notes: &mut Vec<String>| {
+            weigh(block, notes, engine, rope, (wx, fx.as_ref()), (&xp, &yp))
         };
-        rep.notes.push(format!(
-            "block {i}: the trained block's loss {loss_final:.3e} is above the untrained start's {loss_rtn:.3e} (RTN); deployed the untrained block ({} weights, loss {loss_start:.3e})",
-            engine.weight_quantizer.name()
-        ));
-        block = start;
-        loss_final = loss_start;
-        out = start_out;
-        kept_untrained = true;
+        let data = BlockData {
+            block: &fp,
+            rope,
+            x: &x,
+            y: &y,
+            stats: &stats,
+        };
+        let loses = |loss: f64| loss.is_nan() || (!engine.keep_trained && loss > loss_rtn);
+        // A method with a second start trains a block that lost to its untrained start once more
+        // from there, and keeps the lower of the two (AffineQuant, docs/algorithms.md §3.10).
+        if trained && loses(loss_final) {
+            let retry = match method.trainer() {
+                Some(t) => t.recalibrate(&data, &mut |e| on_epoch(i, e))?,
+                None => None,
+            };
+            if let Some(mut r) = retry {
+                r.block.detach();
+                let (loss, r_out) = score(&mut r.block, &mut r.report.notes)?;
+                let note = format!(
+                    "block {i}: the trained block's loss {loss_final:.3e} is above the untrained start's {loss_rtn:.3e} (RTN); trained again from {}: loss {loss:.3e}",
+                    r.start
+                );
+                if loss < loss_final || (loss_final.is_nan() && !loss.is_nan()) {
+                    block = r.block;
+                    rep = r.report;
+                    loss_final = loss;
+                    out = r_out;
+                }
+                rep.notes.insert(0, note);
+            }
+        }
+        // A trained block is deployed only if it beats its untrained start on the calibration
+        // windows (a diverged training must not cost more than not training at all); the start
+        // gets the engine's weight quantizer (GPTQ where asked, RTN if GPTQ does no better).
+        let mut kept_untrained = false;
+        if trained && loses(loss_final) {
+            let mut rtn = fp.clone();
+            quantize_block(&mut rtn, &engine.plan)?;
+            // With RTN weights the untrained start is `rtn` itself.
+            let (start, loss_start, start_out) = match engine.weight_quantizer {
+                WeightQuantizer::Rtn => (rtn, loss_rtn, None),
+                WeightQuantizer::Gptq(_) => {
+                    let (mut start, _) = untrained(&fp, &engine.plan)?;
+                    let mut notes = Vec::new();
+                    let (loss, start_out) = score(&mut start, &mut notes)?;
+                    if loss <= loss_rtn {
+                        rep.notes.extend(notes);
+                        (start, loss, start_out)
+                    } else {
+                        (rtn, loss_rtn, None)
+                    }
+                }
+            };
+            rep.notes.push(format!(
+                "block {i}: the trained block's loss {loss_final:.3e} is above the untrained start's {loss_rtn:.3e} (RTN); deployed the untrained block ({} weights, loss {loss_start:.3e})",
+                engine.weight_quantizer.name()
+            ));
+            block = start;
+            loss_final = loss_start;
+            out = start_out;
+            kept_untrained = true;
+        }
+        // The next block's inputs through this one are part of its cost (GPTQ on the quantized
+        // model's inputs computed them).
+        match out {
+            Some(y) if self.xq.is_some() && !engine.gptq_fp_inputs => self.xq = Some(y),
+            _ => self.advance(&fp, Some(&block))?,
+        }
+        let report = BlockReport {
+            block: i,
+            loss_rtn,
+            loss_final,
+            kept_untrained,
+            epochs: rep.epochs,
+            seconds: t0.elapsed().as_secs_f64(),
+            notes: rep.notes,
+        };
+        if let Some(s) = self.store {
+            s.save(&block, &report)?;
+        }
+        drop(claim);
+        if !self.shard {
+            blocks.put(block)?;
+        }
+        let done = self.out.reports.len() + self.out.already_done.len() + 1;
+        progress(done, self.total, &report);
+        self.out.reports.push(report);
+        Ok(())
     }
-    let report = BlockReport {
-        block: i,
-        loss_rtn,
-        loss_final,
-        kept_untrained,
-        epochs: rep.epochs,
-        seconds: 0.0,
-        notes: rep.notes,
-    };
-    Ok((block, report, out))
 }

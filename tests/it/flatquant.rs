@@ -188,6 +188,26 @@ fn thread_count_does_not_change_the_checkpoint() {
 }
 
 #[test]
+fn the_weight_quantizer_beside_the_next_training_changes_nothing() {
+    // With two worker threads each block's GPTQ (the W4A4 recipe: v2 and act order) runs beside
+    // the next block's forward and training; every block reads only what it would read alone, so
+    // one block at a time must write the same bytes.
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("overlap"), tmp.path().join("sequential"));
+    let extra = ["--weight-quantizer", "gptq", "--threads", "2"];
+    quantize(&a, &extra);
+    quantize(&b, &[&extra[..], &["--sequential-blocks"]].concat());
+    let transforms =
+        read_json(&a.join("config.json"))["quantization_config"]["transforms"].to_string();
+    assert!(transforms.contains("GPTQ v2"), "{transforms}");
+    assert!(
+        std::fs::read(a.join("model.safetensors")).unwrap()
+            == std::fs::read(b.join("model.safetensors")).unwrap(),
+        "checkpoints differ between overlapped and sequential blocks"
+    );
+}
+
+#[test]
 fn a_diverged_block_is_never_deployed() {
     // A learning rate far past stable (AdamW moves every factor entry by ~lr per step): the
     // trained blocks end worse than RTN, and the engine deploys the untrained start instead,

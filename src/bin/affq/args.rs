@@ -352,6 +352,10 @@ pub(crate) struct QuantizeArgs {
     /// is taken over; a lock of a process of this host that has exited is taken over at once.
     #[arg(long, value_name = "SECONDS", default_value_t = 600)]
     pub(crate) lock_timeout: u64,
+    /// Calibrate one block at a time: no block's weight quantizer beside the next block's
+    /// training (the same checkpoint, more time, a lower peak memory).
+    #[arg(long)]
+    pub(crate) sequential_blocks: bool,
     #[command(flatten)]
     pub(crate) common: Common,
 }
@@ -656,6 +660,7 @@ impl QuantizeArgs {
             },
             merge: self.merge,
             lock_timeout: self.lock_timeout,
+            sequential_blocks: self.sequential_blocks,
         }
     }
 }
