@@ -18,6 +18,9 @@ pub struct Recipe {
     pub epochs: Option<usize>,
     pub batch: Option<usize>,
     pub lr: Option<f64>,
+    /// FlatQuant: learning rate of the channel scales, trained as `s = ln c` (default: `lr`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_lr: Option<f64>,
     pub alpha: Option<f64>,
     pub calib: Option<String>,
     /// `rtn` or `gptq`.
@@ -165,6 +168,7 @@ impl Recipe {
             epochs: over.epochs.or(self.epochs),
             batch: over.batch.or(self.batch),
             lr: over.lr.or(self.lr),
+            scale_lr: over.scale_lr.or(self.scale_lr),
             alpha: over.alpha.or(self.alpha),
             calib: over.calib.clone().or(self.calib),
             weight_quantizer: over.weight_quantizer.clone().or(self.weight_quantizer),

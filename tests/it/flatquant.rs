@@ -21,6 +21,7 @@ pub(crate) fn config(kv: bool) -> FlatQuantConfig {
         epochs: 1,
         batch: 1,
         lr: 5e-3,
+        scale_lr: 5e-3,
         clip_lr_mult: 10.0,
         weight_decay: 0.01,
         alpha: 0.3,
@@ -204,6 +205,52 @@ fn the_weight_quantizer_beside_the_next_training_changes_nothing() {
         std::fs::read(a.join("model.safetensors")).unwrap()
             == std::fs::read(b.join("model.safetensors")).unwrap(),
         "checkpoints differ between overlapped and sequential blocks"
+    );
+}
+
+#[test]
+fn channel_scales_keep_their_own_learning_rate() {
+    // The CPU budget trains the channel scales `s = ln c` at 4e-2 whatever `--lr` says: under
+    // `--lr 5e-3` the checkpoint names that rate, and `--scale-lr 5e-3` (one rate for all, the
+    // reference's) gives other weights. Other methods and a non-positive rate are refused.
+    let tmp = tempfile::tempdir().unwrap();
+    let (own, one) = (tmp.path().join("own"), tmp.path().join("one"));
+    let extra = ["--weight-quantizer", "rtn", "--lr", "5e-3"];
+    quantize(&own, &extra);
+    quantize(&one, &[&extra[..], &["--scale-lr", "5e-3"]].concat());
+    let notes = |d: &std::path::Path| {
+        read_json(&d.join("config.json"))["quantization_config"]["transforms"].to_string()
+    };
+    assert!(
+        notes(&own).contains("channel scales lr 0.04"),
+        "{}",
+        notes(&own)
+    );
+    assert!(!notes(&one).contains("channel scales"), "{}", notes(&one));
+    assert!(
+        std::fs::read(own.join("model.safetensors")).unwrap()
+            != std::fs::read(one.join("model.safetensors")).unwrap(),
+        "the channel scales' rate changed nothing"
+    );
+    let refused = tmp.path().join("refused");
+    quantize_stories_refused(
+        &refused,
+        &Calibrated::new(4, 128)
+            .method("affinequant")
+            .scheme(4, 4)
+            .with(&["--scale-lr", "1e-2"])
+            .args(),
+        "--scale-lr need --method flatquant",
+    );
+    quantize_stories_refused(
+        &refused,
+        &Calibrated::new(4, 128)
+            .method("flatquant")
+            .scheme(4, 4)
+            .rtn()
+            .with(&["--scale-lr", "0"])
+            .args(),
+        "--scale-lr 0: must be a positive number",
     );
 }
 

@@ -208,6 +208,10 @@ pub(crate) struct QuantizeArgs {
     /// Learning rate of the transforms (clip parameters: 10×).
     #[arg(long)]
     pub(crate) lr: Option<f64>,
+    /// FlatQuant: learning rate of the channel scales, trained as ln c [default: the recipe's;
+    /// 4e-2 in the CPU budget, whatever --lr says].
+    #[arg(long)]
+    pub(crate) scale_lr: Option<f64>,
     /// Channel-scale init strength α (FlatQuant's diag_alpha).
     #[arg(long)]
     pub(crate) alpha: Option<f64>,
@@ -605,6 +609,7 @@ impl QuantizeArgs {
                 batch: self.batch,
                 lr: self.lr,
                 alpha: self.alpha,
+                scale_lr: self.scale_lr,
                 calib: self.calib.clone(),
                 weight_quantizer: self.weight_quantizer.map(|w| {
                     match w {
