@@ -356,9 +356,6 @@ fn resolve_recipe(
             return Err(usage(format!("calibration data flags (--calib, --nsamples, --calib-seqlen, --calib-activations) need a calibrated method (--method {}), --weight-quantizer gptq or --kv-bits", trained_methods())));
         }
     }
-    if let Some(v) = r.scale_lr.filter(|v| !(*v > 0.0 && v.is_finite())) {
-        return Err(usage(format!("--scale-lr {v}: must be a positive number")));
-    }
     let set = f.keys_set();
     for other in methods::REGISTRY.iter().filter(|o| o.name != m.name) {
         let foreign: Vec<&str> = other
@@ -375,6 +372,11 @@ fn resolve_recipe(
                 other.name
             )));
         }
+    }
+    if let Some(v) = r.scale_lr.filter(|v| !(*v > 0.0 && v.is_finite())) {
+        return Err(usage(format!(
+            "scale_lr (--scale-lr) {v}: must be a positive number"
+        )));
     }
     if !gptq
         && (f.gptq_damp.is_some()

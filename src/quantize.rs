@@ -23,7 +23,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// The calibration's blocks read one at a time from the source checkpoint and written to the
-/// output as they are finished: a quantization holds one block's weights. A shard has no writer
+/// output as they are finished: a quantization holds one block's weights (two while one block's
+/// weight quantizer runs beside the next block's training). A shard has no writer
 /// (its blocks go to the work directory).
 struct Streamed<'a> {
     ckpt: &'a Checkpoint,

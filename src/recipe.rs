@@ -18,7 +18,8 @@ pub struct Recipe {
     pub epochs: Option<usize>,
     pub batch: Option<usize>,
     pub lr: Option<f64>,
-    /// FlatQuant: learning rate of the channel scales, trained as `s = ln c` (default: `lr`).
+    /// FlatQuant: learning rate of the channel scales, trained as `s = ln c` (the `cpu` budget
+    /// every FlatQuant run starts from sets 4e-2; a recipe without it anywhere: `lr`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scale_lr: Option<f64>,
     pub alpha: Option<f64>,

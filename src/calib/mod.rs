@@ -127,7 +127,8 @@ pub struct EngineConfig {
     pub condition_keys: bool,
     /// A block's weight quantizer runs beside the next block's forward and training (where
     /// those do not read its output, [`calibrate_model`]): the same blocks in less time, with
-    /// two blocks' working memory alive at once.
+    /// two blocks' working memory alive at once (and the weight quantizer then allocating under
+    /// the training's heap policy, `crate::heap::ReuseLarge`, for models whose buffers need it).
     pub overlap: bool,
 }
 
@@ -215,7 +216,8 @@ pub fn mse(a: &Tensor, b: &Tensor) -> Result<f64> {
 /// full-precision blocks before it, which is what lets a shard start at any block.
 ///
 /// The same dependence lets two blocks be worked on at once: block `i`'s weight quantizer (GPTQ's
-/// passes and solves, near half of a block's time at the CPU presets) runs on a second thread
+/// staged pass with its Hessians and cross moments, and its solves: a quarter to a third of a
+/// block's time at the W4A4 preset) runs on a second thread
 /// while block `i + 1` is run forward and trained, which reads only the full-precision stream.
 /// Training on the quantized model's inputs reads block `i`'s deployed outputs, so there the two
 /// run in turn. Either way each block is computed exactly as alone; a block's `seconds` run from
@@ -415,11 +417,8 @@ pub fn calibrate_model(
                 weighing.map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
             (front, weighed)
         });
-        if let Some((mut p, claim)) = pending.take() {
-            let scored = match weighed {
-                Some(scored) => scored,
-                None => p.weigh(engine, rope, run.xq.as_ref()),
-            };
+        if let Some((p, claim)) = pending.take() {
+            let scored = weighed.expect("a pending block here was weighed beside the training");
             run.settle(p, claim, scored, method, blocks, on_epoch, progress)?;
         }
         let (fp, y, trained) = front?;

@@ -24,7 +24,8 @@ pub fn var(v: &[f32], shape: &[usize]) -> Result<Var> {
 #[derive(Debug, Clone, Copy)]
 pub enum Schedule {
     Constant,
-    /// Cosine decay from the group's rate to `min` over all steps (FlatQuant).
+    /// Cosine decay from the group's rate to `min` (or to the group's rate where that is lower:
+    /// never upwards) over all steps (FlatQuant).
     Cosine {
         min: f64,
     },
@@ -167,7 +168,7 @@ pub fn train(
             let t_backward = tick.elapsed().as_secs_f64();
             for (opt, g) in opts.iter_mut().zip(groups) {
                 if let Schedule::Cosine { min } = g.schedule {
-                    opt.set_learning_rate(cosine(step, total, g.lr, min));
+                    opt.set_learning_rate(cosine(step, total, g.lr, min.min(g.lr)));
                 }
             }
             for opt in opts.iter_mut() {

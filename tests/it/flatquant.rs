@@ -250,7 +250,7 @@ fn channel_scales_keep_their_own_learning_rate() {
             .rtn()
             .with(&["--scale-lr", "0"])
             .args(),
-        "--scale-lr 0: must be a positive number",
+        "(--scale-lr) 0: must be a positive number",
     );
 }
 
