@@ -298,8 +298,9 @@ pub fn calibrate_model(
     // One worker thread asked for (`--threads 1`) means one block at a time.
     let overlap = engine.overlap && rayon::current_num_threads() > 1;
     // The weight quantizer beside a training runs on one thread of its own, so that the two
-    // never queue behind each other's small parallel steps in one pool (SmolLM2's W4A4 preset:
-    // 0.79 × the one-block-at-a-time time, 0.82 × with both in the global pool; README).
+    // never queue behind each other's small parallel steps in one pool (SmolLM2's W4A4 preset in
+    // a slow machine state: 0.79 × the one-block-at-a-time time, 0.82 × with both in the global
+    // pool; in a fast state, where one block at a time already keeps both cores busy, 0.99 ×).
     let side = match overlap {
         true => Some(
             rayon::ThreadPoolBuilder::new()
