@@ -342,9 +342,8 @@ pub fn calibrate_model(
         // the quantized stream that it advances (or block i only advances that stream), or the
         // engine is asked for one block at a time.
         if !calibrate || engine.quantized_inputs || !overlap {
-            if let Some((mut p, claim)) = pending.take() {
-                let scored = p.weigh(engine, rope, run.xq.as_ref());
-                run.settle(p, claim, scored, method, blocks, on_epoch, progress)?;
+            if let Some((p, claim)) = pending.take() {
+                run.settle(p, claim, None, method, blocks, on_epoch, progress)?;
             }
         }
         let (front, weighed) = std::thread::scope(|s| {
@@ -419,8 +418,7 @@ pub fn calibrate_model(
             (front, weighed)
         });
         if let Some((p, claim)) = pending.take() {
-            let scored = weighed.expect("a pending block here was weighed beside the training");
-            run.settle(p, claim, scored, method, blocks, on_epoch, progress)?;
+            run.settle(p, claim, weighed, method, blocks, on_epoch, progress)?;
         }
         let (fp, y, trained) = front?;
         match role {
@@ -444,9 +442,8 @@ pub fn calibrate_model(
         }
         x = y;
     }
-    if let Some((mut p, claim)) = pending.take() {
-        let scored = p.weigh(engine, rope, run.xq.as_ref());
-        run.settle(p, claim, scored, method, blocks, on_epoch, progress)?;
+    if let Some((p, claim)) = pending.take() {
+        run.settle(p, claim, None, method, blocks, on_epoch, progress)?;
     }
     Ok(run.out)
 }
@@ -582,20 +579,25 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// The deploy decision for a weighed block against its untrained start, then the block
-    /// deployed: the quantized stream advanced through it, saved in the store, put into the
-    /// flow (a whole run), reported.
+    /// The weight quantizer on a trained block (unless `weighed` beside the next block's
+    /// training), the deploy decision against its untrained start, then the block deployed: the
+    /// quantized stream advanced through it, saved in the store, put into the flow (a whole run),
+    /// reported.
     #[allow(clippy::too_many_arguments)]
     fn settle(
         &mut self,
-        p: Trained,
+        mut p: Trained,
         claim: Option<Box<dyn std::any::Any>>,
-        scored: Result<Scored>,
+        weighed: Option<Result<Scored>>,
         method: &mut dyn Method,
         blocks: &mut dyn BlockFlow,
         on_epoch: &mut dyn FnMut(usize, &EpochLog),
         progress: &mut dyn FnMut(usize, usize, &BlockReport),
     ) -> Result<()> {
+        let scored = match weighed {
+            Some(scored) => scored,
+            None => p.weigh(self.engine, self.rope, self.xq.as_ref()),
+        };
         let (mut loss_final, mut out) = scored?;
         let Trained {
             i,

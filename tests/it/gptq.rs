@@ -318,7 +318,6 @@ fn gptq_v2_through_the_binary() {
     // and holds other weights than plain GPTQ's (`--no-gptq-v2`). FlatQuant's W4A4 recipe, chosen
     // without `--recipe`, is GPTQ v2: the same bytes as the flag.
     let tmp = tempfile::tempdir().unwrap();
-    let bytes = |d: &std::path::Path| std::fs::read(d.join("model.safetensors")).unwrap();
     for (i, args) in [
         vec!["--method", "rtn", "--bits", "4", "--a-bits", "8"],
         FLATQUANT_W4A4.to_vec(),
@@ -332,21 +331,20 @@ fn gptq_v2_through_the_binary() {
         quantize(&plain, &with("--no-gptq-v2"));
         let v2 = tmp.path().join(format!("v{i}"));
         quantize(&v2, &with("--gptq-v2"));
-        let cfg = read_json(&v2.join("config.json"));
-        let summary = cfg["quantization_config"]["transforms"].to_string();
+        let summary = transforms_summary(&v2);
         assert!(summary.contains("GPTQ v2"), "{args:?}: {summary}");
         assert!(eval_ppl(&v2).is_finite(), "{args:?}");
         assert_ne!(
-            bytes(&plain),
-            bytes(&v2),
+            checkpoint_bytes(&plain),
+            checkpoint_bytes(&v2),
             "{args:?}: GPTQ v2 changed no weight"
         );
         if args.contains(&"flatquant") {
             let preset = tmp.path().join(format!("d{i}"));
             quantize(&preset, &args);
             assert_eq!(
-                bytes(&preset),
-                bytes(&v2),
+                checkpoint_bytes(&preset),
+                checkpoint_bytes(&v2),
                 "{args:?}: the preset is not GPTQ v2"
             );
         }
@@ -385,8 +383,7 @@ fn act_order_flags_override_the_scheme_recipe() {
     // says so and still scores), `--act-order` with it refused.
     let tmp = tempfile::tempdir().unwrap();
     let order = |d: &std::path::Path| {
-        let cfg = read_json(&d.join("config.json"));
-        let s = cfg["quantization_config"]["transforms"].to_string();
+        let s = transforms_summary(d);
         match (s.contains("act order true"), s.contains("act order false")) {
             (true, false) => true,
             (false, true) => false,
