@@ -28,7 +28,8 @@ pub(crate) struct Common {
     /// Print one JSON object on stdout instead of text.
     #[arg(long, global = true)]
     pub(crate) json: bool,
-    /// Worker threads (default: RAYON_NUM_THREADS or the number of cores).
+    /// Worker threads (default: RAYON_NUM_THREADS or the number of cores). `quantize` runs
+    /// candle's element-wise ops on the calling thread unless CANDLE_NUM_THREADS is set.
     #[arg(long, global = true)]
     pub(crate) threads: Option<usize>,
 }
