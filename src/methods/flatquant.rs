@@ -216,19 +216,19 @@ struct Params {
 }
 
 impl Params {
+    /// The three online Kronecker transforms.
+    fn krons(&self) -> [&Kron; 3] {
+        [&self.attn, &self.mlp, &self.down]
+    }
     /// The Kronecker factors and the head mixer.
     fn transform_vars(&self) -> Vec<Var> {
-        let kron = [&self.attn, &self.mlp, &self.down];
-        let mut v: Vec<Var> = kron.iter().flat_map(|k| k.factor_vars()).collect();
+        let mut v: Vec<Var> = self.krons().iter().flat_map(|k| k.factor_vars()).collect();
         v.extend(self.head_mix.iter().cloned());
         v
     }
     /// The channel scales `s = ln c`.
     fn scale_vars(&self) -> Vec<Var> {
-        [&self.attn, &self.mlp, &self.down]
-            .iter()
-            .map(|k| k.s.clone())
-            .collect()
+        self.krons().iter().map(|k| k.s.clone()).collect()
     }
     /// The per-head value and query/key transforms.
     fn head_vars(&self) -> Vec<Var> {
