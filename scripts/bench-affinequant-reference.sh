@@ -20,7 +20,9 @@
 # --aug_loss --use_matrix --sf 0.1, everything else at upstream main.py's defaults (asymmetric
 # per-channel weights with LWC at lwc_lr 1e-2, asymmetric per-token activations, LET at let_lr 5e-3
 # with channel shifts trained from zero, α 0.5, AdamW without weight decay, seed 2), plus
-# --deactive_amp (upstream's switch) so training runs in float32.
+# --deactive_amp (upstream's switch) so training runs in float32. On a GPU upstream still computes
+# the full-precision targets and the next block's inputs under fp16 autocast; here they are float32
+# too (no GPU is used: CUDA_VISIBLE_DEVICES is emptied, so the AMP grad scaler stays off).
 #
 # Upstream's main.py is not run; a driver below builds main.py's args and calls
 # quantize.affinequant.affinequant, then evaluates as main.py's evaluate does. The driver, not the
@@ -28,12 +30,13 @@
 #  - GQA: upstream's V→O and Q/K matrices are [hidden × hidden] with one block per query head and
 #    are multiplied into v_proj/k_proj, so they need as many KV heads as query heads (SmolLM2 has 9
 #    query and 3 KV heads). The driver repeats each KV head's k_proj/v_proj rows for its query heads
-#    (the same function: what repeat_kv does at run time) and sets num_key_value_heads = 9. This
+#    (the same function: what repeat_kv does at run time) and sets num_key_value_heads to 9. This
 #    gives upstream one V→O matrix per query head, three times affq's per-KV-head freedom;
 #  - act scales and shifts: upstream's generate_act_scale_shift.get_act_scales/get_act_shifts on the
 #    calibration windows (upstream runs them on 128 × 2048 tokens of its calibration set);
 #  - windows like upstream's get_wikitext2(train), from wiki.valid.raw (the train split is not in
-#    shared/data), seed 2; token ids come from the venv's own `tokenizers` (see below);
+#    shared/data), each row stripped before the join as in scripts/bench-calib-reference.sh, seed 2;
+#    token ids come from the venv's own `tokenizers` (see below);
 #  - loads in float32 for the statistics and --fp, then casts to float16 as upstream's LMClass
 #    loads it; keeps the quantized model in float32 at the end (upstream returns model.half());
 #  - runs on the CPU without editing the tree: Tensor.cuda returns the tensor,
@@ -94,7 +97,7 @@ fi
 
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
-export OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads TOKENIZERS_PARALLELISM=false
+export CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads TOKENIZERS_PARALLELISM=false
 export PYTHONPATH=$deps:$ref PYTHONWARNINGS=ignore TRANSFORMERS_VERBOSITY=error
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 echo "reference AffineQuant @ $commit ($ref), python $py, $threads threads"
