@@ -81,19 +81,9 @@ data=${AFFQ_DATA_DIR:-$here/../shared/data}
 model=$(cd "$model" && pwd)
 [ "$e" -ge 2 ] || { echo "-e must be at least 2 (upstream's gradual mask divides by epochs - 1)" >&2; exit 2; }
 
-if [ ! -f "$ref/quantize/affinequant.py" ]; then
-  if [ -d "$gitdir" ]; then
-    mkdir -p "$ref"
-    git --git-dir="$gitdir" archive "$commit" | tar -x -C "$ref"
-  else
-    echo "no reference tree at $ref: export bytedance/AffineQuant @ $commit there (or set AFFINEQUANT_REF / AFFINEQUANT_GIT_DIR)" >&2
-    exit 1
-  fi
-fi
-if ! PYTHONPATH=$deps "$py" -c 'import transformers, termcolor, sys; sys.exit(transformers.__version__ != "4.35.2")' 2>/dev/null; then
-  "$py" -m pip install --quiet --no-deps --target "$deps" "transformers==4.35.2" "tokenizers==0.15.2" \
-    "huggingface_hub==0.20.3" termcolor >&2
-fi
+. "$here/scripts/reference-env.sh"
+reference_tree "$ref" quantize/affinequant.py "$gitdir" "$commit" bytedance/AffineQuant "AFFINEQUANT_REF / AFFINEQUANT_GIT_DIR"
+pinned_deps "$py" "$deps" 4.35.2 termcolor "tokenizers==0.15.2" "huggingface_hub==0.20.3" termcolor
 
 mkdir -p "$out"
 out=$(cd "$out" && pwd)

@@ -83,19 +83,9 @@ data=${AFFQ_DATA_DIR:-$here/../shared/data}
 out=$here/target/bench-calib-reference
 model=$(cd "$model" && pwd)
 
-if [ ! -f "$ref/flatquant/train_utils.py" ]; then
-  if [ -d "$gitdir" ]; then
-    mkdir -p "$ref"
-    git --git-dir="$gitdir" archive "$commit" | tar -x -C "$ref"
-  else
-    echo "no reference tree at $ref: export ruikangliu/FlatQuant @ $commit there (or set FLATQUANT_REF / FLATQUANT_GIT_DIR)" >&2
-    exit 1
-  fi
-fi
-if ! PYTHONPATH=$deps "$py" -c 'import transformers, scipy, termcolor, sys; sys.exit(transformers.__version__ != "4.45.0")' 2>/dev/null; then
-  "$py" -m pip install --quiet --no-deps --target "$deps" "transformers==4.45.0" "tokenizers>=0.20,<0.21" \
-    "huggingface_hub>=0.23.2,<1.0" scipy termcolor >&2
-fi
+. "$here/scripts/reference-env.sh"
+reference_tree "$ref" flatquant/train_utils.py "$gitdir" "$commit" ruikangliu/FlatQuant "FLATQUANT_REF / FLATQUANT_GIT_DIR"
+pinned_deps "$py" "$deps" 4.45.0 "scipy, termcolor" "tokenizers>=0.20,<0.21" "huggingface_hub>=0.23.2,<1.0" scipy termcolor
 
 # A patched copy of the code the run imports.
 rm -rf "$out/src"
